@@ -1,0 +1,11 @@
+"""Per-architecture adapters: which modules MambaLRP takes over and how."""
+
+from . import hf_mamba  # noqa: F401  (registers the transformers Mamba1 adapter)
+from .base import ADAPTERS, Component, MixerAdapter, find_adapter, register
+from .install import Installation, UnsupportedModelError, install_rules
+from .patching import Patcher
+
+__all__ = [
+    "ADAPTERS", "Component", "Installation", "MixerAdapter", "Patcher",
+    "UnsupportedModelError", "find_adapter", "install_rules", "register",
+]

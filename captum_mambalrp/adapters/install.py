@@ -1,0 +1,117 @@
+"""Walk a model and put MambaLRP's rules in place (reversibly, through a Patcher)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Set
+
+from torch import nn
+
+from ..rules.base import ACTIVATION, CONV, LINEAR, NORM, GradientRule, MambaRule
+from ..rules.composites import Composite
+from .base import ADAPTERS, Component, find_adapter
+from .norms import is_rmsnorm, norm_forward
+from .patching import Patcher
+
+ACTIVATION_MODULES = (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU)
+PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten)
+# Container class names that signal a layer with no MambaLRP rules (hybrids, unknown mixers).
+UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM)", re.IGNORECASE)
+
+
+class UnsupportedModelError(TypeError):
+    """The model holds a layer that MambaLRP has no rule for."""
+
+
+@dataclass
+class Installation:
+    """What was put in place: the components and their rules, and how to undo it."""
+
+    patcher: Patcher
+    components: List[Component] = field(default_factory=list)
+    mixers: List[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        width = max((len(c.name) for c in self.components), default=10)
+        return "\n".join(f"{c.name:<{width}}  {c.kind:<10}  {c.rule!r}" for c in self.components)
+
+
+def _hook_affine(module: nn.Module, name: str, kind: str, composite: Composite, inst: Installation) -> None:
+    rule = composite.rule_for(name, kind, module)
+    inst.components.append(Component(name, kind, rule))
+    if isinstance(rule, GradientRule):
+        return
+    inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.linear(m, args[0], out)))
+
+
+def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: Installation) -> None:
+    rule = composite.rule_for(name, ACTIVATION, module)
+    inst.components.append(Component(name, ACTIVATION, rule))
+    inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.activation(args[0], m)))
+
+
+def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
+    supported = "; ".join(a.label for a in ADAPTERS)
+    return UnsupportedModelError(
+        f"MambaLRP has no rule for module {name!r} ({type(module).__name__}): {why}. "
+        f"Supported mixers: {supported}. If plain gradient is acceptable there, set "
+        f"`module.rule = captum_mambalrp.rules.GradientRule()` on it (relevance is then "
+        f"not conserved through it)."
+    )
+
+
+def install_rules(model: nn.Module, composite: Composite, backend: str = "auto", patcher: Optional[Patcher] = None) -> Installation:
+    """Take over every supported mixer and norm of ``model`` and hook its affine layers.
+
+    Raises :class:`UnsupportedModelError` for a model without Mamba mixers or with a
+    layer that has no rule (an attention layer of a hybrid, an unknown module type).
+    """
+    inst = Installation(patcher or Patcher())
+    done: Set[str] = set()  # subtrees already handled
+
+    def handled(name: str) -> bool:
+        return any(name == d or name.startswith(d + ".") for d in done)
+
+    for name, module in model.named_modules():
+        if name and handled(name):
+            continue
+        adapter = find_adapter(module)
+        if adapter is not None:
+            inst.components += adapter.install(module, name, composite, inst.patcher, backend)
+            for part_name, part in adapter.affine_parts(module).items():
+                kind = LINEAR if isinstance(part, nn.Linear) else CONV
+                _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
+            inst.mixers.append(name)
+            done.add(name)
+            continue
+        own_rule = getattr(module, "rule", None)
+        is_leaf = next(module.children(), None) is None
+        if is_rmsnorm(module) or isinstance(module, nn.LayerNorm):
+            rule = composite.rule_for(name, NORM, module)
+            inst.components.append(Component(name, NORM, rule))
+            inst.patcher.replace_forward(module, norm_forward(module, rule))
+            done.add(name)
+        elif isinstance(module, nn.Linear):
+            _hook_affine(module, name, LINEAR, composite, inst)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            _hook_affine(module, name, CONV, composite, inst)
+        elif isinstance(module, ACTIVATION_MODULES):
+            _hook_activation(module, name, composite, inst)
+        elif isinstance(module, PASS_THROUGH):
+            pass
+        elif own_rule is not None:
+            if not isinstance(own_rule, GradientRule):
+                raise _unsupported(name, module, f"its rule {own_rule!r} only fits other layer types; use GradientRule")
+            inst.components.append(Component(name, "module", own_rule))
+            done.add(name)
+        elif is_leaf:
+            raise _unsupported(name, module, "unknown layer type")
+        elif name and UNSUPPORTED.search(type(module).__name__):
+            raise _unsupported(name, module, "this kind of layer (attention or an unknown mixer) is not covered")
+    if not inst.mixers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} contains no supported Mamba mixer, so MambaLRP cannot "
+            f"explain it. Supported mixers: {'; '.join(a.label for a in ADAPTERS)}."
+        )
+    return inst

@@ -1,0 +1,96 @@
+"""Mamba1 mixers (transformers Mamba and FalconMamba; mamba-ssm's ``Mamba``).
+
+All of them compute, for ``hidden [b, l, h]``::
+
+    x, z  = in_proj(hidden).chunk(2)                 # [b, d, l] each
+    x     = silu(conv1d(x)[..., :l])                 # depthwise causal conv
+    dt, B, C = split(x_proj(x))                      # (FalconMamba: RMS-normed)
+    delta = softplus(dt_proj.weight @ dt + dt_proj.bias)
+    y     = scan(x, delta, -exp(A_log), B, C, D) * silu(z)
+    out   = out_proj(y)
+
+:func:`mamba1_forward` is that computation with a rule at each step; the adapters
+only say where the parts of each implementation live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..rules.base import MambaRule
+from ..scan import selective_scan
+
+
+@dataclass
+class MixerRules:
+    """The rules of one mixer's non-linear components and the scan backend to use."""
+
+    conv_act: MambaRule
+    gate_act: MambaRule
+    ssm: MambaRule
+    gate: MambaRule
+    backend: str = "auto"
+
+
+@dataclass
+class Mamba1Parts:
+    """Where the parts of a Mamba1 mixer live, whatever the implementation."""
+
+    in_proj: nn.Linear
+    conv1d: nn.Conv1d
+    x_proj: nn.Linear
+    dt_proj: nn.Linear
+    out_proj: nn.Linear
+    A_log: Tensor
+    D: Tensor
+    dt_rank: int
+    d_state: int
+    act: Callable[[Tensor], Tensor]
+    dt_norm: Optional[Callable[[Tensor], Tensor]] = None
+    B_norm: Optional[Callable[[Tensor], Tensor]] = None
+    C_norm: Optional[Callable[[Tensor], Tensor]] = None
+
+
+def _mask(hidden: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """Zero padded positions of ``[b, l, ...]`` (as transformers does before each step)."""
+    if attention_mask is None:
+        return hidden
+    return (hidden * attention_mask[:, :, None]).to(hidden.dtype)
+
+
+def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """The Mamba1 mixer on ``hidden [b, l, h]`` with MambaLRP's rules applied."""
+    dtype, length = hidden.dtype, hidden.shape[1]
+    xz = parts.in_proj(_mask(hidden, attention_mask)).transpose(1, 2)
+    x, z = xz.chunk(2, dim=1)
+    x = rules.conv_act.activation(parts.conv1d(x)[..., :length], parts.act)
+    x = _mask(x.transpose(1, 2), attention_mask)  # [b, l, d]
+    dt, B, C = torch.split(parts.x_proj(x), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
+    if parts.dt_norm is not None:
+        dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
+    dt = parts.dt_proj.weight @ dt.transpose(1, 2)
+    bias = parts.dt_proj.bias
+    delta = F.softplus(dt.float() + (0.0 if bias is None else bias.float()[:, None]))
+    A = -torch.exp(parts.A_log.float())
+    delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))
+    y = selective_scan(x.transpose(1, 2), delta, A, B, C, parts.D.float(), linear=rules.ssm.ssm_is_linear, backend=rules.backend)
+    y = rules.gate.gate(y, rules.gate_act.activation(z.float(), parts.act))
+    return parts.out_proj(y.transpose(1, 2).to(dtype))
+
+
+def hf_mamba1_parts(mixer: nn.Module) -> Mamba1Parts:
+    """Parts of transformers' ``MambaMixer`` / ``FalconMambaMixer``."""
+    falcon = hasattr(mixer, "b_layernorm")
+    return Mamba1Parts(
+        in_proj=mixer.in_proj, conv1d=mixer.conv1d, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj,
+        out_proj=mixer.out_proj, A_log=mixer.A_log, D=mixer.D, dt_rank=int(mixer.time_step_rank),
+        d_state=mixer.ssm_state_size, act=mixer.act,
+        dt_norm=mixer.dt_layernorm if falcon else None,
+        B_norm=mixer.b_layernorm if falcon else None,
+        C_norm=mixer.c_layernorm if falcon else None,
+    )

@@ -1,0 +1,61 @@
+"""Takeover of normalisation layers: RMSNorm variants and LayerNorm."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..rules.base import MambaRule
+
+RMSNORM_CLASS_NAMES = {
+    "MambaRMSNorm", "FalconMambaRMSNorm", "LlamaRMSNorm", "RMSNorm", "Mamba2RMSNorm",
+}
+
+
+def norm_epsilon(module: nn.Module) -> float:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (float, int)):
+            return float(value)
+    return 1e-6
+
+
+def is_rmsnorm(module: nn.Module) -> bool:
+    return isinstance(module, getattr(nn, "RMSNorm", ())) or (
+        type(module).__name__ in RMSNORM_CLASS_NAMES and isinstance(getattr(module, "weight", None), torch.Tensor)
+    )
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, rule: MambaRule, bias: Optional[Tensor] = None) -> Tensor:
+    """``w * x * rule.norm_scale(rsqrt(mean(x^2) + eps))`` in float32, cast back to ``x``'s dtype."""
+    x32 = x.float()
+    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    out = (x32 * rule.norm_scale(scale)).to(x.dtype)
+    if weight is not None:
+        out = weight * out
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def layer_norm(x: Tensor, module: nn.LayerNorm, rule: MambaRule) -> Tensor:
+    """LayerNorm with the factor ``rsqrt(var + eps)`` passed through ``rule.norm_scale``."""
+    x32 = x.float()
+    centred = x32 - x32.mean(-1, keepdim=True)
+    scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.eps)
+    out = (centred * rule.norm_scale(scale)).to(x.dtype)
+    if module.weight is not None:
+        out = out * module.weight
+    if module.bias is not None:
+        out = out + module.bias
+    return out
+
+
+def norm_forward(module: nn.Module, rule: MambaRule) -> Callable[..., Tensor]:
+    """A forward for ``module`` (RMSNorm or LayerNorm) that applies ``rule``."""
+    if isinstance(module, nn.LayerNorm):
+        return lambda x, *args, **kwargs: layer_norm(x, module, rule)
+    eps = norm_epsilon(module)
+    return lambda x, *args, **kwargs: rms_norm(x, getattr(module, "weight", None), eps, rule, getattr(module, "bias", None))

@@ -1,0 +1,6 @@
+"""The Captum-facing attribution classes."""
+
+from .mamba_lrp import MambaLRP, find_embedding
+from .targets import output_scores, select_targets
+
+__all__ = ["MambaLRP", "find_embedding", "output_scores", "select_targets"]

@@ -1,0 +1,125 @@
+"""Checking what the user passes to ``attribute`` and building the forward call."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ForwardCall:
+    """How to call the model: positional args, keyword args, the mask, the input kind."""
+
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    mask: Optional[Tensor] = None
+    token_ids: bool = True
+
+    def run(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def _parameters(model: nn.Module) -> Dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _accepts(params: Dict[str, inspect.Parameter], name: str) -> bool:
+    """Does ``forward`` name this parameter? (A bare ``**kwargs`` does not count.)"""
+    return name in params
+
+
+def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
+    """Validate ``inputs``; True for token ids ``[B, L]``, False for embeddings ``[B, L, H]``."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor of token ids [B, L] or embeddings [B, L, H]; got {type(inputs).__name__}")
+    if inputs.dim() == 2 and inputs.is_floating_point():
+        raise TypeError(
+            f"inputs is a floating-point tensor of shape {tuple(inputs.shape)}, where token ids are expected: "
+            "pass token ids as an integer tensor (input_ids.long()), or embeddings as a float tensor [B, L, H]."
+        )
+    if inputs.dim() == 2 and not inputs.dtype.is_complex and inputs.dtype != torch.bool:
+        token_ids = True
+    elif inputs.dim() == 3 and inputs.is_floating_point():
+        token_ids = False
+    else:
+        raise TypeError(
+            f"inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype} are not supported: pass token ids "
+            "(integer [B, L]) or embeddings (float [B, L, H])."
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs hold no example (batch size 0)")
+    if inputs.shape[1] == 0:
+        raise ValueError("inputs hold an empty sequence (length 0): give at least one token per example")
+    if embedding is not None:
+        if token_ids:
+            low, high = int(inputs.min()), int(inputs.max())
+            if low < 0 or high >= embedding.num_embeddings:
+                raise IndexError(
+                    f"token ids range over [{low}, {high}] but the embedding has {embedding.num_embeddings} "
+                    "entries: ids must lie in [0, vocab_size)."
+                )
+        elif inputs.shape[-1] != embedding.embedding_dim:
+            raise ValueError(
+                f"embeddings have hidden size {inputs.shape[-1]} but the model's is {embedding.embedding_dim}"
+            )
+    return token_ids
+
+
+def check_mask(mask: Tensor, inputs: Tensor) -> Tensor:
+    """Validate an attention mask against ``inputs`` (``[B, L]`` of zeros and ones)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor [B, L]; got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but the inputs have batch and length "
+            f"{tuple(inputs.shape[:2])}: give one 0/1 entry per token, shape [B, L]."
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"examples {empty} have no real token (their attention_mask rows are all zero)")
+    return mask
+
+
+def build_call(
+    model: nn.Module,
+    inputs: Tensor,
+    token_ids: bool,
+    additional_forward_args: Any,
+    attention_mask: Optional[Tensor],
+    forward_kwargs: Dict[str, Any],
+) -> ForwardCall:
+    """Bind inputs, Captum's ``additional_forward_args`` and keywords to ``model.forward``."""
+    params = _parameters(model)
+    extra: Tuple[Any, ...]
+    if additional_forward_args is None:
+        extra = ()
+    elif isinstance(additional_forward_args, tuple):
+        extra = additional_forward_args
+    else:
+        extra = (additional_forward_args,)
+    kwargs = dict(forward_kwargs)
+    names = list(params)
+    # find the attention mask among the positional extras (Captum passes them positionally)
+    positional = names[1 : 1 + len(extra)]
+    if attention_mask is None and "attention_mask" in positional:
+        attention_mask = extra[positional.index("attention_mask")]
+    if attention_mask is None and "attention_mask" in kwargs:
+        attention_mask = kwargs["attention_mask"]
+    elif attention_mask is not None and "attention_mask" not in positional and _accepts(params, "attention_mask"):
+        kwargs["attention_mask"] = attention_mask
+    mask = None if attention_mask is None else check_mask(attention_mask, inputs)
+    if _accepts(params, "use_cache") and "use_cache" not in kwargs and "use_cache" not in positional:
+        kwargs["use_cache"] = False
+    if token_ids or not _accepts(params, "inputs_embeds"):
+        return ForwardCall((inputs, *extra), kwargs, mask, token_ids)
+    kwargs.update(zip(positional, extra))
+    return ForwardCall((), {"inputs_embeds": inputs, **kwargs}, mask, token_ids)

@@ -1,0 +1,190 @@
+"""``MambaLRP``: Captum's LRP for Mamba models, in one forward and one backward pass."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from captum.attr import LRP
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ..adapters import Installation, Patcher, install_rules
+from ..rules.composites import Composite, RuleLike, composite as make_composite
+from ..scan import BACKENDS
+from .inputs import ForwardCall, build_call, check_inputs
+from .targets import TargetLike, output_scores, select_targets
+
+
+def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
+    """The token embedding: ``model.get_input_embeddings()`` or the only ``nn.Embedding``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return found[0] if len(found) == 1 else None
+
+
+class MambaLRP(LRP):
+    r"""Layer-wise Relevance Propagation for Mamba models (Jafari et al., NeurIPS 2024).
+
+    A :class:`captum.attr.LRP`: ``MambaLRP(model).attribute(inputs, target=...)``.
+    While attributing, each Mamba mixer and norm of ``model`` computes its forward with
+    MambaLRP's rules (see :mod:`captum_mambalrp.rules`), so one backward pass of the
+    explained score yields relevance as *modified gradient x input* at the token
+    embeddings. The model is restored afterwards, also when an error is raised.
+
+    Args:
+        model: a transformers ``MambaForCausalLM``/``MambaModel``/``FalconMamba*`` or any
+            ``nn.Module`` containing their mixers (for example a classifier head on top).
+        composite: a named rule set (``"mambalrp"`` default, ``"gradient"``, ``"ln_only"``,
+            ``"no_ssm_rule"``, ...; see ``captum_mambalrp.rules.COMPOSITES``), a mapping
+            kind -> rule, or a :class:`~captum_mambalrp.rules.Composite`.
+        rules: overrides keyed by component name pattern (``"*.layers.0.mixer.ssm"``)
+            or by kind (``"ssm"``, ``"gate"``, ``"activation"``, ``"norm"``, ``"linear"``,
+            ``"conv"``). ``module.rule = ...`` on a module takes precedence over both.
+        backend: the relevance scan (``"auto"`` picks the fastest available).
+        embedding: the token embedding module when the model has several.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Union[str, Composite, Mapping[str, RuleLike]] = "mambalrp",
+        rules: Optional[Mapping[str, RuleLike]] = None,
+        backend: str = "auto",
+        embedding: Optional[nn.Embedding] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MambaLRP needs an nn.Module; got {type(model).__name__}")
+        super().__init__(model)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.composite = make_composite(composite, rules)
+        self.backend = backend
+        self.embedding = embedding if embedding is not None else find_embedding(model)
+        self.last_installation: Optional[Installation] = None
+        # fail early on models MambaLRP cannot explain (and on misspelt rule keys)
+        self._install(Patcher()).patcher.restore()
+
+    def _install(self, patcher: Patcher) -> Installation:
+        self.composite._used.clear()
+        try:
+            inst = install_rules(self.model, self.composite, self.backend, patcher)
+            self.composite.check_overrides_used([c.name for c in inst.components])
+        except BaseException:
+            patcher.restore()
+            raise
+        return inst
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return True
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: Union[Tensor, Tuple[Tensor]],
+        target: TargetLike = None,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        verbose: bool = False,
+        attention_mask: Optional[Tensor] = None,
+        **forward_kwargs: Any,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor], Tuple[Tensor, ...]]:
+        r"""Relevance of each input token (or embedding entry) for the explained score.
+
+        Args:
+            inputs: token ids ``[B, L]`` (relevance ``[B, L]``, summed over the hidden
+                size) or embeddings ``[B, L, H]`` (relevance ``[B, L, H]``). A 1-tuple of
+                a tensor is accepted and gives a 1-tuple back, as in Captum.
+            target: which score to explain; see :mod:`captum_mambalrp.attribution.targets`.
+                For ``[B, L, C]`` logits an int is that class at the last real token.
+            additional_forward_args: passed to the model after ``inputs``, as in Captum.
+            return_convergence_delta: also return ``explained score - sum(relevance)``
+                per example (zero up to rounding when all biases are zero; otherwise the
+                relevance absorbed by biases).
+            verbose: print the rule applied to each component.
+            attention_mask: ``[B, L]`` 0/1 mask (left or right padding); padded
+                positions get zero relevance. May also come through
+                ``additional_forward_args`` or be given in ``forward_kwargs``.
+            **forward_kwargs: further keyword arguments for the model's forward.
+
+        Returns:
+            relevance in float32, and the delta ``[B]`` when asked for.
+        """
+        is_tuple = isinstance(inputs, tuple)
+        if is_tuple:
+            if len(inputs) != 1:
+                raise ValueError("MambaLRP explains one input tensor; pass token ids or embeddings, not a tuple of several")
+            inputs = inputs[0]
+        token_ids = check_inputs(inputs, self.embedding)
+        if token_ids and self.embedding is None:
+            raise ValueError(
+                "cannot find the model's token embedding (no get_input_embeddings() and not exactly one "
+                "nn.Embedding): pass MambaLRP(model, embedding=...) or give embeddings as inputs"
+            )
+        call = build_call(self.model, inputs, token_ids, additional_forward_args, attention_mask, forward_kwargs)
+        relevance, explained = self._relevance(call, inputs, target, verbose)
+        out: Any = (relevance,) if is_tuple else relevance
+        if return_convergence_delta:
+            return out, explained - relevance.reshape(relevance.shape[0], -1).sum(dim=1)
+        return out
+
+    def _relevance(self, call: ForwardCall, inputs: Tensor, target: TargetLike, verbose: bool) -> Tuple[Tensor, Tensor]:
+        patcher = Patcher()
+        leaf: List[Tensor] = []
+        try:
+            patcher.freeze_parameters(self.model)
+            inst = self._install(patcher)
+            self.last_installation = inst
+            if verbose:
+                print(inst.table())
+            if call.token_ids:
+                def capture(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+                    leaf.append(out.detach().requires_grad_(True))
+                    return leaf[-1]
+                patcher.add_handle(self.embedding.register_forward_hook(capture))
+            else:
+                leaf.append(inputs.detach().requires_grad_(True))
+                call = _with_input(call, leaf[0])
+            with torch.enable_grad():
+                scores = output_scores(call.run(self.model))
+                explained, _ = select_targets(scores, target, call.mask)
+                if len(leaf) != 1:
+                    raise RuntimeError(
+                        f"the token embedding ran {len(leaf)} times in one forward; MambaLRP needs it to run once"
+                    )
+                (grad,) = torch.autograd.grad(explained.sum(), leaf[0], allow_unused=True)
+        finally:
+            patcher.restore()
+        x = leaf[0].detach().float()
+        grad = torch.zeros_like(x) if grad is None else grad.float()
+        relevance = x * grad
+        if call.mask is not None:
+            relevance = relevance * call.mask.to(relevance.dtype).reshape(*call.mask.shape, *([1] * (relevance.dim() - 2)))
+        if call.token_ids:
+            relevance = relevance.sum(dim=-1)
+        return relevance.detach(), explained.detach().float()
+
+    def rule_table(self) -> Dict[str, str]:
+        """Component name -> rule, as installed for the last call (or a dry run)."""
+        if self.last_installation is None:
+            inst = self._install(Patcher())
+            inst.patcher.restore()
+            self.last_installation = inst
+        return {c.name: repr(c.rule) for c in self.last_installation.components}
+
+
+def _with_input(call: ForwardCall, x: Tensor) -> ForwardCall:
+    if "inputs_embeds" in call.kwargs:
+        return ForwardCall(call.args, {**call.kwargs, "inputs_embeds": x}, call.mask, call.token_ids)
+    return ForwardCall((x, *call.args[1:]), call.kwargs, call.mask, call.token_ids)

@@ -1,0 +1,127 @@
+"""Which output value is explained: Captum's ``target`` for sequence and class outputs.
+
+For an output with a sequence axis (``[B, L, C]`` logits):
+
+- ``None``: the predicted class at the last real (non-padded) position;
+- ``int`` (or a one-element tensor): that class at the last real position;
+- ``(position, class)``: ``position`` counts real tokens only: ``0`` is the first real
+  token, ``-1`` the last one, whatever the padding side;
+- a list (or 1-D tensor) with one of the above per example.
+
+For ``[B, C]`` outputs: ``None`` (the predicted class), an ``int`` or a list / tensor of
+one class per example, as in Captum. ``[B]`` outputs take ``target=None``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+TargetLike = Union[None, int, Tuple[int, int], Sequence, Tensor]
+
+
+def output_scores(output: object) -> Tensor:
+    """The score tensor of a model output: ``.logits`` of a ``ModelOutput``, the first
+    element of a tuple, or the tensor itself."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    raise TypeError(
+        f"cannot find scores in a model output of type {type(output).__name__}: return a "
+        "tensor, a tuple whose first element is one, or an object with `.logits`."
+    )
+
+
+def _per_example(target: TargetLike, batch: int) -> List[object]:
+    if target is None or isinstance(target, (int, tuple)):
+        return [target] * batch
+    if not isinstance(target, (Tensor, list, Sequence)):
+        return [_as_int(target)] * batch
+    if isinstance(target, Tensor):
+        if target.numel() == 1:
+            return [int(target.item())] * batch
+        if target.dim() != 1:
+            raise ValueError(f"a target tensor must be 1-D with one class per example; got shape {tuple(target.shape)}")
+        target = target.tolist()
+    target = [t if t is None or isinstance(t, tuple) else _as_int(t) for t in target]
+    if len(target) != batch:
+        raise ValueError(f"target has {len(target)} entries for a batch of {batch} examples; give one per example")
+    return target
+
+
+def _as_int(t: object) -> object:
+    try:
+        return int(t)  # python, numpy and one-element torch integers
+    except (TypeError, ValueError):
+        return t
+
+
+def _real_positions(mask: Optional[Tensor], batch: int, length: int, device: torch.device) -> List[Tensor]:
+    if mask is None:
+        return [torch.arange(length, device=device)] * batch
+    return [torch.nonzero(mask[i], as_tuple=False).flatten() for i in range(batch)]
+
+
+def select_targets(scores: Tensor, target: TargetLike, mask: Optional[Tensor] = None) -> Tuple[Tensor, List[Tuple[int, ...]]]:
+    """The explained score per example (``[B]``, differentiable) and its index per example."""
+    batch = scores.shape[0]
+    if scores.dim() == 1:
+        if target is not None:
+            raise ValueError("the model returns one score per example; call attribute with target=None")
+        return scores, [()] * batch
+    if scores.dim() == 2:
+        classes = scores.shape[1]
+        index = []
+        for i, t in enumerate(_per_example(target, batch)):
+            if t is None:
+                t = int(scores[i].argmax())
+            if isinstance(t, tuple) or isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"target {t!r} is not a class index; outputs of shape [B, C] take one int per example")
+            _check_class(t, classes)
+            index.append((t,))
+        chosen = scores[torch.arange(batch), torch.tensor([i[0] for i in index], device=scores.device)]
+        return chosen, index
+    if scores.dim() == 3:
+        length, classes = scores.shape[1], scores.shape[2]
+        real = _real_positions(mask, batch, length, scores.device)
+        index = []
+        for i, t in enumerate(_per_example(target, batch)):
+            position, cls = (-1, t) if not isinstance(t, tuple) else _pair(t)
+            if len(real[i]) == 0:
+                raise ValueError(f"example {i} has no real token (its attention mask is all zeros)")
+            if not -len(real[i]) <= position < len(real[i]):
+                raise IndexError(
+                    f"target position {position} is out of range for example {i}, which has "
+                    f"{len(real[i])} real tokens (positions count real tokens; -1 is the last)"
+                )
+            pos = int(real[i][position])
+            if cls is None:
+                cls = int(scores[i, pos].argmax())
+            _check_class(cls, classes)
+            index.append((pos, cls))
+        rows = torch.arange(batch, device=scores.device)
+        pos_t = torch.tensor([p for p, _ in index], device=scores.device)
+        cls_t = torch.tensor([c for _, c in index], device=scores.device)
+        return scores[rows, pos_t, cls_t], index
+    raise ValueError(f"model output of shape {tuple(scores.shape)} is not supported; expected [B], [B, C] or [B, L, C]")
+
+
+def _pair(t: tuple) -> Tuple[int, Optional[int]]:
+    if len(t) != 2:
+        raise ValueError(f"a tuple target must be (position, class); got {t!r}")
+    return int(t[0]), (None if t[1] is None else int(t[1]))
+
+
+def _check_class(cls: int, classes: int) -> None:
+    if not isinstance(cls, int) or isinstance(cls, bool):
+        raise ValueError(f"target class {cls!r} is not an int")
+    if not 0 <= cls < classes:
+        raise IndexError(f"target class {cls} is out of range: the model has {classes} output classes (0..{classes - 1})")

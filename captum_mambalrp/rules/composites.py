@@ -1,0 +1,162 @@
+"""Composites: which rule each component of a model gets.
+
+A :class:`Composite` holds one default rule per component kind and, optionally,
+overrides keyed by component name patterns (``fnmatch``) or by kind. The precedence,
+highest first, is
+
+1. ``module.rule`` set on the module itself (the Captum way; for the SiLU components
+   the rule of the mixer's ``act`` module);
+2. overrides whose pattern matches the component's qualified name, e.g.
+   ``"backbone.layers.0.mixer.ssm"`` or ``"*.gate"``;
+3. overrides keyed by the component's kind, e.g. ``"ssm"``;
+4. the composite's default for the kind.
+
+Named composites (``COMPOSITES``): ``"mambalrp"`` (the paper), ``"gradient"``
+(plain Gradient x Input), ``"ln_only"`` (the paper's "LRP (LN-rule)" baseline) and one
+ablation per MambaLRP rule, ``"no_<kind>_rule"`` (that kind back to the gradient).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Iterable, Mapping, Optional, Union
+
+from captum.attr._utils.lrp_rules import EpsilonRule as CaptumEpsilonRule
+from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
+from captum.attr._utils.lrp_rules import IdentityRule as CaptumIdentityRule
+from captum.attr._utils.lrp_rules import PropagationRule
+from torch import nn
+
+from .activation import IdentityActivationRule
+from .base import ACTIVATION, CONV, GATE, KINDS, LINEAR, NORM, SSM, GradientRule, MambaRule
+from .gate import HalfGateRule
+from .linear import EpsilonRule, GammaRule
+from .norm import ConstantNormRule
+from .ssm import ConstantSSMRule
+
+RuleLike = Union[MambaRule, PropagationRule]
+
+
+def as_mamba_rule(rule: RuleLike, where: str = "") -> MambaRule:
+    """This package's rule for ``rule``; Captum's Epsilon, Gamma and Identity rules map
+    to :class:`EpsilonRule`, :class:`GammaRule` and :class:`IdentityActivationRule`."""
+    if isinstance(rule, MambaRule):
+        return rule
+    if isinstance(rule, CaptumIdentityRule):
+        return IdentityActivationRule()
+    if isinstance(rule, CaptumGammaRule):
+        return GammaRule(rule.gamma, rule.set_bias_to_zero)
+    if isinstance(rule, CaptumEpsilonRule):
+        return EpsilonRule(rule.STABILITY_FACTOR)
+    at = f" for {where}" if where else ""
+    raise TypeError(
+        f"rule {rule!r}{at} is not supported by MambaLRP. Use a rule from "
+        "captum_mambalrp.rules (EpsilonRule, GammaRule, IdentityActivationRule, "
+        "ConstantSSMRule, HalfGateRule, ConstantNormRule, GradientRule) or Captum's "
+        "EpsilonRule / GammaRule / IdentityRule."
+    )
+
+
+def _mambalrp() -> Dict[str, MambaRule]:
+    return {
+        ACTIVATION: IdentityActivationRule(),
+        SSM: ConstantSSMRule(),
+        GATE: HalfGateRule(),
+        NORM: ConstantNormRule(),
+        LINEAR: EpsilonRule(),
+        CONV: EpsilonRule(),
+    }
+
+
+def _gradient() -> Dict[str, MambaRule]:
+    return {kind: GradientRule() for kind in KINDS}
+
+
+def _ln_only() -> Dict[str, MambaRule]:
+    return {**_gradient(), NORM: ConstantNormRule()}
+
+
+def _without(kind: str) -> Dict[str, MambaRule]:
+    return {**_mambalrp(), kind: GradientRule()}
+
+
+COMPOSITES = {
+    "mambalrp": _mambalrp,
+    "gradient": _gradient,
+    "ln_only": _ln_only,
+    "no_activation_rule": lambda: _without(ACTIVATION),
+    "no_ssm_rule": lambda: _without(SSM),
+    "no_gate_rule": lambda: _without(GATE),
+    "no_norm_rule": lambda: _without(NORM),
+}
+
+
+class Composite:
+    """Per-kind default rules plus name- or kind-keyed overrides (see module doc)."""
+
+    def __init__(
+        self,
+        defaults: Mapping[str, RuleLike],
+        overrides: Optional[Mapping[str, RuleLike]] = None,
+    ) -> None:
+        missing = [k for k in KINDS if k not in defaults]
+        if missing:
+            raise ValueError(f"composite has no default rule for kinds {missing}")
+        self.defaults = {k: as_mamba_rule(r, k) for k, r in defaults.items()}
+        self.overrides = {k: as_mamba_rule(r, k) for k, r in (overrides or {}).items()}
+        self._used: set = set()
+
+    def rule_for(self, name: str, kind: str, module: Optional[nn.Module] = None) -> MambaRule:
+        """The rule of the component ``name`` of kind ``kind`` (``module`` carries ``.rule``)."""
+        rule: Optional[MambaRule] = None
+        own = getattr(module, "rule", None) if module is not None else None
+        if own is not None:
+            rule = as_mamba_rule(own, name)
+        if rule is None:
+            for key, candidate in self.overrides.items():
+                if key not in KINDS and (key == name or fnmatch.fnmatchcase(name, key)):
+                    self._used.add(key)
+                    rule = candidate
+                    break
+        if rule is None and kind in self.overrides:
+            self._used.add(kind)
+            rule = self.overrides[kind]
+        if rule is None:
+            rule = self.defaults[kind]
+        if not rule.supports(kind):
+            raise TypeError(
+                f"{type(rule).__name__} cannot be applied to {name!r} (a component of kind "
+                f"{kind!r}); it applies to kinds {sorted(rule.kinds)}."
+            )
+        return rule
+
+    def check_overrides_used(self, names: Iterable[str]) -> None:
+        """Raise if an override matched no component: almost always a typo."""
+        unused = [k for k in self.overrides if k not in self._used]
+        if unused:
+            sample = ", ".join(sorted(names)[:6])
+            raise KeyError(
+                f"rule keys {unused} match no component of the model. Keys are kinds "
+                f"{list(KINDS)} or fnmatch patterns over component names such as {sample}."
+            )
+
+    def describe(self) -> Dict[str, str]:
+        out = {k: repr(r) for k, r in self.defaults.items()}
+        out.update({k: repr(r) for k, r in self.overrides.items()})
+        return out
+
+
+def composite(
+    name: Union[str, Composite, Mapping[str, RuleLike]] = "mambalrp",
+    overrides: Optional[Mapping[str, RuleLike]] = None,
+) -> Composite:
+    """Build a :class:`Composite` from a name in ``COMPOSITES``, a per-kind mapping, or
+    an existing composite, with optional overrides on top."""
+    if isinstance(name, Composite):
+        merged = {**name.overrides, **(overrides or {})}
+        return Composite(name.defaults, merged)
+    if isinstance(name, str):
+        if name not in COMPOSITES:
+            raise ValueError(f"unknown composite {name!r}; choose one of {sorted(COMPOSITES)}")
+        return Composite(COMPOSITES[name](), overrides)
+    return Composite({**_mambalrp(), **dict(name)}, overrides)

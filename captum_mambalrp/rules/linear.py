@@ -1,0 +1,85 @@
+"""LRP rules for linear layers and the depthwise causal convolution.
+
+Both rules subclass Captum's own rule of the same name, so code that checks for
+``captum.attr._utils.lrp_rules.EpsilonRule`` or ``GammaRule`` accepts them too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from captum.attr._utils.lrp_rules import EpsilonRule as CaptumEpsilonRule
+from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
+from torch import Tensor, nn
+
+from .base import CONV, LINEAR, MambaRule, stabilize, with_gradient_of
+
+
+def affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``module``'s own affine map (``nn.Linear`` or ``nn.Conv1d``) with other parameters."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module._conv_forward(x, weight, bias)
+    raise TypeError(f"{type(module).__name__} is neither nn.Linear nor nn.Conv1d / nn.Conv2d")
+
+
+class EpsilonRule(MambaRule, CaptumEpsilonRule):
+    """LRP-epsilon: ``R_i = sum_j x_i w_ij R_j / (z_j + epsilon * sign(z_j))``.
+
+    As modified gradient: the gradient reaching ``z`` is scaled by
+    ``z / (z + epsilon * sign(z))`` (a constant), then flows through ``W`` as usual.
+    With a tiny ``epsilon`` (default ``1e-9``, Captum's) this is Gradient x Input; a
+    bias ``b_j`` absorbs the share ``b_j / z_j`` of ``R_j``.
+    """
+
+    kinds = frozenset({LINEAR, CONV})
+
+    def __init__(self, epsilon: float = 1e-9) -> None:
+        CaptumEpsilonRule.__init__(self, epsilon)
+
+    @property
+    def epsilon(self) -> float:
+        return self.STABILITY_FACTOR
+
+    def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        ratio = (z / stabilize(z, self.STABILITY_FACTOR)).detach()
+        return with_gradient_of(z, z * ratio)
+
+    def __repr__(self) -> str:
+        return f"EpsilonRule(epsilon={self.STABILITY_FACTOR!r})"
+
+
+class GammaRule(MambaRule, CaptumGammaRule):
+    """LRP-gamma: contributions of the output's sign are favoured by ``gamma``.
+
+    With ``W+ = W + gamma * max(W, 0)``, ``W- = W + gamma * min(W, 0)`` and
+    ``x = x+ + x-`` split by sign,
+    ``z+ = W+ x+ + W- x- (+ b + gamma b+)`` and ``z- = W- x+ + W+ x- (+ b + gamma b-)``;
+    ``zp = z+`` where ``z > 0`` else ``z-``, and
+    ``R_i = sum_j x_i (d zp_j / d x_i) R_j / zp_j``. ``gamma = 0`` is LRP-0.
+    """
+
+    kinds = frozenset({LINEAR, CONV})
+
+    def __init__(self, gamma: float = 0.25, set_bias_to_zero: bool = False, epsilon: float = 1e-9) -> None:
+        CaptumGammaRule.__init__(self, gamma, set_bias_to_zero)
+        self.epsilon = epsilon
+
+    def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        weight = module.weight
+        bias = None if self.set_bias_to_zero else getattr(module, "bias", None)
+        w_pos = weight + self.gamma * weight.clamp(min=0)
+        w_neg = weight + self.gamma * weight.clamp(max=0)
+        b_pos = b_neg = None
+        if bias is not None:
+            b_pos = bias + self.gamma * bias.clamp(min=0)
+            b_neg = bias + self.gamma * bias.clamp(max=0)
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        z_up = affine(module, x_pos, w_pos, b_pos) + affine(module, x_neg, w_neg, None)
+        z_down = affine(module, x_pos, w_neg, b_neg) + affine(module, x_neg, w_pos, None)
+        zp = torch.where(z > 0, z_up, z_down)
+        ratio = (z / stabilize(zp, self.epsilon)).detach()
+        return with_gradient_of(z, zp * ratio)
