@@ -23,8 +23,8 @@ TargetLike = Union[None, int, Tuple[int, int], Sequence, Tensor]
 
 
 def output_scores(output: object) -> Tensor:
-    """The score tensor of a model output: ``.logits`` of a ``ModelOutput``, the first
-    element of a tuple, or the tensor itself."""
+    """The score tensor of a model output: ``.logits`` of a ``ModelOutput`` (else its
+    first field, e.g. ``last_hidden_state``), the first element of a tuple, or the tensor."""
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -32,6 +32,10 @@ def output_scores(output: object) -> Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
+    if hasattr(output, "to_tuple"):  # a transformers ModelOutput without logits
+        first = output.to_tuple()[0]
+        if isinstance(first, Tensor):
+            return first
     if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
         return output["logits"]
     raise TypeError(
