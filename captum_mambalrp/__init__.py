@@ -5,7 +5,7 @@
 """
 
 from .adapters import UnsupportedModelError
-from .attribution import MambaLRP
+from .attribution import LayerMambaLRP, MambaLRP
 from .rules import (
     COMPOSITES,
     Composite,
@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMPOSITES", "Composite", "ConstantNormRule", "ConstantSSMRule", "EpsilonRule", "GammaRule",
-    "GradientRule", "HalfGateRule", "IdentityActivationRule", "MambaLRP", "UnsupportedModelError",
+    "GradientRule", "HalfGateRule", "IdentityActivationRule", "LayerMambaLRP", "MambaLRP", "UnsupportedModelError",
     "composite", "__version__",
 ]

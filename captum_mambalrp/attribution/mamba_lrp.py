@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from captum.attr import LRP
@@ -13,7 +13,8 @@ from ..adapters import Installation, Patcher, install_rules
 from ..rules.composites import Composite, RuleLike, composite as make_composite
 from ..scan import BACKENDS
 from .inputs import ForwardCall, build_call, check_inputs
-from .targets import TargetLike, output_scores, select_targets
+from .engine import Capture, relevance_pass
+from .targets import TargetLike
 
 
 def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
@@ -28,6 +29,19 @@ def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
             return emb
     found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     return found[0] if len(found) == 1 else None
+
+
+def install_checked(model: nn.Module, composite: Composite, backend: str, patcher: Patcher) -> Installation:
+    """Install the rules; undo everything and re-raise on an unsupported model or a
+    rule key that matches nothing."""
+    composite._used.clear()
+    try:
+        inst = install_rules(model, composite, backend, patcher)
+        composite.check_overrides_used([c.name for c in inst.components])
+    except BaseException:
+        patcher.restore()
+        raise
+    return inst
 
 
 class MambaLRP(LRP):
@@ -73,14 +87,7 @@ class MambaLRP(LRP):
         self._install(Patcher()).patcher.restore()
 
     def _install(self, patcher: Patcher) -> Installation:
-        self.composite._used.clear()
-        try:
-            inst = install_rules(self.model, self.composite, self.backend, patcher)
-            self.composite.check_overrides_used([c.name for c in inst.components])
-        except BaseException:
-            patcher.restore()
-            raise
-        return inst
+        return install_checked(self.model, self.composite, self.backend, patcher)
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -140,40 +147,21 @@ class MambaLRP(LRP):
         return out
 
     def _relevance(self, call: ForwardCall, inputs: Tensor, target: TargetLike, verbose: bool) -> Tuple[Tensor, Tensor]:
-        patcher = Patcher()
-        leaf: List[Tensor] = []
-        try:
-            patcher.freeze_parameters(self.model)
-            inst = self._install(patcher)
-            self.last_installation = inst
-            if verbose:
-                print(inst.table())
-            if call.token_ids:
-                def capture(module: nn.Module, args: Any, out: Tensor) -> Tensor:
-                    leaf.append(out.detach().requires_grad_(True))
-                    return leaf[-1]
-                patcher.add_handle(self.embedding.register_forward_hook(capture))
-            else:
-                leaf.append(inputs.detach().requires_grad_(True))
-                call = _with_input(call, leaf[0])
-            with torch.enable_grad():
-                scores = output_scores(call.run(self.model))
-                explained, _ = select_targets(scores, target, call.mask)
-                if len(leaf) != 1:
-                    raise RuntimeError(
-                        f"the token embedding ran {len(leaf)} times in one forward; MambaLRP needs it to run once"
-                    )
-                (grad,) = torch.autograd.grad(explained.sum(), leaf[0], allow_unused=True)
-        finally:
-            patcher.restore()
-        x = leaf[0].detach().float()
-        grad = torch.zeros_like(x) if grad is None else grad.float()
-        relevance = x * grad
-        if call.mask is not None:
-            relevance = relevance * call.mask.to(relevance.dtype).reshape(*call.mask.shape, *([1] * (relevance.dim() - 2)))
+        if call.token_ids:
+            capture = Capture(module=self.embedding)
+        else:
+            capture = Capture(leaf=inputs.detach().requires_grad_(True))
+            call = _with_input(call, capture.leaf)
+        (relevance,), explained, _ = relevance_pass(self.model, self._install_for_call, call, target, [capture], verbose)
+        if len(capture.tensors) != 1:
+            raise RuntimeError("the token embedding ran more than once in one forward; MambaLRP needs it to run once")
         if call.token_ids:
             relevance = relevance.sum(dim=-1)
-        return relevance.detach(), explained.detach().float()
+        return relevance, explained
+
+    def _install_for_call(self, patcher: Patcher) -> Installation:
+        self.last_installation = self._install(patcher)
+        return self.last_installation
 
     def rule_table(self) -> Dict[str, str]:
         """Component name -> rule, as installed for the last call (or a dry run)."""

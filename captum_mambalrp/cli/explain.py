@@ -1,4 +1,4 @@
-"""``captum-mambalrp``: explain a prediction from the command line."""
+"""``captum-mambalrp explain``: a prediction's token relevance, in colour and as HTML."""
 
 from __future__ import annotations
 
@@ -6,27 +6,18 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
-from . import __version__
-
-
-def _quiet_transformers() -> None:
-    """No kernel fall-back warnings or loading bars in the CLI's output."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+from . import quiet_transformers
 
 
-def _explain(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    _quiet_transformers()
-    from .attribution import MambaLRP
-    from .models import load_model_and_tokenizer
-    from .text import explain_texts, records
-    from .visualization import captum_html, terminal_heatmap
+    quiet_transformers()
+    from ..attribution import MambaLRP
+    from ..models import load_model_and_tokenizer
+    from ..text import explain_texts, records
+    from ..visualization import captum_html, terminal_heatmap
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     lrp = MambaLRP(model, composite=args.composite)
@@ -55,10 +46,8 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captum-mambalrp", description="MambaLRP explanations for Mamba models")
-    parser.add_argument("--version", action="version", version=f"captum-mambalrp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
+    """Add ``explain`` to the ``captum-mambalrp`` sub-commands."""
     ex = sub.add_parser("explain", help="explain the prediction for one or more texts")
     ex.add_argument("text", nargs="+", help="text(s) to explain")
     ex.add_argument("--model", default=None, help="transformers checkpoint folder or hub id (default: embedded)")
@@ -70,14 +59,4 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="cpu")
     ex.add_argument("--color", action="store_true", help="colour even when not writing to a terminal")
     ex.add_argument("--no-color", action="store_true")
-    ex.set_defaults(func=_explain)
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    ex.set_defaults(func=run)

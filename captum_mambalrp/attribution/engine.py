@@ -1,0 +1,94 @@
+"""One forward and one backward pass with MambaLRP's rules in place.
+
+Relevance at any tensor ``a`` of the forward pass is ``a * g`` where ``g`` is the
+gradient of the explained score through the rewritten graph. :func:`relevance_pass`
+computes it at several points at once (token embeddings, block outputs, ...), and
+always restores the model, also when an error is raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters import Installation, Patcher
+from .inputs import ForwardCall
+from .targets import TargetLike, output_scores, select_targets
+
+
+@dataclass
+class Capture:
+    """Where relevance is read: a module's output (or input), or the given leaf tensor."""
+
+    module: Optional[nn.Module] = None
+    where: str = "output"
+    leaf: Optional[Tensor] = None
+    tensors: List[Tensor] = field(default_factory=list)
+
+    def _grab(self, value: Any) -> Any:
+        """Make ``value`` (a tensor or a tuple holding tensors) part of the graph and keep it."""
+        if isinstance(value, Tensor):
+            if not value.requires_grad:
+                value = value.detach().requires_grad_(True)
+            self.tensors.append(value)
+            return value
+        if isinstance(value, tuple):
+            return tuple(self._grab(v) if isinstance(v, Tensor) and v.is_floating_point() else v for v in value)
+        raise TypeError(f"cannot read relevance at a {type(value).__name__}; the layer must pass tensors")
+
+    def install(self, patcher: Patcher) -> None:
+        if self.module is None:
+            return
+        if self.where == "output":
+            hook = self.module.register_forward_hook(lambda m, args, out: self._grab(out))
+        else:
+            hook = self.module.register_forward_pre_hook(lambda m, args: self._grab(tuple(args))[:1] + tuple(args[1:]))
+        patcher.add_handle(hook)
+
+
+def relevance_pass(
+    model: nn.Module,
+    install: Callable[[Patcher], Installation],
+    call: ForwardCall,
+    target: TargetLike,
+    captures: Sequence[Capture],
+    verbose: bool = False,
+) -> Tuple[List[Tensor], Tensor, List[Tuple[int, ...]]]:
+    """Relevance ``a * g`` (float32, padded positions zeroed) at each capture point, the
+    explained score per example, and the chosen (position, class) per example."""
+    patcher = Patcher()
+    try:
+        patcher.freeze_parameters(model)
+        inst = install(patcher)
+        if verbose:
+            print(inst.table())
+        for c in captures:
+            c.tensors.clear()
+            if c.leaf is not None:
+                c.tensors.append(c.leaf)
+            c.install(patcher)
+        with torch.enable_grad():
+            scores = output_scores(call.run(model))
+            explained, index = select_targets(scores, target, call.mask)
+            for c in captures:
+                if not c.tensors:
+                    raise RuntimeError(f"{type(c.module).__name__} did not run in the forward pass; cannot read relevance there")
+            flat = [t for c in captures for t in c.tensors]
+            grads = torch.autograd.grad(explained.sum(), flat, allow_unused=True)
+    finally:
+        patcher.restore()
+    results, k = [], 0
+    for c in captures:
+        total = None
+        for t in c.tensors:
+            g = grads[k]
+            k += 1
+            r = t.detach().float() * (torch.zeros_like(t, dtype=torch.float32) if g is None else g.float())
+            total = r if total is None else total + r
+        if call.mask is not None and total.dim() >= 2 and tuple(total.shape[:2]) == tuple(call.mask.shape):
+            total = total * call.mask.to(total.dtype).reshape(*call.mask.shape, *([1] * (total.dim() - 2)))
+        results.append(total)
+    return results, explained.detach().float(), index
