@@ -1,0 +1,82 @@
+"""The scans against a plain sequential recurrence (float64, one step at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_mambalrp.scan import selective_scan, ssd_scan
+
+
+def sequential_mamba1(x, delta, A, B, C, D):
+    b, d, l = x.shape
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(l):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1) + D * x[:, :, t])
+    return torch.stack(ys, -1)
+
+
+def sequential_ssd(x, dt, A, B, C, D):
+    b, l, heads, p = x.shape
+    rep = heads // B.shape[2]
+    Bh, Ch = B.repeat_interleave(rep, 2), C.repeat_interleave(rep, 2)
+    h = torch.zeros(b, heads, p, B.shape[-1], dtype=torch.float64)
+    ys = []
+    for t in range(l):
+        h = torch.exp(dt[:, t, :, None, None] * A[None, :, None, None]) * h \
+            + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        ys.append((h * Ch[:, t, :, None, :]).sum(-1) + D[None, :, None] * x[:, t])
+    return torch.stack(ys, 1)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("l", [1, 7, 64, 65, 200])
+def test_mamba1_scan_and_input_gradient(l):
+    b, d, n = 2, 5, 3
+    x, B, C, D = rand(b, d, l, seed=1), rand(b, n, l, seed=2), rand(b, n, l, seed=3), rand(d, seed=4)
+    delta = rand(b, d, l, seed=5).abs() * 0.3
+    A = -rand(d, n, seed=6).abs() * 2
+    ref = sequential_mamba1(x, delta, A, B, C, D)
+    xr = x.clone().requires_grad_(True)
+    y = selective_scan(xr, delta, A, B, C, D, linear=True)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-4)
+    g = rand(b, d, l, seed=7)
+    (got,) = torch.autograd.grad(y, xr, g.float())
+    xs = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(sequential_mamba1(xs, delta, A, B, C, D), xs, g)
+    assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups,l", [(1, 9), (2, 70), (4, 130)])
+def test_ssd_scan_and_input_gradient(groups, l):
+    b, heads, p, n = 2, 4, 3, 5
+    x = rand(b, l, heads, p, seed=1)
+    dt = rand(b, l, heads, seed=2).abs() * 0.3
+    A = -rand(heads, seed=3).abs()
+    B, C, D = rand(b, l, groups, n, seed=4), rand(b, l, groups, n, seed=5), rand(heads, seed=6)
+    ref = sequential_ssd(x, dt, A, B, C, D)
+    xr = x.clone().requires_grad_(True)
+    y = ssd_scan(xr, dt, A, B, C, D, linear=True)
+    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-4)
+    g = rand(b, l, heads, p, seed=7)
+    (got,) = torch.autograd.grad(y, xr, g.float())
+    xs = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(sequential_ssd(xs, dt, A, B, C, D), xs, g)
+    assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_differentiable_scan_gives_parameter_gradients():
+    b, d, n, l = 1, 3, 2, 10
+    delta = (rand(b, d, l, seed=1).abs() * 0.3).requires_grad_(True)
+    B = rand(b, n, l, seed=2).requires_grad_(True)
+    y = selective_scan(rand(b, d, l, seed=3), delta, -rand(d, n, seed=4).abs(), B, rand(b, n, l, seed=5), None, linear=False)
+    gd, gB = torch.autograd.grad(y.sum(), (delta, B))
+    assert gd.abs().sum() > 0 and gB.abs().sum() > 0
+    y_lin = selective_scan(rand(b, d, l, seed=3), delta, -rand(d, n, seed=4).abs(), B, rand(b, n, l, seed=5), None)
+    assert not y_lin.requires_grad  # constants: no graph to the parameters
