@@ -249,3 +249,29 @@ def test_mamba_model_without_head_and_classifier():
     clf = LastTokenClassifier(copy.deepcopy(backbone)).eval()
     rel, delta = MambaLRP(clf).attribute(ids_for(2, 6), target=1, return_convergence_delta=True)
     assert delta.abs().max() < 1e-5
+
+
+def test_head_with_layernorm_rmsnorm_and_activation_conserves():
+    """Norms and activations outside the mixers get the norm and identity rules too."""
+    backbone = zero_biases(make_lm("mamba", seed=12)).backbone
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.ln, self.act, self.rms = nn.LayerNorm(16, bias=False), nn.Tanh(), nn.RMSNorm(16)
+            self.out = nn.Linear(16, 3, bias=False)
+
+        def forward(self, input_ids):
+            h = self.backbone(input_ids).last_hidden_state[:, -1]
+            return self.out(self.rms(self.act(self.ln(h))))
+
+    model = Head().eval()
+    with torch.no_grad():
+        model.ln.weight.normal_()
+        model.rms.weight.normal_()
+    rel, delta = MambaLRP(model).attribute(ids_for(2, 9), target=1, return_convergence_delta=True)
+    logit = model(ids_for(2, 9))[:, 1].detach()
+    assert (delta.abs() <= 1e-5 * logit.abs().clamp_min(1e-3)).all(), (delta, logit)
+    table = MambaLRP(model).rule_table()
+    assert table["ln"] == table["rms"] == "ConstantNormRule()" and table["act"].startswith("IdentityActivationRule")

@@ -48,7 +48,7 @@ def _hook_affine(module: nn.Module, name: str, kind: str, composite: Composite, 
 def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: Installation) -> None:
     rule = composite.rule_for(name, ACTIVATION, module)
     inst.components.append(Component(name, ACTIVATION, rule))
-    inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.activation(args[0], m)))
+    inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.activation(args[0], m.forward)))
 
 
 def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:

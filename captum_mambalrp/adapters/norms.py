@@ -14,12 +14,13 @@ RMSNORM_CLASS_NAMES = {
 }
 
 
-def norm_epsilon(module: nn.Module) -> float:
+def norm_epsilon(module: nn.Module) -> Optional[float]:
+    """The module's epsilon; ``None`` means torch's default (``finfo(dtype).eps``, as ``nn.RMSNorm``)."""
     for attr in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, attr, None)
         if isinstance(value, (float, int)):
             return float(value)
-    return 1e-6
+    return None
 
 
 def is_rmsnorm(module: nn.Module) -> bool:
@@ -28,8 +29,10 @@ def is_rmsnorm(module: nn.Module) -> bool:
     )
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, rule: MambaRule, bias: Optional[Tensor] = None) -> Tensor:
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], rule: MambaRule, bias: Optional[Tensor] = None) -> Tensor:
     """``w * x * rule.norm_scale(rsqrt(mean(x^2) + eps))`` in float32, cast back to ``x``'s dtype."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
     x32 = x.float()
     scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     out = (x32 * rule.norm_scale(scale)).to(x.dtype)

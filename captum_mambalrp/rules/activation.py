@@ -10,6 +10,12 @@ from torch import Tensor
 from .base import ACTIVATION, MambaRule, stabilize
 
 
+def is_silu(fn: Callable[[Tensor], Tensor]) -> bool:
+    """``F.silu``, an ``nn.SiLU`` module, or its bound ``forward``."""
+    owner = getattr(fn, "__self__", fn)
+    return fn is torch.nn.functional.silu or isinstance(owner, torch.nn.SiLU)
+
+
 class IdentityActivationRule(MambaRule):
     """Relevance passes an element-wise activation unchanged: ``R_in = R_out``.
 
@@ -24,7 +30,7 @@ class IdentityActivationRule(MambaRule):
         self.epsilon = epsilon
 
     def activation(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        if fn in (torch.nn.functional.silu,) or isinstance(fn, torch.nn.SiLU):
+        if is_silu(fn):
             return x * torch.sigmoid(x).detach()
         out = fn(x)
         return x * (out / stabilize(x, self.epsilon)).detach()
