@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh viz >/dev/null
 if [ $# -eq 0 ]; then set -- "i feel so happy and loved today"; fi
-exec "${PYTHON:-python3}" -m captum_mambalrp.cli explain --color "$@"
+exec "${PYTHON:-python3}" -m captum_mambalrp explain --color "$@"

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+bash scripts/setup_browser.sh   # Chromium (Debian), Playwright, the Captum-0.8 Insights venv
 exec "${PYTHON:-python3}" -m pytest -q "$@"

@@ -32,6 +32,9 @@ class MixerAdapter(Protocol):
     """Takes over one family of sequence mixers."""
 
     label: str
+    #: True for block adapters (e.g. mamba-ssm's ``Block``): the block's forward is taken
+    #: over, but its children (norm, mixer) are still walked and installed as usual.
+    wraps_children: bool = False
 
     def claims(self, module: nn.Module) -> bool:
         """Is ``module`` a mixer this adapter handles?"""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
+from ..rules.activation import SILU_CLASSES
 from ..rules.base import ACTIVATION, CONV, LINEAR, NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
 from .base import ADAPTERS, Component, find_adapter
@@ -17,7 +18,9 @@ from .patching import Patcher
 ACTIVATION_MODULES = (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU)
 PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten)
 # Container class names that signal a layer with no MambaLRP rules (hybrids, unknown mixers).
-UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM)", re.IGNORECASE)
+# (mamba-ssm's attention block is ``MHA``; a bare ``Mamba``/``Mamba2``/``Mamba3``/``Mamba2Simple``
+# not claimed by an adapter is a mixer variant without rules, e.g. Vision Mamba's bidirectional fork.)
+UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM|^MHA$|^Mamba\d*(Simple)?$)", re.IGNORECASE)
 
 
 class UnsupportedModelError(TypeError):
@@ -51,8 +54,40 @@ def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: I
     inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.activation(args[0], m.forward)))
 
 
+def _mixer_labels() -> str:
+    """The mixers adapters take over (not the blocks that only wrap them)."""
+    return "; ".join(a.label for a in ADAPTERS if not getattr(a, "wraps_children", False))
+
+
+def _uncovered_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Layers that look like attention or a mixer (``UNSUPPORTED``) outside the subtrees that an
+    adapter takes over or that the user opted into plain gradient (``module.rule``)."""
+    found: List[Tuple[str, nn.Module]] = []
+    covered: List[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c in covered):
+            continue
+        adapter = find_adapter(module)
+        if (adapter is not None and not getattr(adapter, "wraps_children", False)) or getattr(module, "rule", None) is not None:
+            covered.append(name)
+        elif adapter is None and UNSUPPORTED.search(type(module).__name__):
+            found.append((name, module))
+    return found
+
+
+def _refuse_uncovered(found: List[Tuple[str, nn.Module]]) -> UnsupportedModelError:
+    """The error for a model with layers MambaLRP has no rule for, naming one of each type."""
+    first: Dict[str, str] = {}
+    for name, module in found:
+        first.setdefault(type(module).__name__, name)
+    listing = ", ".join(f"{cls} (e.g. {name!r})" for cls, name in first.items())
+    name, module = found[0]
+    return _unsupported(name, module, "this kind of layer (attention or an unknown mixer) is not covered; "
+                        f"layer types without rules in this model: {listing}")
+
+
 def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
-    supported = "; ".join(a.label for a in ADAPTERS)
+    supported = _mixer_labels()
     return UnsupportedModelError(
         f"MambaLRP has no rule for module {name!r} ({type(module).__name__}): {why}. "
         f"Supported mixers: {supported}. If plain gradient is acceptable there, set "
@@ -67,6 +102,9 @@ def install_rules(model: nn.Module, composite: Composite, backend: str = "auto",
     Raises :class:`UnsupportedModelError` for a model without Mamba mixers or with a
     layer that has no rule (an attention layer of a hybrid, an unknown module type).
     """
+    uncovered = _uncovered_layers(model)
+    if uncovered:  # name every layer type that has no rule (hybrids), before installing anything
+        raise _refuse_uncovered(uncovered)
     inst = Installation(patcher or Patcher())
     done: Set[str] = set()  # subtrees already handled
 
@@ -82,6 +120,8 @@ def install_rules(model: nn.Module, composite: Composite, backend: str = "auto",
             for part_name, part in adapter.affine_parts(module).items():
                 kind = LINEAR if isinstance(part, nn.Linear) else CONV
                 _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
+            if getattr(adapter, "wraps_children", False):
+                continue  # a block taken over as a whole: its norm and mixer are installed as reached
             inst.mixers.append(name)
             done.add(name)
             continue
@@ -96,7 +136,7 @@ def install_rules(model: nn.Module, composite: Composite, backend: str = "auto",
             _hook_affine(module, name, LINEAR, composite, inst)
         elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
             _hook_affine(module, name, CONV, composite, inst)
-        elif isinstance(module, ACTIVATION_MODULES):
+        elif isinstance(module, ACTIVATION_MODULES) or type(module).__name__ in SILU_CLASSES:
             _hook_activation(module, name, composite, inst)
         elif isinstance(module, PASS_THROUGH):
             pass
@@ -107,11 +147,9 @@ def install_rules(model: nn.Module, composite: Composite, backend: str = "auto",
             done.add(name)
         elif is_leaf:
             raise _unsupported(name, module, "unknown layer type")
-        elif name and UNSUPPORTED.search(type(module).__name__):
-            raise _unsupported(name, module, "this kind of layer (attention or an unknown mixer) is not covered")
     if not inst.mixers:
         raise UnsupportedModelError(
             f"{type(model).__name__} contains no supported Mamba mixer, so MambaLRP cannot "
-            f"explain it. Supported mixers: {'; '.join(a.label for a in ADAPTERS)}."
+            f"explain it. Supported mixers: {_mixer_labels()}."
         )
     return inst

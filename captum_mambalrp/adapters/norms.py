@@ -43,6 +43,15 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], rule: Ma
     return out
 
 
+def grouped_rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], group_size: int, rule: MambaRule) -> Tensor:
+    """RMSNorm over consecutive groups of ``group_size`` channels (Mamba2's grouped norm):
+    ``w * x_g * rule.norm_scale(rsqrt(mean_g(x^2) + eps))``, one factor per group."""
+    shape = x.shape
+    grouped = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    out = rms_norm(grouped, None, eps, rule).reshape(shape)
+    return out if weight is None else weight * out
+
+
 def layer_norm(x: Tensor, module: nn.LayerNorm, rule: MambaRule) -> Tensor:
     """LayerNorm with the factor ``rsqrt(var + eps)`` passed through ``rule.norm_scale``."""
     x32 = x.float()

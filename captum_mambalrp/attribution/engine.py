@@ -31,8 +31,9 @@ class Capture:
     def _grab(self, value: Any) -> Any:
         """Make ``value`` (a tensor or a tuple holding tensors) part of the graph and keep it."""
         if isinstance(value, Tensor):
-            if not value.requires_grad:
-                value = value.detach().requires_grad_(True)
+            # a fresh graph node: gradients reaching it come only from where the module's
+            # output is used next, never from uses of the same tensor inside the module
+            value = value.view_as(value) if value.requires_grad else value.detach().requires_grad_(True)
             self.tensors.append(value)
             return value
         if isinstance(value, tuple):

@@ -36,7 +36,8 @@ def _accepts(params: Dict[str, inspect.Parameter], name: str) -> bool:
 
 
 def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
-    """Validate ``inputs``; True for token ids ``[B, L]``, False for embeddings ``[B, L, H]``."""
+    """Validate ``inputs``; True for token ids ``[B, L]``, False for embeddings ``[B, L, H]`` (or images
+    ``[B, C, H, W]`` for a model without token embedding)."""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor of token ids [B, L] or embeddings [B, L, H]; got {type(inputs).__name__}")
     if inputs.dim() == 2 and inputs.is_floating_point():
@@ -48,10 +49,12 @@ def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
         token_ids = True
     elif inputs.dim() == 3 and inputs.is_floating_point():
         token_ids = False
+    elif inputs.dim() == 4 and inputs.is_floating_point() and embedding is None:
+        token_ids = False  # images [B, C, H, W] of a vision model (Vision Mamba)
     else:
         raise TypeError(
             f"inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype} are not supported: pass token ids "
-            "(integer [B, L]) or embeddings (float [B, L, H])."
+            "(integer [B, L]), embeddings (float [B, L, H]) or, for a vision model, images (float [B, C, H, W])."
         )
     if inputs.shape[0] == 0:
         raise ValueError("inputs hold no example (batch size 0)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -10,27 +10,36 @@ from torch import Tensor
 from .base import ACTIVATION, MambaRule, stabilize
 
 
+SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (ACT2FN["silu"])
+
+
 def is_silu(fn: Callable[[Tensor], Tensor]) -> bool:
-    """``F.silu``, an ``nn.SiLU`` module, or its bound ``forward``."""
+    """``F.silu``, an ``nn.SiLU`` / transformers ``SiLUActivation`` module, or its bound ``forward``."""
     owner = getattr(fn, "__self__", fn)
-    return fn is torch.nn.functional.silu or isinstance(owner, torch.nn.SiLU)
+    return fn is torch.nn.functional.silu or isinstance(owner, torch.nn.SiLU) or (
+        isinstance(owner, torch.nn.Module) and type(owner).__name__ in SILU_CLASSES
+    )
 
 
 class IdentityActivationRule(MambaRule):
     """Relevance passes an element-wise activation unchanged: ``R_in = R_out``.
 
-    With ``a = f(x)`` the rule is ``a = x * (f(x) / x).detach()``; for SiLU this is
-    ``x * sigmoid(x).detach()`` exactly (no division). Other activations divide by a
-    stabilised ``x`` (``x + epsilon * sign(x)``).
+    ``a = f(x)`` is rewritten so that its gradient is ``f(x) / x``. For SiLU with
+    ``epsilon=None`` (the default) this is ``x * sigmoid(x).detach()`` exactly: exactly
+    conservative. With an ``epsilon`` (and always for other activations) it is the
+    reference implementation's form ``x_s * (f(x) / x_s).detach()`` with the stabilised
+    ``x_s = x + epsilon * sign(x)``, which loses the share ``epsilon / (|x| + epsilon)``.
+    ``IdentityActivationRule(epsilon=1e-6)`` reproduces the authors' code bit for bit.
     """
 
     kinds = frozenset({ACTIVATION})
 
-    def __init__(self, epsilon: float = 1e-6) -> None:
+    def __init__(self, epsilon: Optional[float] = None) -> None:
         self.epsilon = epsilon
 
     def activation(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        if is_silu(fn):
+        if self.epsilon is None and is_silu(fn):
             return x * torch.sigmoid(x).detach()
         out = fn(x)
-        return x * (out / stabilize(x, self.epsilon)).detach()
+        x_s = stabilize(x, 1e-6 if self.epsilon is None else self.epsilon)
+        return x_s * (out / x_s).detach()

@@ -11,7 +11,8 @@ highest first, is
 3. overrides keyed by the component's kind, e.g. ``"ssm"``;
 4. the composite's default for the kind.
 
-Named composites (``COMPOSITES``): ``"mambalrp"`` (the paper), ``"gradient"``
+Named composites (``COMPOSITES``): ``"mambalrp"`` (the paper), ``"mambalrp_reference"``
+(identical but for the authors' 1e-6 stabiliser in the SiLU rule), ``"gradient"``
 (plain Gradient x Input), ``"ln_only"`` (the paper's "LRP (LN-rule)" baseline) and one
 ablation per MambaLRP rule, ``"no_<kind>_rule"`` (that kind back to the gradient).
 """
@@ -80,8 +81,14 @@ def _without(kind: str) -> Dict[str, MambaRule]:
     return {**_mambalrp(), kind: GradientRule()}
 
 
+def _reference() -> Dict[str, MambaRule]:
+    """As the authors' code: SiLU through a 1e-6-stabilised division."""
+    return {**_mambalrp(), ACTIVATION: IdentityActivationRule(epsilon=1e-6)}
+
+
 COMPOSITES = {
     "mambalrp": _mambalrp,
+    "mambalrp_reference": _reference,
     "gradient": _gradient,
     "ln_only": _ln_only,
     "no_activation_rule": lambda: _without(ACTIVATION),

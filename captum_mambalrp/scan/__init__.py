@@ -1,31 +1,117 @@
-"""Selective scans for relevance: one recurrence, one canonical scan, two layouts.
+"""Selective scans for relevance: one recurrence, one canonical scan, two layouts, three backends.
 
 - :func:`selective_scan`: Mamba1 (mamba-ssm's kernel layout, as in transformers);
 - :func:`ssd_scan`: Mamba2's SSD (transformers' ``mamba2_chunk_scan`` layout).
 
-Both reshape to the canonical layout of :mod:`.linear_scan` and run the same scan.
-``linear=True`` treats the parameters as constants (MambaLRP; memory-lean backward),
-``linear=False`` is differentiable in everything (the plain-gradient ablation).
+``linear=True`` treats the parameters as constants (MambaLRP; memory-lean backward that
+computes the gradient for x only), ``linear=False`` is differentiable in everything (the
+plain-gradient ablation; always the torch backend).
+
+Backends of the relevance scan (same math, same results to float32 rounding):
+
+- ``"torch"``: :mod:`.linear_scan`, the canonical scan (any device; the reference);
+- ``"mamba_ssm"``: mamba-ssm's ``selective_scan_fn`` / ``mamba_chunk_scan_combined``
+  (CUDA; :mod:`.mamba_ssm_backend`);
+- ``"triton"``: our own Triton kernel (CUDA; :mod:`.triton_scan`);
+- ``"auto"``: on CUDA, ``mamba_ssm`` if installed, else ``triton`` if installed, else
+  ``torch``; elsewhere ``torch``.
+
+Which backend actually ran is recorded: :func:`record_backends` collects the counts of a
+block of code, :func:`backends_used` those since the last reset.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import os
+from collections import Counter
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
+import torch
 from torch import Tensor
 
+from . import mamba_ssm_backend, triton_scan
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
 from .recurrence import linear_recurrence
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+
+_USED: Counter = Counter()
+_RECORDERS: List[Counter] = []
 
 
-def _run(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], linear: bool, backend: str) -> Tensor:
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
+    """Concrete backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    out = ["torch"]
+    if triton_scan.available() and (kind == "cuda" or _interpreting()):
+        out.append("triton")
+    if kind == "cuda" and mamba_ssm_backend.available():
+        out.append("mamba_ssm")
+    return out
+
+
+def resolve_backend(backend: str, device: Union[str, torch.device, None] = None) -> str:
+    """The concrete backend ``backend`` means on ``device``; raises if it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
-    if linear:
-        return relevance_scan(x, dt, A, B, C, D)
-    return scan_forward(x, dt, A, B, C, D)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    usable = available_backends(device)
+    if backend == "auto":
+        if torch.device(device).type != "cuda":
+            return "torch"
+        return next(b for b in ("mamba_ssm", "triton", "torch") if b in usable)
+    if backend not in usable:
+        why = {"mamba_ssm": "needs the mamba-ssm package and a CUDA device",
+               "triton": "needs the triton package and a CUDA device (or TRITON_INTERPRET=1)"}[backend]
+        raise RuntimeError(f"scan backend {backend!r} cannot run on {device}: it {why}")
+    return backend
+
+
+def _note(name: str) -> None:
+    _USED[name] += 1
+    for rec in _RECORDERS:
+        rec[name] += 1
+
+
+def backends_used(reset: bool = False) -> Dict[str, int]:
+    """How many scans each backend ran (since import or the last reset)."""
+    out = dict(_USED)
+    if reset:
+        _USED.clear()
+    return out
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[Counter]:
+    """``with record_backends() as used: ...``: ``used`` counts the scans per backend run inside."""
+    rec: Counter = Counter()
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)
+
+
+_KERNELS: Dict[str, Dict[str, Callable[..., Tensor]]] = {
+    "mamba1": {"mamba_ssm": mamba_ssm_backend.selective_scan, "triton": triton_scan.selective_scan},
+    "ssd": {"mamba_ssm": mamba_ssm_backend.ssd_scan, "triton": triton_scan.ssd_scan},
+}
+
+
+def _pick(backend: str, x: Tensor, linear: bool) -> str:
+    name = resolve_backend(backend, x.device)
+    if not linear:
+        name = "torch"  # the differentiable ablation needs every gradient
+    _note(name)
+    return name
 
 
 def selective_scan(
@@ -33,9 +119,13 @@ def selective_scan(
     *, linear: bool = True, backend: str = "auto",
 ) -> Tensor:
     """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> float32 ``[b, d, l]``."""
+    name = _pick(backend, x, linear)
+    if name != "torch":
+        return _KERNELS["mamba1"][name](x, delta, A, B, C, D)
     Bc, Cc = B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)  # [b, 1, l, n]
     Dc = None if D is None else D[:, None]
-    return _run(x, delta, A[:, None, :], Bc, Cc, Dc, linear, backend)
+    args = (x, delta, A[:, None, :], Bc, Cc, Dc)
+    return relevance_scan(*args) if linear else scan_forward(*args)
 
 
 def ssd_scan(
@@ -44,16 +134,22 @@ def ssd_scan(
 ) -> Tensor:
     """Mamba2: ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``, ``B, C [b, l, g, n]``,
     ``D [h]`` or ``[h, p]`` -> float32 ``[b, l, h, p]``."""
-    heads, groups = x.shape[2], B.shape[2]
-    xc = x.permute(0, 2, 3, 1)  # [b, h, p, l]
-    dtc = dt.permute(0, 2, 1).unsqueeze(2)  # [b, h, 1, l]
-    Bc = B.repeat_interleave(heads // groups, dim=2).permute(0, 2, 1, 3).unsqueeze(2)  # [b, h, 1, l, n]
-    Cc = C.repeat_interleave(heads // groups, dim=2).permute(0, 2, 1, 3).unsqueeze(2)
-    Ac = A.reshape(heads, 1, 1, 1)
-    Dc = None if D is None else (D.reshape(heads, 1, 1) if D.dim() == 1 else D.reshape(heads, -1, 1))
-    y = _run(xc, dtc, Ac, Bc, Cc, Dc, linear, backend)
-    return y.permute(0, 3, 1, 2)
+    name = _pick(backend, x, linear)
+    if name != "torch":
+        return _KERNELS["ssd"][name](x, dt, A, B, C, D)
+    b, length, heads, p = x.shape
+    groups = B.shape[2]
+    hg = heads // groups  # heads per group share B and C: broadcast, never repeated
+    xc = x.reshape(b, length, groups, hg, p).permute(0, 2, 3, 4, 1)  # [b, g, hg, p, l]
+    dtc = dt.reshape(b, length, groups, hg).permute(0, 2, 3, 1).unsqueeze(3)  # [b, g, hg, 1, l]
+    Bc = B.permute(0, 2, 1, 3)[:, :, None, None]  # [b, g, 1, 1, l, n]
+    Cc = C.permute(0, 2, 1, 3)[:, :, None, None]
+    Ac = A.reshape(groups, hg, 1, 1, 1)
+    Dc = None if D is None else D.reshape(groups, hg, -1, 1)
+    args = (xc, dtc, Ac, Bc, Cc, Dc)
+    y = relevance_scan(*args) if linear else scan_forward(*args)  # [b, g, hg, p, l]
+    return y.permute(0, 4, 1, 2, 3).reshape(b, length, heads, p)
 
 
-__all__ = ["BACKENDS", "linear_recurrence", "relevance_scan", "scan_forward", "scan_input_gradient",
-           "selective_scan", "ssd_scan"]
+__all__ = ["BACKENDS", "available_backends", "backends_used", "linear_recurrence", "record_backends",
+           "relevance_scan", "resolve_backend", "scan_forward", "scan_input_gradient", "selective_scan", "ssd_scan"]

@@ -15,8 +15,14 @@ backward is the adjoint scan, also a linear recurrence run in reverse::
 
     u_t = g_t C_t + exp(dt_{t+1} A) * u_{t+1},     dx_t = dt_t <B_t, u_t> + D g_t
 
-Decays and states are formed chunk by chunk and recomputed in the backward pass, so
-nothing of size ``x.numel() * n`` is kept between forward and backward.
+How it runs (the torch backend, CPU or GPU): everything is turned time-major once
+(``[l, ..., n]``), then the time axis is cut into chunks of ``chunk`` steps. For each
+chunk the decays ``exp(dt A)`` and the inputs ``dt x B`` of its steps are formed
+(``[chunk, ..., n]``, a block that stays in cache), the recurrence runs in place over
+that block, one fused ``addcmul`` per step, and the readout ``<C, h>`` is a batched
+matrix-vector product. Only the last state crosses to the next chunk, so no tensor of
+size ``x.numel() * n`` ever exists, and the backward pass recomputes the blocks: the
+memory kept between forward and backward is dt, B, C (``O(x)``).
 """
 
 from __future__ import annotations
@@ -28,41 +34,86 @@ from torch import Tensor
 
 from .recurrence import linear_recurrence
 
-DEFAULT_CHUNK = 64
+#: Steps per chunk, chosen by measurement (benchmarks/cpu_scan_chunks.py): blocks of
+#: ``chunk x d x n`` floats that stay in cache while the recurrence runs over them.
+DEFAULT_CHUNK = 16
 
 
-def _scan(v: Tensor, dt: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, scale_in: bool, chunk: int, reverse: bool) -> Tensor:
-    """``sum_n M_out * h`` with ``h_t = exp(dt' A) h + (dt v if scale_in else v) M_in``.
+def _readout(states: Tensor, M: Tensor) -> Tensor:
+    """``sum_n states * M`` over the last axis: a batched mat-vec when ``M`` broadcasts
+    over the axis before ``n`` (both layouts), else multiply and sum."""
+    if M.dim() == states.dim() and M.shape[-2] == 1:
+        return torch.matmul(states, M.transpose(-1, -2)).squeeze(-1)
+    return (states * M).sum(-1)
 
-    Forward: ``M_in = B``, ``M_out = C``, ``dt`` scales the input. Adjoint (``reverse``):
-    ``M_in = C``, ``M_out = B``, the decay is that of the next step and ``dt`` scales the
-    readout (done by the caller).
+
+def _scan_time_major(
+    v: Tensor, dt: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, reverse: bool, chunk: int, inplace: bool
+) -> Tensor:
+    """``r_t = <M_out_t, h_t>`` with ``h_t = exp(dt A) h_{t-/+1} + v_t M_in_t``, time-major.
+
+    ``v [l, ...]`` (already scaled by dt in the forward scan), ``dt [l, ...]`` and
+    ``M_in, M_out [l, ..., n]`` broadcast against ``v[..., None]``. Forward: the decay of
+    step t is ``exp(dt_t A)``; reverse (the adjoint): the state of step t+1 reaches step
+    t through ``exp(dt_{t+1} A)``.
     """
-    length = v.shape[-1]
-    decay_dt = torch.nn.functional.pad(dt[..., 1:], (0, 1)) if reverse else dt
-    h = None
-    outputs = []
+    length = v.shape[0]
+    h: Optional[Tensor] = None
+    out: Optional[Tensor] = None
+    pieces = []
     bounds = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
     for s, e in (reversed(bounds) if reverse else bounds):
-        step = dt[..., s:e] if scale_in else 1.0
-        inputs = (step * v[..., s:e]).unsqueeze(-1) * M_in[..., s:e, :]
-        decay = torch.exp(decay_dt[..., s:e].unsqueeze(-1) * A)
-        states, h = linear_recurrence(decay, inputs, h, reverse=reverse)
-        outputs.append((states * M_out[..., s:e, :]).sum(-1))
-    return torch.cat(outputs[::-1] if reverse else outputs, dim=-1)
+        inputs = v[s:e].unsqueeze(-1) * M_in[s:e]
+        step_dt = dt[s + 1 : e + 1] if reverse else dt[s:e]
+        decay = (step_dt.unsqueeze(-1) * A).exp_() if inplace else torch.exp(step_dt.unsqueeze(-1) * A)
+        states = linear_recurrence(decay, inputs, h, reverse=reverse, inplace=inplace)
+        h = states[0] if reverse else states[-1]
+        if inplace:
+            h = h.clone()
+        r = _readout(states, M_out[s:e])
+        if not inplace:  # keep the graph: concatenate
+            pieces.append(r)
+            continue
+        if out is None:
+            out = r.new_empty((length,) + tuple(r.shape[1:]))
+        out[s:e] = r
+    if not inplace:
+        if reverse:
+            pieces.reverse()
+        return torch.cat(pieces, dim=0)
+    assert out is not None
+    return out
+
+
+def _lead(t: Tensor, ndim: int) -> Tensor:
+    """``t`` with leading size-1 axes up to ``ndim`` axes (so that moving time keeps alignment)."""
+    return t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) if t.dim() < ndim else t
+
+
+def _time_major(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):
+    """Canonical tensors moved to ``[l, ...]`` (states ``[l, ..., n]``); A loses its time axis."""
+    k = x.dim()
+    return (x.movedim(-1, 0), _lead(dt, k).movedim(-1, 0), _lead(A, k + 1).squeeze(-2),
+            _lead(B, k + 1).movedim(-2, 0), _lead(C, k + 1).movedim(-2, 0))
 
 
 def scan_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """The scan in float32 (differentiable in every argument)."""
-    x = x.float()
-    y = _scan(x, dt.float(), A.float(), B.float(), C.float(), scale_in=True, chunk=chunk, reverse=False)
+    """The scan in float32. Differentiable in every argument when any needs a gradient
+    (the plain-gradient ablation keeps every state then); otherwise memory-lean."""
+    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C)))
+    xt, dtt, At, Bt, Ct = _time_major(x, dt, A, B, C)
+    y = _scan_time_major(dtt * xt, dtt, At, Bt, Ct, reverse=False, chunk=chunk, inplace=inplace).movedim(0, -1)
     return y if D is None else y + D.float() * x
 
 
 def scan_input_gradient(g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """``d<g, y>/dx`` with dt, A, B, C, D constant: the adjoint scan."""
+    """``d<g, y>/dx`` with dt, A, B, C, D constant: the adjoint scan (no graph)."""
     g, dt = g.float(), dt.float()
-    grad = dt * _scan(g, dt, A.float(), C.float(), B.float(), scale_in=False, chunk=chunk, reverse=True)
+    gt, dtt, At, Bt, Ct = _time_major(g, dt, A.float(), B.float(), C.float())
+    with torch.no_grad():
+        u = _scan_time_major(gt, dtt, At, Ct, Bt, reverse=True, chunk=chunk, inplace=True).movedim(0, -1)
+    grad = dt * u
     return grad if D is None else grad + D.float() * g
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import html
 import io
-from typing import List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from captum.attr._utils.visualization import VisualizationDataRecord
 
 
 def normalise(relevance: Tensor) -> Tensor:
@@ -16,6 +19,11 @@ def normalise(relevance: Tensor) -> Tensor:
     relevance = relevance.detach().float().cpu()
     peak = relevance.abs().max()
     return relevance / peak if peak > 0 else relevance
+
+
+def _escaped(value: object) -> object:
+    """Strings HTML-escaped; class indices and other values as they are."""
+    return html.escape(value) if isinstance(value, str) else value
 
 
 def text_records(
@@ -34,7 +42,8 @@ def text_records(
 
     ``relevance`` is ``[B, L]`` or one tensor per example; with ``attention_mask`` the
     padded positions are dropped. Word importances are normalised per example.
-    ``attr_score`` is the explained logit; ``convergence_score`` the delta.
+    ``attr_score`` is the explained logit; ``convergence_score`` the delta. Tokens and
+    class names are HTML-escaped (Captum's ``visualize_text`` inserts them as they are).
     """
     from captum.attr import visualization as viz
 
@@ -47,9 +56,9 @@ def text_records(
             viz.VisualizationDataRecord(
                 word_attributions=normalise(row),
                 pred_prob=float(pred_prob[i]),
-                pred_class=pred_class[i],
-                true_class=true_class[i] if true_class is not None else "",
-                attr_class=attr_class[i],
+                pred_class=_escaped(pred_class[i]),
+                true_class=_escaped(true_class[i]) if true_class is not None else "",
+                attr_class=_escaped(attr_class[i]),
                 attr_score=float(explained[i]),
                 raw_input_ids=[html.escape(t) for t in toks],
                 convergence_score=float(delta[i]) if delta is not None else 0.0,

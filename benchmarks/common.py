@@ -1,0 +1,184 @@
+"""Shared pieces of the benchmark scripts: the benchmark models, timing, memory probes, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+# Mamba-130M shape (state-spaces/mamba-130m): 24 layers, d_model 768, d_inner 1536, state 16.
+MAMBA1_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2,
+                   conv_kernel=4, num_labels=2)
+# Mamba2-130M-like (transformers Mamba2Config): 24 layers, hidden 768, expand 2, head_dim 64, state 128, 1 group.
+MAMBA2_130M = dict(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24, expand=2,
+                   head_dim=64, num_heads=24, n_groups=1, conv_kernel=4, chunk_size=256, num_labels=2)
+
+
+def mamba1_classifier(layers: int = 24, seed: int = 0, **overrides: Any) -> nn.Module:
+    """The paper's classifier (last-token 2-class head) at Mamba-130M shape, random weights."""
+    from transformers import MambaConfig
+
+    from captum_mambalrp.models import MambaForLastTokenClassification
+
+    torch.manual_seed(seed)
+    cfg = MambaConfig(**{**MAMBA1_130M, "num_hidden_layers": layers, **overrides})
+    return MambaForLastTokenClassification(cfg).eval()
+
+
+class Mamba2LastToken(nn.Module):
+    """``Mamba2Model`` + a 2-class ``lm_head`` at every position (read at the last token)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from transformers import Mamba2Model
+
+        self.backbone = Mamba2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, 2, bias=False)
+        self.config = config
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache=None):
+        h = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+
+def mamba2_classifier(layers: int = 24, seed: int = 0, **overrides: Any) -> nn.Module:
+    from transformers import Mamba2Config
+
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(**{**MAMBA2_130M, "num_hidden_layers": layers, **overrides})
+    return Mamba2LastToken(cfg).eval()
+
+
+@contextlib.contextmanager
+def recompute_mixers() -> Iterator[None]:
+    """Recompute every Mamba1 / Mamba2 mixer in the backward pass: ``torch.utils.checkpoint``
+    around the adapters' ``mamba1_forward`` / ``mamba2_forward`` (a benchmark-side wrapper
+    demonstrating the option proposed for the library), so the memory kept per layer is
+    its input only."""
+    import importlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    for module_name, fn_name in (("hf_mamba", "mamba1_forward"), ("hf_mamba2", "mamba2_forward")):
+        try:
+            mod = importlib.import_module(f"captum_mambalrp.adapters.{module_name}")
+        except ImportError:
+            continue
+        original = getattr(mod, fn_name, None)
+        if original is None:
+            continue
+
+        def checkpointed(*args, _original=original):
+            return checkpoint(_original, *args, use_reentrant=False)
+
+        setattr(mod, fn_name, checkpointed)
+        patched.append((mod, fn_name, original))
+    try:
+        yield
+    finally:
+        for mod, fn_name, original in patched:
+            setattr(mod, fn_name, original)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup: int = 0) -> Dict[str, float]:
+    """Best and median wall time of ``fn`` (seconds) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {"best_s": times[0], "median_s": times[len(times) // 2], "repeats": repeats}
+
+
+def rss_peak_reset() -> bool:
+    """Reset this process's peak RSS (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_peak_mib() -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_now_mib() -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    for name in ("transformers", "captum", "triton", "mamba_ssm", "causal_conv1d", "numpy"):
+        try:
+            mod = __import__(name)
+            out[name] = str(getattr(mod, "__version__", "?"))
+        except Exception:  # noqa: BLE001 - absent or broken: just not reported
+            out[name] = "absent"
+    out["cpu"] = platform.processor() or platform.machine()
+    out["cpu_count"] = str(os.cpu_count())
+    out["torch_threads"] = str(torch.get_num_threads())
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = str(torch.version.cuda)
+    try:
+        out["loadavg"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        pass
+    return out
+
+
+def write_results(path: Optional[str], results: Dict[str, Any]) -> None:
+    """Write ``results`` as JSON (``.json``) and its rows as CSV (same name, ``.csv``)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    rows: List[Dict[str, Any]] = results.get("rows", [])
+    if rows:
+        keys: List[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(os.path.splitext(path)[0] + ".csv", "w") as f:
+            f.write(",".join(keys) + "\n")
+            for r in rows:
+                f.write(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n")
+    print(f"wrote {path}", file=sys.stderr)

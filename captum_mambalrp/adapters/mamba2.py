@@ -1,0 +1,127 @@
+"""Mamba2 mixers (transformers' ``Mamba2Mixer``; mamba-ssm's ``Mamba2``): one computation.
+
+For ``hidden [b, l, d_model]``, with ``h`` heads of size ``p``, ``g`` groups, state ``n``::
+
+    z0, x0, z, xBC, dt = split(in_proj(hidden))       # z0, x0: mamba-ssm's optional gated MLP
+    xBC     = silu(conv1d(xBC)[..., :l])                # depthwise causal conv over x, B and C
+    x, B, C = split(xBC)                                # x [b, l, h, p]; B, C [b, l, g, n]
+    dt      = clamp(softplus(dt + dt_bias), *dt_limit)  # [b, l, h]
+    y       = SSD(x; dt, A = -exp(A_log), B, C) + D x   # the scan (scan.ssd_scan)
+    y       = w * norm_g(y * silu(z))                   # gated grouped RMSNorm (norm before gate: False)
+            | w * norm_g(y) * silu(z)                   #   (norm before gate: True)
+            | y * silu(z)                               #   (no norm)
+    y       = cat(x0 * silu(z0), y)                     # only with the gated MLP part
+    out     = out_proj(y)
+
+MambaLRP's rules: the SiLU after the conv and the SiLU on ``z`` pass relevance unchanged
+(``conv_act``, ``gate_act``); ``dt`` (after bias, softplus and clamp), ``A``, ``B``, ``C`` are
+constants, so the scan is linear in ``x`` (``ssm``); each product ``y * silu(z)`` gives each
+factor half (``gate``); the norm's factor ``rsqrt(mean_g(.^2) + eps)`` is a constant per group
+(``norm``). :func:`mamba2_forward` is that computation; adapters only say where the parts are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..rules.base import NORM, GradientRule, MambaRule
+from ..rules.composites import Composite
+from ..scan import ssd_scan
+from .base import Component
+from .hf_mamba import mixer_rules, rules_as_components
+from .mamba1 import MixerRules, _mask
+from .norms import grouped_rms_norm
+
+
+@dataclass
+class GatedNorm:
+    """The gated, grouped RMSNorm after the scan."""
+
+    weight: Tensor
+    eps: float
+    group_size: int
+    norm_before_gate: bool = False
+
+
+@dataclass
+class Mamba2Parts:
+    """Where the parts of a Mamba2 mixer live, whatever the implementation."""
+
+    in_proj: nn.Module
+    conv1d: nn.Conv1d
+    out_proj: nn.Module
+    A_log: Tensor
+    D: Tensor
+    dt_bias: Tensor
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    act: Callable[[Tensor], Tensor]
+    norm: Optional[GatedNorm]
+    dt_limit: Tuple[float, float] = (0.0, math.inf)
+    d_mlp: int = 0
+
+    @property
+    def d_ssm(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def scan_D(self) -> Tensor:
+        """``D`` as ``ssd_scan`` takes it: ``[h]``, or ``[h, p]`` when it has one entry per channel."""
+        D = self.D.float()
+        return D if D.numel() == self.n_heads else D.reshape(self.n_heads, self.head_dim)
+
+
+def gated_output(y: Tensor, z: Tensor, parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule) -> Tensor:
+    """The gate ``y * silu(z)`` and the grouped norm around it, in the order the mixer uses."""
+    gate = rules.gate_act.activation(z.float(), parts.act)
+    norm = parts.norm
+    if norm is None:
+        return rules.gate.gate(y, gate)
+    if norm.norm_before_gate:
+        return rules.gate.gate(grouped_rms_norm(y, norm.weight, norm.eps, norm.group_size, norm_rule), gate)
+    return grouped_rms_norm(rules.gate.gate(y, gate), norm.weight, norm.eps, norm.group_size, norm_rule)
+
+
+def mamba2_forward(
+    parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule, hidden: Tensor, attention_mask: Optional[Tensor] = None
+) -> Tensor:
+    """The Mamba2 mixer on ``hidden [b, l, d_model]`` with MambaLRP's rules applied."""
+    batch, length, _ = hidden.shape
+    dtype = hidden.dtype
+    h, p, gn = parts.n_heads, parts.head_dim, parts.n_groups * parts.d_state
+    zxbcdt = parts.in_proj(_mask(hidden, attention_mask))
+    z0, x0, z, xBC, dt = torch.split(zxbcdt, [parts.d_mlp, parts.d_mlp, parts.d_ssm, parts.d_ssm + 2 * gn, h], dim=-1)
+    xBC = rules.conv_act.activation(parts.conv1d(xBC.transpose(1, 2))[..., :length], parts.act)
+    xBC = _mask(xBC.transpose(1, 2), attention_mask)
+    x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
+    dt = F.softplus(dt.float() + parts.dt_bias.float()).clamp(parts.dt_limit[0], parts.dt_limit[1])
+    A = -torch.exp(parts.A_log.float())
+    grouped = (batch, length, parts.n_groups, parts.d_state)
+    dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.reshape(grouped), C.reshape(grouped))
+    y = ssd_scan(x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(),
+                 linear=rules.ssm.ssm_is_linear, backend=rules.backend)
+    y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule)
+    if parts.d_mlp:
+        mlp = rules.gate.gate(x0.float(), rules.gate_act.activation(z0.float(), parts.act))
+        y = torch.cat([mlp, y], dim=-1)
+    return parts.out_proj(y.to(dtype))
+
+
+def mamba2_rules(
+    name: str, act_module: nn.Module, norm_module: Optional[nn.Module], composite: Composite, backend: str
+) -> Tuple[MixerRules, MambaRule, List[Component]]:
+    """The rules of a Mamba2 mixer (those of Mamba1's components, plus ``<mixer>.norm``) and
+    its component list."""
+    rules = mixer_rules(name, act_module, composite, backend)
+    norm_rule = composite.rule_for(f"{name}.norm", NORM, norm_module) if norm_module is not None else GradientRule()
+    components = rules_as_components(name, rules)
+    if norm_module is not None:
+        components.append(Component(f"{name}.norm", NORM, norm_rule))
+    return rules, norm_rule, components

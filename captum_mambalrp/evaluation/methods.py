@@ -1,0 +1,309 @@
+"""One registry of attribution methods, each a Captum ``Attribution`` returning token relevance.
+
+Every method is a :class:`TokenAttribution`: ``attribute(input_ids [B, L], target [B],
+attention_mask [B, L]) -> [B, L]`` (float32, padded positions 0), where ``target`` is the
+explained class per example, read at the last real token. The plain-Captum baselines are
+the real ``captum.attr`` classes run on :class:`~.scores.LastTokenScores`, configured as
+they are used on language models:
+
+- gradient methods on the token embeddings (``Saliency``: L2 norm of the gradient per
+  token; ``InputXGradient``: sum over the hidden size; SmoothGrad: ``NoiseTunnel`` over
+  ``Saliency``, the averaged gradient times the input, summed);
+- ``LayerIntegratedGradients`` on the embedding layer from the reference-token baseline;
+- perturbation methods over tokens (``FeatureAblation``: each token replaced by the
+  reference token; ``KernelShap`` with one feature per token), each example at its length.
+
+MambaLRP and its variants are :class:`~captum_mambalrp.MambaLRP` with a named composite.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from captum.attr import (
+    Attribution,
+    FeatureAblation,
+    InputXGradient,
+    KernelShap,
+    LayerIntegratedGradients,
+    NoiseTunnel,
+    Saliency,
+)
+from torch import Tensor, nn
+
+from ..attribution.mamba_lrp import MambaLRP, find_embedding
+from .least_squares import WeightedLeastSquares
+from .scores import LastTokenScores
+
+
+@dataclass
+class MethodOptions:
+    """Settings of the baselines (defaults are the study's).
+
+    reference_token_id: baseline token of Integrated Gradients, FeatureAblation and KernelShap.
+    ig_steps: Integrated Gradients steps (Captum's default, 50).
+    smoothgrad_samples / smoothgrad_noise: SmoothGrad samples and noise level; the noise
+        standard deviation is ``noise * (max - min)`` of the embedding matrix (Smilkov et al.
+        recommend 10-20 % of the input range).
+    kernelshap_samples: coalitions sampled per example by KernelShap.
+    perturbations_per_eval: perturbed copies evaluated per forward (batching only).
+    ig_internal_batch_size / smoothgrad_samples_per_pass: rows per forward of IG, noise samples
+        per forward of SmoothGrad (batching only: the same numbers, twice as fast on the CPU
+        as everything at once).
+    chunk_channels: channels per chunk when materialising hidden attention.
+    """
+
+    reference_token_id: int = 0
+    ig_steps: int = 50
+    smoothgrad_samples: int = 20
+    smoothgrad_noise: float = 0.15
+    kernelshap_samples: int = 200
+    perturbations_per_eval: int = 64
+    ig_internal_batch_size: int = 64
+    smoothgrad_samples_per_pass: int = 4
+    chunk_channels: int = 32
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TokenAttribution(Attribution):
+    """A method giving one relevance per token for the class ``target`` of each example."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.model = model
+        embedding = find_embedding(model)
+        if embedding is None:
+            raise ValueError("cannot find the model's token embedding (get_input_embeddings())")
+        self.embedding = embedding
+
+    def attribute(self, inputs: Tensor, target: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        """Relevance ``[B, L]`` of token ids ``inputs`` for class ``target[b]`` of each example."""
+        mask = torch.ones_like(inputs) if attention_mask is None else attention_mask
+        target = torch.as_tensor(target, device=inputs.device).long().reshape(-1)
+        relevance = self._attribute(inputs, target, mask)
+        return relevance.detach().float() * mask.to(torch.float32)
+
+    def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+Reduce = Callable[[Tensor, Tensor], Tensor]
+
+
+def reduce_sum(attr: Tensor, x: Tensor) -> Tensor:
+    """``sum_h a[b, t, h]``: for methods that already multiply by the input."""
+    return attr.sum(-1)
+
+
+def reduce_norm(attr: Tensor, x: Tensor) -> Tensor:
+    """``||a[b, t, :]||_2``: the usual token score of a saliency map."""
+    return attr.norm(dim=-1)
+
+
+def reduce_times_input(attr: Tensor, x: Tensor) -> Tensor:
+    """``sum_h a[b, t, h] x[b, t, h]``: a gradient map times the input embedding."""
+    return (attr * x).sum(-1)
+
+
+class OnEmbeddings(TokenAttribution):
+    """A Captum method over the embeddings ``[B, L, H]``, reduced to one value per token."""
+
+    def __init__(self, model: nn.Module, make: Callable[[nn.Module], Attribution], reduce: Reduce, **kwargs: Any) -> None:
+        super().__init__(model)
+        self.scores = LastTokenScores(model)
+        self.method = make(self.scores)
+        self.reduce = reduce
+        self.kwargs = kwargs
+
+    def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        x = self.embedding(inputs).detach()
+        with warnings.catch_warnings():  # Captum notes that it set requires_grad itself
+            warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
+            attr = self.method.attribute(x, target=target, additional_forward_args=(mask,), **self.kwargs)
+        return self.reduce(attr, x)
+
+
+class OnTokens(TokenAttribution):
+    """A Captum method over token ids with the reference token as baseline.
+
+    ``per_example`` runs each example alone at its real length with one feature per
+    token (``feature_mask = [[0, 1, ..., n-1]]``), so no evaluation is spent on padding.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        make: Callable[[nn.Module], Attribution],
+        reference_token_id: int,
+        reduce: Optional[Reduce] = None,
+        per_example: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model)
+        self.scores = LastTokenScores(model)
+        self.method = make(self.scores)
+        self.reference = reference_token_id
+        self.reduce = reduce
+        self.per_example = per_example
+        self.kwargs = kwargs
+
+    def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        if not self.per_example:
+            return self._run(inputs, target, mask, {})
+        out = torch.zeros(inputs.shape, dtype=torch.float32, device=inputs.device)
+        for i in range(inputs.shape[0]):
+            real = mask[i].bool().nonzero().flatten()
+            ids, m = inputs[i : i + 1, real], mask[i : i + 1, real]
+            features = {"feature_mask": torch.arange(len(real), device=inputs.device)[None]}
+            out[i, real] = self._run(ids, target[i : i + 1], m, features)[0].float()
+        return out
+
+    def _run(self, ids: Tensor, target: Tensor, mask: Tensor, extra: Dict[str, Any]) -> Tensor:
+        baselines = torch.where(mask.bool(), torch.full_like(ids, self.reference), ids)
+        attr = self.method.attribute(
+            ids, baselines=baselines, target=target, additional_forward_args=(mask,), **self.kwargs, **extra
+        )
+        return self.reduce(attr, ids) if self.reduce is not None else attr
+
+
+class LRPMethod(TokenAttribution):
+    """:class:`~captum_mambalrp.MambaLRP` with a named composite (``"mambalrp"``, ``"gradient"``,
+    ``"ln_only"``, ``"no_<kind>_rule"``): one forward and one backward pass."""
+
+    def __init__(self, model: nn.Module, composite: str = "mambalrp") -> None:
+        super().__init__(model)
+        self.lrp = MambaLRP(model, composite=composite)
+
+    def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return self.lrp.attribute(inputs, target=target.tolist(), attention_mask=mask)
+
+
+class RandomAttribution(TokenAttribution):
+    """Uniform random relevance (torch's global generator): the control every method must beat."""
+
+    def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return torch.rand(inputs.shape, device=inputs.device)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: key, display label, family, and how to build it."""
+
+    name: str
+    label: str
+    family: str
+    build: Callable[[nn.Module, MethodOptions], TokenAttribution]
+    description: str = ""
+
+
+METHODS: Dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method to :data:`METHODS` (its name must be new)."""
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def _embedding_range(model: nn.Module) -> float:
+    weight = find_embedding(model).weight.detach()
+    return float(weight.max() - weight.min())
+
+
+def _lrp(composite: str) -> Callable[[nn.Module, MethodOptions], TokenAttribution]:
+    return lambda model, opts: LRPMethod(model, composite)
+
+
+def _hidden_attention(gradient_weighted: bool) -> Callable[[nn.Module, MethodOptions], TokenAttribution]:
+    def build(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
+        from .hidden_attention import HiddenAttentionAttribution
+
+        return HiddenAttentionAttribution(model, gradient_weighted=gradient_weighted, chunk_channels=opts.chunk_channels)
+
+    return build
+
+
+def _kernel_shap(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
+    def make(scores: nn.Module) -> Attribution:
+        method = KernelShap(scores)
+        method.interpretable_model = WeightedLeastSquares()  # exact fit; no scikit-learn needed
+        return method
+
+    return OnTokens(model, make, opts.reference_token_id, per_example=True,
+                    n_samples=opts.kernelshap_samples, perturbations_per_eval=opts.perturbations_per_eval)
+
+
+for _spec in [
+    MethodSpec("mambalrp", "MambaLRP", "lrp", _lrp("mambalrp"), "MambaLRP (all rules of the paper)"),
+    MethodSpec("gxi", "Gradient x Input", "lrp", _lrp("gradient"), "MambaLRP engine with plain gradients everywhere"),
+    MethodSpec("lrp_ln", "LRP (LN-rule)", "lrp", _lrp("ln_only"), "only the norm rule (the paper's LN-rule baseline)"),
+    *[
+        MethodSpec(f"no_{kind}_rule", f"MambaLRP w/o {kind} rule", "ablation", _lrp(f"no_{kind}_rule"),
+                   f"MambaLRP with the {kind} rule replaced by the gradient")
+        for kind in ("activation", "ssm", "gate", "norm")
+    ],
+    MethodSpec("saliency", "Saliency", "gradient",
+               lambda m, o: OnEmbeddings(m, Saliency, reduce_norm, abs=True),
+               "captum Saliency on the embeddings; L2 norm per token"),
+    MethodSpec("input_x_gradient", "InputXGradient (Captum)", "gradient",
+               lambda m, o: OnEmbeddings(m, InputXGradient, reduce_sum),
+               "captum InputXGradient on the embeddings; sum per token"),
+    MethodSpec("integrated_gradients", "Integrated Gradients", "gradient",
+               lambda m, o: OnTokens(m, lambda s: LayerIntegratedGradients(s, find_embedding(m)), o.reference_token_id,
+                                     reduce_sum, n_steps=o.ig_steps, internal_batch_size=o.ig_internal_batch_size),
+               "captum LayerIntegratedGradients on the embedding layer, reference-token baseline"),
+    MethodSpec("smoothgrad", "SmoothGrad", "gradient",
+               lambda m, o: OnEmbeddings(m, lambda s: NoiseTunnel(Saliency(s)), reduce_times_input, nt_type="smoothgrad",
+                                         nt_samples=o.smoothgrad_samples,
+                                         nt_samples_batch_size=o.smoothgrad_samples_per_pass,
+                                         stdevs=o.smoothgrad_noise * _embedding_range(m), abs=False),
+               "captum NoiseTunnel(Saliency), averaged gradient x input"),
+    MethodSpec("feature_ablation", "Occlusion (FeatureAblation)", "perturbation",
+               lambda m, o: OnTokens(m, FeatureAblation, o.reference_token_id, per_example=True,
+                                     perturbations_per_eval=o.perturbations_per_eval),
+               "captum FeatureAblation, each token replaced by the reference token"),
+    MethodSpec("kernelshap", "KernelShap", "perturbation", _kernel_shap,
+               "captum KernelShap, one feature per token, reference-token baseline"),
+    MethodSpec("attn_rollout", "Attention Rollout (hidden attn.)", "attention", _hidden_attention(False),
+               "rollout of Mamba's hidden attention (Ali et al. 2024)"),
+    MethodSpec("mamba_attr", "Mamba-Attr (grad. rollout)", "attention", _hidden_attention(True),
+               "gradient-weighted rollout of the hidden attention (Ali et al. 2024)"),
+    MethodSpec("random", "Random", "control", lambda m, o: RandomAttribution(m), "uniform random relevance"),
+]:
+    register_method(_spec)
+
+GROUPS: Dict[str, List[str]] = {
+    "lrp": ["mambalrp", "gxi", "lrp_ln"],
+    "ablations": [f"no_{k}_rule" for k in ("activation", "ssm", "gate", "norm")],
+    "captum": ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "feature_ablation", "kernelshap"],
+    "attention": ["attn_rollout", "mamba_attr"],
+}
+
+
+def resolve_methods(names: Union[str, Sequence[str]]) -> List[str]:
+    """Method keys from ``"all"``, group names (:data:`GROUPS`), keys, or a comma list of them."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: List[str] = []
+    for name in names:
+        expanded = list(METHODS) if name == "all" else GROUPS.get(name, [name])
+        for key in expanded:
+            if key not in METHODS:
+                raise ValueError(f"unknown method {key!r}; choose among {sorted(METHODS)} or groups {sorted(GROUPS)}")
+            if key not in out:
+                out.append(key)
+    return out
+
+
+def build_method(name: str, model: nn.Module, options: Optional[MethodOptions] = None) -> TokenAttribution:
+    """An instance of the registered method ``name`` for ``model``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose among {sorted(METHODS)}")
+    return METHODS[name].build(model, options or MethodOptions())

@@ -1,0 +1,179 @@
+r"""Faithfulness by input perturbation: token flipping (deletion) and insertion curves.
+
+Tokens are ranked by relevance. *Deletion* replaces them, a fraction ``f`` of the real
+tokens per step, most relevant first (MoRF) or least relevant first (LeRF), and tracks
+the explained logit ``s_k`` (the class explained, at the last real token). With the
+fraction removed ``x_k = min(1, k f)``, ``k = 0..K``, ``K = ceil(1/f)``, the area is the
+trapezoid rule
+
+.. math:: A = \sum_k \tfrac{1}{2}(x_{k+1} - x_k)(s_k + s_{k+1}),
+
+and the score of the paper is :math:`\Delta A^F = A(\text{LeRF}) - A(\text{MoRF})`
+(higher is better: removing what the explanation calls relevant should hurt most).
+*Insertion* starts from all real tokens replaced and puts them back in the same orders;
+:math:`\Delta A^I = A_{ins}(\text{MoRF}) - A_{ins}(\text{LeRF})`.
+
+Every curve step is one batched forward: all examples and all requested curves at once,
+so a batch costs ``K + 1`` forwards, not one per token. A removed token becomes a
+neutral token (``"token"``, by default the tokenizer's unknown token), a zero embedding
+(``"zero"``) or the mean of the embedding matrix (``"mean"``); all three act on the
+embeddings, so the model is fed ``inputs_embeds`` and the length never changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..attribution.mamba_lrp import find_embedding
+from .scores import LastTokenScores
+
+REPLACEMENTS = ("token", "zero", "mean")
+CURVES = ("morf", "lerf", "morf_insert", "lerf_insert")
+
+
+@dataclass
+class Perturbation:
+    """How tokens are removed.
+
+    fraction_per_step: fraction of an example's real tokens removed per step (0.1: 11
+        points per curve, from nothing to everything removed).
+    replacement: ``"token"`` (the embedding of ``token_id``), ``"zero"`` or ``"mean"``.
+    token_id: the neutral token for ``"token"``; ``None`` means :func:`neutral_token_id`.
+    """
+
+    fraction_per_step: float = 0.1
+    replacement: str = "token"
+    token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction_per_step <= 1:
+            raise ValueError(f"fraction_per_step must lie in (0, 1]; got {self.fraction_per_step}")
+        if self.replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement must be one of {REPLACEMENTS}; got {self.replacement!r}")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(1 / self.fraction_per_step - 1e-9)
+
+    def grid(self) -> Tensor:
+        """Fractions removed ``x_k``, ``k = 0..K``."""
+        return (torch.arange(self.steps + 1, dtype=torch.float64) * self.fraction_per_step).clamp(max=1.0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def neutral_token_id(tokenizer: object = None) -> int:
+    """The tokenizer's unknown token, else its padding token, else 0."""
+    for attr in ("unk_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def replacement_vector(embedding: nn.Embedding, config: Perturbation) -> Tensor:
+    """The embedding ``[H]`` a removed token takes."""
+    weight = embedding.weight.detach()
+    if config.replacement == "zero":
+        return torch.zeros_like(weight[0])
+    if config.replacement == "mean":
+        return weight.mean(dim=0)
+    token = 0 if config.token_id is None else config.token_id
+    return weight[token]
+
+
+def removal_ranks(
+    relevance: Tensor, mask: Tensor, most_relevant_first: bool, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Rank of each position in the removal order ``[B, L]`` (0 = removed first).
+
+    Real tokens are ordered by relevance (descending for MoRF, ascending for LeRF);
+    ties are broken at random with ``generator`` (else by position); padded positions
+    rank last.
+    """
+    batch, length = relevance.shape
+    key = torch.nan_to_num(relevance.double(), nan=0.0)
+    key = key if most_relevant_first else -key
+    key = key.masked_fill(~mask.bool(), -math.inf)
+    if generator is None:
+        perm = torch.arange(length).expand(batch, length)
+    else:
+        perm = torch.stack([torch.randperm(length, generator=generator) for _ in range(batch)])
+    perm = perm.to(relevance.device)
+    order = perm.gather(1, torch.argsort(key.gather(1, perm), dim=1, descending=True, stable=True))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(length, device=order.device).expand(batch, length).contiguous())
+    return ranks
+
+
+def removed_counts(n_real: Tensor, config: Perturbation) -> Tensor:
+    """Tokens removed at each step ``[K + 1, B]``: ``floor(x_k n + 1/2)`` (halves round up)."""
+    return torch.floor(config.grid()[:, None] * n_real.double()[None, :] + 0.5 + 1e-9).long()
+
+
+@torch.no_grad()
+def perturbation_curves(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor],
+    relevance: Tensor,
+    target: Tensor,
+    config: Optional[Perturbation] = None,
+    curves: Sequence[str] = CURVES,
+    generator: Optional[torch.Generator] = None,
+    embedding: Optional[nn.Embedding] = None,
+) -> Dict[str, Tensor]:
+    """Explained logit along each curve: ``{name: [B, K + 1]}`` (float64), for ``curves``
+    among ``"morf"``, ``"lerf"`` (deletion) and ``"morf_insert"``, ``"lerf_insert"``."""
+    config = config or Perturbation()
+    unknown = [c for c in curves if c not in CURVES]
+    if unknown:
+        raise ValueError(f"unknown curves {unknown}; choose among {CURVES}")
+    embedding = embedding or find_embedding(model)
+    if embedding is None:
+        raise ValueError("cannot find the model's token embedding; pass embedding=...")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    real = mask.bool()
+    ranks = {True: removal_ranks(relevance, mask, True, generator), False: removal_ranks(relevance, mask, False, generator)}
+    counts = removed_counts(real.sum(1).cpu(), config).to(input_ids.device)
+    embeds = embedding(input_ids)
+    fill = replacement_vector(embedding, config).to(embeds.dtype)
+    scorer = LastTokenScores(model)
+    n, batch = len(curves), input_ids.shape[0]
+    rows = torch.arange(n * batch, device=input_ids.device)
+    classes = target.to(input_ids.device).repeat(n)
+    out = torch.empty(n, batch, config.steps + 1, dtype=torch.float64)
+    for k in range(config.steps + 1):
+        m = counts[k][:, None]
+        replaced = []
+        for name in curves:
+            first = ranks[name.startswith("morf")] < m
+            replaced.append(first if not name.endswith("_insert") else real & ~first)
+        swap = torch.cat(replaced)[..., None]
+        x = torch.where(swap, fill, embeds.repeat(n, 1, 1))
+        scores = scorer(x, mask.repeat(n, 1))
+        out[:, :, k] = scores[rows, classes].double().reshape(n, batch).cpu()
+    return {name: out[i] for i, name in enumerate(curves)}
+
+
+def area(curve: Tensor, grid: Tensor) -> Tensor:
+    """Trapezoid area under ``curve [..., K + 1]`` over the fractions ``grid``."""
+    return torch.trapezoid(curve.double(), grid.double().to(curve.device), dim=-1)
+
+
+def flipping_scores(curves: Dict[str, Tensor], config: Perturbation) -> Dict[str, Tensor]:
+    """Areas of the curves present and the scores ``dAF`` (LeRF - MoRF) and ``dAI``
+    (insertion MoRF - insertion LeRF), each ``[B]``."""
+    grid = config.grid()
+    out = {f"A_{name}": area(c, grid) for name, c in curves.items()}
+    if "A_morf" in out and "A_lerf" in out:
+        out["dAF"] = out["A_lerf"] - out["A_morf"]
+    if "A_morf_insert" in out and "A_lerf_insert" in out:
+        out["dAI"] = out["A_morf_insert"] - out["A_lerf_insert"]
+    return out

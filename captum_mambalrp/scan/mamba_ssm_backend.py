@@ -1,0 +1,58 @@
+"""The relevance scan through mamba-ssm's CUDA / Triton kernels.
+
+MambaLRP's SSM rule makes the scan linear in x, which these kernels compute as they
+are, provided that
+
+- delta (Mamba1) / dt (Mamba2) is passed *final* (after dt_proj's bias and softplus,
+  or dt_bias, softplus and clamp): ``delta_bias=None, delta_softplus=False`` /
+  ``dt_bias=None, dt_softplus=False``;
+- delta, A, B, C, D are detached, so autograd asks the kernels' backward for dx only
+  (they compute the other gradients too, which are dropped);
+- the gate is *not* fused (``z=None``): ``y * silu(z)`` and its SiLU stay outside, where
+  the half rule and the identity rule apply.
+
+Inputs are cast to float32 first, so accumulation and the returned relevance are float32
+whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+from torch import Tensor
+
+#: Chunk length of mamba-ssm's chunked SSD scan (the value its Mamba2 layer uses).
+SSD_CHUNK = 256
+
+
+def available() -> bool:
+    """Is mamba-ssm installed (its kernels run on CUDA only)?"""
+    try:
+        return importlib.util.find_spec("mamba_ssm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().float()
+
+
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+    """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(
+        x.float(), _f32(delta), _f32(A), _f32(B), _f32(C), _f32(D),
+        z=None, delta_bias=None, delta_softplus=False,
+    )
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+    """Mamba2 layout: ``x [b, l, h, p]``, ``dt [b, l, h]``, ``A [h]``, ``B, C [b, l, g, n]`` -> float32."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined(
+        x.float(), _f32(dt), _f32(A), _f32(B), _f32(C), SSD_CHUNK, D=_f32(D),
+        z=None, dt_bias=None, dt_softplus=False,
+    )

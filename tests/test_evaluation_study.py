@@ -1,0 +1,115 @@
+"""The study runner from the command line and from Python on a tiny random model (seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from captum_mambalrp.cli import main
+from captum_mambalrp.evaluation import MethodOptions, Perturbation, Study, StudyConfig, load_split
+from captum_mambalrp.models import MambaForLastTokenClassification, load_model_and_tokenizer
+from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+TEXTS = [
+    ("i feel happy and loved today", "joy"), ("i feel so sad and alone tonight", "sadness"),
+    ("what a scary night i am afraid", "fear"), ("i am angry at the world", "anger"),
+    ("i feel loved by my friends", "love"), ("what a surprise that was", "surprise"),
+    ("i feel happy", "joy"), ("so sad", "sadness"),
+]
+PNGS = ["flipping_curves.png", "scores_dAF.png", "conservation.png", "distance_profile.png", "layer_profile.png",
+        "layer_sums.png"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import MambaConfig
+
+    root = tmp_path_factory.mktemp("study")
+    data = root / "data"
+    data.mkdir()
+    (data / "test.txt").write_text("text;label_name\n" + "".join(f"{t};{l}\n" for t, l in TEXTS))
+    tokenizer = build_word_tokenizer([t for t, _ in TEXTS], min_freq=1)
+    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=2, num_labels=6)
+    torch.manual_seed(0)
+    model = MambaForLastTokenClassification(config).eval()
+    model.save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    (root / "ckpt" / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5, "n_test": 8}))
+    return str(root / "ckpt"), str(data)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_command_line_writes_table_csv_plots_and_resumes(tiny, tmp_path, capsys):
+    ckpt, data = tiny
+    out = str(tmp_path / "cli")
+    args = ["compare", "--model", ckpt, "--data", data, "--methods", "mambalrp,gxi,random,feature_ablation",
+            "--n", "4", "--batch-size", "4", "--out", out, "--no-progress", "--fraction", "0.5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| MambaLRP |" in printed and "ΔA^F" in printed and "0.5000 on 8 examples" in printed
+    with open(os.path.join(out, "per_example.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 4 and {r["method"] for r in rows} == {"mambalrp", "gxi", "random", "feature_ablation"}
+    for png in PNGS:
+        assert os.path.getsize(os.path.join(out, png)) > 1000, png
+    first = read_jsonl(os.path.join(out, "results.jsonl"))
+    # resume: nothing is recomputed, an added method is computed alone
+    assert main(args[:6] + ["mambalrp,gxi,random,feature_ablation,saliency"] + args[7:]) == 0
+    second = read_jsonl(os.path.join(out, "results.jsonl"))
+    assert second[: len(first)] == first and len(second) == len(first) + 4
+    assert {r["method"] for r in second[len(first):]} == {"saliency"}
+    with pytest.raises(ValueError, match="other settings"):
+        main(args[:-1] + ["0.25"])
+
+
+def test_python_api_all_methods_and_interrupted_run(tiny, tmp_path):
+    ckpt, data = tiny
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    texts, labels, _ = load_split(data, "test")
+    config = StudyConfig(methods=["all"], n_examples=3, batch_size=3, perturbation=Perturbation(0.5, "mean"),
+                         options=MethodOptions(reference_token_id=0, ig_steps=4, smoothgrad_samples=2, kernelshap_samples=16))
+    out = str(tmp_path / "py")
+    summary = Study(model, tokenizer, texts, labels, config, out).run(progress=False, figures=False)
+    assert set(summary["methods"]) == set(config.methods) and summary["n_examples"] == 3
+    for m, row in summary["methods"].items():
+        assert row["n"] == 3 and len(row["dAF"]) == 2, m
+        assert row["seconds"][0] >= 0
+    assert summary["methods"]["integrated_gradients"]["forward_rows"][0] >= 4
+    assert summary["methods"]["mambalrp"]["forward_rows"][0] == 1
+    assert summary["methods"]["random"]["forward_rows"][0] == 0
+    assert set(summary["conservation"]) == {"mambalrp", "gxi"}
+    table = open(os.path.join(out, "summary.md")).read()
+    assert "Mamba-Attr" in table and "KernelShap" in table and "± " in table
+    # an interruption in the middle of a write: the cut line and what follows are recomputed
+    path = os.path.join(out, "results.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    with open(path, "w") as f:
+        f.writelines(lines[:-3])
+        f.write(lines[-3][:20])
+    again = Study(model, tokenizer, texts, labels, config, out).run(progress=False, figures=False)
+    assert all(again["methods"][m]["n"] == 3 for m in summary["methods"])
+    for m in summary["methods"]:  # seeded: recomputed records are the same numbers
+        assert again["methods"][m]["dAF"] == pytest.approx(summary["methods"][m]["dAF"]), m
+
+
+def test_growing_a_study_computes_only_the_new_examples(tiny, tmp_path):
+    ckpt, data = tiny
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    texts, labels, _ = load_split(data, "test")
+    out = str(tmp_path / "grow")
+    small = StudyConfig(methods=["gxi"], n_examples=3, batch_size=2, perturbation=Perturbation(0.5), layer_analysis=False)
+    Study(model, tokenizer, texts, labels, small, out).run(progress=False, figures=False)
+    first = read_jsonl(os.path.join(out, "results.jsonl"))
+    big = StudyConfig(methods=["gxi"], n_examples=5, batch_size=2, perturbation=Perturbation(0.5), layer_analysis=False)
+    summary = Study(model, tokenizer, texts, labels, big, out).run(progress=False, figures=False)
+    records = read_jsonl(os.path.join(out, "results.jsonl"))
+    assert records[:3] == first and len(records) == 5 and summary["methods"]["gxi"]["n"] == 5
+    assert Study(model, tokenizer, texts, labels, small, out).run(progress=False, figures=False)["methods"]["gxi"]["n"] == 3

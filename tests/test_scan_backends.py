@@ -1,0 +1,266 @@
+"""Scan backends: dispatch, the Triton kernel (interpreter on CPU, compiled on CUDA),
+mamba-ssm's kernels (CUDA), dtypes, and the memory bound of the relevance scan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import captum_mambalrp.scan as scan
+from captum_mambalrp.scan import selective_scan, ssd_scan
+from test_scan import rand, sequential_mamba1, sequential_ssd
+
+HAS_TRITON = scan.triton_scan.available()
+CUDA = torch.cuda.is_available()
+
+
+def mamba1_case(b=2, d=5, n=3, l=11, seed=0):
+    x, B, C, D = rand(b, d, l, seed=seed + 1), rand(b, n, l, seed=seed + 2), rand(b, n, l, seed=seed + 3), rand(d, seed=seed + 4)
+    delta = rand(b, d, l, seed=seed + 5).abs() * 0.3
+    A = -rand(d, n, seed=seed + 6).abs() * 2
+    return x, delta, A, B, C, D
+
+
+def ssd_case(b=2, l=9, heads=4, p=3, n=5, groups=2, seed=0):
+    x = rand(b, l, heads, p, seed=seed + 1)
+    dt = rand(b, l, heads, seed=seed + 2).abs() * 0.3
+    A = -rand(heads, seed=seed + 3).abs()
+    return x, dt, A, rand(b, l, groups, n, seed=seed + 4), rand(b, l, groups, n, seed=seed + 5), rand(heads, seed=seed + 6)
+
+
+def check_against_sequential(fn, sequential, args, backend, device="cpu", dtype=torch.float32, tol=1e-4):
+    """Output and input gradient of ``fn(..., backend=backend)`` vs the float64 recurrence."""
+    x, *rest = args
+    ref = sequential(x, *rest)
+    xr = x.to(device, dtype).requires_grad_(True)
+    params = [t.to(device, torch.float32) for t in rest]
+    with scan.record_backends() as used:
+        y = fn(xr, *params, backend=backend)
+    assert dict(used) == {backend: 1}
+    assert y.dtype == torch.float32
+    g = rand(*ref.shape, seed=99)
+    (got,) = torch.autograd.grad(y, xr, g.to(device, torch.float32))
+    assert got.dtype == dtype
+    xs = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(sequential(xs, *rest), xs, g)
+    scale = ref.abs().max()
+    assert (y.double().cpu() - ref).abs().max() <= tol * scale
+    grad_tol = tol if dtype == torch.float32 else 8e-3  # the gradient is rounded to x's dtype
+    assert (got.double().cpu() - expected).abs().max() <= grad_tol * expected.abs().max()
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_dispatch_on_cpu():
+    assert scan.BACKENDS == ("auto", "torch", "triton", "mamba_ssm")
+    assert scan.resolve_backend("auto", "cpu") == "torch"
+    assert scan.resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        scan.resolve_backend("cuda_magic", "cpu")
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        scan.resolve_backend("mamba_ssm", "cpu")
+    x, delta, A, B, C, D = (t.float() for t in mamba1_case())
+    before = scan.backends_used().get("torch", 0)
+    with scan.record_backends() as used:
+        selective_scan(x, delta, A, B, C, D)
+        ssd_scan(*(t.float() for t in ssd_case()))
+    assert used == {"torch": 2}
+    assert scan.backends_used()["torch"] == before + 2
+
+
+def test_mambalrp_passes_backend_through():
+    from captum_mambalrp import MambaLRP
+    from conftest import make_lm
+
+    model = make_lm("mamba")
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with scan.record_backends() as used:
+        MambaLRP(model, backend="torch").attribute(ids, target=3)
+    assert used == {"torch": model.config.num_hidden_layers}
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        MambaLRP(model, backend="mamba_ssm").attribute(ids, target=3)
+
+
+# ---------------------------------------------------------------- torch backend details
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_torch_scan_any_chunk(chunk):
+    from captum_mambalrp.scan.linear_scan import relevance_scan
+
+    x, delta, A, B, C, D = mamba1_case(l=23)
+    ref = sequential_mamba1(x, delta, A, B, C, D)
+    xr = x.float().requires_grad_(True)
+    Bc, Cc = B.transpose(1, 2).unsqueeze(1).float(), C.transpose(1, 2).unsqueeze(1).float()
+    y = relevance_scan(xr, delta.float(), A[:, None, :].float(), Bc, Cc, D[:, None].float(), chunk=chunk)
+    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-4)
+    y.backward(torch.ones_like(y))
+    xs = x.clone().requires_grad_(True)
+    sequential_mamba1(xs, delta, A, B, C, D).sum().backward()
+    assert torch.allclose(xr.grad.double(), xs.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_scan_low_precision_inputs_accumulate_in_float32():
+    x, delta, A, B, C, D = mamba1_case(l=40)
+    ref = sequential_mamba1(x.bfloat16().double(), delta, A, B, C, D)
+    xr = x.bfloat16().requires_grad_(True)
+    y = selective_scan(xr, delta.float(), A.float(), B.float(), C.float(), D.float())
+    assert y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-4)
+    y.sum().backward()
+    assert xr.grad.dtype == torch.bfloat16
+
+
+def test_torch_scan_leaves_inputs_untouched():
+    x, delta, A, B, C, D = (t.float() for t in mamba1_case(l=30))
+    copies = [t.clone() for t in (x, delta, A, B, C, D)]
+    xr = x.clone().requires_grad_(True)
+    selective_scan(xr, delta, A, B, C, D).sum().backward()
+    for a, b in zip((xr.detach(), delta, A, B, C, D), copies):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+
+INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from triton.runtime import interpreter
+
+    # Triton's interpreter turns scalar arguments into 1-element arrays and calls int() on
+    # them in range(...), which NumPy >= 2.4 refuses: read the element instead.
+    original = interpreter._patch_lang_tensor
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interpreter._patch_lang_tensor = patched
+
+    sys.path.insert(0, "tests")
+    from captum_mambalrp.scan import selective_scan, ssd_scan, triton_scan
+    triton_scan.BLOCK_T = 4  # several time tiles (and a ragged last one) at these tiny lengths
+    from test_scan_backends import check_against_sequential, mamba1_case, ssd_case
+    from test_scan import sequential_mamba1, sequential_ssd
+    check_against_sequential(selective_scan, sequential_mamba1, mamba1_case(d=19, l=7), "triton")
+    check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=6), "triton")
+    x, delta, A, B, C, _ = mamba1_case(d=4, l=5)
+    x = x.bfloat16().double()  # representable in bf16: the kernel sees the same input
+    check_against_sequential(
+        lambda x, d, A, B, C, backend: selective_scan(x, d, A, B, C, None, backend=backend),
+        lambda x, d, A, B, C: sequential_mamba1(x, d, A, B, C, 0.0),
+        (x, delta, A, B, C), "triton", dtype=torch.bfloat16,
+    )
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernel_in_interpreter():
+    """The Triton kernel (forward and adjoint; Mamba1, Mamba2 with groups, bf16 input,
+    no D) against the float64 recurrence, run by Triton's interpreter on the CPU (in a
+    fresh process: ``TRITON_INTERPRET`` must be set before triton is imported)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True,
+                         timeout=300, cwd=root, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- CUDA backends
+
+
+def _cuda_backends():
+    return [b for b in ("triton", "mamba_ssm") if CUDA and b in scan.available_backends("cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton", "mamba_ssm"])
+def test_cuda_backend_matches_sequential(backend):
+    if backend not in scan.available_backends("cuda"):
+        pytest.skip(f"{backend} not installed")
+    check_against_sequential(selective_scan, sequential_mamba1, mamba1_case(d=70, n=16, l=300), backend, device="cuda")
+    check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=300, heads=4, p=16, n=32, groups=2), backend, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_backends_give_gradient_to_x_only_and_agree_with_torch():
+    backends = _cuda_backends()
+    if not backends:
+        pytest.skip("no CUDA scan backend besides torch")
+    case = [t.float().cuda() for t in mamba1_case(b=1, d=256, n=16, l=1000)]
+    results = {}
+    for backend in ["torch"] + backends:
+        x = case[0].clone().requires_grad_(True)
+        params = [t.clone().requires_grad_(True) for t in case[1:]]
+        y = selective_scan(x, *params, backend=backend)
+        y.backward(torch.ones_like(y))
+        assert all(p.grad is None for p in params), backend
+        results[backend] = (y.detach(), x.grad)
+    y0, g0 = results["torch"]
+    for backend in backends:
+        y, g = results[backend]
+        assert ((y - y0).norm() / y0.norm()).item() <= 1e-4, backend
+        assert ((g - g0).norm() / g0.norm()).item() <= 1e-4, backend
+
+
+# ---------------------------------------------------------------- memory bound
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import gc, json, torch
+    from captum_mambalrp.scan import selective_scan
+    torch.set_num_threads(1)
+
+    def peak_rss_mib():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    b, d, n, l = 1, 256, 64, 4096
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, l, generator=g).requires_grad_(True)
+    delta = torch.rand(b, d, l, generator=g) * 0.1
+    A = -torch.rand(d, n, generator=g)
+    B, C = torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)
+    D = torch.randn(d, generator=g)
+    selective_scan(x[..., :64], delta[..., :64], A, B[..., :64], C[..., :64], D).sum().backward()  # warm-up
+    x.grad = None
+    gc.collect(); reset_peak(); base = peak_rss_mib()
+    selective_scan(x, delta, A, B, C, D).sum().backward()
+    scan_peak = peak_rss_mib() - base
+    gc.collect(); reset_peak(); base = peak_rss_mib()
+    full = torch.ones(b, d, l, n)  # what a B x D x L x N tensor costs
+    full_peak = peak_rss_mib() - base
+    print(json.dumps({"scan_mib": scan_peak, "full_mib": full_peak, "x_mib": x.numel() * 4 / 2**20}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_long_sequence_memory_stays_linear():
+    """L = 4096: the scan's peak extra memory (forward and backward) stays far below one
+    ``b x d x l x n`` tensor (measured as the peak RSS of a fresh process, reset before each probe)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=120,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    import json
+
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    full = 4096 * 256 * 64 * 4 / 2**20  # 256 MiB
+    assert m["full_mib"] >= 0.9 * full  # the probe sees such a tensor
+    assert m["scan_mib"] <= 0.25 * full, m  # forward + backward at O(x): a few x-sized tensors (4 MiB each)
