@@ -101,6 +101,8 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--baseline-lengths", type=int, nargs="*", default=[512], help="L for the sequential baseline")
     p.add_argument("--long", type=int, nargs="*", default=[2048, 8192],
                    help="long L for MambaLRP only, as the library runs it and with mixers recomputed (0: none)")
+    p.add_argument("--long-modes", default="mambalrp,mambalrp+recompute",
+                   help="modes run at the long L: mambalrp (as the library runs), mambalrp+recompute")
     p.add_argument("--repeats", type=int, default=2, help="timed calls of MambaLRP per L (best is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layers", type=int, default=24)
@@ -124,8 +126,9 @@ def main(argv: List[str] = None) -> None:
             r = spawn(method, length, reps, args.threads, args.layers, save=f"{tmp}_{method}_{length}.pt")
             rows.append({"device": "cpu", "method": method, "L": length, **r})
             print(json.dumps(rows[-1]), flush=True)
+    modes = args.long_modes.split(",")
     for length in [n for n in args.long if n > 0]:
-        for method in ("mambalrp", "mambalrp+recompute"):
+        for method in modes:
             # memory guard: project from the largest L measured so far, skip what cannot fit
             done = [r for r in rows if r["method"] == method and r.get("peak_extra_mib")]
             avail = available_mib()
@@ -158,7 +161,7 @@ def main(argv: List[str] = None) -> None:
                 ratios.append({"name": f"peak RSS baseline / MambaLRP, L={length}",
                                "value": base["peak_extra_mib"] / max(ours["peak_extra_mib"], 1e-9), "goal": "", "ok": None})
     for length in [n for n in args.long if n > 0]:
-        for method in ("mambalrp", "mambalrp+recompute"):
+        for method in modes:
             r = next((r for r in rows if r["method"] == method and r["L"] == length), {})
             if "peak_extra_mib" in r:
                 gib = r["peak_extra_mib"] / 1024

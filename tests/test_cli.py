@@ -52,11 +52,11 @@ def test_colour_output(tiny_checkpoint, tmp_path, capsys):
     assert "\x1b[48;2;" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")), reason="default model not built")
 def test_embedded_default_model(capsys, tmp_path):
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "model.safetensors")), "the package must ship its default model"
     model, tokenizer = load_model_and_tokenizer(None)
     assert isinstance(model, MambaForLastTokenClassification)
-    assert model.config.id2label[1] == "joy"
+    assert model.config.id2label[1] == "joy" and next(model.parameters()).dtype == torch.float32
     main(["explain", "i feel so happy and loved today", "--html", str(tmp_path / "d.html")])
     out = capsys.readouterr().out
     assert "prediction: joy" in out or "prediction: love" in out

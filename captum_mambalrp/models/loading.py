@@ -14,14 +14,18 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
     """``from_pretrained`` of a transformers checkpoint (folder or hub id) and its tokenizer.
 
     ``None`` loads the embedded default (a small Emotion classifier shipped with the
-    package). Checkpoints saved from :class:`MambaForLastTokenClassification` load as
+    package, float16 weights computed in float32). Checkpoints saved from :class:`MambaForLastTokenClassification` load as
     that class; anything else as ``AutoModelForCausalLM``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .classifier import MambaForLastTokenClassification
 
+    import torch
+
     source = path_or_id or DEFAULT_MODEL_DIR
+    if path_or_id is None and dtype is None:
+        dtype = torch.float32  # the embedded weights are stored in float16 to keep the package small
     config = AutoConfig.from_pretrained(source)
     kwargs = {} if dtype is None else {"dtype": dtype}
     if MambaForLastTokenClassification.__name__ in (getattr(config, "architectures", None) or []):
