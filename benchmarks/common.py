@@ -61,35 +61,21 @@ def mamba2_classifier(layers: int = 24, seed: int = 0, **overrides: Any) -> nn.M
 
 
 @contextlib.contextmanager
-def recompute_mixers() -> Iterator[None]:
-    """Recompute every Mamba1 / Mamba2 mixer in the backward pass: ``torch.utils.checkpoint``
-    around the adapters' ``mamba1_forward`` / ``mamba2_forward`` (a benchmark-side wrapper
-    demonstrating the option proposed for the library), so the memory kept per layer is
-    its input only."""
-    import importlib
-
-    from torch.utils.checkpoint import checkpoint
-
-    patched = []
-    for module_name, fn_name in (("hf_mamba", "mamba1_forward"), ("hf_mamba2", "mamba2_forward")):
-        try:
-            mod = importlib.import_module(f"captum_mambalrp.adapters.{module_name}")
-        except ImportError:
-            continue
-        original = getattr(mod, fn_name, None)
-        if original is None:
-            continue
-
-        def checkpointed(*args, _original=original):
-            return checkpoint(_original, *args, use_reentrant=False)
-
-        setattr(mod, fn_name, checkpointed)
-        patched.append((mod, fn_name, original))
+def perturbed_weights(model: nn.Module, scale: float = 1e-7, seed: int = 0) -> Iterator[None]:
+    """Every parameter times ``1 + scale * N(0, 1)`` (restored afterwards): how far relevance
+    moves under such a change is the float32 rounding floor of a deep random model, against
+    which agreement between implementations is judged."""
+    g = torch.Generator().manual_seed(seed)
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
     try:
         yield
     finally:
-        for mod, fn_name, original in patched:
-            setattr(mod, fn_name, original)
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved):
+                p.copy_(s)
 
 
 def sync(device: torch.device) -> None:

@@ -10,9 +10,9 @@ Parts (``--parts``, default all, run in this order, each under the overall ``--b
   installed) vs MambaLRP attribute per backend at L = 2048 and 16384, and Captum's
   LayerIntegratedGradients (n_steps=50) on the embeddings at 2048; Mamba1 and Mamba2.
 - ``long``: peak GPU memory per token and the largest L reached, fp32 and bf16, for
-  MambaLRP as the library runs it and with each mixer recomputed in the backward pass
-  (``mambalrp+recompute``: a benchmark-side ``torch.utils.checkpoint`` around the
-  adapter's mixer forward, the option proposed for the library).
+  MambaLRP keeping every mixer's tensors (``recompute=False``) and recomputing each mixer
+  in the backward pass (``mambalrp+recompute``: ``MambaLRP(..., recompute=True)``; the
+  default ``"auto"`` does that above 16384 tokens).
 
 Results go to ``$OUT/gpu_results.json`` (and ``.csv``) or ``--out``; the ratio rows are
 printed last. Example::
@@ -23,7 +23,6 @@ printed last. Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -38,7 +37,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from common import mamba1_classifier, mamba2_classifier, recompute_mixers, versions, write_results  # noqa: E402
+from common import (mamba1_classifier, mamba2_classifier, perturbed_weights,  # noqa: E402
+                    versions, write_results)
 
 START = time.perf_counter()
 DEV = torch.device("cuda")
@@ -120,6 +120,8 @@ def check_scans(rows: List[Dict[str, Any]]) -> None:
         ref = {}
         for dtype in (torch.float32, torch.bfloat16):
             for backend in ["torch"] + [b for b in backends if b != "torch"]:
+                if case["layout"] == "ssd" and backend == "mamba_ssm" and os.environ.get("GPU_ALL_SSD_MAMBA_SSM") != "1":
+                    continue  # minutes of autotuning on first use; checked once (docs/results), opt in
                 row: Dict[str, Any] = {"part": "check_scan", "layout": case["layout"], "shape": case["shape"],
                                        "dtype": str(dtype).replace("torch.", ""), "backend": backend}
                 try:
@@ -145,33 +147,44 @@ def check_scans(rows: List[Dict[str, Any]]) -> None:
 
 
 def check_models(rows: List[Dict[str, Any]], budget: float) -> None:
+    """MambaLRP with every backend vs the torch backend, and conservation (biases zeroed).
+
+    Deep random models amplify float32 rounding: the ``floor`` is how far the torch
+    backend's relevance moves when every weight changes by about one part in 10^7; the
+    backends must agree to ``max(1e-4, 3 x floor)``, and to 1e-4 on the 4-layer model.
+    """
     from captum_mambalrp import MambaLRP, scan
 
     backends = ["torch"] + [b for b in scan.available_backends("cuda") if b != "torch"]
     for arch, build in (("mamba1", mamba1_classifier), ("mamba2", mamba2_classifier)):
-        if left(budget) < 60:
-            break
-        model = zero_biases(build()).to(DEV)
-        ids = torch.randint(0, 50280, (1, 1024), device=DEV, generator=torch.Generator(device=DEV).manual_seed(0))
-        with torch.no_grad():
-            logit = float(logits_of(model, ids)[0, -1, 1])
-        ref = None
-        for backend in backends:
-            row: Dict[str, Any] = {"part": "check_model", "arch": arch, "L": 1024, "backend": backend}
-            try:
-                with scan.record_backends() as used:
-                    r, delta = MambaLRP(model, backend=backend).attribute(ids, target=1, return_convergence_delta=True)
-                ref = r if backend == "torch" else ref
-                row.update(ran=dict(used), logit=logit, relevance_sum=float(r.sum()),
-                           conservation_rel=abs(float(r.sum()) - logit) / abs(logit),
-                           rel_err_vs_torch=rel(r, ref))
-                row["ok"] = row["conservation_rel"] <= 1e-4 and row["rel_err_vs_torch"] <= 1e-4
-            except Exception as e:  # noqa: BLE001
-                row.update(error=f"{type(e).__name__}: {e}"[:300], ok=False)
-            rows.append(row)
-            log(json.dumps(row))
-        del model
-        free()
+        for layers in (4, 24):
+            if left(budget) < 60:
+                return
+            model = zero_biases(build(layers=layers)).to(DEV)
+            ids = torch.randint(0, 50280, (1, 1024), device=DEV, generator=torch.Generator(device=DEV).manual_seed(0))
+            with torch.no_grad():
+                logit = float(logits_of(model, ids)[0, -1, 1])
+            ref, floor = None, None
+            for backend in backends:
+                row: Dict[str, Any] = {"part": "check_model", "arch": arch, "layers": layers, "L": 1024, "backend": backend}
+                try:
+                    with scan.record_backends() as used:
+                        r, delta = MambaLRP(model, backend=backend).attribute(ids, target=1, return_convergence_delta=True)
+                    if backend == "torch":
+                        ref = r
+                        with perturbed_weights(model):
+                            floor = rel(MambaLRP(model, backend="torch").attribute(ids, target=1), ref)
+                    goal = 1e-4 if layers <= 4 else max(1e-4, 3 * floor)
+                    row.update(ran=dict(used), logit=logit, relevance_sum=float(r.sum()),
+                               conservation_rel=abs(float(r.sum()) - logit) / abs(logit),
+                               rel_err_vs_torch=rel(r, ref), rounding_floor=floor, goal=goal)
+                    row["ok"] = row["conservation_rel"] <= goal and row["rel_err_vs_torch"] <= goal
+                except Exception as e:  # noqa: BLE001
+                    row.update(error=f"{type(e).__name__}: {e}"[:300], ok=False)
+                rows.append(row)
+                log(json.dumps(row))
+            del model
+            free()
 
 
 # ------------------------------------------------------------------------ time
@@ -187,6 +200,8 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
     build = mamba1_classifier if arch == "mamba1" else mamba2_classifier
     model = build().to(DEV)
     backends = ["auto"] + [b for b in scan.available_backends("cuda")]
+    if arch == "mamba2" and os.environ.get("GPU_ALL_SSD_MAMBA_SSM") != "1":
+        backends = [b for b in backends if b != "mamba_ssm"]  # minutes of autotuning; opt in
     for length in lengths:
         ids = torch.randint(0, 50280, (1, length), device=DEV, generator=torch.Generator(device=DEV).manual_seed(length))
         if left(budget) < 45:
@@ -256,6 +271,7 @@ def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Di
         model = build().to(DEV, dtype)
         name = str(dtype).replace("torch.", "")
         for mode in ("mambalrp", "mambalrp+recompute"):
+            recompute = mode.endswith("recompute")  # the library's MambaLRP(..., recompute=True)
             last_t = None
             for k in range(14, max_log2[name] + 1):
                 length = 2**k
@@ -270,13 +286,11 @@ def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Di
                     free()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                    ctx = recompute_mixers() if mode.endswith("recompute") else contextlib.nullcontext()
-                    with ctx:
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        r = MambaLRP(model).attribute(ids, target=1)
-                        torch.cuda.synchronize()
-                        last_t = time.perf_counter() - t0
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    r = MambaLRP(model, recompute=recompute).attribute(ids, target=1)
+                    torch.cuda.synchronize()
+                    last_t = time.perf_counter() - t0
                     peak = torch.cuda.max_memory_allocated() - base
                     row.update(time_s=last_t, peak_gib=peak / 2**30, peak_mib_per_token=peak / MiB / length,
                                finite=bool(torch.isfinite(r).all()))
@@ -311,8 +325,9 @@ def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         add("max rel. error of a backend vs torch (fp32 scan output)", worst, "<= 1e-4", worst is not None and worst <= 1e-4)
         for r in checks:
             if r["part"] == "check_model" and "rel_err_vs_torch" in r:
-                add(f"{r['arch']} L=1024 {r['backend']}: relevance rel. error vs torch / conservation",
-                    f"{r['rel_err_vs_torch']:.2e} / {r['conservation_rel']:.2e}", "<= 1e-4", r["ok"])
+                add(f"{r['arch']} {r['layers']} layers L=1024 {r['backend']}: relevance rel. error vs torch / "
+                    f"conservation (fp32 rounding floor {r['rounding_floor']:.1e})",
+                    f"{r['rel_err_vs_torch']:.2e} / {r['conservation_rel']:.2e}", f"<= {r['goal']:.1e}", r["ok"])
     for arch in ("mamba1", "mamba2"):
         for length in (2048, 16384):
             t = [r for r in rows if r["part"] == "time" and r["arch"] == arch and r["L"] == length]

@@ -16,6 +16,7 @@ def series(results: List[Dict[str, Any]]) -> Tuple[Dict[str, List[Tuple[int, flo
     times: Dict[str, List[Tuple[int, float]]] = defaultdict(list)
     mems: Dict[str, List[Tuple[int, float]]] = defaultdict(list)
     for res in results:
+        threads = (res.get("args") or {}).get("threads")
         for r in res.get("rows", []):
             if "L" not in r or r.get("part", "time") not in ("time", "long") and r.get("device") != "cpu":
                 continue
@@ -28,6 +29,8 @@ def series(results: List[Dict[str, Any]]) -> Tuple[Dict[str, List[Tuple[int, flo
                 label += f"[{r['backend']}]"
             if r.get("dtype"):
                 label += f" {r['dtype']}"
+            if dev == "cpu" and threads:
+                label += f" ({threads} thread{'s' if threads > 1 else ''})"
             times[label].append((r["L"], t))
             if r.get("peak_gib") is not None:
                 mems[label].append((r["L"], r["peak_gib"]))

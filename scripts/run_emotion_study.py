@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         raise SystemExit("--out DIR is required")
     quiet_transformers()
     study = build_study(args)
-    summary = study.run(progress=not args.no_progress)
+    summary = study.run(progress=not args.no_progress, figures=not args.no_figures)
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         markdown = f.read()
     print(markdown)

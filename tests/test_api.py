@@ -275,3 +275,17 @@ def test_head_with_layernorm_rmsnorm_and_activation_conserves():
     assert (delta.abs() <= 1e-5 * logit.abs().clamp_min(1e-3)).all(), (delta, logit)
     table = MambaLRP(model).rule_table()
     assert table["ln"] == table["rms"] == "ConstantNormRule()" and table["act"].startswith("IdentityActivationRule")
+
+
+@pytest.mark.parametrize("arch", ["mamba", "falcon"])
+def test_recompute_gives_the_same_relevance(arch):
+    """Mixers recomputed in the backward pass (activation checkpointing): same numbers."""
+    model = make_lm(arch, seed=13, num_hidden_layers=3)
+    ids = ids_for(2, 30)
+    before = snapshot(model)
+    kept = MambaLRP(model, recompute=False).attribute(ids, target=4)
+    again = MambaLRP(model, recompute=True).attribute(ids, target=4)
+    assert torch.allclose(kept, again, atol=1e-6, rtol=1e-5)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="recompute"):
+        MambaLRP(model, recompute="sometimes")

@@ -24,6 +24,15 @@ PNGS = ["flipping_curves.png", "scores_dAF.png", "conservation.png", "distance_p
         "layer_sums.png"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on two shared, busy cores a second thread makes tiny ops many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import MambaConfig
@@ -62,7 +71,7 @@ def test_command_line_writes_table_csv_plots_and_resumes(tiny, tmp_path, capsys)
         assert os.path.getsize(os.path.join(out, png)) > 1000, png
     first = read_jsonl(os.path.join(out, "results.jsonl"))
     # resume: nothing is recomputed, an added method is computed alone
-    assert main(args[:6] + ["mambalrp,gxi,random,feature_ablation,saliency"] + args[7:]) == 0
+    assert main(args[:6] + ["mambalrp,gxi,random,feature_ablation,saliency"] + args[7:] + ["--no-figures"]) == 0
     second = read_jsonl(os.path.join(out, "results.jsonl"))
     assert second[: len(first)] == first and len(second) == len(first) + 4
     assert {r["method"] for r in second[len(first):]} == {"saliency"}

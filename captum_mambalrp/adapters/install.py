@@ -14,6 +14,7 @@ from ..rules.composites import Composite
 from .base import ADAPTERS, Component, find_adapter
 from .norms import is_rmsnorm, norm_forward
 from .patching import Patcher
+from .recompute import Recompute, recomputing
 
 ACTIVATION_MODULES = (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU)
 PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten)
@@ -96,8 +97,12 @@ def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelErro
     )
 
 
-def install_rules(model: nn.Module, composite: Composite, backend: str = "auto", patcher: Optional[Patcher] = None) -> Installation:
-    """Take over every supported mixer and norm of ``model`` and hook its affine layers.
+def install_rules(
+    model: nn.Module, composite: Composite, backend: str = "auto", patcher: Optional[Patcher] = None,
+    recompute: Recompute = False,
+) -> Installation:
+    """Take over every supported mixer and norm of ``model`` and hook its affine layers
+    (mixers recomputed in the backward pass as ``recompute`` says, see :mod:`.recompute`).
 
     Raises :class:`UnsupportedModelError` for a model without Mamba mixers or with a
     layer that has no rule (an attention layer of a hybrid, an unknown module type).
@@ -122,6 +127,8 @@ def install_rules(model: nn.Module, composite: Composite, backend: str = "auto",
                 _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
             if getattr(adapter, "wraps_children", False):
                 continue  # a block taken over as a whole: its norm and mixer are installed as reached
+            if recompute is not False:
+                inst.patcher.replace_forward(module, recomputing(module.forward, recompute))
             inst.mixers.append(name)
             done.add(name)
             continue

@@ -8,6 +8,7 @@ from captum.attr import LayerGradientXActivation
 from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher
+from ..adapters.recompute import Recompute, check_recompute
 from ..rules.composites import Composite, RuleLike, composite as make_composite
 from .engine import Capture, relevance_pass
 from .inputs import build_call, check_inputs
@@ -37,10 +38,12 @@ class LayerMambaLRP(LayerGradientXActivation):
         rules: Optional[Mapping[str, RuleLike]] = None,
         backend: str = "auto",
         device_ids: Optional[List[int]] = None,
+        recompute: Recompute = "auto",
     ) -> None:
         LayerGradientXActivation.__init__(self, model, layer, device_ids, multiply_by_inputs=True)
         self.composite = make_composite(composite, rules)
         self.backend = backend
+        self.recompute = check_recompute(recompute)
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -75,7 +78,7 @@ class LayerMambaLRP(LayerGradientXActivation):
         captures = [Capture(module=m, where=where) for m in layers]
 
         def install(patcher: Patcher) -> Installation:
-            return install_checked(model, self.composite, self.backend, patcher)
+            return install_checked(model, self.composite, self.backend, patcher, self.recompute)
 
         relevances, explained, _ = relevance_pass(model, install, call, target, captures, verbose)
         out = relevances if isinstance(self.layer, list) else relevances[0]

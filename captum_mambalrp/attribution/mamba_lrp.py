@@ -10,6 +10,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher, install_rules
+from ..adapters.recompute import Recompute, check_recompute
 from ..rules.composites import Composite, RuleLike, composite as make_composite
 from ..scan import BACKENDS
 from .inputs import ForwardCall, build_call, check_inputs
@@ -31,12 +32,12 @@ def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
     return found[0] if len(found) == 1 else None
 
 
-def install_checked(model: nn.Module, composite: Composite, backend: str, patcher: Patcher) -> Installation:
+def install_checked(model: nn.Module, composite: Composite, backend: str, patcher: Patcher, recompute: Recompute = False) -> Installation:
     """Install the rules; undo everything and re-raise on an unsupported model or a
     rule key that matches nothing."""
     composite._used.clear()
     try:
-        inst = install_rules(model, composite, backend, patcher)
+        inst = install_rules(model, composite, backend, patcher, recompute)
         composite.check_overrides_used([c.name for c in inst.components])
     except BaseException:
         patcher.restore()
@@ -62,7 +63,13 @@ class MambaLRP(LRP):
         rules: overrides keyed by component name pattern (``"*.layers.0.mixer.ssm"``)
             or by kind (``"ssm"``, ``"gate"``, ``"activation"``, ``"norm"``, ``"linear"``,
             ``"conv"``). ``module.rule = ...`` on a module takes precedence over both.
-        backend: the relevance scan (``"auto"`` picks the fastest available).
+        backend: the relevance scan: ``"auto"`` (CUDA: mamba-ssm's kernels, else our Triton
+            kernel; CPU: torch), ``"torch"``, ``"triton"`` or ``"mamba_ssm"``.
+        recompute: recompute each mixer in the backward pass instead of keeping its
+            intermediate tensors (``True``, ``False``, or ``"auto"``: when a batch holds more
+            than ``adapters.recompute.RECOMPUTE_AUTO_TOKENS`` tokens: 16384 on CUDA, 4096
+            elsewhere). Same relevance; memory
+            per layer drops to the mixer's input, for one more mixer forward.
         embedding: the token embedding module when the model has several.
     """
 
@@ -73,6 +80,7 @@ class MambaLRP(LRP):
         rules: Optional[Mapping[str, RuleLike]] = None,
         backend: str = "auto",
         embedding: Optional[nn.Embedding] = None,
+        recompute: Recompute = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MambaLRP needs an nn.Module; got {type(model).__name__}")
@@ -81,13 +89,14 @@ class MambaLRP(LRP):
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.composite = make_composite(composite, rules)
         self.backend = backend
+        self.recompute = check_recompute(recompute)
         self.embedding = embedding if embedding is not None else find_embedding(model)
         self.last_installation: Optional[Installation] = None
         # fail early on models MambaLRP cannot explain (and on misspelt rule keys)
         self._install(Patcher()).patcher.restore()
 
     def _install(self, patcher: Patcher) -> Installation:
-        return install_checked(self.model, self.composite, self.backend, patcher)
+        return install_checked(self.model, self.composite, self.backend, patcher, self.recompute)
 
     def has_convergence_delta(self) -> bool:
         return True

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("compare: --out DIR is required")
     quiet_transformers()
     study = build_study(args)
-    study.run(progress=not args.no_progress)
+    study.run(progress=not args.no_progress, figures=not args.no_figures)
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"results in {os.path.abspath(args.out)} (summary.md, summary.json, per_example.csv, results.jsonl, *.png)")
@@ -98,6 +98,7 @@ def register(sub) -> None:
     p.add_argument("--smoothgrad-noise", type=float, default=0.15)
     p.add_argument("--kernelshap-samples", type=int, default=200)
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer relevance analysis")
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--overwrite", action="store_true", help="discard results in --out made with other settings")

@@ -45,11 +45,29 @@ class EpsilonRule(MambaRule, CaptumEpsilonRule):
         return self.STABILITY_FACTOR
 
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-        ratio = (z / stabilize(z, self.STABILITY_FACTOR)).detach()
-        return with_gradient_of(z, z * ratio)
+        return _EpsilonScale.apply(z, self.STABILITY_FACTOR)
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.STABILITY_FACTOR!r})"
+
+
+class _EpsilonScale(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by ``z / (z + eps sign z)``.
+
+    It keeps only ``z`` itself (shared with whatever else keeps it), and computes the
+    ratio in the backward pass: no extra tensor lives between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, epsilon: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.epsilon = epsilon
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad * (z / stabilize(z, ctx.epsilon)), None
 
 
 class GammaRule(MambaRule, CaptumGammaRule):

@@ -13,7 +13,8 @@ Backends of the relevance scan (same math, same results to float32 rounding):
 - ``"mamba_ssm"``: mamba-ssm's ``selective_scan_fn`` / ``mamba_chunk_scan_combined``
   (CUDA; :mod:`.mamba_ssm_backend`);
 - ``"triton"``: our own Triton kernel (CUDA; :mod:`.triton_scan`);
-- ``"auto"``: on CUDA, ``mamba_ssm`` if installed, else ``triton`` if installed, else
+- ``"auto"``: on CUDA (see ``AUTO_ORDER``), Mamba1: ``mamba_ssm`` if installed, else ``triton``;
+  Mamba2 (SSD): ``triton`` first (exact float32, no autotuning); else
   ``torch``; elsewhere ``torch``.
 
 Which backend actually ran is recorded: :func:`record_backends` collects the counts of a
@@ -23,6 +24,8 @@ block of code, :func:`backends_used` those since the last reset.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Union
@@ -30,7 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 import torch
 from torch import Tensor
 
-from . import mamba_ssm_backend, triton_scan
+from . import mamba_ssm_backend
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
 from .recurrence import linear_recurrence
 
@@ -38,6 +41,13 @@ BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 
 _USED: Counter = Counter()
 _RECORDERS: List[Counter] = []
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _interpreting() -> bool:
@@ -50,15 +60,22 @@ def available_backends(device: Union[str, torch.device, None] = None) -> List[st
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type
     out = ["torch"]
-    if triton_scan.available() and (kind == "cuda" or _interpreting()):
+    if _triton_installed() and (kind == "cuda" or _interpreting()):
         out.append("triton")
     if kind == "cuda" and mamba_ssm_backend.available():
         out.append("mamba_ssm")
     return out
 
 
-def resolve_backend(backend: str, device: Union[str, torch.device, None] = None) -> str:
-    """The concrete backend ``backend`` means on ``device``; raises if it cannot run there."""
+# "auto" on CUDA, per layout. Mamba2's SSD prefers our Triton kernel: mamba-ssm's SSD kernels
+# run float32 dots in TF32 (relative error ~2e-4 on relevance, measured on the H200) unless
+# TRITON_F32_DEFAULT=ieee, and autotune for minutes on first use.
+AUTO_ORDER = {"mamba1": ("mamba_ssm", "triton", "torch"), "ssd": ("triton", "mamba_ssm", "torch")}
+
+
+def resolve_backend(backend: str, device: Union[str, torch.device, None] = None, layout: str = "mamba1") -> str:
+    """The concrete backend ``backend`` means on ``device`` for ``layout`` ("mamba1" or
+    "ssd"); raises if it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
     if device is None:
@@ -67,7 +84,7 @@ def resolve_backend(backend: str, device: Union[str, torch.device, None] = None)
     if backend == "auto":
         if torch.device(device).type != "cuda":
             return "torch"
-        return next(b for b in ("mamba_ssm", "triton", "torch") if b in usable)
+        return next(b for b in AUTO_ORDER[layout] if b in usable)
     if backend not in usable:
         why = {"mamba_ssm": "needs the mamba-ssm package and a CUDA device",
                "triton": "needs the triton package and a CUDA device (or TRITON_INTERPRET=1)"}[backend]
@@ -100,14 +117,15 @@ def record_backends() -> Iterator[Counter]:
         _RECORDERS.remove(rec)
 
 
-_KERNELS: Dict[str, Dict[str, Callable[..., Tensor]]] = {
-    "mamba1": {"mamba_ssm": mamba_ssm_backend.selective_scan, "triton": triton_scan.selective_scan},
-    "ssd": {"mamba_ssm": mamba_ssm_backend.ssd_scan, "triton": triton_scan.ssd_scan},
-}
+def _kernel(layout: str, name: str) -> Callable[..., Tensor]:
+    """The GPU backend's function for ``layout`` ("mamba1" or "ssd"); imported on first use
+    (so that importing the package never imports triton)."""
+    module = mamba_ssm_backend if name == "mamba_ssm" else importlib.import_module(f"{__name__}.triton_scan")
+    return getattr(module, "selective_scan" if layout == "mamba1" else "ssd_scan")
 
 
-def _pick(backend: str, x: Tensor, linear: bool) -> str:
-    name = resolve_backend(backend, x.device)
+def _pick(backend: str, x: Tensor, linear: bool, layout: str) -> str:
+    name = resolve_backend(backend, x.device, layout)
     if not linear:
         name = "torch"  # the differentiable ablation needs every gradient
     _note(name)
@@ -119,9 +137,9 @@ def selective_scan(
     *, linear: bool = True, backend: str = "auto",
 ) -> Tensor:
     """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> float32 ``[b, d, l]``."""
-    name = _pick(backend, x, linear)
+    name = _pick(backend, x, linear, "mamba1")
     if name != "torch":
-        return _KERNELS["mamba1"][name](x, delta, A, B, C, D)
+        return _kernel("mamba1", name)(x, delta, A, B, C, D)
     Bc, Cc = B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)  # [b, 1, l, n]
     Dc = None if D is None else D[:, None]
     args = (x, delta, A[:, None, :], Bc, Cc, Dc)
@@ -134,9 +152,9 @@ def ssd_scan(
 ) -> Tensor:
     """Mamba2: ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``, ``B, C [b, l, g, n]``,
     ``D [h]`` or ``[h, p]`` -> float32 ``[b, l, h, p]``."""
-    name = _pick(backend, x, linear)
+    name = _pick(backend, x, linear, "ssd")
     if name != "torch":
-        return _KERNELS["ssd"][name](x, dt, A, B, C, D)
+        return _kernel("ssd", name)(x, dt, A, B, C, D)
     b, length, heads, p = x.shape
     groups = B.shape[2]
     hg = heads // groups  # heads per group share B and C: broadcast, never repeated
