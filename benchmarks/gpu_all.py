@@ -243,7 +243,7 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
 
 
 def time_lig(model: torch.nn.Module, ids: torch.Tensor, steps: int, arch: str) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"part": "time", "arch": arch,
+    row: Dict[str, Any] = {"part": "time", "arch": arch, "internal_batch_size": 10,
                            "L": ids.shape[1], "method": f"captum_lig_{steps}_steps"}
     try:
         from captum.attr import LayerIntegratedGradients
@@ -253,7 +253,8 @@ def time_lig(model: torch.nn.Module, ids: torch.Tensor, steps: int, arch: str) -
         free()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        t = cuda_time(lambda: lig.attribute(ids, target=1, n_steps=steps), repeats=1, warmup=0)
+        # internal_batch_size: Captum's way to fit 50 steps of a 2048-token input in memory
+        t = cuda_time(lambda: lig.attribute(ids, target=1, n_steps=steps, internal_batch_size=10), repeats=1, warmup=0)
         row.update(time_s=t, peak_mib_per_token=(torch.cuda.max_memory_allocated() - base) / MiB / ids.shape[1])
     except Exception as e:  # noqa: BLE001
         row.update(error=f"{type(e).__name__}: {e}"[:300])
@@ -263,17 +264,18 @@ def time_lig(model: torch.nn.Module, ids: torch.Tensor, steps: int, arch: str) -
 # ------------------------------------------------------------------------ long
 
 
-def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Dict[str, int]) -> None:
+def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Dict[str, int],
+              min_log2: int = 14, dtypes: str = "float32,bfloat16", modes: str = "mambalrp,mambalrp+recompute") -> None:
     from captum_mambalrp import MambaLRP
 
     build = mamba1_classifier if arch == "mamba1" else mamba2_classifier
-    for dtype in (torch.float32, torch.bfloat16):
+    for name in dtypes.split(","):
+        dtype = getattr(torch, name)
         model = build().to(DEV, dtype)
-        name = str(dtype).replace("torch.", "")
-        for mode in ("mambalrp", "mambalrp+recompute"):
+        for mode in modes.split(","):
             recompute = mode.endswith("recompute")  # the library's MambaLRP(..., recompute=True)
             last_t = None
-            for k in range(14, max_log2[name] + 1):
+            for k in range(min_log2, max_log2[name] + 1):
                 length = 2**k
                 if last_t is not None and left(budget) < 2.5 * last_t + 20:
                     log("time guard: stop", arch, name, mode, "before L =", length)
@@ -362,6 +364,9 @@ def main() -> None:
     p.add_argument("--lig-steps", type=int, default=50, help="Captum LIG steps at L=2048 (0: skip)")
     p.add_argument("--max-log2-fp32", type=int, default=19)
     p.add_argument("--max-log2-bf16", type=int, default=20)
+    p.add_argument("--min-log2", type=int, default=14, help="long runs start at L = 2^min_log2")
+    p.add_argument("--long-dtypes", default="float32,bfloat16")
+    p.add_argument("--long-modes", default="mambalrp,mambalrp+recompute")
     p.add_argument("--budget", type=float, default=510, help="seconds for the whole run (stops starting new work)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_results.json if $OUT is set)")
     p.add_argument("--tf32", action="store_true",
@@ -388,7 +393,8 @@ def main() -> None:
         steps += [(f"time_{a}", lambda a=a: time_arch(rows, a, args.lengths, args.lig_steps, args.budget)) for a in archs]
     if "long" in parts:
         limits = {"float32": args.max_log2_fp32, "bfloat16": args.max_log2_bf16}
-        steps += [(f"long_{a}", lambda a=a: long_runs(rows, a, args.budget, limits)) for a in archs]
+        steps += [(f"long_{a}", lambda a=a: long_runs(rows, a, args.budget, limits, args.min_log2, args.long_dtypes,
+                                                      args.long_modes)) for a in archs]
     for name, step in steps:
         if left(args.budget) < 30:
             log("budget spent: skipping", name)

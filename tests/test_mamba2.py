@@ -13,6 +13,7 @@ from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
 from captum_mambalrp.scan import ssd_scan
 from conftest import LastTokenClassifier, randomize, relative_delta
+from transformers import Mamba2Config, Mamba2ForCausalLM
 from mamba2_reference import reference_relevance
 from test_api import assert_unchanged, snapshot
 from test_scan import sequential_ssd
@@ -237,3 +238,16 @@ def test_hybrids_with_attention_are_refused_naming_what_is_missing(model_cls, co
         assert cls in message, message
     assert "Supported mixers" in message and "transformers Mamba2 mixer" in message
     assert_unchanged(model, before)
+
+
+def test_gated_norm_without_group_size_normalises_all_channels():
+    """transformers releases before the grouped norm (5.17 on the GPU machine) have a
+    ``MambaRMSNormGated`` without ``group_size``: one group over all channels."""
+    from captum_mambalrp.adapters.hf_mamba2 import hf_mamba2_parts
+
+    model = Mamba2ForCausalLM(Mamba2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, expand=2, head_dim=8,
+                                           state_size=4, n_groups=2, chunk_size=8, num_heads=4)).eval()
+    norm = model.backbone.layers[0].mixer.norm
+    assert hf_mamba2_parts(model.backbone.layers[0].mixer).norm.group_size == norm.group_size
+    del norm.group_size
+    assert hf_mamba2_parts(model.backbone.layers[0].mixer).norm.group_size == norm.weight.shape[-1]
