@@ -53,11 +53,15 @@ def main() -> None:
 
     results = [json.load(open(f)) for f in args.results]
     times, mems = series(results)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(15, 6))
+    labels = sorted(set(times) | set(mems))
+    cmap = plt.get_cmap("tab20")
+    style = {lab: dict(color=cmap(i % 20), marker="os^Dv<>p"[i % 8],
+                       linestyle="--" if lab.startswith("cpu") else "-") for i, lab in enumerate(labels)}
     for ax, data, ylabel in ((ax_t, times, "time (s)"), (ax_m, mems, "peak memory (GiB)")):
         for label, pts in sorted(data.items()):
             pts = sorted(set(pts))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style[label])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L (tokens)")
@@ -65,8 +69,13 @@ def main() -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_title("attribution time vs L (batch 1, Mamba-130M shape)")
     ax_m.set_title("peak memory vs L")
-    ax_m.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    handles, names = ax_t.get_legend_handles_labels()
+    for h, n in zip(*ax_m.get_legend_handles_labels()):
+        if n not in names:
+            handles.append(h)
+            names.append(n)
+    fig.legend(handles, names, fontsize=7, loc="center right")
+    fig.subplots_adjust(right=0.78)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 
