@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: threads only add overhead on a small shared machine
 
 
 def make_config(arch: str = "mamba", **overrides):
