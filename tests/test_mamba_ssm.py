@@ -33,7 +33,7 @@ def mssm():
 def make_ssm_lm(layer: str = "Mamba1", seed: int = 0, d_model: int = 32, n_layer: int = 2, bias_free: bool = True,
                 fused_add_norm: bool = True, residual_in_fp32: bool = True, rms_norm: bool = True, **ssm):
     ms = mssm()
-    ssm_cfg = dict(layer=layer, d_state=4, **ssm)
+    ssm_cfg = {"layer": layer, "d_state": 4, **ssm}
     if layer == "Mamba2":
         ssm_cfg.setdefault("headdim", 8)
         ssm_cfg.setdefault("chunk_size", 8)

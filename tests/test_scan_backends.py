@@ -176,6 +176,79 @@ def test_triton_kernel_in_interpreter():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+# ---------------------------------------------------------------- reversed adjoint
+
+
+def _torch_forward(layout):
+    """A forward-only scan in a kernel's layout, as mamba-ssm's kernels are called."""
+    fn = selective_scan if layout == "mamba1" else ssd_scan
+
+    def forward(x, dt, A, B, C, D):
+        with torch.no_grad():
+            return fn(x, dt, A, B, C, D, backend="torch")
+
+    return forward
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "ssd"])
+def test_reversed_adjoint_is_the_input_gradient(layout):
+    """The backward pass the mamba_ssm backend uses (its forward kernel on the reversed
+    problem) gives the float64 recurrence's dx, here with the torch scan as the kernel;
+    one step size underflowed to zero stays finite."""
+    from captum_mambalrp.scan import mamba_ssm_backend
+    from captum_mambalrp.scan.adjoint import ReversedAdjointScan
+
+    if layout == "mamba1":
+        x, dt, A, B, C, D = mamba1_case(d=6, n=4, l=23)
+        dt[0, 2, 7] = 0.0
+        sequential, extra = sequential_mamba1, (-1, mamba_ssm_backend._same, mamba_ssm_backend._per_channel)
+    else:
+        x, dt, A, B, C, D = ssd_case(l=21, heads=4, p=3, n=5, groups=2)
+        dt[1, 5, 2] = 0.0
+        sequential, extra = sequential_ssd, (1, mamba_ssm_backend._per_head, mamba_ssm_backend._ssd_D)
+    xr = x.clone().requires_grad_(True)
+    y = ReversedAdjointScan.apply(xr, dt, A, B, C, D, _torch_forward(layout), *extra)
+    g = rand(*y.shape, seed=7)
+    (got,) = torch.autograd.grad(y, xr, g)
+    xs = x.double().clone().requires_grad_(True)
+    ref = sequential(xs, dt.double(), A.double(), B.double(), C.double(), D.double())
+    (expected,) = torch.autograd.grad(ref, xs, g.double())
+    assert torch.isfinite(got).all()
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+EPSILON_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from captum_mambalrp.rules import fused
+    g = torch.randn(5000)
+    z = torch.randn(5000) * 1e-8
+    z[:3] = torch.tensor([0.0, -1e-12, 3.0])
+    want = fused.epsilon_scaled_torch(g, z, 1e-9)
+    assert fused._use_kernel(g, z)
+    assert torch.equal(fused.epsilon_scaled(g, z, 1e-9), want)
+    gb, zb = g.bfloat16(), z.bfloat16()
+    got = fused.epsilon_scaled(gb, zb, 1e-9)
+    assert got.dtype == torch.bfloat16
+    want = fused.epsilon_scaled_torch(gb.float(), zb.float(), 1e-9)
+    assert ((got.float() - want).abs() <= 2 ** -7 * want.abs()).all()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_epsilon_kernel_in_interpreter():
+    """LRP-epsilon's backward factor as one Triton kernel equals its torch definition
+    (bit for bit in float32; bf16 to its rounding), run by Triton's interpreter."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", EPSILON_SCRIPT], capture_output=True, text=True,
+                         timeout=300, cwd=root, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- CUDA backends
 
 
@@ -186,11 +259,15 @@ def _cuda_backends():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["torch", "triton", "mamba_ssm"])
-def test_cuda_backend_matches_sequential(backend):
+@pytest.mark.parametrize("layout", ["mamba1", "ssd"])
+def test_cuda_backend_matches_sequential(backend, layout):
     if backend not in scan.available_backends("cuda"):
         pytest.skip(f"{backend} not installed")
-    check_against_sequential(selective_scan, sequential_mamba1, mamba1_case(d=70, n=16, l=300), backend, device="cuda")
-    check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=300, heads=4, p=16, n=32, groups=2), backend, device="cuda")
+    if layout == "mamba1":
+        check_against_sequential(selective_scan, sequential_mamba1, mamba1_case(d=70, n=16, l=300), backend, device="cuda")
+    else:
+        check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=300, heads=4, p=16, n=32, groups=2), backend,
+                                 device="cuda")
 
 
 @pytest.mark.gpu

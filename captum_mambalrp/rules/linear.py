@@ -15,6 +15,7 @@ from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
 from torch import Tensor, nn
 
 from .base import CONV, LINEAR, MambaRule, stabilize, with_gradient_of
+from .fused import epsilon_scaled
 
 
 def affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -67,7 +68,7 @@ class _EpsilonScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (z,) = ctx.saved_tensors
-        return grad * (z / stabilize(z, ctx.epsilon)), None
+        return epsilon_scaled(grad, z, ctx.epsilon), None
 
 
 class GammaRule(MambaRule, CaptumGammaRule):

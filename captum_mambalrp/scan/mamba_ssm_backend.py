@@ -6,8 +6,9 @@ are, provided that
 - delta (Mamba1) / dt (Mamba2) is passed *final* (after dt_proj's bias and softplus,
   or dt_bias, softplus and clamp): ``delta_bias=None, delta_softplus=False`` /
   ``dt_bias=None, dt_softplus=False``;
-- delta, A, B, C, D are detached, so autograd asks the kernels' backward for dx only
-  (they compute the other gradients too, which are dropped);
+- delta, A, B, C, D are constants: the backward pass is the forward kernel run once more
+  on the reversed problem (:mod:`.adjoint`), which computes dx and nothing else (the
+  kernels' own backward would compute the gradients of delta, A, B, C, D as well);
 - the gate is *not* fused (``z=None``): ``y * silu(z)`` and its SiLU stay outside, where
   the half rule and the identity rule apply.
 
@@ -21,6 +22,8 @@ import importlib.util
 from typing import Optional
 
 from torch import Tensor
+
+from .adjoint import ReversedAdjointScan
 
 #: Chunk length of mamba-ssm's chunked SSD scan (the value its Mamba2 layer uses).
 SSD_CHUNK = 256
@@ -38,21 +41,41 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().float()
 
 
-def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
-    """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``."""
+def _selective_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    return selective_scan_fn(
-        x.float(), _f32(delta), _f32(A), _f32(B), _f32(C), _f32(D),
-        z=None, delta_bias=None, delta_softplus=False,
-    )
+    return selective_scan_fn(x, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False)
+
+
+def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined(x, dt, A, B, C, SSD_CHUNK, D=D, z=None, dt_bias=None, dt_softplus=False)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t[:, None]
+
+
+def _per_head(t: Tensor) -> Tensor:
+    return t[..., None]
+
+
+def _ssd_D(D: Tensor) -> Tensor:
+    return D[:, None] if D.dim() == 1 else D
+
+
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+    """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``."""
+    return ReversedAdjointScan.apply(x, _f32(delta), _f32(A), _f32(B), _f32(C), _f32(D),
+                                     _selective_scan_forward, -1, _same, _per_channel)
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba2 layout: ``x [b, l, h, p]``, ``dt [b, l, h]``, ``A [h]``, ``B, C [b, l, g, n]`` -> float32."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    return mamba_chunk_scan_combined(
-        x.float(), _f32(dt), _f32(A), _f32(B), _f32(C), SSD_CHUNK, D=_f32(D),
-        z=None, dt_bias=None, dt_softplus=False,
-    )
+    return ReversedAdjointScan.apply(x, _f32(dt), _f32(A), _f32(B), _f32(C), _f32(D),
+                                     _ssd_forward, 1, _per_head, _ssd_D)
