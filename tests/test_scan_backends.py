@@ -195,19 +195,18 @@ def test_reversed_adjoint_is_the_input_gradient(layout):
     """The backward pass the mamba_ssm backend uses (its forward kernel on the reversed
     problem) gives the float64 recurrence's dx, here with the torch scan as the kernel;
     one step size underflowed to zero stays finite."""
-    from captum_mambalrp.scan import mamba_ssm_backend
     from captum_mambalrp.scan.adjoint import ReversedAdjointScan
 
     if layout == "mamba1":
         x, dt, A, B, C, D = mamba1_case(d=6, n=4, l=23)
         dt[0, 2, 7] = 0.0
-        sequential, extra = sequential_mamba1, (-1, mamba_ssm_backend._same, mamba_ssm_backend._per_channel)
+        sequential = sequential_mamba1
     else:
         x, dt, A, B, C, D = ssd_case(l=21, heads=4, p=3, n=5, groups=2)
         dt[1, 5, 2] = 0.0
-        sequential, extra = sequential_ssd, (1, mamba_ssm_backend._per_head, mamba_ssm_backend._ssd_D)
+        sequential = sequential_ssd
     xr = x.clone().requires_grad_(True)
-    y = ReversedAdjointScan.apply(xr, dt, A, B, C, D, _torch_forward(layout), *extra)
+    y = ReversedAdjointScan.apply(xr, dt, A, B, C, D, _torch_forward(layout), layout)
     g = rand(*y.shape, seed=7)
     (got,) = torch.autograd.grad(y, xr, g)
     xs = x.double().clone().requires_grad_(True)
@@ -218,10 +217,14 @@ def test_reversed_adjoint_is_the_input_gradient(layout):
     assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-EPSILON_SCRIPT = textwrap.dedent(
+FUSED_SCRIPT = textwrap.dedent(
     """
     import torch
     from captum_mambalrp.rules import fused
+    from captum_mambalrp.scan import adjoint
+    torch.manual_seed(0)
+
+    # LRP-epsilon's backward factor
     g = torch.randn(5000)
     z = torch.randn(5000) * 1e-8
     z[:3] = torch.tensor([0.0, -1e-12, 3.0])
@@ -233,18 +236,44 @@ EPSILON_SCRIPT = textwrap.dedent(
     assert got.dtype == torch.bfloat16
     want = fused.epsilon_scaled_torch(gb.float(), zb.float(), 1e-9)
     assert ((got.float() - want).abs() <= 2 ** -7 * want.abs()).all()
+
+    # the default gate, output and both gradients, strided inputs, both output layouts
+    y = torch.randn(2, 37, 70, requires_grad=True)
+    z = torch.randn(2, 70, 37).transpose(1, 2).requires_grad_(True)
+    gy = torch.randn(2, 70, 37).transpose(1, 2)
+    for transposed in (False, True):
+        out = fused.half_silu_gate(y, z, transposed)
+        ref = fused.half_silu_gate_torch(y, z)
+        assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+        for a, b in zip(torch.autograd.grad(out, (y, z), gy), torch.autograd.grad(ref, (y, z), gy)):
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+    # the steps around the reversed scan, both layouts, D per channel / head / (head, p), none
+    cases = [("mamba1", torch.randn(2, 6, 23), torch.rand(2, 6, 23), torch.randn(6)),
+             ("ssd", torch.randn(2, 19, 4, 3), torch.rand(2, 19, 4), torch.randn(4)),
+             ("ssd", torch.randn(2, 19, 4, 3), torch.rand(2, 19, 4), torch.randn(4, 3)),
+             ("ssd", torch.randn(2, 19, 4, 3), torch.rand(2, 19, 4), None)]
+    for layout, g, dt, D in cases:
+        dt[0, 1, 2] = 0.0
+        x_rev, dt_rev = adjoint.prepare(g, dt, layout)
+        x_ref, dt_ref = adjoint.prepare_torch(g, dt, layout)
+        assert torch.equal(dt_rev, dt_ref) and torch.equal(x_rev, x_ref), layout
+        y_rev = torch.randn_like(g)
+        got, want = adjoint.finish(y_rev, g, dt, D, layout), adjoint.finish_torch(y_rev, g, dt, D, layout)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), layout
     print("ok")
     """
 )
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_fused_epsilon_kernel_in_interpreter():
-    """LRP-epsilon's backward factor as one Triton kernel equals its torch definition
-    (bit for bit in float32; bf16 to its rounding), run by Triton's interpreter."""
+def test_fused_kernels_in_interpreter():
+    """The fused element-wise kernels (LRP-epsilon's backward factor, the default gate, the
+    steps around the reversed scan) equal their torch definitions, run by Triton's
+    interpreter on the CPU (float32 to rounding; bf16 to its rounding)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", EPSILON_SCRIPT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True,
                          timeout=300, cwd=root, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 

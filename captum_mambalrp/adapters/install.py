@@ -60,17 +60,23 @@ def _mixer_labels() -> str:
     return "; ".join(a.label for a in ADAPTERS if not getattr(a, "wraps_children", False))
 
 
+def _inside(name: str, roots: Set[str]) -> bool:
+    """Is module ``name`` one of ``roots`` or inside one? (One look-up per ancestor.)"""
+    parts = name.split(".")
+    return any(".".join(parts[:k]) in roots for k in range(1, len(parts) + 1))
+
+
 def _uncovered_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Layers that look like attention or a mixer (``UNSUPPORTED``) outside the subtrees that an
     adapter takes over or that the user opted into plain gradient (``module.rule``)."""
     found: List[Tuple[str, nn.Module]] = []
-    covered: List[str] = []
+    covered: Set[str] = set()
     for name, module in model.named_modules():
-        if not name or any(name.startswith(c + ".") for c in covered):
+        if not name or _inside(name, covered):
             continue
         adapter = find_adapter(module)
         if (adapter is not None and not getattr(adapter, "wraps_children", False)) or getattr(module, "rule", None) is not None:
-            covered.append(name)
+            covered.add(name)
         elif adapter is None and UNSUPPORTED.search(type(module).__name__):
             found.append((name, module))
     return found
@@ -113,11 +119,8 @@ def install_rules(
     inst = Installation(patcher or Patcher())
     done: Set[str] = set()  # subtrees already handled
 
-    def handled(name: str) -> bool:
-        return any(name == d or name.startswith(d + ".") for d in done)
-
     for name, module in model.named_modules():
-        if name and handled(name):
+        if name and _inside(name, done):
             continue
         adapter = find_adapter(module)
         if adapter is not None:

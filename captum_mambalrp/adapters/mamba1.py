@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..rules.base import MambaRule
+from ..rules.gate import gate_with_activation
 from ..scan import selective_scan
 
 
@@ -79,7 +80,7 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
     A = -torch.exp(parts.A_log.float())
     delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))
     y = selective_scan(x.transpose(1, 2), delta, A, B, C, parts.D.float(), linear=rules.ssm.ssm_is_linear, backend=rules.backend)
-    y = rules.gate.gate(y, rules.gate_act.activation(z.float(), parts.act))
+    y = gate_with_activation(rules.gate, rules.gate_act, y, z.float(), parts.act, transposed_out=True)
     return parts.out_proj(y.transpose(1, 2).to(dtype))
 
 

@@ -53,29 +53,13 @@ def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     return mamba_chunk_scan_combined(x, dt, A, B, C, SSD_CHUNK, D=D, z=None, dt_bias=None, dt_softplus=False)
 
 
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
-def _per_channel(t: Tensor) -> Tensor:
-    return t[:, None]
-
-
-def _per_head(t: Tensor) -> Tensor:
-    return t[..., None]
-
-
-def _ssd_D(D: Tensor) -> Tensor:
-    return D[:, None] if D.dim() == 1 else D
-
-
 def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``."""
     return ReversedAdjointScan.apply(x, _f32(delta), _f32(A), _f32(B), _f32(C), _f32(D),
-                                     _selective_scan_forward, -1, _same, _per_channel)
+                                     _selective_scan_forward, "mamba1")
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba2 layout: ``x [b, l, h, p]``, ``dt [b, l, h]``, ``A [h]``, ``B, C [b, l, g, n]`` -> float32."""
     return ReversedAdjointScan.apply(x, _f32(dt), _f32(A), _f32(B), _f32(C), _f32(D),
-                                     _ssd_forward, 1, _per_head, _ssd_D)
+                                     _ssd_forward, "ssd")
