@@ -194,12 +194,15 @@ def kernels_in_use() -> Dict[str, bool]:
     return {m: m in sys.modules for m in ("mamba_ssm", "causal_conv1d")}
 
 
-def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_steps: int, budget: float) -> None:
+def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_steps: int, budget: float,
+              only: Optional[List[str]] = None) -> None:
     from captum_mambalrp import MambaLRP, scan
 
     build = mamba1_classifier if arch == "mamba1" else mamba2_classifier
     model = build().to(DEV)
     backends = ["auto"] + [b for b in scan.available_backends("cuda")]
+    if only:
+        backends = [b for b in backends if b in only]
     if arch == "mamba2" and os.environ.get("GPU_ALL_SSD_MAMBA_SSM") != "1":
         backends = [b for b in backends if b != "mamba_ssm"]  # minutes of autotuning; opt in
     for length in lengths:
@@ -362,6 +365,7 @@ def main() -> None:
     p.add_argument("--arch", default="mamba1,mamba2")
     p.add_argument("--lengths", type=int, nargs="*", default=[2048, 16384])
     p.add_argument("--lig-steps", type=int, default=50, help="Captum LIG steps at L=2048 (0: skip)")
+    p.add_argument("--time-backends", default="auto,torch,triton,mamba_ssm", help="backends the time part runs")
     p.add_argument("--max-log2-fp32", type=int, default=19)
     p.add_argument("--max-log2-bf16", type=int, default=20)
     p.add_argument("--min-log2", type=int, default=14, help="long runs start at L = 2^min_log2")
@@ -390,7 +394,8 @@ def main() -> None:
     if "check" in parts:
         steps += [("check_scans", lambda: check_scans(rows)), ("check_models", lambda: check_models(rows, args.budget))]
     if "time" in parts:
-        steps += [(f"time_{a}", lambda a=a: time_arch(rows, a, args.lengths, args.lig_steps, args.budget)) for a in archs]
+        steps += [(f"time_{a}", lambda a=a: time_arch(rows, a, args.lengths, args.lig_steps, args.budget,
+                                                                    args.time_backends.split(","))) for a in archs]
     if "long" in parts:
         limits = {"float32": args.max_log2_fp32, "bfloat16": args.max_log2_bf16}
         steps += [(f"long_{a}", lambda a=a: long_runs(rows, a, args.budget, limits, args.min_log2, args.long_dtypes,
