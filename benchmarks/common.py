@@ -151,7 +151,7 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def write_results(path: Optional[str], results: Dict[str, Any]) -> None:
+def write_results(path: Optional[str], results: Dict[str, Any], quiet: bool = False) -> None:
     """Write ``results`` as JSON (``.json``) and its rows as CSV (same name, ``.csv``)."""
     if not path:
         return
@@ -167,4 +167,5 @@ def write_results(path: Optional[str], results: Dict[str, Any]) -> None:
             f.write(",".join(keys) + "\n")
             for r in rows:
                 f.write(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)

@@ -41,6 +41,7 @@ from common import (mamba1_classifier, mamba2_classifier, perturbed_weights,  # 
                     versions, write_results)
 
 START = time.perf_counter()
+SAVE: List[Callable[[], None]] = []  # writes the results so far (set by main), called after each row
 DEV = torch.device("cuda")
 MiB = 2**20
 
@@ -51,6 +52,8 @@ def left(budget: float) -> float:
 
 def log(*a: Any) -> None:
     print(f"[{time.perf_counter() - START:7.1f}s]", *a, flush=True)
+    for save in SAVE:
+        save()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -390,6 +393,7 @@ def main() -> None:
     info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     info["TRITON_F32_DEFAULT"] = os.environ.get("TRITON_F32_DEFAULT", "")
     log(json.dumps(info))
+    SAVE.append(lambda: write_results(out_path, {"machine": info, "args": vars(args), "rows": rows}, quiet=True))
     steps: List[tuple] = []
     if "check" in parts:
         steps += [("check_scans", lambda: check_scans(rows)), ("check_models", lambda: check_models(rows, args.budget))]
