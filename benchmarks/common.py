@@ -169,3 +169,12 @@ def write_results(path: Optional[str], results: Dict[str, Any], quiet: bool = Fa
                 f.write(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n")
     if not quiet:
         print(f"wrote {path}", file=sys.stderr)
+
+
+def print_ratios(ratios: List[Dict[str, Any]]) -> None:
+    """The ratio rows, last in a benchmark's output: value, goal, and whether it was met."""
+    print("\n# ratios (one run)")
+    for r in ratios:
+        v = r["value"]
+        v = f"{v:.4g}" if isinstance(v, float) else v
+        print(f"RATIO {r['name']}: {v}  (goal {r['goal']}){'' if r['ok'] is None else ('  OK' if r['ok'] else '  MISSED')}")

@@ -121,7 +121,7 @@ def main(argv: List[str] = None) -> None:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.repeats, args.threads, args.layers)))
         return
 
-    from common import versions, write_results
+    from common import print_ratios, versions, write_results
 
     rows: List[Dict[str, Any]] = []
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mambalrp_bench_{os.getpid()}")
@@ -185,11 +185,7 @@ def main(argv: List[str] = None) -> None:
         if f.startswith(os.path.basename(tmp)):
             os.remove(os.path.join(os.path.dirname(tmp), f))
     write_results(args.out, {"machine": versions(), "args": vars(args), "rows": rows, "ratios": ratios})
-    print("\n# ratios (one run)")
-    for r in ratios:
-        v = r["value"]
-        v = f"{v:.4g}" if isinstance(v, float) else v
-        print(f"RATIO {r['name']}: {v}  (goal {r['goal']}){'' if r['ok'] is None else ('  OK' if r['ok'] else '  MISSED')}")
+    print_ratios(ratios)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 from common import (mamba1_classifier, mamba2_classifier, perturbed_weights,  # noqa: E402
-                    versions, write_results)
+                    print_ratios, versions, write_results)
 
 START = time.perf_counter()
 SAVE: List[Callable[[], None]] = []  # writes the results so far (set by main), called after each row
@@ -421,11 +421,7 @@ def main() -> None:
     ratios = summarize(rows)
     write_results(out_path, {"machine": info, "args": vars(args), "rows": rows, "ratios": ratios,
                              "wall_s": time.perf_counter() - START})
-    print("\n# ratios (one run)")
-    for r in ratios:
-        v = r["value"]
-        v = f"{v:.4g}" if isinstance(v, float) else v
-        print(f"RATIO {r['name']}: {v}  (goal {r['goal']}){'' if r['ok'] is None else ('  OK' if r['ok'] else '  MISSED')}")
+    print_ratios(ratios)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,6 @@ from test_evaluation_metrics import TokenSum, W
 FAST = MethodOptions(reference_token_id=0, ig_steps=16, smoothgrad_samples=3, kernelshap_samples=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on two shared, busy cores a second thread makes tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def classifier():
     torch.manual_seed(0)

@@ -14,15 +14,6 @@ from captum_mambalrp.evaluation.perturbation import removal_ranks, removed_count
 from captum_mambalrp.evaluation.stats import mean_se, paired_difference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on two shared, busy cores a second thread makes tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TokenSum(nn.Module):
     """``logits = [s, -s]`` with ``s = sum_t w[id_t]`` over real tokens: a linear function of
     token indicators (embedding size 1 holds ``w``)."""

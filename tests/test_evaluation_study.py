@@ -24,15 +24,6 @@ PNGS = ["flipping_curves.png", "scores_dAF.png", "conservation.png", "distance_p
         "layer_sums.png"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on two shared, busy cores a second thread makes tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import MambaConfig

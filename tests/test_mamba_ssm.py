@@ -17,7 +17,7 @@ from torch import nn
 from captum_mambalrp import MambaLRP, UnsupportedModelError
 from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
-from conftest import relative_delta
+from conftest import randomize, relative_delta
 from mamba_ssm_env import load_mamba_ssm
 from test_api import assert_unchanged, snapshot
 
@@ -41,15 +41,12 @@ def make_ssm_lm(layer: str = "Mamba1", seed: int = 0, d_model: int = 32, n_layer
                          residual_in_fp32=residual_in_fp32, fused_add_norm=fused_add_norm, tie_embeddings=False)
     torch.manual_seed(seed)
     model = ms.MambaLMHeadModel(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".D"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif bias_free and name.endswith("bias") and "dt_proj" not in name and not name.endswith("dt_bias"):
-                p.zero_()
+    randomize(model, seed)
+    if bias_free:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") and "dt_proj" not in name and not name.endswith("dt_bias"):
+                    p.zero_()
     return model
 
 
