@@ -11,7 +11,8 @@ Backends of the relevance scan (same math, same results to float32 rounding):
 
 - ``"torch"``: :mod:`.linear_scan`, the canonical scan (any device; the reference);
 - ``"mamba_ssm"``: mamba-ssm's ``selective_scan_fn`` / ``mamba_chunk_scan_combined``
-  (CUDA; :mod:`.mamba_ssm_backend`);
+  (CUDA; :mod:`.mamba_ssm_backend`), forward kernels only: the backward pass runs the
+  same kernel on the reversed problem (:mod:`.adjoint`);
 - ``"triton"``: our own Triton kernel (CUDA; :mod:`.triton_scan`);
 - ``"auto"``: on CUDA (see ``AUTO_ORDER``), Mamba1: ``mamba_ssm`` if installed, else ``triton``;
   Mamba2 (SSD): ``triton`` first (exact float32, no autotuning); else
