@@ -16,10 +16,11 @@ import torch
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import captum_mambalrp.scan as scan  # noqa: E402
+from captum_mambalrp.kernels import triton_installed  # noqa: E402
 from captum_mambalrp.scan import selective_scan, ssd_scan  # noqa: E402
 from test_scan import rand, sequential_mamba1, sequential_ssd  # noqa: E402
 
-HAS_TRITON = scan._triton_installed()
+HAS_TRITON = triton_installed()
 CUDA = torch.cuda.is_available()
 
 
@@ -219,33 +220,46 @@ def test_reversed_adjoint_is_the_input_gradient(layout):
 
 FUSED_SCRIPT = textwrap.dedent(
     """
+    import os
     import torch
-    from captum_mambalrp.rules import fused
+    import torch.nn.functional as F
+    from captum_mambalrp.kernels import fused_kernels_enabled
+    from captum_mambalrp.rules import HalfGateRule, IdentityActivationRule
+    from captum_mambalrp.rules.gate import gate_with_activation
+    from captum_mambalrp.rules.linear import epsilon_scaled
     from captum_mambalrp.scan import adjoint
     torch.manual_seed(0)
+
+    def unfused(fn):  # the same call with the fused kernels turned off: the torch definitions
+        os.environ["CAPTUM_MAMBALRP_FUSED"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["CAPTUM_MAMBALRP_FUSED"]
 
     # LRP-epsilon's backward factor
     g = torch.randn(5000)
     z = torch.randn(5000) * 1e-8
     z[:3] = torch.tensor([0.0, -1e-12, 3.0])
-    want = fused.epsilon_scaled_torch(g, z, 1e-9)
-    assert fused._use_kernel(g, z)
-    assert torch.equal(fused.epsilon_scaled(g, z, 1e-9), want)
+    assert fused_kernels_enabled(g, z) and not unfused(lambda: fused_kernels_enabled(g, z))
+    assert torch.equal(epsilon_scaled(g, z, 1e-9), unfused(lambda: epsilon_scaled(g, z, 1e-9)))
     gb, zb = g.bfloat16(), z.bfloat16()
-    got = fused.epsilon_scaled(gb, zb, 1e-9)
+    got = epsilon_scaled(gb, zb, 1e-9)
     assert got.dtype == torch.bfloat16
-    want = fused.epsilon_scaled_torch(gb.float(), zb.float(), 1e-9)
+    want = unfused(lambda: epsilon_scaled(gb.float(), zb.float(), 1e-9))
     assert ((got.float() - want).abs() <= 2 ** -7 * want.abs()).all()
 
-    # the default gate, output and both gradients, strided inputs, both output layouts
+    # the default gate, output and both gradients, strided inputs, both output layouts,
+    # against the rule objects composed (HalfGateRule on IdentityActivationRule(SiLU))
     y = torch.randn(2, 37, 70, requires_grad=True)
     z = torch.randn(2, 70, 37).transpose(1, 2).requires_grad_(True)
     gy = torch.randn(2, 70, 37).transpose(1, 2)
+    ref = HalfGateRule().gate(y, IdentityActivationRule().activation(z, F.silu))
     for transposed in (False, True):
-        out = fused.half_silu_gate(y, z, transposed)
-        ref = fused.half_silu_gate_torch(y, z)
+        out = gate_with_activation(HalfGateRule(), IdentityActivationRule(), y, z, F.silu, transposed)
+        assert out.grad_fn is not None and "HalfSiluGate" in type(out.grad_fn).__name__
         assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
-        for a, b in zip(torch.autograd.grad(out, (y, z), gy), torch.autograd.grad(ref, (y, z), gy)):
+        for a, b in zip(torch.autograd.grad(out, (y, z), gy), torch.autograd.grad(ref, (y, z), gy, retain_graph=True)):
             assert (a - b).abs().max() <= 1e-6 * b.abs().max()
 
     # the steps around the reversed scan, both layouts, D per channel / head / (head, p), none

@@ -23,7 +23,7 @@ weights (``_manipulate_weights`` is a no-op): the rewrite is functional and per 
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, FrozenSet, Optional, Tuple
+from typing import Callable, ClassVar, FrozenSet, Tuple
 
 import torch
 from captum.attr._utils.lrp_rules import PropagationRule

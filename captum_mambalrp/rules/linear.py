@@ -15,7 +15,7 @@ from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
 from torch import Tensor, nn
 
 from .base import CONV, LINEAR, MambaRule, stabilize, with_gradient_of
-from .fused import epsilon_scaled
+from ..kernels import fused_kernels_enabled
 
 
 def affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -50,6 +50,18 @@ class EpsilonRule(MambaRule, CaptumEpsilonRule):
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.STABILITY_FACTOR!r})"
+
+
+def epsilon_scaled(grad: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """``grad * |z| / (|z| + epsilon)``: ``grad`` times LRP-epsilon's factor
+    ``z / (z + epsilon * sign(z))`` (``sign(0) := 1``), written without the sign. On CUDA one
+    fused kernel (``kernels.elementwise``, computed in float32), elsewhere these operations."""
+    if grad.shape == z.shape and grad.dtype == z.dtype and fused_kernels_enabled(grad, z):
+        from ..kernels import elementwise
+
+        return elementwise.epsilon_scaled(grad, z, epsilon)
+    magnitude = z.abs()
+    return grad * (magnitude / (magnitude + epsilon))
 
 
 class _EpsilonScale(torch.autograd.Function):

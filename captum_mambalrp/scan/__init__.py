@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
-import os
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
 
+from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
 from .recurrence import linear_recurrence
@@ -44,24 +43,13 @@ _USED: Counter = Counter()
 _RECORDERS: List[Counter] = []
 
 
-def _triton_installed() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
     """Concrete backends that can run on ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type
     out = ["torch"]
-    if _triton_installed() and (kind == "cuda" or _interpreting()):
+    if triton_installed() and (kind == "cuda" or interpreting()):
         out.append("triton")
     if kind == "cuda" and mamba_ssm_backend.available():
         out.append("mamba_ssm")

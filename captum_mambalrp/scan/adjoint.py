@@ -30,7 +30,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..rules.fused import _kernel, fused_kernels_enabled, triton, tl
+from ..kernels import fused_kernels_enabled
 
 #: Smallest step size used in the reversed scan (keeps ``g / dt`` finite where dt underflowed).
 DT_FLOOR = 1e-20
@@ -62,92 +62,25 @@ def finish_torch(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layo
     return grad if D is None else grad + _D_per_x(D, layout) * g
 
 
-# ---------------------------------------------------------------- fused (CUDA)
-# Tensors are addressed as [batch, channel, time]; channel c belongs to head c // P (its dt).
-
-
-def _x_strides(t: Tensor, layout: str) -> Optional[Tuple[int, int, int]]:
-    """(batch, channel, time) strides of an x-shaped tensor (SSD: head and p flattened)."""
-    if layout == "mamba1":
-        return t.stride(0), t.stride(1), t.stride(2)
-    if t.stride(2) != t.shape[3] * t.stride(3):
-        return None
-    return t.stride(0), t.stride(3), t.stride(1)
-
-
-def _dt_strides(t: Tensor, layout: str) -> Tuple[int, int, int]:
-    return (t.stride(0), t.stride(1), t.stride(2)) if layout == "mamba1" else (t.stride(0), t.stride(2), t.stride(1))
-
-
-def _dims(g: Tensor, layout: str) -> Tuple[int, int, int, int]:
-    """batch, channels, length, channels per head."""
-    if layout == "mamba1":
-        return g.shape[0], g.shape[1], g.shape[2], 1
-    return g.shape[0], g.shape[2] * g.shape[3], g.shape[1], g.shape[3]
-
-
-if triton is not None:
-
-    def _prepare_kernel(g_ptr, dt_ptr, x_ptr, dtr_ptr, channels, length, per_head, floor,
-                        sg0, sg1, sg2, sd0, sd1, sd2, sx0, sx1, sx2, sr0, sr1, sr2,
-                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        s = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-        mask = (c[:, None] < channels) & (s[None, :] < length)
-        head = (c // per_head).to(tl.int64)[:, None]
-        c, s = c.to(tl.int64)[:, None], s.to(tl.int64)[None, :]
-        t = length - 1 - s  # the original step read at reversed step s
-        nxt = tl.load(dt_ptr + b * sd0 + head * sd1 + (t + 1) * sd2, mask=mask & (s > 0), other=1.0).to(tl.float32)
-        step = tl.maximum(nxt, floor)
-        g = tl.load(g_ptr + b * sg0 + c * sg1 + t * sg2, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + b * sx0 + c * sx1 + s * sx2, tl.math.div_rn(g, step), mask=mask)
-        tl.store(dtr_ptr + b * sr0 + head * sr1 + s * sr2, step, mask=mask & (c % per_head == 0))
-
-    def _finish_kernel(y_ptr, g_ptr, dt_ptr, d_ptr, out_ptr, channels, length, per_head,
-                       sy0, sy1, sy2, sg0, sg1, sg2, sd0, sd1, sd2, so0, so1, so2,
-                       HAS_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-        mask = (c[:, None] < channels) & (t[None, :] < length)
-        head = (c // per_head).to(tl.int64)[:, None]
-        cc, t = c.to(tl.int64)[:, None], t.to(tl.int64)[None, :]
-        y = tl.load(y_ptr + b * sy0 + cc * sy1 + (length - 1 - t) * sy2, mask=mask, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + b * sd0 + head * sd1 + t * sd2, mask=mask, other=0.0).to(tl.float32)
-        out = y * dt
-        if HAS_D:
-            g = tl.load(g_ptr + b * sg0 + cc * sg1 + t * sg2, mask=mask, other=0.0).to(tl.float32)
-            dd = tl.load(d_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
-            out += dd[:, None] * g
-        tl.store(out_ptr + b * so0 + cc * so1 + t * so2, out, mask=mask)
-
-
-_BLOCK = (32, 64)
-
-
-def _grid(batch: int, channels: int, length: int) -> Tuple[int, int, int]:
-    return (batch, triton.cdiv(channels, _BLOCK[0]), triton.cdiv(length, _BLOCK[1]))
-
-
 def _fusable(g: Tensor, dt: Tensor, layout: str) -> bool:
-    return g.dtype == dt.dtype == torch.float32 and fused_kernels_enabled(g, dt) and _x_strides(g, layout) is not None
+    if not (g.dtype == dt.dtype == torch.float32 and fused_kernels_enabled(g, dt)):
+        return False
+    from ..kernels import elementwise
+
+    return elementwise.x_strides(g, layout) is not None
 
 
 def prepare(g: Tensor, dt: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
     """:func:`prepare_torch`, as one Triton kernel on CUDA (float32)."""
     if not _fusable(g, dt, layout):
         return prepare_torch(g, dt, layout)
-    batch, channels, length, per_head = _dims(g, layout)
-    x_rev, dt_rev = torch.empty_like(g, memory_format=torch.contiguous_format), torch.empty_like(dt)
-    _kernel(_prepare_kernel)[_grid(batch, channels, length)](
-        g, dt, x_rev, dt_rev, channels, length, per_head, DT_FLOOR,
-        *_x_strides(g, layout), *_dt_strides(dt, layout), *_x_strides(x_rev, layout), *_dt_strides(dt_rev, layout),
-        BLOCK_C=_BLOCK[0], BLOCK_T=_BLOCK[1], num_warps=4)
-    return x_rev, dt_rev
+    from ..kernels import elementwise
+
+    return elementwise.reversed_prepare(g, dt, layout, DT_FLOOR)
 
 
 def _channel_D(D: Tensor, g: Tensor, layout: str) -> Tensor:
+    """D per channel of x (SSD: per head repeated over p, or per (head, p))."""
     if layout == "mamba1" or D.dim() == 2:
         return D.reshape(-1).contiguous()
     return D.repeat_interleave(g.shape[3])
@@ -155,16 +88,11 @@ def _channel_D(D: Tensor, g: Tensor, layout: str) -> Tensor:
 
 def finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str) -> Tensor:
     """:func:`finish_torch`, as one Triton kernel on CUDA (float32)."""
-    if not (_fusable(g, dt, layout) and y_rev.dtype == torch.float32 and _x_strides(y_rev, layout) is not None):
+    if not (y_rev.dtype == torch.float32 and _fusable(y_rev, dt, layout) and _fusable(g, dt, layout)):
         return finish_torch(y_rev, g, dt, D, layout)
-    batch, channels, length, per_head = _dims(g, layout)
-    out = torch.empty_like(g, memory_format=torch.contiguous_format)
-    Dc = None if D is None else _channel_D(D.float(), g, layout)
-    _kernel(_finish_kernel)[_grid(batch, channels, length)](
-        y_rev, g, dt, dt if Dc is None else Dc, out, channels, length, per_head,
-        *_x_strides(y_rev, layout), *_x_strides(g, layout), *_dt_strides(dt, layout), *_x_strides(out, layout),
-        HAS_D=Dc is not None, BLOCK_C=_BLOCK[0], BLOCK_T=_BLOCK[1], num_warps=4)
-    return out
+    from ..kernels import elementwise
+
+    return elementwise.reversed_finish(y_rev, g, dt, None if D is None else _channel_D(D.float(), g, layout), layout)
 
 
 def reversed_adjoint(forward: ForwardKernel, g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,

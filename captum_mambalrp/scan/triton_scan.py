@@ -14,108 +14,85 @@ and the result is float32 whatever the input dtype. Mamba1 is ``P = 1, G = 1`` (
 channel and state); Mamba2 is ``P = head_dim`` (dt and a scalar A per head).
 """
 
-import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-try:  # Triton ships with CUDA builds of torch; absent on most CPU installs
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - absent, or broken on this install
-    triton = None
-    tl = None
+from ..kernels import jit
 
 
-def available() -> bool:
-    """Is Triton importable? (Running it needs CUDA, or ``TRITON_INTERPRET=1``.)"""
-    return triton is not None
-
-
-if triton is not None:
-
-    def _scan_kernel(
-        v_ptr, dt_ptr, a_ptr, min_ptr, mout_ptr, d_ptr, out_ptr,
-        length, channels, n_state, head_dim, group_channels,
-        s_vb, s_vl, s_vc, s_db, s_dl, s_dh, s_ah, s_an,
-        s_ib, s_il, s_ig, s_in, s_ob, s_ol, s_og, s_on, s_rb, s_rl, s_rc,
-        HAS_D: tl.constexpr, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-    ):
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_c = tl.program_id(1)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < channels
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_state
-        head = offs_c // head_dim
-        group = ((pid_c * BLOCK_C) // group_channels).to(tl.int64)
-        a = tl.load(a_ptr + head[:, None] * s_ah + offs_n[None, :] * s_an,
-                    mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        if HAS_D:
-            dd = tl.load(d_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        v_base = v_ptr + pid_b * s_vb + offs_c * s_vc
-        dt_base = dt_ptr + pid_b * s_db + head * s_dh
-        in_base = min_ptr + pid_b * s_ib + group * s_ig + offs_n * s_in
-        out_base = mout_ptr + pid_b * s_ob + group * s_og + offs_n * s_on
-        res_base = out_ptr + pid_b * s_rb + offs_c * s_rc
-        h = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-        steps = tl.arange(0, BLOCK_T)
-        n_tiles = tl.cdiv(length, BLOCK_T)
-        for k in range(0, n_tiles):
-            # one coalesced load of BLOCK_T steps, then the steps from registers
+def _scan_kernel(
+    v_ptr, dt_ptr, a_ptr, min_ptr, mout_ptr, d_ptr, out_ptr,
+    length, channels, n_state, head_dim, group_channels,
+    s_vb, s_vl, s_vc, s_db, s_dl, s_dh, s_ah, s_an,
+    s_ib, s_il, s_ig, s_in, s_ob, s_ol, s_og, s_on, s_rb, s_rl, s_rc,
+    HAS_D: tl.constexpr, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < channels
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_state
+    head = offs_c // head_dim
+    group = ((pid_c * BLOCK_C) // group_channels).to(tl.int64)
+    a = tl.load(a_ptr + head[:, None] * s_ah + offs_n[None, :] * s_an,
+                mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    if HAS_D:
+        dd = tl.load(d_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    v_base = v_ptr + pid_b * s_vb + offs_c * s_vc
+    dt_base = dt_ptr + pid_b * s_db + head * s_dh
+    in_base = min_ptr + pid_b * s_ib + group * s_ig + offs_n * s_in
+    out_base = mout_ptr + pid_b * s_ob + group * s_og + offs_n * s_on
+    res_base = out_ptr + pid_b * s_rb + offs_c * s_rc
+    h = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    steps = tl.arange(0, BLOCK_T)
+    n_tiles = tl.cdiv(length, BLOCK_T)
+    for k in range(0, n_tiles):
+        # one coalesced load of BLOCK_T steps, then the steps from registers
+        if REVERSE:
+            t0 = (n_tiles - 1 - k).to(tl.int64) * BLOCK_T
+        else:
+            t0 = (k + tl.zeros([], dtype=tl.int64)) * BLOCK_T
+        offs_t = t0 + steps
+        mask_t = offs_t < length
+        mask_ct = mask_c[:, None] & mask_t[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        vs = tl.load(v_base[:, None] + offs_t[None, :] * s_vl, mask=mask_ct, other=0.0).to(tl.float32)
+        dts = tl.load(dt_base[:, None] + offs_t[None, :] * s_dl, mask=mask_ct, other=0.0).to(tl.float32)
+        ins = tl.load(in_base[None, :] + offs_t[:, None] * s_il, mask=mask_tn, other=0.0).to(tl.float32)
+        outs = tl.load(out_base[None, :] + offs_t[:, None] * s_ol, mask=mask_tn, other=0.0).to(tl.float32)
+        res = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+        for j in tl.static_range(BLOCK_T):
             if REVERSE:
-                t0 = (n_tiles - 1 - k).to(tl.int64) * BLOCK_T
+                pick = steps == BLOCK_T - 1 - j
             else:
-                t0 = (k + tl.zeros([], dtype=tl.int64)) * BLOCK_T
-            offs_t = t0 + steps
-            mask_t = offs_t < length
-            mask_ct = mask_c[:, None] & mask_t[None, :]
-            mask_tn = mask_t[:, None] & mask_n[None, :]
-            vs = tl.load(v_base[:, None] + offs_t[None, :] * s_vl, mask=mask_ct, other=0.0).to(tl.float32)
-            dts = tl.load(dt_base[:, None] + offs_t[None, :] * s_dl, mask=mask_ct, other=0.0).to(tl.float32)
-            ins = tl.load(in_base[None, :] + offs_t[:, None] * s_il, mask=mask_tn, other=0.0).to(tl.float32)
-            outs = tl.load(out_base[None, :] + offs_t[:, None] * s_ol, mask=mask_tn, other=0.0).to(tl.float32)
-            res = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-            for j in tl.static_range(BLOCK_T):
-                if REVERSE:
-                    pick = steps == BLOCK_T - 1 - j
-                else:
-                    pick = steps == j
-                v = tl.sum(tl.where(pick[None, :], vs, 0.0), axis=1)
-                dt = tl.sum(tl.where(pick[None, :], dts, 0.0), axis=1)
-                m_in = tl.sum(tl.where(pick[:, None], ins, 0.0), axis=0)
-                m_out = tl.sum(tl.where(pick[:, None], outs, 0.0), axis=0)
-                decay = tl.exp(dt[:, None] * a)
-                if REVERSE:
-                    h = h + v[:, None] * m_in[None, :]
-                    r = tl.sum(h * m_out[None, :], axis=1) * dt
-                    h = h * decay
-                else:
-                    h = decay * h + (dt * v)[:, None] * m_in[None, :]
-                    r = tl.sum(h * m_out[None, :], axis=1)
-                res = tl.where(pick[None, :], r[:, None], res)
-            if HAS_D:
-                res += dd[:, None] * vs
-            tl.store(res_base[:, None] + offs_t[None, :] * s_rl, res, mask=mask_ct)
+                pick = steps == j
+            v = tl.sum(tl.where(pick[None, :], vs, 0.0), axis=1)
+            dt = tl.sum(tl.where(pick[None, :], dts, 0.0), axis=1)
+            m_in = tl.sum(tl.where(pick[:, None], ins, 0.0), axis=0)
+            m_out = tl.sum(tl.where(pick[:, None], outs, 0.0), axis=0)
+            decay = tl.exp(dt[:, None] * a)
+            if REVERSE:
+                h = h + v[:, None] * m_in[None, :]
+                r = tl.sum(h * m_out[None, :], axis=1) * dt
+                h = h * decay
+            else:
+                h = decay * h + (dt * v)[:, None] * m_in[None, :]
+                r = tl.sum(h * m_out[None, :], axis=1)
+            res = tl.where(pick[None, :], r[:, None], res)
+        if HAS_D:
+            res += dd[:, None] * vs
+        tl.store(res_base[:, None] + offs_t[None, :] * s_rl, res, mask=mask_ct)
 
 
 Strides = Tuple[int, ...]
 #: Time steps loaded per tile (one coalesced load, then the steps run from registers).
 BLOCK_T = 16
-_JITTED: Dict[bool, Any] = {}
-
-
-def _kernel() -> Any:
-    """The jitted kernel, made on first use (the interpreter, under ``TRITON_INTERPRET=1``,
-    needs that variable set before triton is imported)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret not in _JITTED:
-        _JITTED[interpret] = triton.jit(_scan_kernel)
-    return _JITTED[interpret]
-
-
 def _block_c(n_state: int, groups: int, group_channels: int) -> int:
     """Channels per program: small blocks for many programs (batch 1 has few channels to
     spread over the SMs); a block never straddles two groups of B and C."""
@@ -138,7 +115,7 @@ def _launch(
     block_n = max(triton.next_power_of_2(n_state), 2)
     warps = max(1, min(4, block_c * block_n // 256))
     grid = (batch, triton.cdiv(channels, block_c))
-    _kernel()[grid](
+    jit(_scan_kernel)[grid](
         v, dt, A, M_in, M_out, D if D is not None else dt, out,
         length, channels, n_state, head_dim, group_channels,
         *sv, *sd, *sa, *si, *so, *sr,
@@ -203,15 +180,11 @@ def _channel_D(D: Optional[Tensor], heads: int, p: int) -> Optional[Tensor]:
 
 def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba1 layout (see :func:`captum_mambalrp.scan.selective_scan`), constants detached."""
-    if triton is None:
-        raise RuntimeError("the triton backend needs the triton package")
     Dc = None if D is None else D.detach().float().contiguous()
     return _TritonRelevanceScan.apply(x, delta.detach(), A.detach().float(), B.detach(), C.detach(), Dc, "mamba1")
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba2 layout (see :func:`captum_mambalrp.scan.ssd_scan`), constants detached."""
-    if triton is None:
-        raise RuntimeError("the triton backend needs the triton package")
     heads, p = x.shape[2], x.shape[3]
     return _TritonRelevanceScan.apply(x, dt.detach(), A.detach().float(), B.detach(), C.detach(), _channel_D(D, heads, p), "ssd")

@@ -1,0 +1,201 @@
+"""Fused element-wise rule steps as Triton kernels (imported on first use, CUDA or the
+interpreter). Each computes in float32 what its torch definition computes:
+
+- :func:`epsilon_scaled`: ``grad * |z| / (|z| + eps)`` (``rules/linear.py``);
+- :func:`half_silu_gate`: ``y * silu(z)`` with the half and identity rules, forward and
+  backward (``rules/gate.py``);
+- :func:`reversed_prepare`, :func:`reversed_finish`: the steps around the reversed adjoint
+  scan (``scan/adjoint.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import jit
+
+
+def _epsilon_scaled_kernel(grad_ptr, z_ptr, out_ptr, n, epsilon, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.abs(tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+    ratio = tl.math.div_rn(z, z + epsilon)  # IEEE division, as torch's
+    tl.store(out_ptr + offs, (g * ratio).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def epsilon_scaled(grad: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """``grad * |z| / (|z| + epsilon)`` in one pass, returned in ``grad``'s dtype."""
+    grad, z = grad.contiguous(), z.contiguous()
+    out = torch.empty_like(grad)
+    n, block = grad.numel(), 2048
+    jit(_epsilon_scaled_kernel)[(triton.cdiv(n, block),)](grad, z, out, n, float(epsilon), BLOCK=block, num_warps=8)
+    return out
+
+
+# ---------------------------------------------------------------- gate: [b, r, c] tiles, any strides
+
+
+def _gate_forward_kernel(y_ptr, z_ptr, out_ptr, rows, cols, sy0, sy1, sy2, sz0, sz1, sz2, so0, so1, so2,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    r, c = r.to(tl.int64)[:, None], c.to(tl.int64)[None, :]
+    y = tl.load(y_ptr + b * sy0 + r * sy1 + c * sy2, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * sz0 + r * sz1 + c * sz2, mask=mask, other=0.0).to(tl.float32)
+    out = y * (z * tl.sigmoid(z))
+    tl.store(out_ptr + b * so0 + r * so1 + c * so2, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _gate_backward_kernel(g_ptr, y_ptr, z_ptr, dy_ptr, dz_ptr, rows, cols, sg0, sg1, sg2, sy0, sy1, sy2,
+                          sz0, sz1, sz2, sdy0, sdy1, sdy2, sdz0, sdz1, sdz2,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    r, c = r.to(tl.int64)[:, None], c.to(tl.int64)[None, :]
+    half = 0.5 * tl.load(g_ptr + b * sg0 + r * sg1 + c * sg2, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * sy0 + r * sy1 + c * sy2, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * sz0 + r * sz1 + c * sz2, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(z)
+    tl.store(dy_ptr + b * sdy0 + r * sdy1 + c * sdy2, (half * (z * sig)).to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + b * sdz0 + r * sdz1 + c * sdz2, (half * y * sig).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+_GATE_BLOCK = (32, 64)
+
+
+def _gate_grid(shape: torch.Size) -> Tuple[int, int, int]:
+    return (triton.cdiv(shape[1], _GATE_BLOCK[0]), triton.cdiv(shape[2], _GATE_BLOCK[1]), shape[0])
+
+
+class _HalfSiluGate(torch.autograd.Function):
+    """Forward ``y * z * sigmoid(z)``; backward ``dy = g/2 * z * sigmoid(z)``,
+    ``dz = g/2 * y * sigmoid(z)`` (half rule on the product, identity rule on the SiLU)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, transposed_out: bool) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y, z)
+        b, r, c = y.shape
+        out = torch.empty(b, c, r, device=y.device, dtype=y.dtype).transpose(1, 2) if transposed_out else \
+            torch.empty(b, r, c, device=y.device, dtype=y.dtype)
+        jit(_gate_forward_kernel)[_gate_grid(y.shape)](
+            y, z, out, r, c, *y.stride(), *z.stride(), *out.stride(),
+            BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        y, z = ctx.saved_tensors
+        dy, dz = torch.empty_like(y), torch.empty_like(z)
+        b, r, c = y.shape
+        jit(_gate_backward_kernel)[_gate_grid(y.shape)](
+            grad, y, z, dy, dz, r, c, *grad.stride(), *y.stride(), *z.stride(), *dy.stride(), *dz.stride(),
+            BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4)
+        return dy, dz, None
+
+
+def half_silu_gate(y: Tensor, z: Tensor, transposed_out: bool = False) -> Tensor:
+    """The default gate on ``[b, r, c]`` tensors of one dtype, any strides; ``transposed_out``
+    stores the result ``[b, c, r]``-contiguous (the layout the next linear layer reads)."""
+    return _HalfSiluGate.apply(y, z, transposed_out)
+
+
+# ---------------------------------------------------------------- around the reversed adjoint scan
+# Tensors are addressed as [batch, channel, time]; channel c belongs to head c // P (its dt).
+# Layouts: "mamba1" (x, dt [b, d, l]) and "ssd" (x [b, l, h, p], dt [b, l, h]).
+
+
+def x_strides(t: Tensor, layout: str) -> Optional[Tuple[int, int, int]]:
+    """(batch, channel, time) strides of an x-shaped tensor (SSD: head and p flattened,
+    which needs ``stride(h) == p * stride(p)``; None otherwise)."""
+    if layout == "mamba1":
+        return t.stride(0), t.stride(1), t.stride(2)
+    if t.stride(2) != t.shape[3] * t.stride(3):
+        return None
+    return t.stride(0), t.stride(3), t.stride(1)
+
+
+def _dt_strides(t: Tensor, layout: str) -> Tuple[int, int, int]:
+    return (t.stride(0), t.stride(1), t.stride(2)) if layout == "mamba1" else (t.stride(0), t.stride(2), t.stride(1))
+
+
+def _dims(g: Tensor, layout: str) -> Tuple[int, int, int, int]:
+    """batch, channels, length, channels per head."""
+    if layout == "mamba1":
+        return g.shape[0], g.shape[1], g.shape[2], 1
+    return g.shape[0], g.shape[2] * g.shape[3], g.shape[1], g.shape[3]
+
+
+def _prepare_kernel(g_ptr, dt_ptr, x_ptr, dtr_ptr, channels, length, per_head, floor,
+                    sg0, sg1, sg2, sd0, sd1, sd2, sx0, sx1, sx2, sr0, sr1, sr2,
+                    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = (c[:, None] < channels) & (s[None, :] < length)
+    head = (c // per_head).to(tl.int64)[:, None]
+    c, s = c.to(tl.int64)[:, None], s.to(tl.int64)[None, :]
+    t = length - 1 - s  # the original step read at reversed step s
+    nxt = tl.load(dt_ptr + b * sd0 + head * sd1 + (t + 1) * sd2, mask=mask & (s > 0), other=1.0).to(tl.float32)
+    step = tl.maximum(nxt, floor)
+    g = tl.load(g_ptr + b * sg0 + c * sg1 + t * sg2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + b * sx0 + c * sx1 + s * sx2, tl.math.div_rn(g, step), mask=mask)
+    tl.store(dtr_ptr + b * sr0 + head * sr1 + s * sr2, step, mask=mask & (c % per_head == 0))
+
+
+def _finish_kernel(y_ptr, g_ptr, dt_ptr, d_ptr, out_ptr, channels, length, per_head,
+                   sy0, sy1, sy2, sg0, sg1, sg2, sd0, sd1, sd2, so0, so1, so2,
+                   HAS_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = (c[:, None] < channels) & (t[None, :] < length)
+    head = (c // per_head).to(tl.int64)[:, None]
+    cc, t = c.to(tl.int64)[:, None], t.to(tl.int64)[None, :]
+    y = tl.load(y_ptr + b * sy0 + cc * sy1 + (length - 1 - t) * sy2, mask=mask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * sd0 + head * sd1 + t * sd2, mask=mask, other=0.0).to(tl.float32)
+    out = y * dt
+    if HAS_D:
+        g = tl.load(g_ptr + b * sg0 + cc * sg1 + t * sg2, mask=mask, other=0.0).to(tl.float32)
+        dd = tl.load(d_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
+        out += dd[:, None] * g
+    tl.store(out_ptr + b * so0 + cc * so1 + t * so2, out, mask=mask)
+
+
+_BLOCK = (32, 64)
+
+
+def _grid(batch: int, channels: int, length: int) -> Tuple[int, int, int]:
+    return (batch, triton.cdiv(channels, _BLOCK[0]), triton.cdiv(length, _BLOCK[1]))
+
+
+def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float) -> Tuple[Tensor, Tensor]:
+    """``(x', dt')`` of the reversed problem in one pass (float32; ``g`` addressable by
+    :func:`x_strides`)."""
+    batch, channels, length, per_head = _dims(g, layout)
+    x_rev, dt_rev = torch.empty_like(g, memory_format=torch.contiguous_format), torch.empty_like(dt)
+    jit(_prepare_kernel)[_grid(batch, channels, length)](
+        g, dt, x_rev, dt_rev, channels, length, per_head, floor,
+        *x_strides(g, layout), *_dt_strides(dt, layout), *x_strides(x_rev, layout), *_dt_strides(dt_rev, layout),
+        BLOCK_C=_BLOCK[0], BLOCK_T=_BLOCK[1], num_warps=4)
+    return x_rev, dt_rev
+
+
+def reversed_finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str) -> Tensor:
+    """``dx = dt * reverse(y') + D g`` in one pass (float32; ``D`` per channel or None)."""
+    batch, channels, length, per_head = _dims(g, layout)
+    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    jit(_finish_kernel)[_grid(batch, channels, length)](
+        y_rev, g, dt, dt if D is None else D, out, channels, length, per_head,
+        *x_strides(y_rev, layout), *x_strides(g, layout), *_dt_strides(dt, layout), *x_strides(out, layout),
+        HAS_D=D is not None, BLOCK_C=_BLOCK[0], BLOCK_T=_BLOCK[1], num_warps=4)
+    return out
