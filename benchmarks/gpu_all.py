@@ -7,7 +7,9 @@ Parts (``--parts``, default all, run in this order, each under the overall ``--b
   and that only x receives a gradient; then MambaLRP on a Mamba-130M-shaped classifier
   with every backend (relevance vs the torch backend) and conservation with biases zeroed.
 - ``time``: transformers forward (no grad; mamba-ssm / causal-conv1d kernels when
-  installed) vs MambaLRP attribute per backend at L = 2048 and 16384, and Captum's
+  installed) vs MambaLRP attribute per backend at L = 2048 and 16384, eager and with
+  ``cuda_graph=True`` (replays; the first call's cost is recorded as ``first_call_s``),
+  the forward itself replayed as a CUDA graph for comparison, and Captum's
   LayerIntegratedGradients (n_steps=50) on the embeddings at 2048; Mamba1 and Mamba2.
 - ``long``: peak GPU memory per token and the largest L reached, fp32 and bf16, for
   MambaLRP keeping every mixer's tensors (``recompute=False``) and recomputing each mixer
@@ -197,8 +199,31 @@ def kernels_in_use() -> Dict[str, bool]:
     return {m: m in sys.modules for m in ("mamba_ssm", "causal_conv1d")}
 
 
+def time_graphed_forward(model: torch.nn.Module, ids: torch.Tensor, arch: str, t_fwd: float) -> Dict[str, Any]:
+    """The transformers forward recorded as a CUDA graph and replayed: the forward's own
+    floor without launch overhead (for an honest comparison with ``cuda_graph=True``)."""
+    row: Dict[str, Any] = {"part": "time", "arch": arch, "L": ids.shape[1], "method": "transformers_forward_cuda_graph"}
+    try:
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model(ids)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(ids)
+        t = cuda_time(graph.replay, repeats=5, warmup=1)
+        row.update(time_s=t, eager_over_graph=t_fwd / t)
+        del graph
+    except Exception as e:  # noqa: BLE001
+        row.update(error=f"{type(e).__name__}: {e}"[:300])
+    free()
+    return row
+
+
 def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_steps: int, budget: float,
-              only: Optional[List[str]] = None) -> None:
+              only: Optional[List[str]] = None, graphs: bool = True) -> None:
     from captum_mambalrp import MambaLRP, scan
 
     build = mamba1_classifier if arch == "mamba1" else mamba2_classifier
@@ -219,22 +244,36 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
                "kernels": kernels_in_use()}
         rows.append(fwd)
         log(json.dumps(fwd))
-        for backend in backends:
-            if backend == "torch" and length > 4096:
-                continue  # the torch scan on CUDA launches a kernel per step: minutes at long L
+        if graphs:
+            rows.append(time_graphed_forward(model, ids, arch, t_fwd))
+            log(json.dumps(rows[-1]))
+        runs = [(b, False) for b in backends] + [(b, True) for b in backends if graphs and b != "torch"]
+        for backend, graph in runs:
+            if backend == "torch" and arch == "mamba1" and length > 4096:
+                continue  # Mamba1's torch scan on CUDA launches kernels per step: minutes at long L
             if left(budget) < 40:
                 break
-            row: Dict[str, Any] = {"part": "time", "arch": arch, "L": length, "method": "mambalrp", "backend": backend}
+            row: Dict[str, Any] = {"part": "time", "arch": arch, "L": length,
+                                   "method": "mambalrp_cuda_graph" if graph else "mambalrp", "backend": backend}
             try:
-                lrp = MambaLRP(model, backend=backend)
+                lrp = MambaLRP(model, backend=backend, cuda_graph=graph)
                 with scan.record_backends() as used:
                     lrp.attribute(ids[:, :256], target=1)
                 free()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                t = cuda_time(lambda: lrp.attribute(ids, target=1), repeats=3, warmup=1)
+                if graph:  # the first call of a shape: eager pass + recording
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    lrp.attribute(ids, target=1)
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = time.perf_counter() - t0
+                t = cuda_time(lambda: lrp.attribute(ids, target=1), repeats=3, warmup=0 if graph else 1)
                 row.update(ran=sorted(used), time_s=t, ratio_to_forward=t / t_fwd,
                            peak_mib_per_token=(torch.cuda.max_memory_allocated() - base) / MiB / length)
+                if graph:
+                    row["replays"] = lrp.cuda_graphs.replays
+                del lrp
             except Exception as e:  # noqa: BLE001
                 row.update(error=f"{type(e).__name__}: {e}"[:300])
             rows.append(row)
@@ -339,15 +378,23 @@ def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for arch in ("mamba1", "mamba2"):
         for length in (2048, 16384):
             t = [r for r in rows if r["part"] == "time" and r["arch"] == arch and r["L"] == length]
-            auto = next((r for r in t if r.get("backend") == "auto" and "time_s" in r), None)
-            if auto:
-                add(f"{arch} attribute / forward at L={length} (auto = {','.join(auto['ran'])})",
-                    auto["ratio_to_forward"], "<= 2.5", auto["ratio_to_forward"] <= 2.5)
+            auto = next((r for r in t if r.get("backend") == "auto" and r["method"] == "mambalrp" and "time_s" in r), None)
+            graph = next((r for r in t if r.get("backend") == "auto" and r["method"] == "mambalrp_cuda_graph"
+                          and "time_s" in r), None)
+            fwd_graph = next((r for r in t if r["method"] == "transformers_forward_cuda_graph" and "time_s" in r), None)
+            for row, how in ((auto, ""), (graph, " cuda_graph=True")):
+                if row:
+                    add(f"{arch} attribute{how} / forward at L={length} (auto = {','.join(row['ran'])})",
+                        row["ratio_to_forward"], "<= 2.5", row["ratio_to_forward"] <= 2.5)
+            if graph and fwd_graph:
+                add(f"{arch} attribute cuda_graph=True / forward as a CUDA graph at L={length} (both replayed)",
+                    graph["time_s"] / fwd_graph["time_s"], "(for comparison)", None)
             if length == 2048:
                 lig = next((r for r in t if r["method"].startswith("captum_lig") and "time_s" in r), None)
-                if auto and lig:
-                    add(f"{arch} speed-up vs Captum LIG n_steps=50 at L=2048", lig["time_s"] / auto["time_s"], ">= 25",
-                        lig["time_s"] / auto["time_s"] >= 25)
+                for row, how in ((auto, ""), (graph, " cuda_graph=True")):
+                    if row and lig:
+                        add(f"{arch} speed-up{how} vs Captum LIG n_steps=50 at L=2048", lig["time_s"] / row["time_s"],
+                            ">= 25", lig["time_s"] / row["time_s"] >= 25)
         for dtype, goal in (("float32", 19), ("bfloat16", 20)):
             for mode in ("mambalrp", "mambalrp+recompute"):
                 done = [r for r in rows if r["part"] == "long" and r["arch"] == arch and r["dtype"] == dtype
@@ -369,6 +416,8 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[2048, 16384])
     p.add_argument("--lig-steps", type=int, default=50, help="Captum LIG steps at L=2048 (0: skip)")
     p.add_argument("--time-backends", default="auto,torch,triton,mamba_ssm", help="backends the time part runs")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="time part: skip MambaLRP(cuda_graph=True) and the forward replayed as a CUDA graph")
     p.add_argument("--max-log2-fp32", type=int, default=19)
     p.add_argument("--max-log2-bf16", type=int, default=20)
     p.add_argument("--min-log2", type=int, default=14, help="long runs start at L = 2^min_log2")
@@ -399,7 +448,7 @@ def main() -> None:
         steps += [("check_scans", lambda: check_scans(rows)), ("check_models", lambda: check_models(rows, args.budget))]
     if "time" in parts:
         steps += [(f"time_{a}", lambda a=a: time_arch(rows, a, args.lengths, args.lig_steps, args.budget,
-                                                                    args.time_backends.split(","))) for a in archs]
+                                                                    args.time_backends.split(","), not args.no_graphs)) for a in archs]
     if "long" in parts:
         limits = {"float32": args.max_log2_fp32, "bfloat16": args.max_log2_bf16}
         steps += [(f"long_{a}", lambda a=a: long_runs(rows, a, args.budget, limits, args.min_log2, args.long_dtypes,

@@ -48,22 +48,24 @@ def _inputs(batch: int = 3, length: int = 70):
     return ids, mask
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "mamba_ssm"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_gpu_backends_match_cpu_reference_and_conserve(name):
-    if name.startswith("mamba_ssm") and "mamba_ssm" not in scan.available_backends("cuda"):
+def test_gpu_backends_match_cpu_reference_and_conserve(name, backend):
+    if (name.startswith("mamba_ssm") or backend == "mamba_ssm") and "mamba_ssm" not in scan.available_backends("cuda"):
         pytest.skip("mamba-ssm is not installed")
+    if backend not in scan.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run here")
     model = MODELS[name]()
     ids, mask = _inputs()
     if name.startswith("mamba_ssm"):
         mask = None  # mamba-ssm's models take no attention mask
     ref, _ = MambaLRP(model, backend="torch").attribute(ids, target=5, attention_mask=mask, return_convergence_delta=True)
     model = model.cuda()
-    for backend in scan.available_backends("cuda"):
-        with scan.record_backends() as used:
-            rel, delta = MambaLRP(model, backend=backend).attribute(
-                ids.cuda(), target=5, attention_mask=None if mask is None else mask.cuda(), return_convergence_delta=True)
-        assert set(used) == {backend}
-        err = (rel.cpu() - ref).abs().max() / ref.abs().max()
-        assert err <= 1e-4, (backend, float(err))
-        explained = rel.sum(dim=tuple(range(1, rel.dim()))) - delta
-        assert (relative_delta(delta, explained) <= 1e-4).all(), (backend, delta)
+    with scan.record_backends() as used:
+        rel, delta = MambaLRP(model, backend=backend).attribute(
+            ids.cuda(), target=5, attention_mask=None if mask is None else mask.cuda(), return_convergence_delta=True)
+    assert set(used) == {backend}
+    err = (rel.cpu() - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, (backend, float(err))
+    explained = rel.sum(dim=tuple(range(1, rel.dim()))) - delta
+    assert (relative_delta(delta, explained) <= 1e-4).all(), (backend, delta)

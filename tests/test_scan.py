@@ -80,3 +80,36 @@ def test_differentiable_scan_gives_parameter_gradients():
     assert gd.abs().sum() > 0 and gB.abs().sum() > 0
     y_lin = selective_scan(rand(b, d, l, seed=3), delta, -rand(d, n, seed=4).abs(), B, rand(b, n, l, seed=5), None)
     assert not y_lin.requires_grad  # constants: no graph to the parameters
+
+
+@pytest.mark.parametrize("length,chunk", [(1, 4), (37, 4), (300, 3), (2000, 4)])
+def test_ssd_chunked_matrix_form_matches_the_recurrence(length, chunk):
+    """The torch backend's SSD kernel (chunks in matrix form; chunk ends through
+    ``decay_scan``, recursively when there are more chunks than one block holds), against the
+    float64 recurrence: chunk and block boundaries, padding, groups, D per head and per channel."""
+    from captum_mambalrp.scan.ssd_chunked import ssd_chunked
+
+    b, heads, p, n, groups = 2, 4, 3, 5, 2
+    x = rand(b, length, heads, p, seed=1)
+    dt = rand(b, length, heads, seed=2).abs() * 0.3
+    A = -rand(heads, seed=3).abs()
+    B, C = rand(b, length, groups, n, seed=4), rand(b, length, groups, n, seed=5)
+    for D in (rand(heads, seed=6), rand(heads, p, seed=7)):
+        ref = sequential_ssd(x, dt, A, B, C, D if D.dim() == 1 else torch.zeros(heads))
+        if D.dim() == 2:
+            ref = ref + D * x
+        y = ssd_chunked(x.float(), dt.float(), A.float(), B.float(), C.float(), D.float(), chunk=chunk)
+        assert y.dtype == torch.float32
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_decay_scan_is_the_first_order_recurrence():
+    from captum_mambalrp.scan.ssd_chunked import decay_scan
+
+    u, a = rand(2, 700, 3, 4, seed=1).float(), -rand(2, 700, 3, seed=2).abs().float()
+    s, expected = torch.zeros(2, 3, 4, dtype=torch.float64), []
+    for t in range(700):
+        s = torch.exp(a[:, t].double())[..., None] * s + u[:, t].double()
+        expected.append(s)
+    got = decay_scan(u, a, block=5)  # 140 blocks -> 28 -> 6 -> 2: four levels
+    assert (got.double() - torch.stack(expected, 1)).abs().max() <= 1e-5 * u.abs().max()

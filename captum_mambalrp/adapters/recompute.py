@@ -33,7 +33,9 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
         tokens = hidden_states.shape[0] * hidden_states.shape[1]
         limit = RECOMPUTE_AUTO_TOKENS.get(hidden_states.device.type, RECOMPUTE_AUTO_TOKENS["cpu"])
         if torch.is_grad_enabled() and (recompute is True or (recompute == "auto" and tokens > limit)):
-            return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
+            # mixers draw no random numbers: no RNG state to keep (and none to read while a
+            # CUDA graph is being captured)
+            return checkpoint(forward, hidden_states, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
         return forward(hidden_states, *args, **kwargs)
 
     return run

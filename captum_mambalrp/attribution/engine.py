@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher
 from .inputs import ForwardCall
-from .targets import TargetLike, output_scores, select_targets
+from .targets import output_scores
+
+Selector = Callable[[Tensor], Tensor]  # scores -> the explained score per example [B]
 
 
 @dataclass
@@ -54,12 +56,13 @@ def relevance_pass(
     model: nn.Module,
     install: Callable[[Patcher], Installation],
     call: ForwardCall,
-    target: TargetLike,
+    select: Selector,
     captures: Sequence[Capture],
     verbose: bool = False,
-) -> Tuple[List[Tensor], Tensor, List[Tuple[int, ...]]]:
-    """Relevance ``a * g`` (float32, padded positions zeroed) at each capture point, the
-    explained score per example, and the chosen (position, class) per example."""
+) -> Tuple[List[Tensor], Tensor]:
+    """Relevance ``a * g`` (float32, padded positions zeroed) at each capture point and the
+    explained score per example (``select(scores)``, e.g. a
+    :class:`~captum_mambalrp.attribution.targets.TargetSelector`)."""
     patcher = Patcher()
     try:
         patcher.freeze_parameters(model)
@@ -73,7 +76,7 @@ def relevance_pass(
             c.install(patcher)
         with torch.enable_grad():
             scores = output_scores(call.run(model))
-            explained, index = select_targets(scores, target, call.mask)
+            explained = select(scores)
             for c in captures:
                 if not c.tensors:
                     raise RuntimeError(f"{type(c.module).__name__} did not run in the forward pass; cannot read relevance there")
@@ -92,4 +95,4 @@ def relevance_pass(
         if call.mask is not None and total.dim() >= 2 and tuple(total.shape[:2]) == tuple(call.mask.shape):
             total = total * call.mask.to(total.dtype).reshape(*call.mask.shape, *([1] * (total.dim() - 2)))
         results.append(total)
-    return results, explained.detach().float(), index
+    return results, explained.detach().float()

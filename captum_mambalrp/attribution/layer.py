@@ -13,7 +13,7 @@ from ..rules.composites import Composite, RuleLike, composite as make_composite
 from .engine import Capture, relevance_pass
 from .inputs import build_call, check_inputs
 from .mamba_lrp import find_embedding, install_checked
-from .targets import TargetLike
+from .targets import TargetLike, TargetSelector
 
 LayerLike = Union[nn.Module, List[nn.Module]]
 
@@ -80,7 +80,7 @@ class LayerMambaLRP(LayerGradientXActivation):
         def install(patcher: Patcher) -> Installation:
             return install_checked(model, self.composite, self.backend, patcher, self.recompute)
 
-        relevances, explained, _ = relevance_pass(model, install, call, target, captures, verbose)
+        relevances, explained = relevance_pass(model, install, call, TargetSelector(target, call.mask), captures, verbose)
         out = relevances if isinstance(self.layer, list) else relevances[0]
         if not return_convergence_delta:
             return out

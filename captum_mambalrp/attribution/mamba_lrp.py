@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, Mapping, Optional, Tuple, Union
 
 import torch
 from captum.attr import LRP
@@ -13,9 +13,10 @@ from ..adapters import Installation, Patcher, install_rules
 from ..adapters.recompute import Recompute, check_recompute
 from ..rules.composites import Composite, RuleLike, composite as make_composite
 from ..scan import BACKENDS
+from .cuda_graphs import GraphCache
+from .engine import Capture, Selector, relevance_pass
 from .inputs import ForwardCall, build_call, check_inputs
-from .engine import Capture, relevance_pass
-from .targets import TargetLike
+from .targets import TargetLike, TargetSelector
 
 
 def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
@@ -71,6 +72,12 @@ class MambaLRP(LRP):
             elsewhere). Same relevance; memory
             per layer drops to the mixer's input, for one more mixer forward.
         embedding: the token embedding module when the model has several.
+        cuda_graph: on CUDA inputs, record each input signature's pass as a CUDA graph and
+            replay it on later calls with that signature (same relevance; removes the launch
+            overhead that dominates at a few thousand tokens; see
+            :mod:`captum_mambalrp.attribution.cuda_graphs`). The first call per signature
+            costs an eager pass plus the recording; each graph keeps one pass's memory.
+            Ignored for CPU inputs.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class MambaLRP(LRP):
         backend: str = "auto",
         embedding: Optional[nn.Embedding] = None,
         recompute: Recompute = "auto",
+        cuda_graph: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MambaLRP needs an nn.Module; got {type(model).__name__}")
@@ -92,6 +100,10 @@ class MambaLRP(LRP):
         self.recompute = check_recompute(recompute)
         self.embedding = embedding if embedding is not None else find_embedding(model)
         self.last_installation: Optional[Installation] = None
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self.cuda_graphs = GraphCache()
         # fail early on models MambaLRP cannot explain (and on misspelt rule keys)
         self._install(Patcher()).patcher.restore()
 
@@ -156,17 +168,37 @@ class MambaLRP(LRP):
         return out
 
     def _relevance(self, call: ForwardCall, inputs: Tensor, target: TargetLike, verbose: bool) -> Tuple[Tensor, Tensor]:
+        if self.cuda_graph and inputs.is_cuda:
+            return self.cuda_graphs.relevance(call, target, lambda c, sel: self._pass(c, sel, verbose), self._graph_state())
+        return self._pass(call, TargetSelector(target, call.mask), verbose)
+
+    def _pass(self, call: ForwardCall, select: Selector, verbose: bool) -> Tuple[Tensor, Tensor]:
+        """One forward and backward pass: relevance at the embeddings (summed over the
+        hidden size for token ids) and the explained score per example."""
         if call.token_ids:
             capture = Capture(module=self.embedding)
         else:
-            capture = Capture(leaf=inputs.detach().requires_grad_(True))
+            capture = Capture(leaf=_input_of(call).detach().requires_grad_(True))
             call = _with_input(call, capture.leaf)
-        (relevance,), explained, _ = relevance_pass(self.model, self._install_for_call, call, target, [capture], verbose)
+        (relevance,), explained = relevance_pass(self.model, self._install_for_call, call, select, [capture], verbose)
         if len(capture.tensors) != 1:
             raise RuntimeError("the token embedding ran more than once in one forward; MambaLRP needs it to run once")
         if call.token_ids:
             relevance = relevance.sum(dim=-1)
         return relevance, explained
+
+    def _graph_state(self) -> Hashable:
+        """What recorded graphs depend on besides the call: train/eval mode, autocast, where
+        each weight lives and each ``module.rule`` assigned."""
+        model = self.model
+        rules = tuple((name, id(rule)) for name, m in model.named_modules() if (rule := getattr(m, "rule", None)) is not None)
+        weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+        return (model.training, torch.is_autocast_enabled("cuda"), weights, rules)
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop the recorded CUDA graphs and their memory (needed after changing the
+        composite in place; weights moved or re-assigned are noticed on their own)."""
+        self.cuda_graphs.clear()
 
     def _install_for_call(self, patcher: Patcher) -> Installation:
         self.last_installation = self._install(patcher)
@@ -179,6 +211,10 @@ class MambaLRP(LRP):
             inst.patcher.restore()
             self.last_installation = inst
         return {c.name: repr(c.rule) for c in self.last_installation.components}
+
+
+def _input_of(call: ForwardCall) -> Tensor:
+    return call.kwargs["inputs_embeds"] if "inputs_embeds" in call.kwargs else call.args[0]
 
 
 def _with_input(call: ForwardCall, x: Tensor) -> ForwardCall:

@@ -14,6 +14,7 @@ one class per example, as in Captum. ``[B]`` outputs take ``target=None``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -68,35 +69,55 @@ def _as_int(t: object) -> object:
         return t
 
 
-def _real_positions(mask: Optional[Tensor], batch: int, length: int, device: torch.device) -> List[Tensor]:
+def _real_positions(mask: Optional[Tensor], batch: int, length: int) -> List[List[int]]:
     if mask is None:
-        return [torch.arange(length, device=device)] * batch
-    return [torch.nonzero(mask[i], as_tuple=False).flatten() for i in range(batch)]
+        return [list(range(length))] * batch
+    return [torch.nonzero(mask[i], as_tuple=False).flatten().tolist() for i in range(batch)]
 
 
-def select_targets(scores: Tensor, target: TargetLike, mask: Optional[Tensor] = None) -> Tuple[Tensor, List[Tuple[int, ...]]]:
-    """The explained score per example (``[B]``, differentiable) and its index per example."""
-    batch = scores.shape[0]
-    if scores.dim() == 1:
+@dataclass
+class TargetPlan:
+    """What to explain, fixed before the forward pass: per example a position (``[B, L, C]``
+    outputs) and a class (``-1``: the predicted one, chosen on the device)."""
+
+    kind: int  # number of dimensions of the scores: 1, 2 or 3
+    positions: List[int]
+    classes: List[int]
+
+    def tensors(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        return (torch.tensor(self.positions, dtype=torch.long, device=device),
+                torch.tensor(self.classes, dtype=torch.long, device=device))
+
+    def index(self, chosen: Tensor) -> List[Tuple[int, ...]]:
+        """``(position, class)`` (``[B, L, C]``), ``(class,)`` (``[B, C]``) or ``()`` per example."""
+        if self.kind == 1:
+            return [()] * len(self.positions)
+        cls = chosen.tolist()
+        return [(p, c) for p, c in zip(self.positions, cls)] if self.kind == 3 else [(c,) for c in cls]
+
+
+def plan_targets(shape: Sequence[int], target: TargetLike, mask: Optional[Tensor] = None) -> TargetPlan:
+    """Check ``target`` against the scores' shape (and the mask) and fix what it selects."""
+    batch = shape[0]
+    if len(shape) == 1:
         if target is not None:
             raise ValueError("the model returns one score per example; call attribute with target=None")
-        return scores, [()] * batch
-    if scores.dim() == 2:
-        classes = scores.shape[1]
-        index = []
-        for i, t in enumerate(_per_example(target, batch)):
+        return TargetPlan(1, [0] * batch, [0] * batch)
+    if len(shape) == 2:
+        classes = []
+        for t in _per_example(target, batch):
             if t is None:
-                t = int(scores[i].argmax())
-            if isinstance(t, tuple) or isinstance(t, bool) or not isinstance(t, int):
+                t = -1
+            elif isinstance(t, tuple) or isinstance(t, bool) or not isinstance(t, int):
                 raise ValueError(f"target {t!r} is not a class index; outputs of shape [B, C] take one int per example")
-            _check_class(t, classes)
-            index.append((t,))
-        chosen = scores[torch.arange(batch), torch.tensor([i[0] for i in index], device=scores.device)]
-        return chosen, index
-    if scores.dim() == 3:
-        length, classes = scores.shape[1], scores.shape[2]
-        real = _real_positions(mask, batch, length, scores.device)
-        index = []
+            else:
+                _check_class(t, shape[1])
+            classes.append(t)
+        return TargetPlan(2, [0] * batch, classes)
+    if len(shape) == 3:
+        length, n_classes = shape[1], shape[2]
+        real = _real_positions(mask, batch, length)
+        positions, classes = [], []
         for i, t in enumerate(_per_example(target, batch)):
             position, cls = (-1, t) if not isinstance(t, tuple) else _pair(t)
             if len(real[i]) == 0:
@@ -106,16 +127,44 @@ def select_targets(scores: Tensor, target: TargetLike, mask: Optional[Tensor] = 
                     f"target position {position} is out of range for example {i}, which has "
                     f"{len(real[i])} real tokens (positions count real tokens; -1 is the last)"
                 )
-            pos = int(real[i][position])
-            if cls is None:
-                cls = int(scores[i, pos].argmax())
-            _check_class(cls, classes)
-            index.append((pos, cls))
-        rows = torch.arange(batch, device=scores.device)
-        pos_t = torch.tensor([p for p, _ in index], device=scores.device)
-        cls_t = torch.tensor([c for _, c in index], device=scores.device)
-        return scores[rows, pos_t, cls_t], index
-    raise ValueError(f"model output of shape {tuple(scores.shape)} is not supported; expected [B], [B, C] or [B, L, C]")
+            if cls is not None:
+                _check_class(cls, n_classes)
+            positions.append(real[i][position])
+            classes.append(-1 if cls is None else cls)
+        return TargetPlan(3, positions, classes)
+    raise ValueError(f"model output of shape {tuple(shape)} is not supported; expected [B], [B, C] or [B, L, C]")
+
+
+def pick_scores(scores: Tensor, positions: Tensor, classes: Tensor) -> Tuple[Tensor, Tensor]:
+    """The explained score per example (``[B]``, differentiable) and the class explained,
+    without a host synchronisation (so a CUDA graph can hold it): ``classes < 0`` takes the
+    predicted class at the position."""
+    if scores.dim() == 1:
+        return scores, classes
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    at = scores if scores.dim() == 2 else scores[rows, positions]
+    chosen = torch.where(classes >= 0, classes, at.detach().argmax(dim=-1))
+    return at[rows, chosen], chosen
+
+
+class TargetSelector:
+    """``scores -> explained [B]`` for :func:`~captum_mambalrp.attribution.engine.relevance_pass`;
+    keeps the plan it made (``.plan``), so a CUDA graph can be set up from it."""
+
+    def __init__(self, target: TargetLike, mask: Optional[Tensor] = None) -> None:
+        self.target, self.mask = target, mask
+        self.plan: Optional[TargetPlan] = None
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        self.plan = plan_targets(scores.shape, self.target, self.mask)
+        return pick_scores(scores, *self.plan.tensors(scores.device))[0]
+
+
+def select_targets(scores: Tensor, target: TargetLike, mask: Optional[Tensor] = None) -> Tuple[Tensor, List[Tuple[int, ...]]]:
+    """The explained score per example (``[B]``, differentiable) and its index per example."""
+    plan = plan_targets(scores.shape, target, mask)
+    explained, chosen = pick_scores(scores, *plan.tensors(scores.device))
+    return explained, plan.index(chosen)
 
 
 def _pair(t: tuple) -> Tuple[int, Optional[int]]:

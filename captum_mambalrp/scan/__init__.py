@@ -34,8 +34,10 @@ from torch import Tensor
 
 from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
+from .adjoint import ReversedAdjointScan
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
 from .recurrence import linear_recurrence
+from .ssd_chunked import ssd_chunked
 
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 
@@ -144,6 +146,9 @@ def ssd_scan(
     name = _pick(backend, x, linear, "ssd")
     if name != "torch":
         return _kernel("ssd", name)(x, dt, A, B, C, D)
+    if linear:  # the chunked matrix form, its adjoint by the same function reversed
+        f32 = [None if t is None else t.detach().float() for t in (dt, A, B, C, D)]
+        return ReversedAdjointScan.apply(x, *f32, ssd_chunked, "ssd")
     b, length, heads, p = x.shape
     groups = B.shape[2]
     hg = heads // groups  # heads per group share B and C: broadcast, never repeated
@@ -153,8 +158,7 @@ def ssd_scan(
     Cc = C.permute(0, 2, 1, 3)[:, :, None, None]
     Ac = A.reshape(groups, hg, 1, 1, 1)
     Dc = None if D is None else D.reshape(groups, hg, -1, 1)
-    args = (xc, dtc, Ac, Bc, Cc, Dc)
-    y = relevance_scan(*args) if linear else scan_forward(*args)  # [b, g, hg, p, l]
+    y = scan_forward(xc, dtc, Ac, Bc, Cc, Dc)  # [b, g, hg, p, l], differentiable in everything
     return y.permute(0, 4, 1, 2, 3).reshape(b, length, heads, p)
 
 
