@@ -247,7 +247,8 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
         if graphs:
             rows.append(time_graphed_forward(model, ids, arch, t_fwd))
             log(json.dumps(rows[-1]))
-        runs = [(b, False) for b in backends] + [(b, True) for b in backends if graphs and b != "torch"]
+        runs = [(b, False) for b in backends] + [(b, True) for b in backends
+                                                  if graphs and not (b == "torch" and arch == "mamba1")]
         for backend, graph in runs:
             if backend == "torch" and arch == "mamba1" and length > 4096:
                 continue  # Mamba1's torch scan on CUDA launches kernels per step: minutes at long L

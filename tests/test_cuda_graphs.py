@@ -153,7 +153,7 @@ def test_unrecordable_model_gets_a_clear_error_and_comes_back_unchanged():
     before = snapshot(model)
     ids = _ids(1, 20, 0, "cuda")
     lrp = MambaLRP(model, cuda_graph=True)
-    with pytest.raises(RuntimeError, match="cuda_graph=True: recording .* failed.*cuda_graph=False"):
+    with pytest.raises(RuntimeError, match=r"(?s)cuda_graph=True: recording .* failed.*cuda_graph=False"):
         lrp.attribute(ids, target=1)
     assert_unchanged(model, before)
     assert torch.isfinite(MambaLRP(model).attribute(ids, target=1)).all()

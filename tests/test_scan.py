@@ -82,7 +82,7 @@ def test_differentiable_scan_gives_parameter_gradients():
     assert not y_lin.requires_grad  # constants: no graph to the parameters
 
 
-@pytest.mark.parametrize("length,chunk", [(1, 4), (37, 4), (300, 3), (2000, 4)])
+@pytest.mark.parametrize("length,chunk", [(1, 4), (37, 4), (300, 3), (2000, 4), (2000, 64)])
 def test_ssd_chunked_matrix_form_matches_the_recurrence(length, chunk):
     """The torch backend's SSD kernel (chunks in matrix form; chunk ends through
     ``decay_scan``, recursively when there are more chunks than one block holds), against the
@@ -103,13 +103,14 @@ def test_ssd_chunked_matrix_form_matches_the_recurrence(length, chunk):
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_decay_scan_is_the_first_order_recurrence():
-    from captum_mambalrp.scan.ssd_chunked import decay_scan
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 700])
+def test_decay_scan_is_the_first_order_recurrence(length):
+    from captum_mambalrp.scan.ssd_chunked import decay_scan_
 
-    u, a = rand(2, 700, 3, 4, seed=1).float(), -rand(2, 700, 3, seed=2).abs().float()
+    u, a = rand(2, length, 3, 4, seed=1).float(), -rand(2, length, 3, 1, seed=2).abs().float()
     s, expected = torch.zeros(2, 3, 4, dtype=torch.float64), []
-    for t in range(700):
-        s = torch.exp(a[:, t].double())[..., None] * s + u[:, t].double()
+    for t in range(length):
+        s = torch.exp(a[:, t].double()) * s + u[:, t].double()
         expected.append(s)
-    got = decay_scan(u, a, block=5)  # 140 blocks -> 28 -> 6 -> 2: four levels
+    got = decay_scan_(u.clone(), torch.exp(a))  # blocks of sqrt(length), and a remainder
     assert (got.double() - torch.stack(expected, 1)).abs().max() <= 1e-5 * u.abs().max()

@@ -155,7 +155,7 @@ class GraphCache:
                 relevance, explained = run(static_call, select)
         except RuntimeError as e:
             raise RuntimeError(
-                f"cuda_graph=True: recording the attribution as a CUDA graph failed ({e}). Something in the "
+                f"cuda_graph=True: recording the attribution as a CUDA graph failed ({str(e).splitlines()[0]}). Something in the "
                 "model's forward synchronises with the CPU (.item(), .tolist(), printing a tensor, a branch on "
                 "a tensor's value) or is not allowed in a graph; use cuda_graph=False for this model."
             ) from e

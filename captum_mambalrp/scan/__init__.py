@@ -9,14 +9,15 @@ plain-gradient ablation; always the torch backend).
 
 Backends of the relevance scan (same math, same results to float32 rounding):
 
-- ``"torch"``: :mod:`.linear_scan`, the canonical scan (any device; the reference);
+- ``"torch"``: any device. Mamba1: :mod:`.linear_scan`, the canonical scan (the
+  reference); Mamba2: :mod:`.ssd_chunked`, SSD's chunked matrix form (forward only, its
+  adjoint by the same function on the reversed problem, :mod:`.adjoint`);
 - ``"mamba_ssm"``: mamba-ssm's ``selective_scan_fn`` / ``mamba_chunk_scan_combined``
   (CUDA; :mod:`.mamba_ssm_backend`), forward kernels only: the backward pass runs the
   same kernel on the reversed problem (:mod:`.adjoint`);
 - ``"triton"``: our own Triton kernel (CUDA; :mod:`.triton_scan`);
-- ``"auto"``: on CUDA (see ``AUTO_ORDER``), Mamba1: ``mamba_ssm`` if installed, else ``triton``;
-  Mamba2 (SSD): ``triton`` first (exact float32, no autotuning); else
-  ``torch``; elsewhere ``torch``.
+- ``"auto"``: on CUDA (see ``AUTO_ORDER``), Mamba1: ``mamba_ssm`` if installed, else
+  ``triton``; Mamba2 (SSD): ``torch`` (the chunked matrix form); elsewhere ``torch``.
 
 Which backend actually ran is recorded: :func:`record_backends` collects the counts of a
 block of code, :func:`backends_used` those since the last reset.
@@ -58,10 +59,11 @@ def available_backends(device: Union[str, torch.device, None] = None) -> List[st
     return out
 
 
-# "auto" on CUDA, per layout. Mamba2's SSD prefers our Triton kernel: mamba-ssm's SSD kernels
-# run float32 dots in TF32 (relative error ~2e-4 on relevance, measured on the H200) unless
-# TRITON_F32_DEFAULT=ieee, and autotune for minutes on first use.
-AUTO_ORDER = {"mamba1": ("mamba_ssm", "triton", "torch"), "ssd": ("triton", "mamba_ssm", "torch")}
+# "auto" on CUDA, per layout (measured on the H200, docs/benchmarks.md). Mamba2's SSD: the torch
+# backend's chunked matrix form runs on the GPU's matrix pipelines and beats our step-by-step
+# Triton kernel (64 x 128 states per head); mamba-ssm's SSD kernels autotune for minutes on
+# first use and run float32 dots in TF32 unless TRITON_F32_DEFAULT=ieee.
+AUTO_ORDER = {"mamba1": ("mamba_ssm", "triton", "torch"), "ssd": ("torch", "triton", "mamba_ssm")}
 
 
 def resolve_backend(backend: str, device: Union[str, torch.device, None] = None, layout: str = "mamba1") -> str:

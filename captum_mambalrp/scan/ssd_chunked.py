@@ -4,17 +4,16 @@ With a scalar decay per head, ``a_t = dt_t A`` (Mamba2's SSD), the scan
 
     h_t = exp(a_t) h_{t-1} + dt_t x_t B_t,      y_t = <C_t, h_t> + D x_t
 
-is a matrix product in chunks of ``T`` steps (Dao and Gu, 2024). With ``S(i, j) =
-a_{j+1} + ... + a_i`` (``-inf`` for ``j > i``), inside a chunk
+is a matrix product in chunks of ``T`` steps (Dao and Gu, 2024). With the prefix sums
+``s_i = a_1 + ... + a_i`` inside a chunk and ``H`` the state entering it,
 
-    y_i = sum_{j <= i} <C_i, B_j> exp(S(i, j)) dt_j x_j  +  exp(a_1 + ... + a_i) <C_i, H_in>
+    y_i = sum_{j <= i} <C_i, B_j> exp(s_i - s_j) dt_j x_j  +  exp(s_i) <C_i, H>
 
-where ``H_in`` is the state entering the chunk. The states at chunk ends follow the
-first-order recurrence ``H_c = exp(sum of a over chunk c) H_{c-1} + (what chunk c adds)``,
-solved by :func:`decay_scan` the same way (blocks in matrix form, block ends recursively).
-Everything is a batched matrix product (``torch.einsum``), so it runs on the GPU's matrix
-pipelines instead of step by step; the segment sums are formed by masked cumulative sums
-(no difference of two large prefix sums), and float32 throughout.
+and the states at chunk ends follow ``H_c = exp(s_T of chunk c) H_{c-1} + S_c`` with
+``S_c = sum_j exp(s_T - s_j) dt_j x_j B_j`` (:func:`decay_scan_`, in place, two levels).
+The products are batched matrix products (``torch.einsum``) laid out so that no large
+tensor is permuted in memory; everything is float32. Within a chunk ``s_i - s_j`` is a
+difference of sums of at most ``T`` steps, as in mamba-ssm's kernels.
 
 Used forward-only: its gradient for x is the same function on the reversed problem
 (:mod:`.adjoint`), so nothing is kept for the backward pass but dt, A, B, C, D.
@@ -22,23 +21,15 @@ Used forward-only: its gradient for x is the same function on the reversed probl
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Steps per chunk of the SSD matrix form, and per block of :func:`decay_scan`.
+#: Steps per chunk of the SSD matrix form.
 CHUNK = 64
-
-
-def segment_sums(a: Tensor) -> Tensor:
-    """``S[..., i, j] = a[..., j+1] + ... + a[..., i]`` for ``j <= i``, ``-inf`` above the diagonal."""
-    T = a.shape[-1]
-    rows = a[..., :, None].expand(*a.shape, T)  # rows[..., k, j] = a_k
-    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
-    sums = rows.masked_fill(~below, 0.0).cumsum(dim=-2)  # sum over j < k <= i
-    return sums.masked_fill(~torch.tril(torch.ones_like(below), diagonal=0), float("-inf"))
 
 
 def _pad_time(t: Tensor, pad: int) -> Tensor:
@@ -48,28 +39,33 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
     return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
 
 
-def decay_scan(u: Tensor, a: Tensor, block: int = CHUNK) -> Tensor:
-    """``s_t = exp(a_t) s_{t-1} + u_t`` along axis 1 (``s_{-1} = 0``): ``u [b, t, h, f]``,
-    ``a [b, t, h]`` -> ``s [b, t, h, f]``, in blocks of ``block`` steps."""
-    b, t, h, f = u.shape
-    pad = (-t) % block
-    nb = (t + pad) // block
-    ub = _pad_time(u, pad).view(b, nb, block, h, f)
-    ab = _pad_time(a, pad).view(b, nb, block, h).permute(0, 1, 3, 2)  # [b, nb, h, block]
-    weights = torch.exp(segment_sums(ab))  # [b, nb, h, i, j]
-    local = torch.einsum("bkhij,bkjhf->bkihf", weights, ub)
-    if nb > 1:  # the state entering each block: the same recurrence over block ends
-        ends = decay_scan(local[:, :, -1], ab.sum(-1), block)
-        entering = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
-        local = local + torch.exp(ab.cumsum(-1)).permute(0, 1, 3, 2)[..., None] * entering[:, :, None]
-    return local.reshape(b, nb * block, h, f)[:, :t]
+def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
+    """In place along axis 1: ``u_t <- decay_t * u_{t-1} + u_t`` (``u [b, t, ...]``, ``decay``
+    broadcastable to it). Two levels of about ``sqrt(t)`` sequential steps each: within
+    blocks (all blocks at once), then across block ends, then one correction."""
+    t = u.shape[1]
+    block = max(1, math.isqrt(t))
+    blocks = t // block
+    done = 1
+    if blocks > 1 and block > 1:
+        ub = u[:, : blocks * block].unflatten(1, (blocks, block))
+        db = decay[:, : blocks * block].unflatten(1, (blocks, block))
+        for i in range(1, block):
+            ub[:, :, i].addcmul_(db[:, :, i], ub[:, :, i - 1])
+        carried = db.cumprod(dim=2)  # decay from a block's start to each of its steps
+        for k in range(1, blocks):
+            ub[:, k, -1].addcmul_(carried[:, k, -1], ub[:, k - 1, -1])
+        ub[:, 1:, :-1].addcmul_(carried[:, 1:, :-1], ub[:, :-1, -1:])
+        done = blocks * block
+    for s in range(done, t):
+        u[:, s].addcmul_(decay[:, s], u[:, s - 1])
+    return u
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                 chunk: int = CHUNK) -> Tensor:
     """The SSD scan, ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``,
-    ``B, C [b, l, g, n]``, ``D [h]`` or ``[h, p]`` -> float32 ``y [b, l, h, p]``
-    (``chunk`` steps per chunk and per block of the chunk-end recurrence)."""
+    ``B, C [b, l, g, n]``, ``D [h]`` or ``[h, p]`` -> float32 ``y [b, l, h, p]``."""
     b, length, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
     hg = heads // groups  # heads per group share B and C
@@ -77,20 +73,25 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     pad = (-length) % chunk
     nc = (length + pad) // chunk
     xdt = _pad_time(x32 * dt32[..., None], pad).view(b, nc, chunk, groups, hg, p)
-    a = _pad_time(dt32 * A.float(), pad).view(b, nc, chunk, groups, hg).permute(0, 1, 3, 4, 2)  # [b, c, g, h, T]
+    a = _pad_time(dt32 * A.float(), pad).view(b, nc, chunk, groups, hg)
+    s = a.permute(0, 1, 3, 4, 2).cumsum(-1)  # [b, c, g, h, T]
     Bc = _pad_time(B.float(), pad).view(b, nc, chunk, groups, n)
     Cc = _pad_time(C.float(), pad).view(b, nc, chunk, groups, n)
-    decay = torch.exp(segment_sums(a))  # [b, c, g, h, i, j]
-    CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)
-    y = torch.einsum("bcghij,bcjghp->bcighp", CB[:, :, :, None] * decay, xdt)
-    # what each chunk adds to the state at its end, then the state entering each chunk
-    to_end = decay[..., -1, :].permute(0, 1, 4, 2, 3)[..., None]  # exp(S(T-1, j)) [b, c, j, g, h, 1]
-    added = torch.einsum("bcjgn,bcjghp->bcghpn", Bc, xdt * to_end)
-    ends = decay_scan(added.reshape(b, nc, heads, p * n), a.sum(-1).reshape(b, nc, heads), chunk)
-    entering = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1).view(b, nc, groups, hg, p, n)
-    from_before = torch.einsum("bcign,bcghpn->bcighp", Cc, entering)
-    y = y + torch.exp(a.cumsum(-1)).permute(0, 1, 4, 2, 3)[..., None] * from_before
-    y = y.reshape(b, nc * chunk, heads, p)[:, :length]
+    # within each chunk: y_i = sum_j <C_i, B_j> exp(s_i - s_j) dt_j x_j
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    weights = (s[..., :, None] - s[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    weights.mul_(torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)[:, :, :, None])
+    y = torch.einsum("bcghij,bcjghp->bcghip", weights, xdt)
+    del weights
+    # what each chunk adds to the state at its end, then the state at each chunk's end
+    to_end = torch.exp(s[..., -1:] - s).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, j, g, h, 1]
+    states = torch.einsum("bcjgn,bcjghp->bcgnhp", Bc, xdt * to_end)
+    decay_scan_(states, torch.exp(s[..., -1])[:, :, :, None, :, None])
+    # the state entering chunk c is the end state of chunk c - 1 (chunk 0 starts from zero)
+    if nc > 1:
+        entering = torch.einsum("bcign,bcgnhp->bcghip", Cc[:, 1:], states[:, :-1])
+        y[:, 1:].addcmul_(torch.exp(s[:, 1:])[..., None], entering)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * chunk, heads, p)[:, :length]
     if D is not None:
         y = y + (D.float()[:, None] if D.dim() == 1 else D.float()) * x32
     return y
