@@ -43,7 +43,8 @@ def series(results: List[Dict[str, Any]]) -> Tuple[Dict[str, List[Tuple[int, flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("results", nargs="+", help="JSON files written by cpu_bench.py / gpu_all.py")
+    p.add_argument("results", nargs="+", help="JSON files written by cpu_bench.py / gpu_all.py; "
+                   "FILE:long (or FILE:time) keeps only that part of a file")
     p.add_argument("--out", default="docs/benchmarks.png")
     args = p.parse_args()
     import matplotlib
@@ -51,7 +52,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [json.load(open(f)) for f in args.results]
+    results = []
+    for spec in args.results:
+        path, _, part = spec.partition(":")
+        res = json.load(open(path))
+        if part:
+            res["rows"] = [r for r in res.get("rows", []) if r.get("part") == part]
+        results.append(res)
     times, mems = series(results)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(15, 6))
     labels = sorted(set(times) | set(mems))

@@ -91,7 +91,13 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     if nc > 1:
         entering = torch.einsum("bcign,bcgnhp->bcghip", Cc[:, 1:], states[:, :-1])
         y[:, 1:].addcmul_(torch.exp(s[:, 1:])[..., None], entering)
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * chunk, heads, p)[:, :length]
-    if D is not None:
-        y = y + (D.float()[:, None] if D.dim() == 1 else D.float()) * x32
-    return y
+    # back to [b, l, h, p], with D x added in the same pass
+    out = torch.empty(b, nc * chunk, heads, p, dtype=torch.float32, device=x.device)
+    blocked = out.view(b, nc, chunk, groups, hg, p)
+    y = y.permute(0, 1, 4, 2, 3, 5)
+    if D is None:
+        blocked.copy_(y)
+    else:
+        Dx = D.float().reshape(groups, hg, -1)  # per head ([h]) or per channel ([h, p])
+        torch.addcmul(y, Dx, _pad_time(x32, pad).view(b, nc, chunk, groups, hg, p), out=blocked)
+    return out[:, :length]
