@@ -64,8 +64,9 @@ class MambaLRP(LRP):
         rules: overrides keyed by component name pattern (``"*.layers.0.mixer.ssm"``)
             or by kind (``"ssm"``, ``"gate"``, ``"activation"``, ``"norm"``, ``"linear"``,
             ``"conv"``). ``module.rule = ...`` on a module takes precedence over both.
-        backend: the relevance scan: ``"auto"`` (CUDA: mamba-ssm's kernels, else our Triton
-            kernel; CPU: torch), ``"torch"``, ``"triton"`` or ``"mamba_ssm"``.
+        backend: the relevance scan: ``"auto"`` (CUDA: for Mamba1 mamba-ssm's kernel, else our
+            Triton kernel; for Mamba2 the torch backend's chunked SSD; CPU: torch), ``"torch"``,
+            ``"triton"`` or ``"mamba_ssm"``.
         recompute: recompute each mixer in the backward pass instead of keeping its
             intermediate tensors (``True``, ``False``, or ``"auto"``: when a batch holds more
             than ``adapters.recompute.RECOMPUTE_AUTO_TOKENS`` tokens: 16384 on CUDA, 4096
