@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
-from .adjoint import ReversedAdjointScan
+from .adjoint import relevance_scan_from
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
 from .recurrence import linear_recurrence
 from .ssd_chunked import ssd_chunked
@@ -149,8 +149,7 @@ def ssd_scan(
     if name != "torch":
         return _kernel("ssd", name)(x, dt, A, B, C, D)
     if linear:  # the chunked matrix form, its adjoint by the same function reversed
-        f32 = [None if t is None else t.detach().float() for t in (dt, A, B, C, D)]
-        return ReversedAdjointScan.apply(x, *f32, ssd_chunked, "ssd")
+        return relevance_scan_from(ssd_chunked, "ssd", x, dt, A, B, C, D)
     b, length, heads, p = x.shape
     groups = B.shape[2]
     hg = heads // groups  # heads per group share B and C: broadcast, never repeated

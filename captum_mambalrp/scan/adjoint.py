@@ -121,3 +121,11 @@ class ReversedAdjointScan(torch.autograd.Function):
         with torch.no_grad():
             grad_x = reversed_adjoint(ctx.kernel, grad_y.float(), dt, A, B, C, D, ctx.layout)
         return (grad_x.to(ctx.x_dtype),) + (None,) * 7
+
+
+def relevance_scan_from(kernel: ForwardKernel, layout: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        D: Optional[Tensor]) -> Tensor:
+    """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to float32 (constants),
+    gradient for x by :func:`reversed_adjoint`. Float32 out."""
+    const = [None if t is None else t.detach().float() for t in (dt, A, B, C, D)]
+    return ReversedAdjointScan.apply(x, *const, kernel, layout)

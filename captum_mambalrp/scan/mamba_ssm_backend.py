@@ -23,7 +23,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .adjoint import ReversedAdjointScan
+from .adjoint import relevance_scan_from
 
 #: Chunk length of mamba-ssm's chunked SSD scan (the value its Mamba2 layer uses).
 SSD_CHUNK = 256
@@ -35,10 +35,6 @@ def available() -> bool:
         return importlib.util.find_spec("mamba_ssm") is not None
     except (ImportError, ValueError):
         return False
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().float()
 
 
 def _selective_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
@@ -55,11 +51,9 @@ def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 
 def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``."""
-    return ReversedAdjointScan.apply(x, _f32(delta), _f32(A), _f32(B), _f32(C), _f32(D),
-                                     _selective_scan_forward, "mamba1")
+    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D)
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     """Mamba2 layout: ``x [b, l, h, p]``, ``dt [b, l, h]``, ``A [h]``, ``B, C [b, l, g, n]`` -> float32."""
-    return ReversedAdjointScan.apply(x, _f32(dt), _f32(A), _f32(B), _f32(C), _f32(D),
-                                     _ssd_forward, "ssd")
+    return relevance_scan_from(_ssd_forward, "ssd", x, dt, A, B, C, D)
