@@ -14,11 +14,21 @@ import torch
 from torch import nn
 
 # Mamba-130M shape (state-spaces/mamba-130m): 24 layers, d_model 768, d_inner 1536, state 16.
-MAMBA1_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2,
-                   conv_kernel=4, num_labels=2)
+MAMBA1_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2, conv_kernel=4, num_labels=2)
 # Mamba2-130M-like (transformers Mamba2Config): 24 layers, hidden 768, expand 2, head_dim 64, state 128, 1 group.
-MAMBA2_130M = dict(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24, expand=2,
-                   head_dim=64, num_heads=24, n_groups=1, conv_kernel=4, chunk_size=256, num_labels=2)
+MAMBA2_130M = dict(
+    vocab_size=50280,
+    hidden_size=768,
+    state_size=128,
+    num_hidden_layers=24,
+    expand=2,
+    head_dim=64,
+    num_heads=24,
+    n_groups=1,
+    conv_kernel=4,
+    chunk_size=256,
+    num_labels=2,
+)
 
 
 def mamba1_classifier(layers: int = 24, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -47,8 +57,9 @@ class Mamba2LastToken(nn.Module):
         return self.backbone.get_input_embeddings()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache=None):
-        h = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state
+        h = self.backbone(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
 
 

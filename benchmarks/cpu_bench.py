@@ -30,7 +30,6 @@ def one(method: str, length: int, repeats: int, threads: int, layers: int) -> Di
     import gc
 
     import torch
-
     from common import mamba1_classifier, rss_now_mib, rss_peak_mib, rss_peak_reset, timed
 
     torch.set_num_threads(threads)
@@ -90,16 +89,29 @@ def available_mib() -> float:
 
 
 def spawn(method: str, length: int, repeats: int, threads: int, layers: int, save: str = "") -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(length), "--repeats", str(repeats),
-           "--threads", str(threads), "--layers", str(layers)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one",
+        method,
+        str(length),
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
+        "--layers",
+        str(layers),
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if save:
         env["BENCH_RELEVANCE_FILE"] = save
         env["BENCH_FLOOR"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "exit_code": proc.returncode}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+            "exit_code": proc.returncode,
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -107,10 +119,18 @@ def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="*", default=[512], help="L for MambaLRP (and the baseline)")
     p.add_argument("--baseline-lengths", type=int, nargs="*", default=[512], help="L for the sequential baseline")
-    p.add_argument("--long", type=int, nargs="*", default=[2048, 8192],
-                   help="long L for MambaLRP only, as the library runs it and with mixers recomputed (0: none)")
-    p.add_argument("--long-modes", default="mambalrp,mambalrp+recompute",
-                   help="modes run at the long L: mambalrp (as the library runs), mambalrp+recompute")
+    p.add_argument(
+        "--long",
+        type=int,
+        nargs="*",
+        default=[2048, 8192],
+        help="long L for MambaLRP only, as the library runs it and with mixers recomputed (0: none)",
+    )
+    p.add_argument(
+        "--long-modes",
+        default="mambalrp,mambalrp+recompute",
+        help="modes run at the long L: mambalrp (as the library runs), mambalrp+recompute",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed calls of MambaLRP per L (best is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layers", type=int, default=24)
@@ -144,8 +164,14 @@ def main(argv: List[str] = None) -> None:
                 ref = max(done, key=lambda r: r["L"])
                 projected = ref["peak_extra_mib"] * length / ref["L"]
                 if projected > 0.85 * avail:
-                    rows.append({"device": "cpu", "method": method, "L": length, "skipped":
-                                 f"projected {projected / 1024:.1f} GiB > 85% of the {avail / 1024:.1f} GiB available now"})
+                    rows.append(
+                        {
+                            "device": "cpu",
+                            "method": method,
+                            "L": length,
+                            "skipped": f"projected {projected / 1024:.1f} GiB > 85% of the {avail / 1024:.1f} GiB available now",
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
                     continue
             r = spawn(method, length, 1, args.threads, args.layers)
@@ -161,26 +187,51 @@ def main(argv: List[str] = None) -> None:
         if ours and base:
             a, b = torch.load(f"{tmp}_mambalrp_{length}.pt"), torch.load(f"{tmp}_sequential_{length}.pt")
             rel = float((a - b).norm() / b.norm())
-            ratios.append({"name": f"speed-up vs sequential baseline, L={length}", "value": base["best_s"] / ours["best_s"],
-                           "goal": ">= 10", "ok": base["best_s"] / ours["best_s"] >= 10})
+            ratios.append(
+                {
+                    "name": f"speed-up vs sequential baseline, L={length}",
+                    "value": base["best_s"] / ours["best_s"],
+                    "goal": ">= 10",
+                    "ok": base["best_s"] / ours["best_s"] >= 10,
+                }
+            )
             floor = ours.get("rounding_floor_rel")
             goal = 1e-4 if floor is None else max(1e-4, 3 * floor)
-            ratios.append({"name": f"relevance agreement with the baseline (rel. L2 error), L={length}"
-                                   + ("" if floor is None else f"; fp32 rounding floor of this model {floor:.2g}"),
-                           "value": rel, "goal": f"<= {goal:.2g} (1e-4 or 3x the floor)", "ok": rel <= goal})
+            ratios.append(
+                {
+                    "name": f"relevance agreement with the baseline (rel. L2 error), L={length}"
+                    + ("" if floor is None else f"; fp32 rounding floor of this model {floor:.2g}"),
+                    "value": rel,
+                    "goal": f"<= {goal:.2g} (1e-4 or 3x the floor)",
+                    "ok": rel <= goal,
+                }
+            )
             if base.get("peak_extra_mib") and ours.get("peak_extra_mib"):
-                ratios.append({"name": f"peak RSS baseline / MambaLRP, L={length}",
-                               "value": base["peak_extra_mib"] / max(ours["peak_extra_mib"], 1e-9), "goal": "", "ok": None})
+                ratios.append(
+                    {
+                        "name": f"peak RSS baseline / MambaLRP, L={length}",
+                        "value": base["peak_extra_mib"] / max(ours["peak_extra_mib"], 1e-9),
+                        "goal": "",
+                        "ok": None,
+                    }
+                )
     for length in [n for n in args.long if n > 0]:
         for method in modes:
             r = next((r for r in rows if r["method"] == method and r["L"] == length), {})
             if "peak_extra_mib" in r:
                 gib = r["peak_extra_mib"] / 1024
-                ratios.append({"name": f"{method} at L={length}: time {r['best_s']:.1f} s, peak extra RSS (GiB)",
-                               "value": gib, "goal": "<= 24", "ok": gib <= 24})
+                ratios.append(
+                    {
+                        "name": f"{method} at L={length}: time {r['best_s']:.1f} s, peak extra RSS (GiB)",
+                        "value": gib,
+                        "goal": "<= 24",
+                        "ok": gib <= 24,
+                    }
+                )
             else:
-                ratios.append({"name": f"{method} at L={length}", "value": r.get("error", r.get("skipped")),
-                               "goal": "runs", "ok": False})
+                ratios.append(
+                    {"name": f"{method} at L={length}", "value": r.get("error", r.get("skipped")), "goal": "runs", "ok": False}
+                )
     for f in os.listdir(os.path.dirname(tmp)):
         if f.startswith(os.path.basename(tmp)):
             os.remove(os.path.join(os.path.dirname(tmp), f))

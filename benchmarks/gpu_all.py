@@ -38,9 +38,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
-
-from common import (mamba1_classifier, mamba2_classifier, perturbed_weights,  # noqa: E402
-                    print_ratios, versions, write_results)
+from common import mamba1_classifier, mamba2_classifier, perturbed_weights, print_ratios, versions, write_results  # noqa: E402
 
 START = time.perf_counter()
 SAVE: List[Callable[[], None]] = []  # writes the results so far (set by main), called after each row
@@ -105,11 +103,35 @@ def scan_cases() -> List[Dict[str, Any]]:
 
     cases = []
     for b, d, n, l in [(2, 64, 16, 333), (1, 1536, 16, 2048)]:
-        cases.append(dict(layout="mamba1", shape=f"b{b} d{d} n{n} L{l}", args=(
-            r(b, d, l), torch.nn.functional.softplus(r(b, d, l) - 3), -torch.exp(r(d, n) * 0.5), r(b, n, l), r(b, n, l), r(d))))
+        cases.append(
+            dict(
+                layout="mamba1",
+                shape=f"b{b} d{d} n{n} L{l}",
+                args=(
+                    r(b, d, l),
+                    torch.nn.functional.softplus(r(b, d, l) - 3),
+                    -torch.exp(r(d, n) * 0.5),
+                    r(b, n, l),
+                    r(b, n, l),
+                    r(d),
+                ),
+            )
+        )
     for b, l, h, p, n, gr in [(2, 300, 4, 16, 32, 2), (1, 2048, 24, 64, 128, 1)]:
-        cases.append(dict(layout="ssd", shape=f"b{b} L{l} h{h} p{p} n{n} g{gr}", args=(
-            r(b, l, h, p), torch.nn.functional.softplus(r(b, l, h) - 3), -torch.exp(r(h) * 0.5), r(b, l, gr, n), r(b, l, gr, n), r(h))))
+        cases.append(
+            dict(
+                layout="ssd",
+                shape=f"b{b} L{l} h{h} p{p} n{n} g{gr}",
+                args=(
+                    r(b, l, h, p),
+                    torch.nn.functional.softplus(r(b, l, h) - 3),
+                    -torch.exp(r(h) * 0.5),
+                    r(b, l, gr, n),
+                    r(b, l, gr, n),
+                    r(h),
+                ),
+            )
+        )
     return cases
 
 
@@ -127,8 +149,13 @@ def check_scans(rows: List[Dict[str, Any]]) -> None:
             for backend in ["torch"] + [b for b in backends if b != "torch"]:
                 if case["layout"] == "ssd" and backend == "mamba_ssm" and os.environ.get("GPU_ALL_SSD_MAMBA_SSM") != "1":
                     continue  # minutes of autotuning on first use; checked once (docs/results), opt in
-                row: Dict[str, Any] = {"part": "check_scan", "layout": case["layout"], "shape": case["shape"],
-                                       "dtype": str(dtype).replace("torch.", ""), "backend": backend}
+                row: Dict[str, Any] = {
+                    "part": "check_scan",
+                    "layout": case["layout"],
+                    "shape": case["shape"],
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "backend": backend,
+                }
                 try:
                     x = x0.to(dtype).clone().requires_grad_(True)
                     ps = [p.clone().requires_grad_(True) for p in params]
@@ -139,11 +166,19 @@ def check_scans(rows: List[Dict[str, Any]]) -> None:
                     if backend == "torch":
                         ref[key] = (y.detach(), x.grad.float())
                     y0, g0 = ref[key]
-                    row.update(ran=dict(used), out_dtype=str(y.dtype).replace("torch.", ""),
-                               rel_err_y=rel(y, y0), rel_err_dx=rel(x.grad.float(), g0),
-                               only_x_grad=all(p.grad is None for p in ps))
-                    row["ok"] = (row["rel_err_y"] <= 1e-4 and row["only_x_grad"] and y.dtype == torch.float32
-                                 and (row["rel_err_dx"] <= 1e-4 if dtype == torch.float32 else row["rel_err_dx"] <= 1e-2))
+                    row.update(
+                        ran=dict(used),
+                        out_dtype=str(y.dtype).replace("torch.", ""),
+                        rel_err_y=rel(y, y0),
+                        rel_err_dx=rel(x.grad.float(), g0),
+                        only_x_grad=all(p.grad is None for p in ps),
+                    )
+                    row["ok"] = (
+                        row["rel_err_y"] <= 1e-4
+                        and row["only_x_grad"]
+                        and y.dtype == torch.float32
+                        and (row["rel_err_dx"] <= 1e-4 if dtype == torch.float32 else row["rel_err_dx"] <= 1e-2)
+                    )
                 except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                     row.update(error=f"{type(e).__name__}: {e}"[:300], ok=False)
                 rows.append(row)
@@ -180,9 +215,15 @@ def check_models(rows: List[Dict[str, Any]], budget: float) -> None:
                         with perturbed_weights(model):
                             floor = rel(MambaLRP(model, backend="torch").attribute(ids, target=1), ref)
                     goal = 1e-4 if layers <= 4 else max(1e-4, 3 * floor)
-                    row.update(ran=dict(used), logit=logit, relevance_sum=float(r.sum()),
-                               conservation_rel=abs(float(r.sum()) - logit) / abs(logit),
-                               rel_err_vs_torch=rel(r, ref), rounding_floor=floor, goal=goal)
+                    row.update(
+                        ran=dict(used),
+                        logit=logit,
+                        relevance_sum=float(r.sum()),
+                        conservation_rel=abs(float(r.sum()) - logit) / abs(logit),
+                        rel_err_vs_torch=rel(r, ref),
+                        rounding_floor=floor,
+                        goal=goal,
+                    )
                     row["ok"] = row["conservation_rel"] <= goal and row["rel_err_vs_torch"] <= goal
                 except Exception as e:  # noqa: BLE001
                     row.update(error=f"{type(e).__name__}: {e}"[:300], ok=False)
@@ -222,8 +263,15 @@ def time_graphed_forward(model: torch.nn.Module, ids: torch.Tensor, arch: str, t
     return row
 
 
-def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_steps: int, budget: float,
-              only: Optional[List[str]] = None, graphs: bool = True) -> None:
+def time_arch(
+    rows: List[Dict[str, Any]],
+    arch: str,
+    lengths: List[int],
+    lig_steps: int,
+    budget: float,
+    only: Optional[List[str]] = None,
+    graphs: bool = True,
+) -> None:
     from captum_mambalrp import MambaLRP, scan
 
     build = mamba1_classifier if arch == "mamba1" else mamba2_classifier
@@ -240,22 +288,34 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
             break
         with torch.no_grad():
             t_fwd = cuda_time(lambda: model(ids), repeats=5, warmup=2)
-        fwd = {"part": "time", "arch": arch, "L": length, "method": "transformers_forward", "time_s": t_fwd,
-               "kernels": kernels_in_use()}
+        fwd = {
+            "part": "time",
+            "arch": arch,
+            "L": length,
+            "method": "transformers_forward",
+            "time_s": t_fwd,
+            "kernels": kernels_in_use(),
+        }
         rows.append(fwd)
         log(json.dumps(fwd))
         if graphs:
             rows.append(time_graphed_forward(model, ids, arch, t_fwd))
             log(json.dumps(rows[-1]))
-        runs = [(b, False) for b in backends] + [(b, True) for b in backends
-                                                  if graphs and not (b == "torch" and arch == "mamba1")]
+        runs = [(b, False) for b in backends] + [
+            (b, True) for b in backends if graphs and not (b == "torch" and arch == "mamba1")
+        ]
         for backend, graph in runs:
             if backend == "torch" and arch == "mamba1" and length > 4096:
                 continue  # Mamba1's torch scan on CUDA launches kernels per step: minutes at long L
             if left(budget) < 40:
                 break
-            row: Dict[str, Any] = {"part": "time", "arch": arch, "L": length,
-                                   "method": "mambalrp_cuda_graph" if graph else "mambalrp", "backend": backend}
+            row: Dict[str, Any] = {
+                "part": "time",
+                "arch": arch,
+                "L": length,
+                "method": "mambalrp_cuda_graph" if graph else "mambalrp",
+                "backend": backend,
+            }
             try:
                 lrp = MambaLRP(model, backend=backend, cuda_graph=graph)
                 with scan.record_backends() as used:
@@ -270,8 +330,12 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
                     torch.cuda.synchronize()
                     row["first_call_s"] = time.perf_counter() - t0
                 t = cuda_time(lambda: lrp.attribute(ids, target=1), repeats=3, warmup=0 if graph else 1)
-                row.update(ran=sorted(used), time_s=t, ratio_to_forward=t / t_fwd,
-                           peak_mib_per_token=(torch.cuda.max_memory_allocated() - base) / MiB / length)
+                row.update(
+                    ran=sorted(used),
+                    time_s=t,
+                    ratio_to_forward=t / t_fwd,
+                    peak_mib_per_token=(torch.cuda.max_memory_allocated() - base) / MiB / length,
+                )
                 if graph:
                     row["replays"] = lrp.cuda_graphs.replays
                 del lrp
@@ -289,8 +353,13 @@ def time_arch(rows: List[Dict[str, Any]], arch: str, lengths: List[int], lig_ste
 
 
 def time_lig(model: torch.nn.Module, ids: torch.Tensor, steps: int, arch: str) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"part": "time", "arch": arch, "internal_batch_size": 10,
-                           "L": ids.shape[1], "method": f"captum_lig_{steps}_steps"}
+    row: Dict[str, Any] = {
+        "part": "time",
+        "arch": arch,
+        "internal_batch_size": 10,
+        "L": ids.shape[1],
+        "method": f"captum_lig_{steps}_steps",
+    }
     try:
         from captum.attr import LayerIntegratedGradients
 
@@ -310,8 +379,15 @@ def time_lig(model: torch.nn.Module, ids: torch.Tensor, steps: int, arch: str) -
 # ------------------------------------------------------------------------ long
 
 
-def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Dict[str, int],
-              min_log2: int = 14, dtypes: str = "float32,bfloat16", modes: str = "mambalrp,mambalrp+recompute") -> None:
+def long_runs(
+    rows: List[Dict[str, Any]],
+    arch: str,
+    budget: float,
+    max_log2: Dict[str, int],
+    min_log2: int = 14,
+    dtypes: str = "float32,bfloat16",
+    modes: str = "mambalrp,mambalrp+recompute",
+) -> None:
     from captum_mambalrp import MambaLRP
 
     build = mamba1_classifier if arch == "mamba1" else mamba2_classifier
@@ -325,8 +401,9 @@ def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Di
                 length = 2**k
                 if last_t is not None and left(budget) < 2.5 * last_t + 20:
                     log("time guard: stop", arch, name, mode, "before L =", length)
-                    rows.append({"part": "long", "arch": arch, "dtype": name, "method": mode, "L": length,
-                                 "skipped": "time guard"})
+                    rows.append(
+                        {"part": "long", "arch": arch, "dtype": name, "method": mode, "L": length, "skipped": "time guard"}
+                    )
                     break
                 row: Dict[str, Any] = {"part": "long", "arch": arch, "dtype": name, "method": mode, "L": length}
                 try:
@@ -340,8 +417,12 @@ def long_runs(rows: List[Dict[str, Any]], arch: str, budget: float, max_log2: Di
                     torch.cuda.synchronize()
                     last_t = time.perf_counter() - t0
                     peak = torch.cuda.max_memory_allocated() - base
-                    row.update(time_s=last_t, peak_gib=peak / 2**30, peak_mib_per_token=peak / MiB / length,
-                               finite=bool(torch.isfinite(r).all()))
+                    row.update(
+                        time_s=last_t,
+                        peak_gib=peak / 2**30,
+                        peak_mib_per_token=peak / MiB / length,
+                        finite=bool(torch.isfinite(r).all()),
+                    )
                     del r, ids
                 except torch.cuda.OutOfMemoryError:
                     row.update(error="OOM")
@@ -373,39 +454,63 @@ def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         add("max rel. error of a backend vs torch (fp32 scan output)", worst, "<= 1e-4", worst is not None and worst <= 1e-4)
         for r in checks:
             if r["part"] == "check_model" and "rel_err_vs_torch" in r:
-                add(f"{r['arch']} {r['layers']} layers L=1024 {r['backend']}: relevance rel. error vs torch / "
+                add(
+                    f"{r['arch']} {r['layers']} layers L=1024 {r['backend']}: relevance rel. error vs torch / "
                     f"conservation (fp32 rounding floor {r['rounding_floor']:.1e})",
-                    f"{r['rel_err_vs_torch']:.2e} / {r['conservation_rel']:.2e}", f"<= {r['goal']:.1e}", r["ok"])
+                    f"{r['rel_err_vs_torch']:.2e} / {r['conservation_rel']:.2e}",
+                    f"<= {r['goal']:.1e}",
+                    r["ok"],
+                )
     for arch in ("mamba1", "mamba2"):
         for length in (2048, 16384):
             t = [r for r in rows if r["part"] == "time" and r["arch"] == arch and r["L"] == length]
             auto = next((r for r in t if r.get("backend") == "auto" and r["method"] == "mambalrp" and "time_s" in r), None)
-            graph = next((r for r in t if r.get("backend") == "auto" and r["method"] == "mambalrp_cuda_graph"
-                          and "time_s" in r), None)
+            graph = next(
+                (r for r in t if r.get("backend") == "auto" and r["method"] == "mambalrp_cuda_graph" and "time_s" in r), None
+            )
             fwd_graph = next((r for r in t if r["method"] == "transformers_forward_cuda_graph" and "time_s" in r), None)
             for row, how in ((auto, ""), (graph, " cuda_graph=True")):
                 if row:
-                    add(f"{arch} attribute{how} / forward at L={length} (auto = {','.join(row['ran'])})",
-                        row["ratio_to_forward"], "<= 2.5", row["ratio_to_forward"] <= 2.5)
+                    add(
+                        f"{arch} attribute{how} / forward at L={length} (auto = {','.join(row['ran'])})",
+                        row["ratio_to_forward"],
+                        "<= 2.5",
+                        row["ratio_to_forward"] <= 2.5,
+                    )
             if graph and fwd_graph:
-                add(f"{arch} attribute cuda_graph=True / forward as a CUDA graph at L={length} (both replayed)",
-                    graph["time_s"] / fwd_graph["time_s"], "(for comparison)", None)
+                add(
+                    f"{arch} attribute cuda_graph=True / forward as a CUDA graph at L={length} (both replayed)",
+                    graph["time_s"] / fwd_graph["time_s"],
+                    "(for comparison)",
+                    None,
+                )
             if length == 2048:
                 lig = next((r for r in t if r["method"].startswith("captum_lig") and "time_s" in r), None)
                 for row, how in ((auto, ""), (graph, " cuda_graph=True")):
                     if row and lig:
-                        add(f"{arch} speed-up{how} vs Captum LIG n_steps=50 at L=2048", lig["time_s"] / row["time_s"],
-                            ">= 25", lig["time_s"] / row["time_s"] >= 25)
+                        add(
+                            f"{arch} speed-up{how} vs Captum LIG n_steps=50 at L=2048",
+                            lig["time_s"] / row["time_s"],
+                            ">= 25",
+                            lig["time_s"] / row["time_s"] >= 25,
+                        )
         for dtype, goal in (("float32", 19), ("bfloat16", 20)):
             for mode in ("mambalrp", "mambalrp+recompute"):
-                done = [r for r in rows if r["part"] == "long" and r["arch"] == arch and r["dtype"] == dtype
-                        and r["method"] == mode and "time_s" in r]
+                done = [
+                    r
+                    for r in rows
+                    if r["part"] == "long" and r["arch"] == arch and r["dtype"] == dtype and r["method"] == mode and "time_s" in r
+                ]
                 if not done:
                     continue
                 top = max(done, key=lambda r: r["L"])
                 per_tok = max(r["peak_mib_per_token"] for r in done)
-                add(f"{arch} {mode} {dtype}: largest L reached (log2)", top["L"].bit_length() - 1, f">= {goal}",
-                    top["L"] >= 2**goal)
+                add(
+                    f"{arch} {mode} {dtype}: largest L reached (log2)",
+                    top["L"].bit_length() - 1,
+                    f">= {goal}",
+                    top["L"] >= 2**goal,
+                )
                 add(f"{arch} {mode} {dtype}: peak GPU MiB per token (max over L)", per_tok, "<= 0.22", per_tok <= 0.22)
     return out
 
@@ -417,8 +522,11 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[2048, 16384])
     p.add_argument("--lig-steps", type=int, default=50, help="Captum LIG steps at L=2048 (0: skip)")
     p.add_argument("--time-backends", default="auto,torch,triton,mamba_ssm", help="backends the time part runs")
-    p.add_argument("--no-graphs", action="store_true",
-                   help="time part: skip MambaLRP(cuda_graph=True) and the forward replayed as a CUDA graph")
+    p.add_argument(
+        "--no-graphs",
+        action="store_true",
+        help="time part: skip MambaLRP(cuda_graph=True) and the forward replayed as a CUDA graph",
+    )
     p.add_argument("--max-log2-fp32", type=int, default=19)
     p.add_argument("--max-log2-bf16", type=int, default=20)
     p.add_argument("--min-log2", type=int, default=14, help="long runs start at L = 2^min_log2")
@@ -426,9 +534,12 @@ def main() -> None:
     p.add_argument("--long-modes", default="mambalrp,mambalrp+recompute")
     p.add_argument("--budget", type=float, default=510, help="seconds for the whole run (stops starting new work)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_results.json if $OUT is set)")
-    p.add_argument("--tf32", action="store_true",
-                   help="let Triton kernels (mamba-ssm's SSD) use TF32 dots for fp32 (default: IEEE fp32, "
-                        "TRITON_F32_DEFAULT=ieee, as the torch reference runs with TF32 off)")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let Triton kernels (mamba-ssm's SSD) use TF32 dots for fp32 (default: IEEE fp32, "
+        "TRITON_F32_DEFAULT=ieee, as the torch reference runs with TF32 off)",
+    )
     args = p.parse_args()
     if not args.tf32:
         os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
@@ -448,12 +559,21 @@ def main() -> None:
     if "check" in parts:
         steps += [("check_scans", lambda: check_scans(rows)), ("check_models", lambda: check_models(rows, args.budget))]
     if "time" in parts:
-        steps += [(f"time_{a}", lambda a=a: time_arch(rows, a, args.lengths, args.lig_steps, args.budget,
-                                                                    args.time_backends.split(","), not args.no_graphs)) for a in archs]
+        steps += [
+            (
+                f"time_{a}",
+                lambda a=a: time_arch(
+                    rows, a, args.lengths, args.lig_steps, args.budget, args.time_backends.split(","), not args.no_graphs
+                ),
+            )
+            for a in archs
+        ]
     if "long" in parts:
         limits = {"float32": args.max_log2_fp32, "bfloat16": args.max_log2_bf16}
-        steps += [(f"long_{a}", lambda a=a: long_runs(rows, a, args.budget, limits, args.min_log2, args.long_dtypes,
-                                                      args.long_modes)) for a in archs]
+        steps += [
+            (f"long_{a}", lambda a=a: long_runs(rows, a, args.budget, limits, args.min_log2, args.long_dtypes, args.long_modes))
+            for a in archs
+        ]
     for name, step in steps:
         if left(args.budget) < 30:
             log("budget spent: skipping", name)
@@ -469,8 +589,9 @@ def main() -> None:
         free()
         write_results(out_path, {"machine": info, "args": vars(args), "rows": rows, "ratios": summarize(rows)})
     ratios = summarize(rows)
-    write_results(out_path, {"machine": info, "args": vars(args), "rows": rows, "ratios": ratios,
-                             "wall_s": time.perf_counter() - START})
+    write_results(
+        out_path, {"machine": info, "args": vars(args), "rows": rows, "ratios": ratios, "wall_s": time.perf_counter() - START}
+    )
     print_ratios(ratios)
 
 

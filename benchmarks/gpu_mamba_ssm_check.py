@@ -67,8 +67,16 @@ def build(classes, layer: str, seed: int, d_model: int, n_layer: int) -> torch.n
     ssm_cfg: Dict[str, Any] = dict(layer=layer, d_state=16)
     if layer == "Mamba2":
         ssm_cfg.update(headdim=16, ngroups=2, chunk_size=64)
-    config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=256, ssm_cfg=ssm_cfg, rms_norm=True,
-                         residual_in_fp32=True, fused_add_norm=True, tie_embeddings=False)
+    config = MambaConfig(
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=256,
+        ssm_cfg=ssm_cfg,
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        tie_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = MambaLMHeadModel(config).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -109,9 +117,15 @@ def relevance(model: torch.nn.Module, ids: torch.Tensor, targets: List[int], bac
             torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     explained = rel.sum(1) + delta
-    return {"relevance": rel.cpu(), "backend": backend, "scans_by_backend": dict(used),
-            "explained": explained.cpu().tolist(), "delta": delta.cpu().tolist(),
-            "conservation": float((delta.abs() / explained.abs().clamp_min(1e-12)).max()), "seconds": seconds}
+    return {
+        "relevance": rel.cpu(),
+        "backend": backend,
+        "scans_by_backend": dict(used),
+        "explained": explained.cpu().tolist(),
+        "delta": delta.cpu().tolist(),
+        "conservation": float((delta.abs() / explained.abs().clamp_min(1e-12)).max()),
+        "seconds": seconds,
+    }
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,8 +142,9 @@ def check(classes, layer: str, args: argparse.Namespace, cuda: bool) -> Dict[str
     if cuda:
         gpu_model = copy.deepcopy(model).cuda()
         ids_gpu = ids.cuda()
-        out["forward_kernels_vs_takeover_max_rel_diff"] = rel_diff(takeover_logits(gpu_model, ids_gpu),
-                                                                   kernel_logits(gpu_model, ids_gpu))
+        out["forward_kernels_vs_takeover_max_rel_diff"] = rel_diff(
+            takeover_logits(gpu_model, ids_gpu), kernel_logits(gpu_model, ids_gpu)
+        )
         ok = ok and out["forward_kernels_vs_takeover_max_rel_diff"] <= TOLERANCE["forward_kernels_vs_takeover"]
         # the default scan backend (on CUDA: mamba-ssm's kernels when installed), and the torch one as a control
         for key, backend in (("gpu", "auto"), ("gpu_torch_scan", "torch")):
@@ -143,8 +158,13 @@ def check(classes, layer: str, args: argparse.Namespace, cuda: bool) -> Dict[str
 
 
 def environment(cuda: bool, how: str) -> Dict[str, Any]:
-    env: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "mamba_ssm": how,
-                           "cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else platform.processor()}
+    env: Dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mamba_ssm": how,
+        "cuda": cuda,
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor(),
+    }
     for package in ("mamba_ssm", "causal_conv1d", "triton", "transformers", "captum"):
         try:
             env[f"{package}_version"] = getattr(__import__(package), "__version__", "?")
@@ -166,19 +186,27 @@ def main(argv: List[str] = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     classes = mamba_ssm_classes()
     cuda = torch.cuda.is_available()
-    result: Dict[str, Any] = {"command": " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
-                              "tolerance": TOLERANCE, "environment": environment(cuda, classes[2]), "models": {}}
+    result: Dict[str, Any] = {
+        "command": " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
+        "tolerance": TOLERANCE,
+        "environment": environment(cuda, classes[2]),
+        "models": {},
+    }
     for layer in ("Mamba1", "Mamba2"):
         result["models"][layer] = check(classes, layer, args, cuda)
         r = result["models"][layer]
         print(f"{layer}: CPU conservation {r['cpu']['conservation']:.2e}")
         if cuda:
-            print(f"  logits, model's kernels vs MambaLRP's forward: max rel diff "
-                  f"{r['forward_kernels_vs_takeover_max_rel_diff']:.2e}")
+            print(
+                f"  logits, model's kernels vs MambaLRP's forward: max rel diff "
+                f"{r['forward_kernels_vs_takeover_max_rel_diff']:.2e}"
+            )
             for key in ("gpu", "gpu_torch_scan"):
                 g = r[key]
-                print(f"  GPU, scan backend {g['backend']} (ran: {g['scans_by_backend']}): conservation "
-                      f"{g['conservation']:.2e}, relevance vs CPU max rel diff {g['relevance_cpu_vs_gpu_max_rel_diff']:.2e}")
+                print(
+                    f"  GPU, scan backend {g['backend']} (ran: {g['scans_by_backend']}): conservation "
+                    f"{g['conservation']:.2e}, relevance vs CPU max rel diff {g['relevance_cpu_vs_gpu_max_rel_diff']:.2e}"
+                )
         print(f"  {'ok' if r['passed'] else 'FAILED'}")
     result["passed"] = all(r["passed"] for r in result["models"].values())
     if not cuda:

@@ -20,9 +20,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
 from common import mamba1_classifier, mamba2_classifier  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 def wall(fn: Callable[[], Any], repeats: int = 3) -> float:
@@ -75,8 +74,11 @@ def main() -> None:
                 lrp = MambaLRP(model, backend=backend)
                 with scan.record_backends() as used:
                     t = wall(lambda: lrp.attribute(ids, target=1))
-                print(f"\n== {arch} L={length} MambaLRP backend={backend} ({dict(used)}): {t * 1e3:.1f} ms, "
-                      f"ratio to forward {t / t_fwd:.2f}", flush=True)
+                print(
+                    f"\n== {arch} L={length} MambaLRP backend={backend} ({dict(used)}): {t * 1e3:.1f} ms, "
+                    f"ratio to forward {t / t_fwd:.2f}",
+                    flush=True,
+                )
                 print(kernel_table(lambda: lrp.attribute(ids, target=1), args.rows), flush=True)
             del ids
             torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Log-log plot of time and peak memory against L, one line per method, from result JSON.
 
-    python benchmarks/plot.py docs/results/cpu.json [gpu_results.json ...] --out docs/benchmarks.png
+python benchmarks/plot.py docs/results/cpu.json [gpu_results.json ...] --out docs/benchmarks.png
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def series(results: List[Dict[str, Any]]) -> Tuple[Dict[str, List[Tuple[int, flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("results", nargs="+", help="JSON files written by cpu_bench.py / gpu_all.py; "
-                   "FILE:long (or FILE:time) keeps only that part of a file")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="JSON files written by cpu_bench.py / gpu_all.py; FILE:long (or FILE:time) keeps only that part of a file",
+    )
     p.add_argument("--out", default="docs/benchmarks.png")
     args = p.parse_args()
     import matplotlib
@@ -63,8 +66,10 @@ def main() -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(15, 6))
     labels = sorted(set(times) | set(mems))
     cmap = plt.get_cmap("tab20")
-    style = {lab: dict(color=cmap(i % 20), marker="os^Dv<>p"[i % 8],
-                       linestyle="--" if lab.startswith("cpu") else "-") for i, lab in enumerate(labels)}
+    style = {
+        lab: dict(color=cmap(i % 20), marker="os^Dv<>p"[i % 8], linestyle="--" if lab.startswith("cpu") else "-")
+        for i, lab in enumerate(labels)
+    }
     for ax, data, ylabel in ((ax_t, times, "time (s)"), (ax_m, mems, "peak memory (GiB)")):
         for label, pts in sorted(data.items()):
             pts = sorted(set(pts))

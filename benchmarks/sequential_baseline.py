@@ -32,8 +32,9 @@ def _mixer(mixer: nn.Module, hidden: Tensor) -> Tensor:
     xz = mixer.in_proj(hidden).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
     x = _silu_identity(mixer.conv1d(x)[..., :l])
-    dt, B, C = torch.split(mixer.x_proj(x.transpose(1, 2)),
-                           [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1)
+    dt, B, C = torch.split(
+        mixer.x_proj(x.transpose(1, 2)), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
+    )
     delta = F.softplus(mixer.dt_proj(dt)).transpose(1, 2)  # [b, d, l]
     A = -torch.exp(mixer.A_log.float())
     dA = torch.exp(A[None, :, None, :] * delta[:, :, :, None]).detach()  # [b, d, l, n]

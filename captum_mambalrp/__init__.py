@@ -1,7 +1,7 @@
 """captum-mambalrp: MambaLRP (Jafari et al., NeurIPS 2024) as a Captum attribution method.
 
-    from captum_mambalrp import MambaLRP
-    relevance = MambaLRP(model).attribute(input_ids, target=label)
+from captum_mambalrp import MambaLRP
+relevance = MambaLRP(model).attribute(input_ids, target=label)
 """
 
 from .adapters import UnsupportedModelError
@@ -22,7 +22,18 @@ from .rules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMPOSITES", "Composite", "ConstantNormRule", "ConstantSSMRule", "EpsilonRule", "GammaRule",
-    "GradientRule", "HalfGateRule", "IdentityActivationRule", "LayerMambaLRP", "MambaLRP", "UnsupportedModelError",
-    "composite", "__version__",
+    "COMPOSITES",
+    "Composite",
+    "ConstantNormRule",
+    "ConstantSSMRule",
+    "EpsilonRule",
+    "GammaRule",
+    "GradientRule",
+    "HalfGateRule",
+    "IdentityActivationRule",
+    "LayerMambaLRP",
+    "MambaLRP",
+    "UnsupportedModelError",
+    "composite",
+    "__version__",
 ]

@@ -74,8 +74,14 @@ class Embed:
             return self.embedding(ids.long())
 
 
-def text_visualizer(model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Optional[Sequence[int]] = None,
-                    classes: Optional[List[str]] = None, select: bool = True) -> Any:
+def text_visualizer(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Optional[Sequence[int]] = None,
+    classes: Optional[List[str]] = None,
+    select: bool = True,
+) -> Any:
     """An Insights ``AttributionVisualizer`` for a Mamba text classifier, MambaLRP included.
 
     The model Insights sees maps token embeddings ``[1, L, H]`` to the class logits at the
@@ -103,13 +109,20 @@ def text_visualizer(model: nn.Module, tokenizer: Any, texts: Sequence[str], labe
         batches.append(Batch(inputs=(ids,), labels=torch.tensor([label])))
     with torch.no_grad():
         n = scores(tokenizer(["a"], return_tensors="pt")["input_ids"]).shape[-1]
-    feature = TextFeature("Text", baseline_transforms=None, input_transforms=[Embed(embedding)],
-                          visualization_transform=TokenText(tokenizer))
-    visualizer = AttributionVisualizer(models=[scores], classes=classes or label_names(model, tokenizer, n),
-                                       features=[feature], dataset=batches, score_func=lambda o: o.softmax(-1))
+    feature = TextFeature(
+        "Text", baseline_transforms=None, input_transforms=[Embed(embedding)], visualization_transform=TokenText(tokenizer)
+    )
+    visualizer = AttributionVisualizer(
+        models=[scores],
+        classes=classes or label_names(model, tokenizer, n),
+        features=[feature],
+        dataset=batches,
+        score_func=lambda o: o.softmax(-1),
+    )
     if select:
-        visualizer._config = FilterConfig(attribution_method=name, attribution_arguments={}, prediction="all",
-                                          classes=[], num_examples=4)
+        visualizer._config = FilterConfig(
+            attribution_method=name, attribution_arguments={}, prediction="all", classes=[], num_examples=4
+        )
     return visualizer
 
 
@@ -125,15 +138,20 @@ def make_venv(path: str, python: str = sys.executable) -> str:
     venv_python = os.path.join(path, "bin", "python")
     for requirement in VENV_REQUIREMENTS:
         subprocess.run([venv_python, "-m", "pip", "install", "-q", *requirement], check=True)
-    site = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     with open(os.path.join(site, "captum_mambalrp_source.pth"), "w") as f:
         f.write(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "\n")
     return venv_python
 
 
-def serve_in_subprocess(python: str, model: str, texts: Sequence[str], port: int, log_path: str,
-                        timeout: float = 180.0, env: Optional[dict] = None) -> subprocess.Popen:
+def serve_in_subprocess(
+    python: str, model: str, texts: Sequence[str], port: int, log_path: str, timeout: float = 180.0, env: Optional[dict] = None
+) -> subprocess.Popen:
     """Start ``python -m captum_mambalrp.insights`` (output to ``log_path``) and wait until
     it answers; the caller ends the process."""
     cmd = [python, "-m", "captum_mambalrp.insights", "--model", model, "--port", str(port), "--log"]

@@ -69,10 +69,12 @@ class MambaLLMAttributionResult(LLMAttributionResult):
     tokens included).
     """
 
-    def __init__(self, base: LLMAttributionResult, generated_attr: Tensor, explained: Tensor,
-                 delta: Tensor, attr_target: str) -> None:
-        super().__init__(seq_attr=base.seq_attr, token_attr=base.token_attr, input_tokens=base.input_tokens,
-                         output_tokens=base.output_tokens)
+    def __init__(
+        self, base: LLMAttributionResult, generated_attr: Tensor, explained: Tensor, delta: Tensor, attr_target: str
+    ) -> None:
+        super().__init__(
+            seq_attr=base.seq_attr, token_attr=base.token_attr, input_tokens=base.input_tokens, output_tokens=base.output_tokens
+        )
         self.generated_attr = generated_attr
         self.explained = explained
         self.delta = delta
@@ -99,8 +101,9 @@ class MambaLLMAttribution(LLMGradientAttribution):
         self.attr_method.attribute = self._recording(inner)  # type: ignore[method-assign]
 
     @classmethod
-    def for_model(cls, model: nn.Module, tokenizer: Any, attr_target: AttrTarget = "logit",
-                  composite: str = "mambalrp", **lrp_kwargs: Any) -> "MambaLLMAttribution":
+    def for_model(
+        cls, model: nn.Module, tokenizer: Any, attr_target: AttrTarget = "logit", composite: str = "mambalrp", **lrp_kwargs: Any
+    ) -> MambaLLMAttribution:
         """MambaLRP (``LayerMambaLRP`` at the token embedding) for a Mamba language model."""
         embedding = find_embedding(model)
         if embedding is None:
@@ -137,8 +140,9 @@ class MambaLLMAttribution(LLMGradientAttribution):
         totals = torch.stack([c.sum() for c in calls])
         return MambaLLMAttributionResult(base, generated, explained, explained - totals, self.attr_target)
 
-    def _get_target_tokens(self, inp: Any, target: Union[str, Tensor, None] = None,
-                           gen_args: Optional[Dict[str, Any]] = None) -> Tensor:
+    def _get_target_tokens(
+        self, inp: Any, target: Union[str, Tensor, None] = None, gen_args: Optional[Dict[str, Any]] = None
+    ) -> Tensor:
         """Captum's (generate when no target is given), remembered for the explained scores."""
         tokens = super()._get_target_tokens(inp, target, gen_args)
         self._target_ids = tokens.detach().reshape(-1).cpu()
@@ -151,5 +155,5 @@ class MambaLLMAttribution(LLMGradientAttribution):
         ids = torch.cat([prompt_ids, target_ids], dim=1)
         logits = output_scores(self.model(ids))[0].float()
         start = prompt_ids.shape[1] - 1
-        rows = logits[start:start + target_ids.shape[1]]
+        rows = logits[start : start + target_ids.shape[1]]
         return torch.stack([_token_scores(rows[i], int(t), self.attr_target) for i, t in enumerate(target_ids[0])]).cpu()

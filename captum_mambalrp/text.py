@@ -29,9 +29,15 @@ class TextExplanation:
 
     def as_dict(self) -> dict:
         return {
-            "text": self.text, "tokens": self.tokens, "relevance": [float(v) for v in self.relevance],
-            "pred_label": self.pred_label, "pred_prob": self.pred_prob, "target_label": self.target_label,
-            "target_index": self.target_index, "position": self.position, "explained_logit": self.explained,
+            "text": self.text,
+            "tokens": self.tokens,
+            "relevance": [float(v) for v in self.relevance],
+            "pred_label": self.pred_label,
+            "pred_prob": self.pred_prob,
+            "target_label": self.target_label,
+            "target_index": self.target_index,
+            "position": self.position,
+            "explained_logit": self.explained,
             "delta": self.delta,
         }
 
@@ -85,16 +91,24 @@ def explain_texts(
     out = []
     for i, text in enumerate(texts):
         real = mask[i].bool()
-        pos, cls = (index[i] if len(index[i]) == 2 else (-1, index[i][0]))
+        pos, cls = index[i] if len(index[i]) == 2 else (-1, index[i][0])
         row = scores[i, pos] if scores.dim() == 3 else scores[i]
         probs = row.softmax(-1)
         pred = int(row.argmax())
-        out.append(TextExplanation(
-            text=text, tokens=tokenizer.convert_ids_to_tokens(ids[i][real].tolist()),
-            relevance=relevance[i][real].cpu(), pred_label=labels[pred], pred_prob=float(probs[pred]),
-            target_label=labels[cls], target_index=cls, position=int(pos), explained=float(row[cls]),
-            delta=float(delta[i]),
-        ))
+        out.append(
+            TextExplanation(
+                text=text,
+                tokens=tokenizer.convert_ids_to_tokens(ids[i][real].tolist()),
+                relevance=relevance[i][real].cpu(),
+                pred_label=labels[pred],
+                pred_prob=float(probs[pred]),
+                target_label=labels[cls],
+                target_index=cls,
+                position=int(pos),
+                explained=float(row[cls]),
+                delta=float(delta[i]),
+            )
+        )
     return out
 
 
@@ -106,7 +120,9 @@ def records(explanations: Sequence[TextExplanation]):
     return text_records(
         [e.relevance for e in explanations],
         [e.tokens for e in explanations],
-        pred_class=[e.pred_label for e in explanations], pred_prob=[e.pred_prob for e in explanations],
-        attr_class=[e.target_label for e in explanations], explained=[e.explained for e in explanations],
+        pred_class=[e.pred_label for e in explanations],
+        pred_prob=[e.pred_prob for e in explanations],
+        attr_class=[e.target_label for e in explanations],
+        explained=[e.explained for e in explanations],
         delta=[e.delta for e in explanations],
     )

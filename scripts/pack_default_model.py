@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Store a trained classifier as the package's embedded default (float16 weights).
 
-    python scripts/pack_default_model.py /tmp/default captum_mambalrp/default_model
+python scripts/pack_default_model.py /tmp/default captum_mambalrp/default_model
 """
 
 from __future__ import annotations

@@ -74,10 +74,17 @@ def main(argv=None) -> None:
     from transformers import MambaConfig
 
     config = MambaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, state_size=args.state, num_hidden_layers=args.layers,
-        expand=args.expand, num_labels=len(EMOTION_LABELS), pad_token_id=tokenizer.pad_token_id,
-        id2label=dict(enumerate(EMOTION_LABELS)), label2id={l: i for i, l in enumerate(EMOTION_LABELS)},
-        use_cache=False, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        state_size=args.state,
+        num_hidden_layers=args.layers,
+        expand=args.expand,
+        num_labels=len(EMOTION_LABELS),
+        pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(EMOTION_LABELS)),
+        label2id={l: i for i, l in enumerate(EMOTION_LABELS)},
+        use_cache=False,
+        tie_word_embeddings=False,
     )
     model = MambaForLastTokenClassification(config).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -96,7 +103,10 @@ def main(argv=None) -> None:
             sched.step()
             total += float(loss.detach()) * len(y)
         acc = accuracy(model, *val, tokenizer, args.device, args.max_len)
-        print(f"epoch {epoch + 1}: train loss {total / len(train[0]):.4f}  val acc {acc:.4f}  ({time.time() - start:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1}: train loss {total / len(train[0]):.4f}  val acc {acc:.4f}  ({time.time() - start:.0f}s)",
+            flush=True,
+        )
         if acc > best:
             best, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -105,8 +115,13 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     model.eval().to("cpu").save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    metrics = {"val_accuracy": best, "test_accuracy": test_acc, "n_test": len(test[0]), "seconds": time.time() - start,
-               "args": {k: v for k, v in vars(args).items() if k != "data"}}
+    metrics = {
+        "val_accuracy": best,
+        "test_accuracy": test_acc,
+        "n_test": len(test[0]),
+        "seconds": time.time() - start,
+        "args": {k: v for k, v in vars(args).items() if k != "data"},
+    }
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 

@@ -16,8 +16,17 @@ torch.set_num_threads(1)  # tiny models: threads only add overhead on a small sh
 def make_config(arch: str = "mamba", **overrides):
     from transformers import FalconMambaConfig, MambaConfig
 
-    base = dict(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, conv_kernel=4, expand=2,
-                use_bias=False, use_conv_bias=True, time_step_rank=4)
+    base = dict(
+        vocab_size=64,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        conv_kernel=4,
+        expand=2,
+        use_bias=False,
+        use_conv_bias=True,
+        time_step_rank=4,
+    )
     base.update(overrides)
     return (FalconMambaConfig if arch == "falcon" else MambaConfig)(**base)
 

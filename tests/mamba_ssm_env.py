@@ -47,15 +47,15 @@ _STATE: Dict[str, object] = {}
 class _Anything:
     """Whatever a kernel module's import-time code asks of Triton: attributes, calls, indexing."""
 
-    def __getattr__(self, key: str) -> "_Anything":
+    def __getattr__(self, key: str) -> _Anything:
         if key.startswith("__"):
             raise AttributeError(key)
         return _Anything()
 
-    def __call__(self, *args, **kwargs) -> "_Anything":
+    def __call__(self, *args, **kwargs) -> _Anything:
         return _Anything()
 
-    def __getitem__(self, key) -> "_Anything":
+    def __getitem__(self, key) -> _Anything:
         return _Anything()
 
 
@@ -87,10 +87,15 @@ def _triton_stand_ins() -> Dict[str, types.ModuleType]:
 
     language, testing, runtime = module("triton.language"), module("triton.testing"), module("triton.runtime")
     triton = module(
-        "triton", __version__="3.0.0", Config=_Config, language=language, testing=testing, runtime=runtime,
+        "triton",
+        __version__="3.0.0",
+        Config=_Config,
+        language=language,
+        testing=testing,
+        runtime=runtime,
         jit=lambda fn=None, **kw: fn if fn is not None else (lambda f: f),
-        autotune=lambda configs, key=None, **kw: (lambda fn: _Autotuned(fn, configs)),
-        heuristics=lambda values: (lambda fn: fn),
+        autotune=lambda configs, key=None, **kw: lambda fn: _Autotuned(fn, configs),
+        heuristics=lambda values: lambda fn: fn,
     )
     return {"triton": triton, "triton.language": language, "triton.testing": testing, "triton.runtime": runtime}
 
@@ -120,9 +125,24 @@ def _find_archive(tmp: str) -> Tuple[Optional[str], str]:
         return wheels[-1], f"wheel {os.path.basename(wheels[-1])} (shared/wheels)"
     try:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", f"mamba-ssm=={VERSION}", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", "-d", tmp],
-            check=True, capture_output=True, timeout=180, env={**os.environ, "MAMBA_SKIP_CUDA_BUILD": "TRUE"},
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                f"mamba-ssm=={VERSION}",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "-d",
+                tmp,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+            env={**os.environ, "MAMBA_SKIP_CUDA_BUILD": "TRUE"},
         )
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"no mamba-ssm wheel in shared/wheels and `pip download mamba-ssm` failed ({type(err).__name__})"

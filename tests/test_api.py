@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from conftest import LastTokenClassifier, make_lm, zero_biases
 from torch import nn
 
 from captum_mambalrp import GradientRule, MambaLRP, UnsupportedModelError
-from conftest import LastTokenClassifier, make_lm, zero_biases
 
 
 def ids_for(batch, length, seed=0):
@@ -54,8 +54,9 @@ def snapshot(model: nn.Module):
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
         "forward": {n: m.__dict__.get("forward") for n, m in model.named_modules()},
-        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks)) for n, m in model.named_modules()
+        },
         "grad": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
         "rule": {n: getattr(m, "rule", "none") for n, m in model.named_modules()},
     }

@@ -6,10 +6,10 @@ import torch
 from captum.attr import LRP, Attribution, GradientAttribution, NoiseTunnel
 from captum.attr import visualization as viz
 from captum.metrics import infidelity, sensitivity_max
+from conftest import LastTokenClassifier, make_lm, zero_biases
 
 from captum_mambalrp import MambaLRP
 from captum_mambalrp.visualization import captum_html, text_records
-from conftest import LastTokenClassifier, make_lm, zero_biases
 
 
 def classifier():
@@ -28,8 +28,15 @@ def test_visualization_records_and_html():
     rel, delta = MambaLRP(model).attribute(ids, target=1, return_convergence_delta=True)
     logits = model(ids)[:, -1].detach()
     tokens = [[f"<w{int(t)}>" for t in row] for row in ids]
-    recs = text_records(rel, tokens, pred_class=logits.argmax(-1).tolist(), pred_prob=logits.softmax(-1).max(-1).values.tolist(),
-                        attr_class=[1, 1], explained=logits[:, 1].tolist(), delta=delta.tolist())
+    recs = text_records(
+        rel,
+        tokens,
+        pred_class=logits.argmax(-1).tolist(),
+        pred_prob=logits.softmax(-1).max(-1).values.tolist(),
+        attr_class=[1, 1],
+        explained=logits[:, 1].tolist(),
+        delta=delta.tolist(),
+    )
     assert all(isinstance(r, viz.VisualizationDataRecord) for r in recs)
     assert torch.allclose(recs[0].word_attributions, rel[0] / rel[0].abs().max())
     page = captum_html(recs)
@@ -45,8 +52,7 @@ def test_inside_noise_tunnel():
     nt = NoiseTunnel(lrp)
     smooth = nt.attribute(embeds, nt_type="smoothgrad", nt_samples=4, stdevs=0.0, target=2)
     assert torch.allclose(smooth, lrp.attribute(embeds, target=2), atol=1e-5)
-    noisy, delta = nt.attribute(embeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=2,
-                                return_convergence_delta=True)
+    noisy, delta = nt.attribute(embeds, nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=2, return_convergence_delta=True)
     assert noisy.shape == embeds.shape and delta.shape == (6,)
     assert (delta.abs() < 1e-4).all()
 
@@ -71,5 +77,6 @@ def test_infidelity_and_sensitivity_with_a_mambalrp_explanation():
     sens = sensitivity_max(lrp.attribute, embeds, target=0, n_perturb_samples=4, perturb_radius=0.01)
     assert sens.shape == (2,) and torch.isfinite(sens).all() and (sens >= 0).all()
     # sensitivity is measured on MambaLRP itself: a zero radius means zero sensitivity
-    assert torch.allclose(sensitivity_max(lrp.attribute, embeds, target=0, n_perturb_samples=2, perturb_radius=0.0),
-                          torch.zeros(2), atol=1e-6)
+    assert torch.allclose(
+        sensitivity_max(lrp.attribute, embeds, target=0, n_perturb_samples=2, perturb_radius=0.0), torch.zeros(2), atol=1e-6
+    )

@@ -19,8 +19,15 @@ def tiny_checkpoint(tmp_path):
 
     texts = ["i feel happy today", "i feel sad and alone", "what a scary night", "so happy and loved"]
     tokenizer = build_word_tokenizer(texts, min_freq=1)
-    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=2, num_labels=3,
-                         id2label={0: "sadness", 1: "joy", 2: "fear"}, label2id={"sadness": 0, "joy": 1, "fear": 2})
+    config = MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        num_labels=3,
+        id2label={0: "sadness", 1: "joy", 2: "fear"},
+        label2id={"sadness": 0, "joy": 1, "fear": 2},
+    )
     torch.manual_seed(0)
     model = MambaForLastTokenClassification(config).eval()
     path = tmp_path / "ckpt"
@@ -31,8 +38,24 @@ def tiny_checkpoint(tmp_path):
 
 def test_explain_command_writes_html_and_json(tiny_checkpoint, tmp_path, capsys):
     html, js = tmp_path / "out.html", tmp_path / "out.json"
-    assert main(["explain", "i feel happy today", "what a scary night", "--model", tiny_checkpoint,
-                 "--html", str(html), "--json", str(js), "--target", "joy"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "i feel happy today",
+                "what a scary night",
+                "--model",
+                tiny_checkpoint,
+                "--html",
+                str(html),
+                "--json",
+                str(js),
+                "--target",
+                "joy",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "prediction:" in out and "logit of 'joy'" in out
     data = json.loads(js.read_text())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LastTokenClassifier, make_lm, relative_delta, zero_biases
 
 from captum_mambalrp import MambaLRP
-from conftest import LastTokenClassifier, make_lm, relative_delta, zero_biases
 
 SHAPES = [
     # layers, hidden, state, conv, expand, length, batch
@@ -21,8 +21,11 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}h{}n{}k{}e{}len{}b{}".format(*s))
 def test_conservation_bias_free(arch, shape):
     layers, hidden, state, conv, expand, length, batch = shape
-    model = zero_biases(make_lm(arch, seed=length, num_hidden_layers=layers, hidden_size=hidden,
-                                state_size=state, conv_kernel=conv, expand=expand))
+    model = zero_biases(
+        make_lm(
+            arch, seed=length, num_hidden_layers=layers, hidden_size=hidden, state_size=state, conv_kernel=conv, expand=expand
+        )
+    )
     ids = torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(length))
     relevance, delta = MambaLRP(model).attribute(ids, target=5, return_convergence_delta=True)
     logits = model(ids).logits[:, -1, 5].detach()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_lm, relative_delta, zero_biases
+from test_api import assert_unchanged, snapshot
 from torch import nn
 
 from captum_mambalrp import MambaLRP, scan
 from captum_mambalrp.attribution.cuda_graphs import signature
 from captum_mambalrp.attribution.inputs import ForwardCall
-from conftest import make_lm, relative_delta, zero_biases
-from test_api import assert_unchanged, snapshot
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]

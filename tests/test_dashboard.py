@@ -64,11 +64,13 @@ def test_values_match_the_python_api(explainer):
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     gxi = InputXGradient(forward).attribute(embeds, target=target)[0].sum(-1)
     assert torch.allclose(rows["input_x_gradient"], gxi, atol=1e-6)
-    ig = LayerIntegratedGradients(forward, model.get_input_embeddings()).attribute(
-        ids, baselines=pad, target=target, n_steps=16)[0].sum(-1)
+    ig = (
+        LayerIntegratedGradients(forward, model.get_input_embeddings())
+        .attribute(ids, baselines=pad, target=target, n_steps=16)[0]
+        .sum(-1)
+    )
     assert torch.allclose(rows["integrated_gradients"], ig, atol=1e-5)
-    occ = FeatureAblation(forward).attribute(ids, baselines=pad, target=target,
-                                             feature_mask=torch.arange(ids.shape[1])[None])[0]
+    occ = FeatureAblation(forward).attribute(ids, baselines=pad, target=target, feature_mask=torch.arange(ids.shape[1])[None])[0]
     assert torch.allclose(rows["feature_ablation"], occ.float(), atol=1e-6)
     # relevance per layer: LayerMambaLRP at the embedding and every block, each summing to the logit
     layers = view["layers"]
@@ -82,9 +84,13 @@ def test_values_match_the_python_api(explainer):
 def test_target_by_name_and_refusals(explainer):
     view = explainer.explain("i feel sad", target="fear", methods=[])
     assert view["target"]["label"] == "fear" and [m["key"] for m in view["methods"]] == ["mambalrp"]
-    cases = [("", "Type a text"), ("   ", "Type a text"), (None, "Type a text"),
-             ("happy " * 100, "Input too long: 600 characters; the limit is 300 characters."),
-             ("happy " * 25, "Input too long: 25 tokens; the limit is 20 tokens.")]
+    cases = [
+        ("", "Type a text"),
+        ("   ", "Type a text"),
+        (None, "Type a text"),
+        ("happy " * 100, "Input too long: 600 characters; the limit is 300 characters."),
+        ("happy " * 25, "Input too long: 25 tokens; the limit is 20 tokens."),
+    ]
     for text, message in cases:
         with pytest.raises(InputError, match=re.escape(message)) as err:
             explainer.explain(text)
@@ -160,8 +166,26 @@ def test_cli_export(tmp_path, capsys):
     ckpt = make_demo_checkpoint(str(tmp_path / "ckpt"))
     write_study(tmp_path / "study")
     out = tmp_path / "view.html"
-    assert main(["dashboard", "--model", ckpt, "--export", str(out), "--text", "i feel so happy", "--text",
-                 "<script>x</script> sad", "--methods", "input_x_gradient", "--study", str(tmp_path / "study")]) == 0
+    assert (
+        main(
+            [
+                "dashboard",
+                "--model",
+                ckpt,
+                "--export",
+                str(out),
+                "--text",
+                "i feel so happy",
+                "--text",
+                "<script>x</script> sad",
+                "--methods",
+                "input_x_gradient",
+                "--study",
+                str(tmp_path / "study"),
+            ]
+        )
+        == 0
+    )
     assert "written to" in capsys.readouterr().out
     page = out.read_text()
     data = json.loads(re.search(r'type="application/json">(.*?)</script>', page, re.S).group(1))

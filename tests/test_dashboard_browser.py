@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_dashboard import write_study
 
 from captum_mambalrp import LayerMambaLRP, MambaLRP
 from captum_mambalrp.dashboard import DashboardApp, Limits, load_study, start_in_thread
 from captum_mambalrp.dashboard.browser import chromium_context, explain_in_page, find_chromium, read_heatmaps, read_layers
 from captum_mambalrp.dashboard.demo import demo_explainer
-from test_dashboard import write_study
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install -y chromium "
-                                                       "chromium-driver; scripts/setup_browser.sh does it in CI)"),
+    pytest.mark.skipif(
+        find_chromium() is None,
+        reason="Chromium is not installed (apt-get install -y chromium chromium-driver; scripts/setup_browser.sh does it in CI)",
+    ),
 ]
 
 TEXT = "i feel so happy and loved today"
@@ -24,16 +26,16 @@ XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> i fee
 
 @pytest.fixture(scope="module")
 def explainer(tmp_path_factory):
-    return demo_explainer(str(tmp_path_factory.mktemp("demo")), limits=Limits(max_chars=1000, max_tokens=64),
-                          ig_steps=16)
+    return demo_explainer(str(tmp_path_factory.mktemp("demo")), limits=Limits(max_chars=1000, max_tokens=64), ig_steps=16)
 
 
 @pytest.fixture(scope="module")
 def url(explainer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("study") / "out"
     write_study(folder)
-    server, address = start_in_thread(DashboardApp(explainer, examples=[TEXT, "what a scary night"],
-                                                   study=load_study(str(folder))))
+    server, address = start_in_thread(
+        DashboardApp(explainer, examples=[TEXT, "what a scary night"], study=load_study(str(folder)))
+    )
     yield address
     server.shutdown()
     server.server_close()
@@ -87,7 +89,10 @@ def test_typing_an_input_shows_heatmaps_matching_the_api(page, explainer):
     page.select_option("#target", "fear")
     explain_in_page(page, "what a scary night")
     assert page.inner_text("#s-explained").startswith("logit of fear at position 3 = ")
-    assert list(read_heatmaps(page)) == ["mambalrp", "input_x_gradient", "smoothgrad"] and page.get_attribute("body", "data-results") == "2"
+    assert (
+        list(read_heatmaps(page)) == ["mambalrp", "input_x_gradient", "smoothgrad"]
+        and page.get_attribute("body", "data-results") == "2"
+    )
     assert page.is_visible("#study-images img") and page.inner_text("#study-tables").count("MambaLRP") >= 1
 
 

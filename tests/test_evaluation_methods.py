@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from captum.attr import Attribution, FeatureAblation, KernelShap, LayerIntegratedGradients, NoiseTunnel
+from conftest import make_config, randomize, zero_biases
+from test_evaluation_metrics import TokenSum, W
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_mambalrp.evaluation import (
@@ -20,8 +22,6 @@ from captum_mambalrp.evaluation import (
 )
 from captum_mambalrp.evaluation.least_squares import WeightedLeastSquares
 from captum_mambalrp.models import MambaForLastTokenClassification
-from conftest import make_config, randomize, zero_biases
-from test_evaluation_metrics import TokenSum, W
 
 FAST = MethodOptions(reference_token_id=0, ig_steps=16, smoothgrad_samples=3, kernelshap_samples=40)
 
@@ -45,8 +45,21 @@ def batch():
 
 
 def test_registry_and_groups():
-    assert {"mambalrp", "gxi", "lrp_ln", "no_ssm_rule", "saliency", "input_x_gradient", "integrated_gradients",
-            "smoothgrad", "feature_ablation", "kernelshap", "random", "attn_rollout", "mamba_attr"} <= set(METHODS)
+    assert {
+        "mambalrp",
+        "gxi",
+        "lrp_ln",
+        "no_ssm_rule",
+        "saliency",
+        "input_x_gradient",
+        "integrated_gradients",
+        "smoothgrad",
+        "feature_ablation",
+        "kernelshap",
+        "random",
+        "attn_rollout",
+        "mamba_attr",
+    } <= set(METHODS)
     assert resolve_methods("lrp,random") == ["mambalrp", "gxi", "lrp_ln", "random"]
     assert resolve_methods("all") == list(METHODS)
     with pytest.raises(ValueError, match="unknown method"):

@@ -40,8 +40,15 @@ W = [0.0, 3.0, -1.0, 2.0, 0.0]  # id 0 is the neutral token (weight 0)
 def curves_for(relevance, ids=((1, 2, 3, 4),), mask=None, fraction=0.25, **kw):
     model = TokenSum(W)
     ids = torch.tensor(ids)
-    return perturbation_curves(model, ids, mask, torch.tensor(relevance, dtype=torch.float32), torch.zeros(len(ids), dtype=torch.long),
-                               Perturbation(fraction, kw.pop("replacement", "token"), kw.pop("token_id", 0)), **kw)
+    return perturbation_curves(
+        model,
+        ids,
+        mask,
+        torch.tensor(relevance, dtype=torch.float32),
+        torch.zeros(len(ids), dtype=torch.long),
+        Perturbation(fraction, kw.pop("replacement", "token"), kw.pop("token_id", 0)),
+        **kw,
+    )
 
 
 def test_hand_computed_curves_and_scores():

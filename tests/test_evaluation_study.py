@@ -15,13 +15,23 @@ from captum_mambalrp.models import MambaForLastTokenClassification, load_model_a
 from captum_mambalrp.models.tokenizer import build_word_tokenizer
 
 TEXTS = [
-    ("i feel happy and loved today", "joy"), ("i feel so sad and alone tonight", "sadness"),
-    ("what a scary night i am afraid", "fear"), ("i am angry at the world", "anger"),
-    ("i feel loved by my friends", "love"), ("what a surprise that was", "surprise"),
-    ("i feel happy", "joy"), ("so sad", "sadness"),
+    ("i feel happy and loved today", "joy"),
+    ("i feel so sad and alone tonight", "sadness"),
+    ("what a scary night i am afraid", "fear"),
+    ("i am angry at the world", "anger"),
+    ("i feel loved by my friends", "love"),
+    ("what a surprise that was", "surprise"),
+    ("i feel happy", "joy"),
+    ("so sad", "sadness"),
 ]
-PNGS = ["flipping_curves.png", "scores_dAF.png", "conservation.png", "distance_profile.png", "layer_profile.png",
-        "layer_sums.png"]
+PNGS = [
+    "flipping_curves.png",
+    "scores_dAF.png",
+    "conservation.png",
+    "distance_profile.png",
+    "layer_profile.png",
+    "layer_sums.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,24 @@ def read_jsonl(path):
 def test_command_line_writes_table_csv_plots_and_resumes(tiny, tmp_path, capsys):
     ckpt, data = tiny
     out = str(tmp_path / "cli")
-    args = ["compare", "--model", ckpt, "--data", data, "--methods", "mambalrp,gxi,random,feature_ablation",
-            "--n", "4", "--batch-size", "4", "--out", out, "--no-progress", "--fraction", "0.5"]
+    args = [
+        "compare",
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--methods",
+        "mambalrp,gxi,random,feature_ablation",
+        "--n",
+        "4",
+        "--batch-size",
+        "4",
+        "--out",
+        out,
+        "--no-progress",
+        "--fraction",
+        "0.5",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| MambaLRP |" in printed and "ΔA^F" in printed and "0.5000 on 8 examples" in printed
@@ -65,7 +91,7 @@ def test_command_line_writes_table_csv_plots_and_resumes(tiny, tmp_path, capsys)
     assert main(args[:6] + ["mambalrp,gxi,random,feature_ablation,saliency"] + args[7:] + ["--no-figures"]) == 0
     second = read_jsonl(os.path.join(out, "results.jsonl"))
     assert second[: len(first)] == first and len(second) == len(first) + 4
-    assert {r["method"] for r in second[len(first):]} == {"saliency"}
+    assert {r["method"] for r in second[len(first) :]} == {"saliency"}
     with pytest.raises(ValueError, match="other settings"):
         main(args[:-1] + ["0.25"])
 
@@ -74,8 +100,13 @@ def test_python_api_all_methods_and_interrupted_run(tiny, tmp_path):
     ckpt, data = tiny
     model, tokenizer = load_model_and_tokenizer(ckpt)
     texts, labels, _ = load_split(data, "test")
-    config = StudyConfig(methods=["all"], n_examples=3, batch_size=3, perturbation=Perturbation(0.5, "mean"),
-                         options=MethodOptions(reference_token_id=0, ig_steps=4, smoothgrad_samples=2, kernelshap_samples=16))
+    config = StudyConfig(
+        methods=["all"],
+        n_examples=3,
+        batch_size=3,
+        perturbation=Perturbation(0.5, "mean"),
+        options=MethodOptions(reference_token_id=0, ig_steps=4, smoothgrad_samples=2, kernelshap_samples=16),
+    )
     out = str(tmp_path / "py")
     summary = Study(model, tokenizer, texts, labels, config, out).run(progress=False, figures=False)
     assert set(summary["methods"]) == set(config.methods) and summary["n_examples"] == 3

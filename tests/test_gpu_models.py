@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_lm, relative_delta, zero_biases
 
 from captum_mambalrp import MambaLRP, scan
-from conftest import make_lm, relative_delta, zero_biases
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
@@ -63,7 +63,8 @@ def test_gpu_backends_match_cpu_reference_and_conserve(name, backend):
     model = model.cuda()
     with scan.record_backends() as used:
         rel, delta = MambaLRP(model, backend=backend).attribute(
-            ids.cuda(), target=5, attention_mask=None if mask is None else mask.cuda(), return_convergence_delta=True)
+            ids.cuda(), target=5, attention_mask=None if mask is None else mask.cuda(), return_convergence_delta=True
+        )
     assert set(used) == {backend}
     err = (rel.cpu() - ref).abs().max() / ref.abs().max()
     assert err <= 1e-4, (backend, float(err))

@@ -69,8 +69,10 @@ def expected_labels(checkpoint: str) -> list:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install -y chromium "
-                                                    "chromium-driver; scripts/setup_browser.sh does it in CI)")
+@pytest.mark.skipif(
+    find_chromium() is None,
+    reason="Chromium is not installed (apt-get install -y chromium chromium-driver; scripts/setup_browser.sh does it in CI)",
+)
 def test_mambalrp_in_the_insights_page(served):
     checkpoint, url, log = served
     with chromium_context() as browser:
@@ -88,7 +90,8 @@ def test_mambalrp_in_the_insights_page(served):
         sent = [v for example in response.value.json() for v in example[0]["feature_outputs"][0]["modified"]]
     expected = expected_labels(checkpoint)
     assert [token for token, _ in shown] == [token for token, _ in expected]
-    assert torch.allclose(torch.tensor([float(label) for _, label in shown]),
-                          torch.tensor([value for _, value in expected]), atol=1.5e-3)  # rendered with 3 decimals
+    assert torch.allclose(
+        torch.tensor([float(label) for _, label in shown]), torch.tensor([value for _, value in expected]), atol=1.5e-3
+    )  # rendered with 3 decimals
     assert torch.allclose(torch.tensor(sent), torch.tensor([v for _, v in expected]), atol=1e-4)
     assert "Traceback" not in open(log).read()

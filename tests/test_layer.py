@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from captum.attr import LayerGradientXActivation
+from conftest import make_lm, zero_biases
 
 from captum_mambalrp import LayerMambaLRP, MambaLRP
-from conftest import make_lm, zero_biases
 
 
 def test_relevance_is_conserved_across_blocks():

@@ -9,11 +9,11 @@ matplotlib.use("Agg")
 import pytest
 import torch
 from captum.attr import LLMAttributionResult, LLMGradientAttribution, TextTokenInput
+from conftest import make_lm, zero_biases
 
 from captum_mambalrp import LayerMambaLRP
 from captum_mambalrp.llm import MambaLLMAttribution, MambaLLMAttributionResult
 from captum_mambalrp.models.tokenizer import build_word_tokenizer
-from conftest import make_lm, zero_biases
 
 WORDS = "the cat sat on mat a dog ran in park and big small red blue"
 
@@ -31,7 +31,7 @@ def logits_after(model, tokenizer, prompt: str, continuation: str):
     c = tokenizer.encode(continuation, add_special_tokens=False)
     with torch.no_grad():
         logits = model(torch.tensor([p + c])).logits[0]
-    return logits[len(p) - 1:len(p) - 1 + len(c)], torch.tensor(c)
+    return logits[len(p) - 1 : len(p) - 1 + len(c)], torch.tensor(c)
 
 
 def test_accepted_by_captum_and_plots(tiny_lm):
@@ -39,8 +39,9 @@ def test_accepted_by_captum_and_plots(tiny_lm):
     llm_attr = MambaLLMAttribution.for_model(model, tokenizer)
     assert isinstance(llm_attr, LLMGradientAttribution)
     LLMGradientAttribution(LayerMambaLRP(model, model.backbone.embeddings), tokenizer)  # plain Captum accepts it
-    result = llm_attr.attribute(TextTokenInput("the cat sat on the", tokenizer),
-                                gen_args={"max_new_tokens": 3, "do_sample": False})
+    result = llm_attr.attribute(
+        TextTokenInput("the cat sat on the", tokenizer), gen_args={"max_new_tokens": 3, "do_sample": False}
+    )
     assert isinstance(result, LLMAttributionResult) and isinstance(result, MambaLLMAttributionResult)
     assert result.input_tokens == ["the", "cat", "sat", "on", "the"]
     assert result.token_attr.shape == (3, 5) and len(result.output_tokens) == 3
@@ -53,7 +54,8 @@ def test_logit_variant_conserves(tiny_lm):
     model, tokenizer = tiny_lm
     prompt, continuation = "a big dog ran in the", "park and the cat"
     result = MambaLLMAttribution.for_model(model, tokenizer, attr_target="logit").attribute(
-        TextTokenInput(prompt, tokenizer), target=continuation)
+        TextTokenInput(prompt, tokenizer), target=continuation
+    )
     logits, ids = logits_after(model, tokenizer, prompt, continuation)
     target_logits = logits[torch.arange(len(ids)), ids]
     assert torch.allclose(result.explained, target_logits, atol=1e-6)
@@ -69,7 +71,8 @@ def test_log_prob_variant_is_captums_quantity(tiny_lm):
     inp = TextTokenInput(prompt, tokenizer)
     ours = MambaLLMAttribution.for_model(model, tokenizer, attr_target="log_prob").attribute(inp, target=continuation)
     captums = LLMGradientAttribution(LayerMambaLRP(model, model.backbone.embeddings), tokenizer).attribute(
-        inp, target=continuation)
+        inp, target=continuation
+    )
     assert torch.allclose(ours.token_attr, captums.token_attr, atol=1e-6)
     logits, ids = logits_after(model, tokenizer, prompt, continuation)
     logp = logits.log_softmax(-1)

@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
+from conftest import LastTokenClassifier, randomize, relative_delta
+from mamba2_reference import reference_relevance
+from test_api import assert_unchanged, snapshot
+from test_scan import sequential_ssd
+from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from captum_mambalrp import MambaLRP, UnsupportedModelError
 from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
 from captum_mambalrp.scan import ssd_scan
-from conftest import LastTokenClassifier, randomize, relative_delta
-from transformers import Mamba2Config, Mamba2ForCausalLM
-from mamba2_reference import reference_relevance
-from test_api import assert_unchanged, snapshot
-from test_scan import sequential_ssd
 
 
 def zero_relevance_biases(model):
@@ -31,8 +31,20 @@ def zero_relevance_biases(model):
 def make_mamba2(seed: int = 0, bias_free: bool = True, **overrides):
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
-    cfg = dict(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, num_heads=4, head_dim=8,
-               n_groups=2, chunk_size=8, conv_kernel=4, use_bias=False, use_conv_bias=True)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        expand=2,
+        num_heads=4,
+        head_dim=8,
+        n_groups=2,
+        chunk_size=8,
+        conv_kernel=4,
+        use_bias=False,
+        use_conv_bias=True,
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = Mamba2ForCausalLM(Mamba2Config(**cfg)).eval()
@@ -56,9 +68,19 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}h{}e{}H{}P{}g{}n{}c{}k{}len{}b{}".format(*s[:11]))
 def test_conservation_bias_free(shape):
     layers, hidden, expand, heads, head_dim, groups, state, chunk, conv, length, batch, limit = shape
-    model = make_mamba2(seed=length, num_hidden_layers=layers, hidden_size=hidden, expand=expand, num_heads=heads,
-                        head_dim=head_dim, n_groups=groups, state_size=state, chunk_size=chunk, conv_kernel=conv,
-                        time_step_limit=limit)
+    model = make_mamba2(
+        seed=length,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        expand=expand,
+        num_heads=heads,
+        head_dim=head_dim,
+        n_groups=groups,
+        state_size=state,
+        chunk_size=chunk,
+        conv_kernel=conv,
+        time_step_limit=limit,
+    )
     ids = ids_for(batch, length, seed=length)
     relevance, delta = MambaLRP(model).attribute(ids, target=5, return_convergence_delta=True)
     logits = model(ids).logits[:, -1, 5].detach()
@@ -101,8 +123,9 @@ def test_takeover_forward_equals_transformers_chunked_forward(name):
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("groups,chunk,length,limit", [(1, 4, 10, (0.0, math.inf)), (2, 8, 37, (0.0, 0.04)),
-                                                      (4, 16, 64, (0.01, 0.2))])
+@pytest.mark.parametrize(
+    "groups,chunk,length,limit", [(1, 4, 10, (0.0, math.inf)), (2, 8, 37, (0.0, 0.04)), (4, 16, 64, (0.01, 0.2))]
+)
 def test_ssd_scan_agrees_with_transformers_chunked_scan_and_sequential_recurrence(groups, chunk, length, limit):
     """The scan used for relevance (``ssd_scan``), transformers' chunked SSD (``mamba2_chunk_scan``,
     what the model runs) and a plain sequential recurrence, on the same constant parameters."""
@@ -116,8 +139,7 @@ def test_ssd_scan_agrees_with_transformers_chunked_scan_and_sequential_recurrenc
     B, C = torch.randn(b, length, groups, n, generator=g), torch.randn(b, length, groups, n, generator=g)
     D = torch.randn(heads, generator=g)
     dt = torch.nn.functional.softplus(dt_raw + dt_bias).clamp(*limit)
-    chunked = mamba2_chunk_scan(x, dt_raw, A, B, C, chunk_size=chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
-                                dt_limit=limit)
+    chunked = mamba2_chunk_scan(x, dt_raw, A, B, C, chunk_size=chunk, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=limit)
     ours = ssd_scan(x, dt, A, B, C, D)
     sequential = sequential_ssd(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
     assert torch.allclose(ours.double(), sequential, atol=1e-5, rtol=1e-4)
@@ -195,30 +217,82 @@ def test_half_precision_model():
 
 
 def _common():
-    return dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                intermediate_size=32)
+    return dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32
+    )
 
 
 HYBRIDS = [
-    ("BambaForCausalLM", "BambaConfig", dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16,
-                                             mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16),
-     ["BambaMixer", "BambaAttention"]),
-    ("JambaForCausalLM", "JambaConfig", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                                             expert_layer_offset=1, num_experts=2, mamba_d_state=4, mamba_dt_rank=4),
-     ["JambaMambaMixer", "JambaAttention"]),
-    ("Zamba2ForCausalLM", "Zamba2Config", dict(mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1,
-                                               layers_block_type=["mamba", "hybrid"], num_mem_blocks=1),
-     ["Zamba2MambaMixer", "Zamba2Attention"]),
-    ("NemotronHForCausalLM", "NemotronHConfig", dict(hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=16,
-                                                     ssm_state_size=8, n_groups=1, chunk_size=16, head_dim=16),
-     ["NemotronHMamba2Mixer", "NemotronHAttention"]),
-    ("FalconH1ForCausalLM", "FalconH1Config", dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
-                                                   mamba_d_state=8, mamba_chunk_size=16, head_dim=16),
-     ["FalconH1Mixer", "FalconH1Attention"]),
-    ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig",
-     dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
-          mamba_chunk_size=16, num_local_experts=2, num_experts_per_tok=1),
-     ["GraniteMoeHybridMambaLayer", "GraniteMoeHybridAttention"]),
+    (
+        "BambaForCausalLM",
+        "BambaConfig",
+        dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16),
+        ["BambaMixer", "BambaAttention"],
+    ),
+    (
+        "JambaForCausalLM",
+        "JambaConfig",
+        dict(
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=2,
+            mamba_d_state=4,
+            mamba_dt_rank=4,
+        ),
+        ["JambaMambaMixer", "JambaAttention"],
+    ),
+    (
+        "Zamba2ForCausalLM",
+        "Zamba2Config",
+        dict(
+            mamba_d_state=8,
+            mamba_headdim=16,
+            n_mamba_heads=4,
+            mamba_ngroups=1,
+            layers_block_type=["mamba", "hybrid"],
+            num_mem_blocks=1,
+        ),
+        ["Zamba2MambaMixer", "Zamba2Attention"],
+    ),
+    (
+        "NemotronHForCausalLM",
+        "NemotronHConfig",
+        dict(
+            hybrid_override_pattern="M*",
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=8,
+            n_groups=1,
+            chunk_size=16,
+            head_dim=16,
+        ),
+        ["NemotronHMamba2Mixer", "NemotronHAttention"],
+    ),
+    (
+        "FalconH1ForCausalLM",
+        "FalconH1Config",
+        dict(
+            mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, head_dim=16
+        ),
+        ["FalconH1Mixer", "FalconH1Attention"],
+    ),
+    (
+        "GraniteMoeHybridForCausalLM",
+        "GraniteMoeHybridConfig",
+        dict(
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_n_groups=1,
+            mamba_d_state=8,
+            mamba_chunk_size=16,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+        ),
+        ["GraniteMoeHybridMambaLayer", "GraniteMoeHybridAttention"],
+    ),
 ]
 
 
@@ -245,8 +319,19 @@ def test_gated_norm_without_group_size_normalises_all_channels():
     ``MambaRMSNormGated`` without ``group_size``: one group over all channels."""
     from captum_mambalrp.adapters.hf_mamba2 import hf_mamba2_parts
 
-    model = Mamba2ForCausalLM(Mamba2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, expand=2, head_dim=8,
-                                           state_size=4, n_groups=2, chunk_size=8, num_heads=4)).eval()
+    model = Mamba2ForCausalLM(
+        Mamba2Config(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            expand=2,
+            head_dim=8,
+            state_size=4,
+            n_groups=2,
+            chunk_size=8,
+            num_heads=4,
+        )
+    ).eval()
     norm = model.backbone.layers[0].mixer.norm
     assert hf_mamba2_parts(model.backbone.layers[0].mixer).norm.group_size == norm.group_size
     del norm.group_size

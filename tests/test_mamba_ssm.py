@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize, relative_delta
+from mamba_ssm_env import load_mamba_ssm
+from test_api import assert_unchanged, snapshot
 from torch import nn
 
 from captum_mambalrp import MambaLRP, UnsupportedModelError
 from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
-from conftest import randomize, relative_delta
-from mamba_ssm_env import load_mamba_ssm
-from test_api import assert_unchanged, snapshot
 
 
 def mssm():
@@ -30,15 +30,32 @@ def mssm():
     return found
 
 
-def make_ssm_lm(layer: str = "Mamba1", seed: int = 0, d_model: int = 32, n_layer: int = 2, bias_free: bool = True,
-                fused_add_norm: bool = True, residual_in_fp32: bool = True, rms_norm: bool = True, **ssm):
+def make_ssm_lm(
+    layer: str = "Mamba1",
+    seed: int = 0,
+    d_model: int = 32,
+    n_layer: int = 2,
+    bias_free: bool = True,
+    fused_add_norm: bool = True,
+    residual_in_fp32: bool = True,
+    rms_norm: bool = True,
+    **ssm,
+):
     ms = mssm()
     ssm_cfg = {"layer": layer, "d_state": 4, **ssm}
     if layer == "Mamba2":
         ssm_cfg.setdefault("headdim", 8)
         ssm_cfg.setdefault("chunk_size", 8)
-    config = ms.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=64, ssm_cfg=ssm_cfg, rms_norm=rms_norm,
-                         residual_in_fp32=residual_in_fp32, fused_add_norm=fused_add_norm, tie_embeddings=False)
+    config = ms.MambaConfig(
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=64,
+        ssm_cfg=ssm_cfg,
+        rms_norm=rms_norm,
+        residual_in_fp32=residual_in_fp32,
+        fused_add_norm=fused_add_norm,
+        tie_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = ms.MambaLMHeadModel(config).eval()
     randomize(model, seed)
@@ -69,15 +86,23 @@ CONFIGS = [
     ("Mamba1", dict(), dict(), 37, 2),
     ("Mamba1", dict(fused_add_norm=False, residual_in_fp32=False, rms_norm=False), dict(), 1, 1),
     ("Mamba2", dict(), dict(ngroups=2, chunk_size=8), 45, 2),
-    ("Mamba2", dict(fused_add_norm=False), dict(headdim=4, ngroups=4, chunk_size=16, D_has_hdim=True,
-                                                norm_before_gate=True, dt_limit=(0.0, 0.05)), 70, 1),
+    (
+        "Mamba2",
+        dict(fused_add_norm=False),
+        dict(headdim=4, ngroups=4, chunk_size=16, D_has_hdim=True, norm_before_gate=True, dt_limit=(0.0, 0.05)),
+        70,
+        1,
+    ),
     ("Mamba2", dict(residual_in_fp32=False), dict(rmsnorm=False), 20, 2),
     ("Mamba2", dict(n_layer=3), dict(d_ssm=32, ngroups=2), 33, 2),
 ]
 
 
-@pytest.mark.parametrize("layer,block,mixer,length,batch", CONFIGS,
-                         ids=[f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in {**c[1], **c[2]}.items())}" for c in CONFIGS])
+@pytest.mark.parametrize(
+    "layer,block,mixer,length,batch",
+    CONFIGS,
+    ids=[f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in {**c[1], **c[2]}.items())}" for c in CONFIGS],
+)
 def test_conservation_bias_free(layer, block, mixer, length, batch):
     model = make_ssm_lm(layer, seed=length, **block, **mixer)
     ids = ids_for(batch, length, seed=length)
@@ -93,15 +118,32 @@ def hf_copy(model, layer):
     import transformers
 
     mixer = model.backbone.layers[0].mixer
-    common = dict(vocab_size=64, hidden_size=model.config.d_model, num_hidden_layers=model.config.n_layer,
-                  state_size=mixer.d_state, conv_kernel=mixer.d_conv, expand=mixer.expand, use_bias=False,
-                  use_conv_bias=True, layer_norm_epsilon=1e-5, residual_in_fp32=True, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=64,
+        hidden_size=model.config.d_model,
+        num_hidden_layers=model.config.n_layer,
+        state_size=mixer.d_state,
+        conv_kernel=mixer.d_conv,
+        expand=mixer.expand,
+        use_bias=False,
+        use_conv_bias=True,
+        layer_norm_epsilon=1e-5,
+        residual_in_fp32=True,
+        tie_word_embeddings=False,
+    )
     if layer == "Mamba1":
         hf = transformers.MambaForCausalLM(transformers.MambaConfig(time_step_rank=mixer.dt_rank, **common))
     else:
-        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-            num_heads=mixer.nheads, head_dim=mixer.headdim, n_groups=mixer.ngroups, chunk_size=mixer.chunk_size,
-            time_step_limit=mixer.dt_limit, **common))
+        hf = transformers.Mamba2ForCausalLM(
+            transformers.Mamba2Config(
+                num_heads=mixer.nheads,
+                head_dim=mixer.headdim,
+                n_groups=mixer.ngroups,
+                chunk_size=mixer.chunk_size,
+                time_step_limit=mixer.dt_limit,
+                **common,
+            )
+        )
     state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in model.state_dict().items()}
     hf.load_state_dict(state, strict=True)
     return hf.eval()
@@ -153,12 +195,26 @@ def test_mamba2_mixer_matches_mamba_ssms_own_reference_functions(variant):
         x, B, C = xBC.split([d_ssm, g * n, g * n], dim=-1)
         dt = F.softplus(dt + mixer.dt_bias).clamp(*mixer.dt_limit)
         D = mixer.D.reshape(h, p) if mixer.D_has_hdim else mixer.D
-        y = ssd_chunk_scan_combined_ref(x.reshape(b, l, h, p), dt, -torch.exp(mixer.A_log), B.reshape(b, l, g, n),
-                                        C.reshape(b, l, g, n), mixer.chunk_size, D=D,
-                                        z=None if mixer.rmsnorm else z.reshape(b, l, h, p)).reshape(b, l, d_ssm)
+        y = ssd_chunk_scan_combined_ref(
+            x.reshape(b, l, h, p),
+            dt,
+            -torch.exp(mixer.A_log),
+            B.reshape(b, l, g, n),
+            C.reshape(b, l, g, n),
+            mixer.chunk_size,
+            D=D,
+            z=None if mixer.rmsnorm else z.reshape(b, l, h, p),
+        ).reshape(b, l, d_ssm)
         if mixer.rmsnorm:
-            y = rms_norm_ref(y, mixer.norm.weight, None, z=z, eps=mixer.norm.eps, group_size=mixer.norm.group_size,
-                             norm_before_gate=mixer.norm_before_gate)
+            y = rms_norm_ref(
+                y,
+                mixer.norm.weight,
+                None,
+                z=z,
+                eps=mixer.norm.eps,
+                group_size=mixer.norm.group_size,
+                norm_before_gate=mixer.norm_before_gate,
+            )
         if d_mlp:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         expected = mixer.out_proj(y)
@@ -212,14 +268,23 @@ def test_gradient_x_input_does_not_conserve(layer):
 def test_attention_blocks_mlps_and_other_mixers_are_refused():
     model = make_ssm_lm("Mamba2", seed=17)
     MambaConfig, MambaLMHeadModel = mssm().MambaConfig, mssm().MambaLMHeadModel
-    hybrid = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg=dict(layer="Mamba2", headdim=8),
-                                          attn_layer_idx=[1], attn_cfg=dict(num_heads=2))).eval()
+    hybrid = MambaLMHeadModel(
+        MambaConfig(
+            d_model=32,
+            n_layer=2,
+            vocab_size=64,
+            ssm_cfg=dict(layer="Mamba2", headdim=8),
+            attn_layer_idx=[1],
+            attn_cfg=dict(num_heads=2),
+        )
+    ).eval()
     before = snapshot(hybrid)
     with pytest.raises(UnsupportedModelError, match=r"'backbone.layers.1.mixer' \(MHA\).*attention"):
         MambaLRP(hybrid)
     assert_unchanged(hybrid, before)
-    with_mlp = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=64, d_intermediate=64,
-                                            ssm_cfg=dict(layer="Mamba1"))).eval()
+    with_mlp = MambaLMHeadModel(
+        MambaConfig(d_model=32, n_layer=1, vocab_size=64, d_intermediate=64, ssm_cfg=dict(layer="Mamba1"))
+    ).eval()
     with pytest.raises(UnsupportedModelError, match=r"\(GatedMLP\).*d_intermediate"):
         MambaLRP(with_mlp)
     model.backbone.layers[1].mixer = mssm().Mamba2Simple(32, d_state=4, headdim=8)

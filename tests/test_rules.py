@@ -9,17 +9,24 @@ import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule as CaptumEpsilonRule
 from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
 from captum.attr._utils.lrp_rules import IdentityRule as CaptumIdentityRule
+from conftest import make_lm, zero_biases
+from reference_mambalrp import reference_relevance
 from torch import nn
 
 from captum_mambalrp import MambaLRP
-from captum_mambalrp.rules import (
-    ConstantNormRule, ConstantSSMRule, EpsilonRule, GammaRule, GradientRule, HalfGateRule,
-    IdentityActivationRule, as_mamba_rule, composite,
-)
 from captum_mambalrp.adapters.norms import rms_norm
+from captum_mambalrp.rules import (
+    ConstantNormRule,
+    ConstantSSMRule,
+    EpsilonRule,
+    GammaRule,
+    GradientRule,
+    HalfGateRule,
+    IdentityActivationRule,
+    as_mamba_rule,
+    composite,
+)
 from captum_mambalrp.scan import selective_scan
-from conftest import make_lm, zero_biases
-from reference_mambalrp import reference_relevance
 
 torch.manual_seed(0)
 

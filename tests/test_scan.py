@@ -25,8 +25,10 @@ def sequential_ssd(x, dt, A, B, C, D):
     h = torch.zeros(b, heads, p, B.shape[-1], dtype=torch.float64)
     ys = []
     for t in range(l):
-        h = torch.exp(dt[:, t, :, None, None] * A[None, :, None, None]) * h \
+        h = (
+            torch.exp(dt[:, t, :, None, None] * A[None, :, None, None]) * h
             + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        )
         ys.append((h * Ch[:, t, :, None, :]).sum(-1) + D[None, :, None] * x[:, t])
     return torch.stack(ys, 1)
 

@@ -15,10 +15,11 @@ import torch
 # backend tests check the float32 math, so they ask for IEEE dots (before any compile).
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
+from test_scan import rand, sequential_mamba1, sequential_ssd  # noqa: E402
+
 import captum_mambalrp.scan as scan  # noqa: E402
 from captum_mambalrp.kernels import triton_installed  # noqa: E402
 from captum_mambalrp.scan import selective_scan, ssd_scan  # noqa: E402
-from test_scan import rand, sequential_mamba1, sequential_ssd  # noqa: E402
 
 HAS_TRITON = triton_installed()
 CUDA = torch.cuda.is_available()
@@ -80,8 +81,9 @@ def test_dispatch_on_cpu():
 
 
 def test_mambalrp_passes_backend_through():
-    from captum_mambalrp import MambaLRP
     from conftest import make_lm
+
+    from captum_mambalrp import MambaLRP
 
     model = make_lm("mamba")
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -172,8 +174,9 @@ def test_triton_kernel_in_interpreter():
     fresh process: ``TRITON_INTERPRET`` must be set before triton is imported)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True,
-                         timeout=300, cwd=root, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True, timeout=300, cwd=root, env=env
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -287,8 +290,7 @@ def test_fused_kernels_in_interpreter():
     interpreter on the CPU (float32 to rounding; bf16 to its rounding)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True,
-                         timeout=300, cwd=root, env=env)
+    out = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -309,8 +311,7 @@ def test_cuda_backend_matches_sequential(backend, layout):
     if layout == "mamba1":
         check_against_sequential(selective_scan, sequential_mamba1, mamba1_case(d=70, n=16, l=300), backend, device="cuda")
     else:
-        check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=300, heads=4, p=16, n=32, groups=2), backend,
-                                 device="cuda")
+        check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=300, heads=4, p=16, n=32, groups=2), backend, device="cuda")
 
 
 @pytest.mark.gpu
@@ -379,8 +380,14 @@ def test_long_sequence_memory_stays_linear():
     """L = 4096: the scan's peak extra memory (forward and backward) stays far below one
     ``b x d x l x n`` tensor (measured as the peak RSS of a fresh process, reset before each probe)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=120,
-                         cwd=root, env={**os.environ, "PYTHONPATH": root})
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+    )
     assert out.returncode == 0, out.stderr
     import json
 

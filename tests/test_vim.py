@@ -5,21 +5,34 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from captum_mambalrp import LayerMambaLRP, MambaLRP
-from captum_mambalrp.models.vim import (
-    VIM_VARIANTS, VisionMamba, load_vim_checkpoint, patch_relevance, patch_relevance_to_image, vision_mamba,
-)
 from conftest import relative_delta
 from test_api import assert_unchanged, snapshot
 from vim_reference import reference
 
+from captum_mambalrp import LayerMambaLRP, MambaLRP
+from captum_mambalrp.models.vim import (
+    VIM_VARIANTS,
+    VisionMamba,
+    load_vim_checkpoint,
+    patch_relevance,
+    patch_relevance_to_image,
+    vision_mamba,
+)
 
-def make_vim(seed: int = 0, bias_free: bool = True, img_size=32, patch_size=8, stride=8, depth=2, embed_dim=16,
-             d_state=4, num_classes=5) -> VisionMamba:
+
+def make_vim(
+    seed: int = 0, bias_free: bool = True, img_size=32, patch_size=8, stride=8, depth=2, embed_dim=16, d_state=4, num_classes=5
+) -> VisionMamba:
     torch.manual_seed(seed)
-    model = VisionMamba(img_size=img_size, patch_size=patch_size, stride=stride, depth=depth, embed_dim=embed_dim,
-                        d_state=d_state, num_classes=num_classes).eval()
+    model = VisionMamba(
+        img_size=img_size,
+        patch_size=patch_size,
+        stride=stride,
+        depth=depth,
+        embed_dim=embed_dim,
+        d_state=d_state,
+        num_classes=num_classes,
+    ).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -40,11 +53,33 @@ def images_for(batch, size=32, seed=0):
 
 def checkpoint_keys(depth: int):
     """The keys of a released Vim checkpoint (``checkpoint["model"]``), for ``depth`` layers."""
-    mixer = ["A_log", "A_b_log", "D", "D_b", "in_proj.weight", "conv1d.weight", "conv1d.bias", "conv1d_b.weight",
-             "conv1d_b.bias", "x_proj.weight", "x_proj_b.weight", "dt_proj.weight", "dt_proj.bias", "dt_proj_b.weight",
-             "dt_proj_b.bias", "out_proj.weight"]
-    keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "norm_f.weight",
-            "head.weight", "head.bias"}
+    mixer = [
+        "A_log",
+        "A_b_log",
+        "D",
+        "D_b",
+        "in_proj.weight",
+        "conv1d.weight",
+        "conv1d.bias",
+        "conv1d_b.weight",
+        "conv1d_b.bias",
+        "x_proj.weight",
+        "x_proj_b.weight",
+        "dt_proj.weight",
+        "dt_proj.bias",
+        "dt_proj_b.weight",
+        "dt_proj_b.bias",
+        "out_proj.weight",
+    ]
+    keys = {
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "cls_token",
+        "pos_embed",
+        "norm_f.weight",
+        "head.weight",
+        "head.bias",
+    }
     for i in range(depth):
         keys |= {f"layers.{i}.mixer.{k}" for k in mixer} | {f"layers.{i}.norm.weight"}
     return keys
@@ -93,8 +128,7 @@ def test_forward_and_relevance_match_the_independent_reference(size, stride):
     expected, logits = reference(model, images, cls=1)
     relevance, delta = MambaLRP(model).attribute(images, target=1, return_convergence_delta=True)
     assert relevance.shape == images.shape
-    assert torch.allclose(relevance, expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), \
-        (relevance - expected).abs().max()
+    assert torch.allclose(relevance, expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), (relevance - expected).abs().max()
     assert torch.allclose(relevance.sum((1, 2, 3)) + delta, logits[:, 1], atol=1e-5)
 
 
@@ -109,8 +143,7 @@ def test_conservation_down_to_the_token_sequence(shape):
     part, so ``attribute``'s delta is exactly what the class token and the position embeddings
     hold (they are learned inputs, like biases)."""
     size, patch, stride, depth, dim, state, batch = shape
-    model = make_vim(seed=size + depth, img_size=size, patch_size=patch, stride=stride, depth=depth, embed_dim=dim,
-                     d_state=state)
+    model = make_vim(seed=size + depth, img_size=size, patch_size=patch, stride=stride, depth=depth, embed_dim=dim, d_state=state)
     images = images_for(batch, size, seed=size)
     logits = model(images).detach()
     target = logits.argmax(-1)
@@ -170,8 +203,7 @@ def test_gradient_x_input_does_not_conserve():
     (grad,) = torch.autograd.grad(logit.sum(), seq["x"])
     gxi = (seq["x"] * grad).sum((1, 2)).detach()
     assert (relative_delta(logit.detach() - gxi, logit.detach()) > 1e-2).all()
-    plain = LayerMambaLRP(model, model.layers[0], composite="gradient").attribute(
-        images, target=1, attribute_to_layer_input=True)
+    plain = LayerMambaLRP(model, model.layers[0], composite="gradient").attribute(images, target=1, attribute_to_layer_input=True)
     assert torch.allclose(plain.sum((1, 2)), gxi, atol=1e-5, rtol=1e-4)
 
 
@@ -204,8 +236,13 @@ def test_heatmap_goes_to_captums_visualize_image_attr():
     pixels = MambaLRP(model).attribute(images, target=0)
     heat = patch_relevance_to_image(patch_relevance(pixels, model), model)
     for attr in (heat[0], pixels[0]):
-        fig, _ = viz.visualize_image_attr(attr.permute(1, 2, 0).numpy(), images[0].permute(1, 2, 0).numpy(),
-                                          method="blended_heat_map", sign="all", use_pyplot=False)
+        fig, _ = viz.visualize_image_attr(
+            attr.permute(1, 2, 0).numpy(),
+            images[0].permute(1, 2, 0).numpy(),
+            method="blended_heat_map",
+            sign="all",
+            use_pyplot=False,
+        )
         assert fig is not None
 
 

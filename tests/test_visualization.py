@@ -46,17 +46,31 @@ def test_records_in_one_call_feed_visualize_text(demo):
 def test_text_records_checks_lengths_and_mask():
     rel = torch.tensor([[0.5, -1.0, 0.0], [2.0, 1.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    recs = text_records(rel, [["a", "b", "c"], ["d", "e"]], pred_class=["x", "y"], pred_prob=[0.9, 0.8],
-                        attr_class=["x", "y"], explained=[1.0, 2.0], attention_mask=mask)
+    recs = text_records(
+        rel,
+        [["a", "b", "c"], ["d", "e"]],
+        pred_class=["x", "y"],
+        pred_prob=[0.9, 0.8],
+        attr_class=["x", "y"],
+        explained=[1.0, 2.0],
+        attention_mask=mask,
+    )
     assert recs[1].word_attributions.tolist() == [1.0, 0.5]
-    xss = text_records(rel[:1, :1], [["<script>alert(1)</script>"]], pred_class=["<img src=x onerror=alert(2)>"],
-                       pred_prob=[0.9], attr_class=["<b>"], explained=[1.0])
+    xss = text_records(
+        rel[:1, :1],
+        [["<script>alert(1)</script>"]],
+        pred_class=["<img src=x onerror=alert(2)>"],
+        pred_prob=[0.9],
+        attr_class=["<b>"],
+        explained=[1.0],
+    )
     page = captum_html(xss)
     assert "<script>alert" not in page and "<img src=x" not in page and "<b><b></b>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
     with pytest.raises(ValueError, match="pass attention_mask"):
-        text_records(rel, [["a", "b"], ["d", "e"]], pred_class=["x", "y"], pred_prob=[1, 1], attr_class=["x", "y"],
-                     explained=[1, 2])
+        text_records(
+            rel, [["a", "b"], ["d", "e"]], pred_class=["x", "y"], pred_prob=[1, 1], attr_class=["x", "y"], explained=[1, 2]
+        )
 
 
 def test_terminal_heatmap_plain_and_colour():

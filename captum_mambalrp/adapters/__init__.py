@@ -1,14 +1,23 @@
 """Per-architecture adapters: which modules MambaLRP takes over and how."""
 
-from . import hf_mamba  # noqa: F401  (registers the transformers Mamba1 adapter)
-from . import hf_mamba2  # noqa: F401  (transformers Mamba2)
-from . import mamba_ssm  # noqa: F401  (mamba-ssm's Mamba, Mamba2, Block, MixerModel)
-from . import vim  # noqa: F401  (Vision Mamba's bidirectional mixer)
+from . import (
+    hf_mamba,  # noqa: F401  (registers the transformers Mamba1 adapter)
+    hf_mamba2,  # noqa: F401  (transformers Mamba2)
+    mamba_ssm,  # noqa: F401  (mamba-ssm's Mamba, Mamba2, Block, MixerModel)
+    vim,  # noqa: F401  (Vision Mamba's bidirectional mixer)
+)
 from .base import ADAPTERS, Component, MixerAdapter, find_adapter, register
 from .install import Installation, UnsupportedModelError, install_rules
 from .patching import Patcher
 
 __all__ = [
-    "ADAPTERS", "Component", "Installation", "MixerAdapter", "Patcher",
-    "UnsupportedModelError", "find_adapter", "install_rules", "register",
+    "ADAPTERS",
+    "Component",
+    "Installation",
+    "MixerAdapter",
+    "Patcher",
+    "UnsupportedModelError",
+    "find_adapter",
+    "install_rules",
+    "register",
 ]

@@ -42,9 +42,7 @@ class MixerAdapter(Protocol):
     def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
         """Submodules (relative names) that carry relevance and get linear/conv rules."""
 
-    def install(
-        self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str
-    ) -> List[Component]:
+    def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
         """Replace ``module``'s forward by its MambaLRP forward; return its components."""
 
 
@@ -57,7 +55,7 @@ def register(adapter: MixerAdapter) -> MixerAdapter:
     return adapter
 
 
-def find_adapter(module: nn.Module) -> "MixerAdapter | None":
+def find_adapter(module: nn.Module) -> MixerAdapter | None:
     for adapter in ADAPTERS:
         if adapter.claims(module):
             return adapter

@@ -37,10 +37,17 @@ def hf_mamba2_parts(mixer: nn.Module) -> Mamba2Parts:
     # transformers before the grouped norm (e.g. 5.17) normalises over all channels at once
     group_size = int(getattr(norm, "group_size", norm.weight.shape[-1]))
     return Mamba2Parts(
-        in_proj=mixer.in_proj, conv1d=mixer.conv1d, out_proj=mixer.out_proj,
-        A_log=mixer.A_log, D=mixer.D, dt_bias=mixer.dt_bias,
-        n_heads=int(mixer.num_heads), head_dim=int(mixer.head_dim), n_groups=int(mixer.n_groups),
-        d_state=int(mixer.ssm_state_size), act=silu_or(mixer.activation, mixer.act),
+        in_proj=mixer.in_proj,
+        conv1d=mixer.conv1d,
+        out_proj=mixer.out_proj,
+        A_log=mixer.A_log,
+        D=mixer.D,
+        dt_bias=mixer.dt_bias,
+        n_heads=int(mixer.num_heads),
+        head_dim=int(mixer.head_dim),
+        n_groups=int(mixer.n_groups),
+        d_state=int(mixer.ssm_state_size),
+        act=silu_or(mixer.activation, mixer.act),
         norm=GatedNorm(norm.weight, float(norm.variance_epsilon), group_size, norm_before_gate=False),
         dt_limit=(float(mixer.time_step_limit[0]), float(mixer.time_step_limit[1])),
     )

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from torch import nn
 
 from ..rules.activation import SILU_CLASSES
-from ..rules.base import ACTIVATION, CONV, LINEAR, NORM, GradientRule, MambaRule
+from ..rules.base import ACTIVATION, CONV, LINEAR, NORM, GradientRule
 from ..rules.composites import Composite
 from .base import ADAPTERS, Component, find_adapter
 from .norms import is_rmsnorm, norm_forward
@@ -89,8 +89,11 @@ def _refuse_uncovered(found: List[Tuple[str, nn.Module]]) -> UnsupportedModelErr
         first.setdefault(type(module).__name__, name)
     listing = ", ".join(f"{cls} (e.g. {name!r})" for cls, name in first.items())
     name, module = found[0]
-    return _unsupported(name, module, "this kind of layer (attention or an unknown mixer) is not covered; "
-                        f"layer types without rules in this model: {listing}")
+    return _unsupported(
+        name,
+        module,
+        f"this kind of layer (attention or an unknown mixer) is not covered; layer types without rules in this model: {listing}",
+    )
 
 
 def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
@@ -104,7 +107,10 @@ def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelErro
 
 
 def install_rules(
-    model: nn.Module, composite: Composite, backend: str = "auto", patcher: Optional[Patcher] = None,
+    model: nn.Module,
+    composite: Composite,
+    backend: str = "auto",
+    patcher: Optional[Patcher] = None,
     recompute: Recompute = False,
 ) -> Installation:
     """Take over every supported mixer and norm of ``model`` and hook its affine layers

@@ -88,9 +88,16 @@ def hf_mamba1_parts(mixer: nn.Module) -> Mamba1Parts:
     """Parts of transformers' ``MambaMixer`` / ``FalconMambaMixer``."""
     falcon = hasattr(mixer, "b_layernorm")
     return Mamba1Parts(
-        in_proj=mixer.in_proj, conv1d=mixer.conv1d, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj,
-        out_proj=mixer.out_proj, A_log=mixer.A_log, D=mixer.D, dt_rank=int(mixer.time_step_rank),
-        d_state=mixer.ssm_state_size, act=mixer.act.forward,
+        in_proj=mixer.in_proj,
+        conv1d=mixer.conv1d,
+        x_proj=mixer.x_proj,
+        dt_proj=mixer.dt_proj,
+        out_proj=mixer.out_proj,
+        A_log=mixer.A_log,
+        D=mixer.D,
+        dt_rank=int(mixer.time_step_rank),
+        d_state=mixer.ssm_state_size,
+        act=mixer.act.forward,
         dt_norm=mixer.dt_layernorm if falcon else None,
         B_norm=mixer.b_layernorm if falcon else None,
         C_norm=mixer.c_layernorm if falcon else None,

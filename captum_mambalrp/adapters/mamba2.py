@@ -105,8 +105,9 @@ def mamba2_forward(
     A = -torch.exp(parts.A_log.float())
     grouped = (batch, length, parts.n_groups, parts.d_state)
     dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.reshape(grouped), C.reshape(grouped))
-    y = ssd_scan(x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(),
-                 linear=rules.ssm.ssm_is_linear, backend=rules.backend)
+    y = ssd_scan(
+        x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(), linear=rules.ssm.ssm_is_linear, backend=rules.backend
+    )
     y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule)
     if parts.d_mlp:
         mlp = rules.gate.gate(x0.float(), rules.gate_act.activation(z0.float(), parts.act))

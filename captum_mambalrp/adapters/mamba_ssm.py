@@ -47,9 +47,16 @@ def reject_inference_params(inference_params: object) -> None:
 def mamba_ssm1_parts(mixer: nn.Module) -> Mamba1Parts:
     """Parts of mamba-ssm's ``Mamba`` (the same computation as transformers' ``MambaMixer``)."""
     return Mamba1Parts(
-        in_proj=mixer.in_proj, conv1d=mixer.conv1d, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj,
-        out_proj=mixer.out_proj, A_log=mixer.A_log, D=mixer.D, dt_rank=int(mixer.dt_rank),
-        d_state=int(mixer.d_state), act=mixer.act.forward,
+        in_proj=mixer.in_proj,
+        conv1d=mixer.conv1d,
+        x_proj=mixer.x_proj,
+        dt_proj=mixer.dt_proj,
+        out_proj=mixer.out_proj,
+        A_log=mixer.A_log,
+        D=mixer.D,
+        dt_rank=int(mixer.dt_rank),
+        d_state=int(mixer.d_state),
+        act=mixer.act.forward,
     )
 
 
@@ -63,10 +70,20 @@ def mamba_ssm2_parts(mixer: nn.Module) -> Mamba2Parts:
         group_size = mixer.norm.group_size or d_ssm
         norm = GatedNorm(mixer.norm.weight, float(mixer.norm.eps), int(group_size), bool(mixer.norm.norm_before_gate))
     return Mamba2Parts(
-        in_proj=mixer.in_proj, conv1d=mixer.conv1d, out_proj=mixer.out_proj,
-        A_log=mixer.A_log, D=mixer.D, dt_bias=mixer.dt_bias, n_heads=int(heads), head_dim=int(mixer.headdim),
-        n_groups=int(groups), d_state=int(state), act=mixer.act.forward, norm=norm,
-        dt_limit=(float(mixer.dt_limit[0]), float(mixer.dt_limit[1])), d_mlp=int(d_mlp),
+        in_proj=mixer.in_proj,
+        conv1d=mixer.conv1d,
+        out_proj=mixer.out_proj,
+        A_log=mixer.A_log,
+        D=mixer.D,
+        dt_bias=mixer.dt_bias,
+        n_heads=int(heads),
+        head_dim=int(mixer.headdim),
+        n_groups=int(groups),
+        d_state=int(state),
+        act=mixer.act.forward,
+        norm=norm,
+        dt_limit=(float(mixer.dt_limit[0]), float(mixer.dt_limit[1])),
+        d_mlp=int(d_mlp),
     )
 
 
@@ -76,7 +93,8 @@ class MambaSSM1Adapter:
     def claims(self, module: nn.Module) -> bool:
         # Vision Mamba's fork of this class (bimamba_type "v1"/"v2") computes something else
         return is_mamba_ssm_class(module, "Mamba", "mamba_ssm.modules.mamba_simple") and getattr(
-            module, "bimamba_type", "none") in (None, "none")
+            module, "bimamba_type", "none"
+        ) in (None, "none")
 
     def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
         return {"in_proj": module.in_proj, "conv1d": module.conv1d, "out_proj": module.out_proj}
@@ -109,11 +127,16 @@ class MambaSSM2Adapter:
                 "set) are not covered; load the model without tensor parallelism."
             )
         parts = mamba_ssm2_parts(module)
-        rules, norm_rule, components = mamba2_rules(
-            name, module.act, module.norm if module.rmsnorm else None, composite, backend)
+        rules, norm_rule, components = mamba2_rules(name, module.act, module.norm if module.rmsnorm else None, composite, backend)
 
-        def forward(u: Tensor, seqlen: Optional[int] = None, seq_idx: Optional[Tensor] = None,
-                    cu_seqlens: Optional[Tensor] = None, inference_params: object = None, **kwargs) -> Tensor:
+        def forward(
+            u: Tensor,
+            seqlen: Optional[int] = None,
+            seq_idx: Optional[Tensor] = None,
+            cu_seqlens: Optional[Tensor] = None,
+            inference_params: object = None,
+            **kwargs,
+        ) -> Tensor:
             reject_inference_params(inference_params)
             reject_packed({"seq_idx": seq_idx, "cu_seqlens": cu_seqlens, **kwargs})
             if seqlen is None:
@@ -152,8 +175,9 @@ class MambaSSMBlockAdapter:
                 "MLP after the mixer (d_intermediate > 0) are not covered."
             )
 
-        def forward(hidden_states: Tensor, residual: Optional[Tensor] = None, inference_params: object = None,
-                    **mixer_kwargs) -> tuple:
+        def forward(
+            hidden_states: Tensor, residual: Optional[Tensor] = None, inference_params: object = None, **mixer_kwargs
+        ) -> tuple:
             residual = hidden_states if residual is None else hidden_states + residual
             hidden = module.norm(residual.to(dtype=module.norm.weight.dtype))
             if module.residual_in_fp32:

@@ -10,7 +10,11 @@ from torch import Tensor, nn
 from ..rules.base import MambaRule
 
 RMSNORM_CLASS_NAMES = {
-    "MambaRMSNorm", "FalconMambaRMSNorm", "LlamaRMSNorm", "RMSNorm", "Mamba2RMSNorm",
+    "MambaRMSNorm",
+    "FalconMambaRMSNorm",
+    "LlamaRMSNorm",
+    "RMSNorm",
+    "Mamba2RMSNorm",
 }
 
 

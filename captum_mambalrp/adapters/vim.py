@@ -28,12 +28,17 @@ from .patching import Patcher
 def vim_branch_parts(mixer: nn.Module) -> Tuple[Mamba1Parts, Mamba1Parts]:
     """The forward and the backward branch of a bidirectional mixer, as Mamba1 mixers
     without output projection (``out_proj`` is applied once, to their average)."""
-    common = dict(in_proj=mixer.in_proj, out_proj=nn.Identity(), dt_rank=int(mixer.dt_rank),
-                  d_state=int(mixer.d_state), act=mixer.act.forward)
-    forward = Mamba1Parts(conv1d=mixer.conv1d, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj,
-                          A_log=mixer.A_log, D=mixer.D, **common)
-    backward = Mamba1Parts(conv1d=mixer.conv1d_b, x_proj=mixer.x_proj_b, dt_proj=mixer.dt_proj_b,
-                           A_log=mixer.A_b_log, D=mixer.D_b, **common)
+    common = dict(
+        in_proj=mixer.in_proj,
+        out_proj=nn.Identity(),
+        dt_rank=int(mixer.dt_rank),
+        d_state=int(mixer.d_state),
+        act=mixer.act.forward,
+    )
+    forward = Mamba1Parts(conv1d=mixer.conv1d, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj, A_log=mixer.A_log, D=mixer.D, **common)
+    backward = Mamba1Parts(
+        conv1d=mixer.conv1d_b, x_proj=mixer.x_proj_b, dt_proj=mixer.dt_proj_b, A_log=mixer.A_b_log, D=mixer.D_b, **common
+    )
     return forward, backward
 
 
@@ -54,8 +59,7 @@ class VimMixerAdapter:
         return cls.__name__ == "BiMambaMixer" and cls.__module__ == "captum_mambalrp.models.vim"
 
     def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
-        return {"in_proj": module.in_proj, "conv1d": module.conv1d, "conv1d_b": module.conv1d_b,
-                "out_proj": module.out_proj}
+        return {"in_proj": module.in_proj, "conv1d": module.conv1d, "conv1d_b": module.conv1d_b, "out_proj": module.out_proj}
 
     def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
         rules = mixer_rules(name, module.act, composite, backend)  # one rule set for both directions

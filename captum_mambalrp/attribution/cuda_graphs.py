@@ -75,7 +75,7 @@ def static_copy(call: ForwardCall) -> Tuple[ForwardCall, List[Tensor]]:
 
 @dataclass
 class _Graph:
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     buffers: List[Tensor]
     positions: Tensor
     classes: Tensor
@@ -89,7 +89,7 @@ class GraphCache:
 
     def __init__(self, size: int = GRAPH_CACHE_SIZE) -> None:
         self.size = size
-        self._graphs: "OrderedDict[Hashable, _Graph]" = OrderedDict()
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._pool: Optional[Tuple[int, int]] = None
         self._state: Hashable = None
         self.captures = 0  # graphs recorded so far

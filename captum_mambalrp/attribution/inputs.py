@@ -69,9 +69,7 @@ def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
                     "entries: ids must lie in [0, vocab_size)."
                 )
         elif inputs.shape[-1] != embedding.embedding_dim:
-            raise ValueError(
-                f"embeddings have hidden size {inputs.shape[-1]} but the model's is {embedding.embedding_dim}"
-            )
+            raise ValueError(f"embeddings have hidden size {inputs.shape[-1]} but the model's is {embedding.embedding_dim}")
     return token_ids
 
 

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher
 from ..adapters.recompute import Recompute, check_recompute
-from ..rules.composites import Composite, RuleLike, composite as make_composite
+from ..rules.composites import Composite, RuleLike
+from ..rules.composites import composite as make_composite
 from .engine import Capture, relevance_pass
 from .inputs import build_call, check_inputs
 from .mamba_lrp import find_embedding, install_checked

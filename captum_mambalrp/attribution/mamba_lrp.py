@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher, install_rules
 from ..adapters.recompute import Recompute, check_recompute
-from ..rules.composites import Composite, RuleLike, composite as make_composite
+from ..rules.composites import Composite, RuleLike
+from ..rules.composites import composite as make_composite
 from ..scan import BACKENDS
 from .cuda_graphs import GraphCache
 from .engine import Capture, Selector, relevance_pass
@@ -33,7 +34,9 @@ def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
     return found[0] if len(found) == 1 else None
 
 
-def install_checked(model: nn.Module, composite: Composite, backend: str, patcher: Patcher, recompute: Recompute = False) -> Installation:
+def install_checked(
+    model: nn.Module, composite: Composite, backend: str, patcher: Patcher, recompute: Recompute = False
+) -> Installation:
     """Install the rules; undo everything and re-raise on an unsupported model or a
     rule key that matches nothing."""
     composite._used.clear()

@@ -85,8 +85,10 @@ class TargetPlan:
     classes: List[int]
 
     def tensors(self, device: torch.device) -> Tuple[Tensor, Tensor]:
-        return (torch.tensor(self.positions, dtype=torch.long, device=device),
-                torch.tensor(self.classes, dtype=torch.long, device=device))
+        return (
+            torch.tensor(self.positions, dtype=torch.long, device=device),
+            torch.tensor(self.classes, dtype=torch.long, device=device),
+        )
 
     def index(self, chosen: Tensor) -> List[Tuple[int, ...]]:
         """``(position, class)`` (``[B, L, C]``), ``(class,)`` (``[B, C]``) or ``()`` per example."""

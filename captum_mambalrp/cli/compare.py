@@ -42,11 +42,14 @@ def build_study(args: argparse.Namespace):
         batch_size=args.batch_size,
         seed=args.seed,
         max_length=args.max_length,
-        perturbation=Perturbation(args.fraction, args.replacement,
-                                  args.token_id if args.token_id is not None else neutral_token_id(tokenizer)),
+        perturbation=Perturbation(
+            args.fraction, args.replacement, args.token_id if args.token_id is not None else neutral_token_id(tokenizer)
+        ),
         options=MethodOptions(
             reference_token_id=args.reference_token_id if args.reference_token_id is not None else pad,
-            ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples, smoothgrad_noise=args.smoothgrad_noise,
+            ig_steps=args.ig_steps,
+            smoothgrad_samples=args.smoothgrad_samples,
+            smoothgrad_noise=args.smoothgrad_noise,
             kernelshap_samples=args.kernelshap_samples,
         ),
         layer_analysis=not args.no_layers,
@@ -76,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``compare`` to the ``captum-mambalrp`` sub-commands."""
-    p = sub.add_parser("compare", help="compare attribution methods (faithfulness, cost, conservation, analyses)",
-                       description="Run a comparative attribution study; rerun the same command to resume.")
+    p = sub.add_parser(
+        "compare",
+        help="compare attribution methods (faithfulness, cost, conservation, analyses)",
+        description="Run a comparative attribution study; rerun the same command to resume.",
+    )
     p.add_argument("--model", default=None, help="transformers checkpoint folder or hub id (default: embedded)")
     p.add_argument("--data", default=None, help="folder with <split>.txt or one TEXT;LABEL file (default: shared Emotion)")
     p.add_argument("--split", default="test")
@@ -88,11 +94,19 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of the tokens flipped per step")
-    p.add_argument("--replacement", default="token", choices=["token", "zero", "mean"],
-                   help="what a removed token becomes: a neutral token, a zero or the mean embedding")
+    p.add_argument(
+        "--replacement",
+        default="token",
+        choices=["token", "zero", "mean"],
+        help="what a removed token becomes: a neutral token, a zero or the mean embedding",
+    )
     p.add_argument("--token-id", type=int, default=None, help="the neutral token (default: the tokenizer's unknown token)")
-    p.add_argument("--reference-token-id", type=int, default=None,
-                   help="baseline token of IG, FeatureAblation, KernelShap (default: the padding token)")
+    p.add_argument(
+        "--reference-token-id",
+        type=int,
+        default=None,
+        help="baseline token of IG, FeatureAblation, KernelShap (default: the padding token)",
+    )
     p.add_argument("--ig-steps", type=int, default=50)
     p.add_argument("--smoothgrad-samples", type=int, default=20)
     p.add_argument("--smoothgrad-noise", type=float, default=0.15)

@@ -22,8 +22,14 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     source = args.model or "embedded default (Emotion classifier)"
-    explainer = Explainer(model, tokenizer, source=source, composite=args.composite,
-                          limits=Limits(args.max_chars, args.max_tokens), ig_steps=args.ig_steps)
+    explainer = Explainer(
+        model,
+        tokenizer,
+        source=source,
+        composite=args.composite,
+        limits=Limits(args.max_chars, args.max_tokens),
+        ig_steps=args.ig_steps,
+    )
     examples = _examples(args.examples) if args.examples else list(EXAMPLES)
     study = load_study(args.study) if args.study else None
     methods = [m for m in args.methods.split(",") if m]
@@ -51,13 +57,20 @@ def register(sub) -> None:
     p.add_argument("--study", default=None, help="a study folder (compare --out DIR): show its table and curves")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    p.add_argument("--export", default=None, metavar="FILE",
-                   help="write the view of --text (or the examples) to one self-contained HTML file, no server")
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="FILE",
+        help="write the view of --text (or the examples) to one self-contained HTML file, no server",
+    )
     p.add_argument("--text", action="append", default=None, help="a text for --export (repeat for several)")
     p.add_argument("--examples", default=None, help="a file of example texts to pick from, one per line")
     p.add_argument("--target", default=None, help="class to explain for --export (default: predicted)")
-    p.add_argument("--methods", default="input_x_gradient,integrated_gradients,feature_ablation",
-                   help="methods shown next to MambaLRP, keys of the evaluation registry (compare --list-methods)")
+    p.add_argument(
+        "--methods",
+        default="input_x_gradient,integrated_gradients,feature_ablation",
+        help="methods shown next to MambaLRP, keys of the evaluation registry (compare --list-methods)",
+    )
     p.add_argument("--composite", default="mambalrp", help="MambaLRP rule set")
     p.add_argument("--max-chars", type=int, default=2000, help="longest input accepted, in characters")
     p.add_argument("--max-tokens", type=int, default=256, help="longest input accepted, in tokens")

@@ -30,8 +30,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(f"text:       {e.text}")
         print(f"prediction: {e.pred_label} (p={e.pred_prob:.3f})")
-        print(f"explained:  logit of {e.target_label!r} at position {e.position} = {e.explained:.4f}"
-              f"   sum of relevance = {float(e.relevance.sum()):.4f}   delta = {e.delta:.2e}")
+        print(
+            f"explained:  logit of {e.target_label!r} at position {e.position} = {e.explained:.4f}"
+            f"   sum of relevance = {float(e.relevance.sum()):.4f}   delta = {e.delta:.2e}"
+        )
         print(terminal_heatmap(e.tokens, e.relevance, color=color))
         top = torch.argsort(e.relevance.abs(), descending=True)[: args.top]
         print("most relevant: " + ", ".join(f"{e.tokens[i]} {float(e.relevance[i]):+.3f}" for i in top))

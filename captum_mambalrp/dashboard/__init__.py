@@ -26,8 +26,14 @@ EXAMPLES = [
 ]
 
 
-def export_html(explainer: Explainer, texts: Sequence[str], path: str, target: Optional[str] = None,
-                methods: Sequence[str] = DEFAULT_METHODS, study: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+def export_html(
+    explainer: Explainer,
+    texts: Sequence[str],
+    path: str,
+    target: Optional[str] = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    study: Optional[Dict[str, Any]] = None,
+) -> List[Dict[str, Any]]:
     """Explain ``texts`` and write the view as one self-contained HTML file; the results."""
     results = [explainer.explain(t, target, methods) for t in texts]
     with open(path, "w", encoding="utf-8") as f:
@@ -36,6 +42,17 @@ def export_html(explainer: Explainer, texts: Sequence[str], path: str, target: O
 
 
 __all__ = [
-    "DEFAULT_METHODS", "DashboardApp", "EXAMPLES", "Explainer", "InputError", "Limits", "comparison_methods",
-    "export_html", "find_blocks", "load_study", "make_server", "render_page", "start_in_thread",
+    "DEFAULT_METHODS",
+    "DashboardApp",
+    "EXAMPLES",
+    "Explainer",
+    "InputError",
+    "Limits",
+    "comparison_methods",
+    "export_html",
+    "find_blocks",
+    "load_study",
+    "make_server",
+    "render_page",
+    "start_in_thread",
 ]

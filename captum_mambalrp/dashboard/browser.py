@@ -13,8 +13,14 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
@@ -36,14 +42,22 @@ def chromium_context(viewport: Optional[dict] = None, **context_options: Any) ->
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as err:
-        raise RuntimeError("Playwright's Python package is missing: pip install playwright "
-                           "(the system Chromium is used; do not run `playwright install`)") from err
+        raise RuntimeError(
+            "Playwright's Python package is missing: pip install playwright "
+            "(the system Chromium is used; do not run `playwright install`)"
+        ) from err
     profile = tempfile.mkdtemp(prefix="mambalrp-chromium-")
     try:
         with sync_playwright() as p:
             context = p.chromium.launch_persistent_context(
-                profile, executable_path=executable, args=CHROMIUM_ARGS, headless=True,
-                viewport=viewport or {"width": 1280, "height": 900}, accept_downloads=True, **context_options)
+                profile,
+                executable_path=executable,
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport=viewport or {"width": 1280, "height": 900},
+                accept_downloads=True,
+                **context_options,
+            )
             try:
                 yield context
             finally:

@@ -10,15 +10,20 @@ if TYPE_CHECKING:
     from .explain import Explainer
 
 DEMO_TEXTS = [
-    "i feel so happy and loved today", "i am scared of the dark and feel so alone",
-    "i feel angry and annoyed about this news", "i was surprised by the gift from my friend",
-    "i feel sad and lonely tonight", "what a scary night", "so happy and loved",
+    "i feel so happy and loved today",
+    "i am scared of the dark and feel so alone",
+    "i feel angry and annoyed about this news",
+    "i was surprised by the gift from my friend",
+    "i feel sad and lonely tonight",
+    "what a scary night",
+    "so happy and loved",
 ]
 DEMO_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
 
 
-def make_demo_checkpoint(path: str, seed: int = 0, hidden_size: int = 16, layers: int = 2,
-                         texts: Sequence[str] = DEMO_TEXTS) -> str:
+def make_demo_checkpoint(
+    path: str, seed: int = 0, hidden_size: int = 16, layers: int = 2, texts: Sequence[str] = DEMO_TEXTS
+) -> str:
     """Write a random bias-free ``MambaForLastTokenClassification`` and a word tokenizer
     over ``texts`` to ``path`` (loadable with ``load_model_and_tokenizer(path)``)."""
     import torch
@@ -29,9 +34,18 @@ def make_demo_checkpoint(path: str, seed: int = 0, hidden_size: int = 16, layers
 
     tokenizer = build_word_tokenizer(texts, min_freq=1)
     labels = dict(enumerate(DEMO_LABELS))
-    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, state_size=4, num_hidden_layers=layers,
-                         num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
-                         use_bias=False, use_conv_bias=False, pad_token_id=tokenizer.pad_token_id)
+    config = MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        state_size=4,
+        num_hidden_layers=layers,
+        num_labels=len(labels),
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        use_bias=False,
+        use_conv_bias=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = MambaForLastTokenClassification(config).eval()
     os.makedirs(path, exist_ok=True)
@@ -40,7 +54,7 @@ def make_demo_checkpoint(path: str, seed: int = 0, hidden_size: int = 16, layers
     return path
 
 
-def demo_explainer(path: str, **explainer_options) -> "Explainer":
+def demo_explainer(path: str, **explainer_options) -> Explainer:
     """A dashboard :class:`~captum_mambalrp.dashboard.Explainer` of a fresh demo checkpoint at ``path``."""
     from ..models import load_model_and_tokenizer
     from .explain import Explainer

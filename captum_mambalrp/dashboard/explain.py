@@ -51,8 +51,16 @@ def _floats(values: Tensor) -> List[float]:
 class Explainer:
     """Explains texts with a model for the dashboard; every answer is plain JSON data."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, source: str = "model", composite: str = "mambalrp",
-                 limits: Optional[Limits] = None, ig_steps: int = 50, options: Optional[MethodOptions] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        source: str = "model",
+        composite: str = "mambalrp",
+        limits: Optional[Limits] = None,
+        ig_steps: int = 50,
+        options: Optional[MethodOptions] = None,
+    ) -> None:
         self.model, self.tokenizer, self.source = model.eval(), tokenizer, source
         self.limits = limits or Limits()
         # the baselines as in the studies: the padding token as reference
@@ -72,10 +80,15 @@ class Explainer:
         """What the page needs to know about the model and the limits."""
         methods = comparison_methods()
         return {
-            "source": self.source, "composite": self.composite, "labels": self.labels, "classes": self.n_classes,
+            "source": self.source,
+            "composite": self.composite,
+            "labels": self.labels,
+            "classes": self.n_classes,
             "methods": [{"key": m.key, "name": m.name, "description": m.description} for m in methods.values()],
-            "default_methods": list(DEFAULT_METHODS), "max_chars": self.limits.max_chars,
-            "max_tokens": self.limits.max_tokens, "layers": ["embedding"] + [n for n, _ in self.blocks],
+            "default_methods": list(DEFAULT_METHODS),
+            "max_chars": self.limits.max_chars,
+            "max_tokens": self.limits.max_tokens,
+            "layers": ["embedding"] + [n for n, _ in self.blocks],
         }
 
     def check(self, text: Any) -> str:
@@ -98,8 +111,9 @@ class Explainer:
             return target
         raise InputError(f"Unknown target {str(target)[:40]!r}: pick one of the model's classes.")
 
-    def explain(self, text: str, target: Union[None, int, str] = None,
-                methods: Sequence[str] = DEFAULT_METHODS) -> Dict[str, Any]:
+    def explain(
+        self, text: str, target: Union[None, int, str] = None, methods: Sequence[str] = DEFAULT_METHODS
+    ) -> Dict[str, Any]:
         """The full view of one text (raises :class:`InputError` for a refused input)."""
         text = self.check(text)
         methods = list(dict.fromkeys(methods))
@@ -111,8 +125,16 @@ class Explainer:
         e = explain_texts(self.model, self.tokenizer, [text], target=self._target(target), lrp=self.lrp)[0]
         lrp_seconds = time.perf_counter() - start
         ids = self.tokenizer([text], return_tensors="pt")["input_ids"].to(next(self.model.parameters()).device)
-        rows = [self._row("mambalrp", "MambaLRP", "LRP rules for Mamba (conservative), one forward and one backward",
-                          e.relevance, e.explained, lrp_seconds)]
+        rows = [
+            self._row(
+                "mambalrp",
+                "MambaLRP",
+                "LRP rules for Mamba (conservative), one forward and one backward",
+                e.relevance,
+                e.explained,
+                lrp_seconds,
+            )
+        ]
         rows[0]["delta"] = e.delta  # Captum's convergence delta (the explained score of the relevance pass)
         for key in methods:
             m = available[key]
@@ -120,23 +142,37 @@ class Explainer:
             relevance = self.runner.relevance(key, ids, e.target_index)
             rows.append(self._row(m.key, m.name, m.description, relevance, e.explained, time.perf_counter() - start))
         return {
-            "text": text, "tokens": list(e.tokens), "prediction": {"label": e.pred_label, "prob": e.pred_prob},
+            "text": text,
+            "tokens": list(e.tokens),
+            "prediction": {"label": e.pred_label, "prob": e.pred_prob},
             "top": self._top(ids),
             "target": {"label": e.target_label, "index": e.target_index, "logit": e.explained, "position": e.position},
-            "delta": e.delta, "methods": rows, "layers": self._layers(ids, e),
+            "delta": e.delta,
+            "methods": rows,
+            "layers": self._layers(ids, e),
         }
 
-    def _row(self, key: str, name: str, description: str, relevance: Tensor, explained: float,
-             seconds: float) -> Dict[str, Any]:
+    def _row(self, key: str, name: str, description: str, relevance: Tensor, explained: float, seconds: float) -> Dict[str, Any]:
         total = float(relevance.sum())
-        return {"key": key, "name": name, "description": description, "relevance": _floats(relevance),
-                "sum": total, "delta": explained - total, "seconds": seconds}
+        return {
+            "key": key,
+            "name": name,
+            "description": description,
+            "relevance": _floats(relevance),
+            "sum": total,
+            "delta": explained - total,
+            "seconds": seconds,
+        }
 
     def _layers(self, ids: Tensor, e: TextExplanation) -> Dict[str, Any]:
         relevances, deltas = self.layer_lrp.attribute(ids, target=e.target_index, return_convergence_delta=True)
         per_token = [r[0].reshape(r.shape[1], -1).sum(-1) for r in relevances]
-        return {"names": ["embedding"] + [n for n, _ in self.blocks], "relevance": [_floats(r) for r in per_token],
-                "totals": [float(r.sum()) for r in per_token], "deltas": [float(d[0]) for d in deltas]}
+        return {
+            "names": ["embedding"] + [n for n, _ in self.blocks],
+            "relevance": [_floats(r) for r in per_token],
+            "totals": [float(r.sum()) for r in per_token],
+            "deltas": [float(d[0]) for d in deltas],
+        }
 
     @torch.no_grad()
     def _top(self, ids: Tensor, k: int = 5) -> List[Dict[str, Any]]:

@@ -13,13 +13,13 @@ import hashlib
 import html
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from typing import Any, Dict, List, Optional
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 
-@lru_cache(maxsize=None)
+@cache
 def asset(name: str) -> str:
     with open(os.path.join(ASSETS, name), encoding="utf-8") as f:
         return f.read()
@@ -37,22 +37,33 @@ def _sha256(text: str) -> str:
 
 def content_security_policy(mode: str) -> str:
     connect = "'self'" if mode == "server" else "'none'"
-    return (f"default-src 'none'; script-src {_sha256(asset('dashboard.js'))}; "
-            f"style-src {_sha256(asset('dashboard.css'))}; img-src data:; connect-src {connect}; "
-            "base-uri 'none'; form-action 'none'")
+    return (
+        f"default-src 'none'; script-src {_sha256(asset('dashboard.js'))}; "
+        f"style-src {_sha256(asset('dashboard.css'))}; img-src data:; connect-src {connect}; "
+        "base-uri 'none'; form-action 'none'"
+    )
 
 
-def render_page(info: Dict[str, Any], results: List[Dict[str, Any]], mode: str = "static",
-                examples: Optional[List[str]] = None, study: Optional[Dict[str, Any]] = None,
-                title: str = "MambaLRP dashboard") -> str:
+def render_page(
+    info: Dict[str, Any],
+    results: List[Dict[str, Any]],
+    mode: str = "static",
+    examples: Optional[List[str]] = None,
+    study: Optional[Dict[str, Any]] = None,
+    title: str = "MambaLRP dashboard",
+) -> str:
     """The page with its data; ``mode`` is ``"server"`` or ``"static"``."""
     if mode not in ("server", "static"):
         raise ValueError(f"mode must be 'server' or 'static'; got {mode!r}")
     data = {"mode": mode, "info": info, "results": results, "examples": examples or [], "study": study}
     page = asset("page.html")
     # data last: what it holds must never be taken for a placeholder
-    for key, value in (("__CSP__", html.escape(content_security_policy(mode), quote=False)), ("__TITLE__", html.escape(title)),
-                       ("__CSS__", asset("dashboard.css")), ("__JS__", asset("dashboard.js"))):
+    for key, value in (
+        ("__CSP__", html.escape(content_security_policy(mode), quote=False)),
+        ("__TITLE__", html.escape(title)),
+        ("__CSS__", asset("dashboard.css")),
+        ("__JS__", asset("dashboard.js")),
+    ):
         page = page.replace(key, value, 1)
     head, tail = page.split("__DATA__", 1)
     return head + json_for_script(data) + tail

@@ -84,7 +84,10 @@ class LayerRelevance:
 
 
 def layer_relevance(
-    model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], target: Sequence[int],
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor],
+    target: Sequence[int],
     composite: str = "mambalrp",
 ) -> LayerRelevance:
     """MambaLRP relevance at the token embedding and after every block, in one pass."""
@@ -101,4 +104,3 @@ def layer_relevance(
 def layer_profiles(per_layer: Dict[str, Sequence[np.ndarray]], max_distance: Optional[int] = None) -> Dict[str, Profile]:
     """The distance profile at every layer (``{layer name: per-example relevance}``)."""
     return {name: distance_profile(rows, max_distance) for name, rows in per_layer.items()}
-

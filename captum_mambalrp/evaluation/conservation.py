@@ -31,8 +31,14 @@ class ConservationReport:
         gap = np.abs(self.explained - self.total)
         rel = gap / np.maximum(np.abs(self.explained), 1e-12)
         corr = float(np.corrcoef(self.explained, self.total)[0, 1]) if len(gap) > 1 else float("nan")
-        return {"method": self.method, "n": int(len(gap)), "mean_abs_gap": float(gap.mean()),
-                "median_rel_gap": float(np.median(rel)), "max_rel_gap": float(rel.max()), "pearson_r": corr}
+        return {
+            "method": self.method,
+            "n": int(len(gap)),
+            "mean_abs_gap": float(gap.mean()),
+            "median_rel_gap": float(np.median(rel)),
+            "max_rel_gap": float(rel.max()),
+            "pearson_r": corr,
+        }
 
 
 def conservation_report(

@@ -89,7 +89,10 @@ class _GateProbe(GradientRule):
 
 
 def scan_records(
-    model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], target: Optional[Tensor] = None,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor],
+    target: Optional[Tensor] = None,
     with_gradient: bool = False,
 ) -> Tuple[List[ScanRecord], Tensor]:
     """The scans of every Mamba1 mixer in one forward (and one backward with

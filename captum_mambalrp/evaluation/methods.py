@@ -236,8 +236,14 @@ def _kernel_shap(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
         method.interpretable_model = WeightedLeastSquares()  # exact fit; no scikit-learn needed
         return method
 
-    return OnTokens(model, make, opts.reference_token_id, per_example=True,
-                    n_samples=opts.kernelshap_samples, perturbations_per_eval=opts.perturbations_per_eval)
+    return OnTokens(
+        model,
+        make,
+        opts.reference_token_id,
+        per_example=True,
+        n_samples=opts.kernelshap_samples,
+        perturbations_per_eval=opts.perturbations_per_eval,
+    )
 
 
 for _spec in [
@@ -245,36 +251,89 @@ for _spec in [
     MethodSpec("gxi", "Gradient x Input", "lrp", _lrp("gradient"), "MambaLRP engine with plain gradients everywhere"),
     MethodSpec("lrp_ln", "LRP (LN-rule)", "lrp", _lrp("ln_only"), "only the norm rule (the paper's LN-rule baseline)"),
     *[
-        MethodSpec(f"no_{kind}_rule", f"MambaLRP w/o {kind} rule", "ablation", _lrp(f"no_{kind}_rule"),
-                   f"MambaLRP with the {kind} rule replaced by the gradient")
+        MethodSpec(
+            f"no_{kind}_rule",
+            f"MambaLRP w/o {kind} rule",
+            "ablation",
+            _lrp(f"no_{kind}_rule"),
+            f"MambaLRP with the {kind} rule replaced by the gradient",
+        )
         for kind in ("activation", "ssm", "gate", "norm")
     ],
-    MethodSpec("saliency", "Saliency", "gradient",
-               lambda m, o: OnEmbeddings(m, Saliency, reduce_norm, abs=True),
-               "captum Saliency on the embeddings; L2 norm per token"),
-    MethodSpec("input_x_gradient", "InputXGradient (Captum)", "gradient",
-               lambda m, o: OnEmbeddings(m, InputXGradient, reduce_sum),
-               "captum InputXGradient on the embeddings; sum per token"),
-    MethodSpec("integrated_gradients", "Integrated Gradients", "gradient",
-               lambda m, o: OnTokens(m, lambda s: LayerIntegratedGradients(s, find_embedding(m)), o.reference_token_id,
-                                     reduce_sum, n_steps=o.ig_steps, internal_batch_size=o.ig_internal_batch_size),
-               "captum LayerIntegratedGradients on the embedding layer, reference-token baseline"),
-    MethodSpec("smoothgrad", "SmoothGrad", "gradient",
-               lambda m, o: OnEmbeddings(m, lambda s: NoiseTunnel(Saliency(s)), reduce_times_input, nt_type="smoothgrad",
-                                         nt_samples=o.smoothgrad_samples,
-                                         nt_samples_batch_size=o.smoothgrad_samples_per_pass,
-                                         stdevs=o.smoothgrad_noise * _embedding_range(m), abs=False),
-               "captum NoiseTunnel(Saliency), averaged gradient x input"),
-    MethodSpec("feature_ablation", "Occlusion (FeatureAblation)", "perturbation",
-               lambda m, o: OnTokens(m, FeatureAblation, o.reference_token_id, per_example=True,
-                                     perturbations_per_eval=o.perturbations_per_eval),
-               "captum FeatureAblation, each token replaced by the reference token"),
-    MethodSpec("kernelshap", "KernelShap", "perturbation", _kernel_shap,
-               "captum KernelShap, one feature per token, reference-token baseline"),
-    MethodSpec("attn_rollout", "Attention Rollout (hidden attn.)", "attention", _hidden_attention(False),
-               "rollout of Mamba's hidden attention (Ali et al. 2024)"),
-    MethodSpec("mamba_attr", "Mamba-Attr (grad. rollout)", "attention", _hidden_attention(True),
-               "gradient-weighted rollout of the hidden attention (Ali et al. 2024)"),
+    MethodSpec(
+        "saliency",
+        "Saliency",
+        "gradient",
+        lambda m, o: OnEmbeddings(m, Saliency, reduce_norm, abs=True),
+        "captum Saliency on the embeddings; L2 norm per token",
+    ),
+    MethodSpec(
+        "input_x_gradient",
+        "InputXGradient (Captum)",
+        "gradient",
+        lambda m, o: OnEmbeddings(m, InputXGradient, reduce_sum),
+        "captum InputXGradient on the embeddings; sum per token",
+    ),
+    MethodSpec(
+        "integrated_gradients",
+        "Integrated Gradients",
+        "gradient",
+        lambda m, o: OnTokens(
+            m,
+            lambda s: LayerIntegratedGradients(s, find_embedding(m)),
+            o.reference_token_id,
+            reduce_sum,
+            n_steps=o.ig_steps,
+            internal_batch_size=o.ig_internal_batch_size,
+        ),
+        "captum LayerIntegratedGradients on the embedding layer, reference-token baseline",
+    ),
+    MethodSpec(
+        "smoothgrad",
+        "SmoothGrad",
+        "gradient",
+        lambda m, o: OnEmbeddings(
+            m,
+            lambda s: NoiseTunnel(Saliency(s)),
+            reduce_times_input,
+            nt_type="smoothgrad",
+            nt_samples=o.smoothgrad_samples,
+            nt_samples_batch_size=o.smoothgrad_samples_per_pass,
+            stdevs=o.smoothgrad_noise * _embedding_range(m),
+            abs=False,
+        ),
+        "captum NoiseTunnel(Saliency), averaged gradient x input",
+    ),
+    MethodSpec(
+        "feature_ablation",
+        "Occlusion (FeatureAblation)",
+        "perturbation",
+        lambda m, o: OnTokens(
+            m, FeatureAblation, o.reference_token_id, per_example=True, perturbations_per_eval=o.perturbations_per_eval
+        ),
+        "captum FeatureAblation, each token replaced by the reference token",
+    ),
+    MethodSpec(
+        "kernelshap",
+        "KernelShap",
+        "perturbation",
+        _kernel_shap,
+        "captum KernelShap, one feature per token, reference-token baseline",
+    ),
+    MethodSpec(
+        "attn_rollout",
+        "Attention Rollout (hidden attn.)",
+        "attention",
+        _hidden_attention(False),
+        "rollout of Mamba's hidden attention (Ali et al. 2024)",
+    ),
+    MethodSpec(
+        "mamba_attr",
+        "Mamba-Attr (grad. rollout)",
+        "attention",
+        _hidden_attention(True),
+        "gradient-weighted rollout of the hidden attention (Ali et al. 2024)",
+    ),
     MethodSpec("random", "Random", "control", lambda m, o: RandomAttribution(m), "uniform random relevance"),
 ]:
     register_method(_spec)

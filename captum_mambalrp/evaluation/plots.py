@@ -49,7 +49,7 @@ def plot_flipping_curves(
         ax.set_xlabel("fraction of tokens replaced" if not name.endswith("insert") else "fraction of tokens inserted")
         ax.set_ylabel("explained logit (mean)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
@@ -64,8 +64,13 @@ def plot_scores(scores: Mapping[str, Tuple[float, float]], path: str, title: str
     plt = _pyplot()
     items = sorted(scores.items(), key=lambda kv: kv[1][0])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(items) + 1.2))
-    ax.barh([k for k, _ in items], [v[0] for _, v in items], xerr=[0 if np.isnan(v[1]) else v[1] for _, v in items],
-            color="#4c72b0", capsize=3)
+    ax.barh(
+        [k for k, _ in items],
+        [v[0] for _, v in items],
+        xerr=[0 if np.isnan(v[1]) else v[1] for _, v in items],
+        color="#4c72b0",
+        capsize=3,
+    )
     ax.axvline(0, color="k", lw=0.8)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
@@ -133,4 +138,3 @@ def plot_layer_sums(names: Sequence[str], sums: np.ndarray, explained: np.ndarra
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-

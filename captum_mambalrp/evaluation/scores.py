@@ -77,7 +77,7 @@ class ForwardCounter:
         self.count.calls += 1
         self.count.rows += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
-    def __enter__(self) -> "ForwardCounter":
+    def __enter__(self) -> ForwardCounter:
         self.count = ForwardCount()
         self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self

@@ -34,8 +34,17 @@ from .stats import fmt, markdown_table, mean_se, paired_difference
 
 METRICS = ["dAF", "A_morf", "A_lerf", "dAI", "A_morf_insert", "A_lerf_insert"]
 COSTS = ["seconds", "cpu_seconds", "forward_rows", "forward_calls"]
-PROFILE_METHODS = ["mambalrp", "gxi", "lrp_ln", "integrated_gradients", "smoothgrad", "feature_ablation",
-                   "kernelshap", "mamba_attr", "attn_rollout"]
+PROFILE_METHODS = [
+    "mambalrp",
+    "gxi",
+    "lrp_ln",
+    "integrated_gradients",
+    "smoothgrad",
+    "feature_ablation",
+    "kernelshap",
+    "mamba_attr",
+    "attn_rollout",
+]
 REFERENCE = "mambalrp"
 
 
@@ -160,15 +169,18 @@ class Study:
 
     def batches(self) -> List[List[int]]:
         """Length-sorted batches of the selected examples (less padding, same for every run)."""
-        lengths = {i: len(self.tokenizer(self.texts[i], truncation=True, max_length=self.config.max_length)["input_ids"])
-                   for i in self.indices}
+        lengths = {
+            i: len(self.tokenizer(self.texts[i], truncation=True, max_length=self.config.max_length)["input_ids"])
+            for i in self.indices
+        }
         ordered = sorted(self.indices, key=lambda i: (lengths[i], i))
         size = self.config.batch_size
         return [ordered[k : k + size] for k in range(0, len(ordered), size)]
 
     def _encode(self, batch: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer([self.texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.config.max_length)
+        enc = self.tokenizer(
+            [self.texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True, max_length=self.config.max_length
+        )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     # ---- running -------------------------------------------------------------------------
@@ -181,8 +193,7 @@ class Study:
         done_layers = {r["index"] for r in self.layers.read()}
         batches = self.batches()
         methods = self.config.methods
-        todo = [(b, m) for b, batch in enumerate(batches) for m in methods
-                if any((m, i) not in done_results for i in batch)]
+        todo = [(b, m) for b, batch in enumerate(batches) for m in methods if any((m, i) not in done_results for i in batch)]
         layer_todo = self.config.layer_analysis and any(i not in done_layers for i in self.indices)
         built: Dict[str, Any] = {}
         bar = tqdm(total=len(todo), desc="compare", unit="method-batch", disable=not progress)
@@ -207,8 +218,9 @@ class Study:
                         self.results.append(self._evaluate(m, built[m], b, batch, ids, mask, target, explained))
                     else:  # a study grown from a smaller one: only what is missing
                         sub_ids, sub_mask = self._encode(missing)
-                        self.results.append(self._evaluate(m, built[m], b, missing, sub_ids, sub_mask,
-                                                           *self._predict(sub_ids, sub_mask)))
+                        self.results.append(
+                            self._evaluate(m, built[m], b, missing, sub_ids, sub_mask, *self._predict(sub_ids, sub_mask))
+                        )
                     bar.update(1)
                 if need_layers:
                     rows = self._layer_rows(batch, ids, mask, target)
@@ -226,9 +238,16 @@ class Study:
         rows = []
         for k, i in enumerate(batch):
             real = ids[k][mask[k].bool()].tolist()
-            rows.append({"index": i, "text": self.texts[i], "tokens": self.tokenizer.convert_ids_to_tokens(real),
-                         "label": None if self.labels is None else int(self.labels[i]),
-                         "pred": int(target[k]), "explained": float(explained[k])})
+            rows.append(
+                {
+                    "index": i,
+                    "text": self.texts[i],
+                    "tokens": self.tokenizer.convert_ids_to_tokens(real),
+                    "label": None if self.labels is None else int(self.labels[i]),
+                    "pred": int(target[k]),
+                    "explained": float(explained[k]),
+                }
+            )
         return rows
 
     def _evaluate(self, name, method, b, batch, ids, mask, target, explained) -> List[dict]:
@@ -244,15 +263,25 @@ class Study:
         rows = []
         for k, i in enumerate(batch):
             r = relevance[k][mask[k].bool()].double().cpu()
-            rows.append({
-                "method": name, "index": i, "batch": b, "n_tokens": int(mask[k].sum()),
-                "label": None if self.labels is None else int(self.labels[i]), "pred": int(target[k]),
-                "explained": float(explained[k]), "relevance": [float(v) for v in r], "relevance_sum": float(r.sum()),
-                "curves": {c: [float(v) for v in curves[c][k]] for c in curves},
-                **{key: float(v[k]) for key, v in scores.items()},
-                "seconds": seconds / n, "cpu_seconds": cpu / n,
-                "forward_rows": counter.count.rows / n, "forward_calls": counter.count.calls / n,
-            })
+            rows.append(
+                {
+                    "method": name,
+                    "index": i,
+                    "batch": b,
+                    "n_tokens": int(mask[k].sum()),
+                    "label": None if self.labels is None else int(self.labels[i]),
+                    "pred": int(target[k]),
+                    "explained": float(explained[k]),
+                    "relevance": [float(v) for v in r],
+                    "relevance_sum": float(r.sum()),
+                    "curves": {c: [float(v) for v in curves[c][k]] for c in curves},
+                    **{key: float(v[k]) for key, v in scores.items()},
+                    "seconds": seconds / n,
+                    "cpu_seconds": cpu / n,
+                    "forward_rows": counter.count.rows / n,
+                    "forward_calls": counter.count.calls / n,
+                }
+            )
         return rows
 
     def _layer_rows(self, batch, ids, mask, target) -> List[dict]:
@@ -260,8 +289,14 @@ class Study:
         rows = []
         for k, i in enumerate(batch):
             real = mask[k].bool()
-            rows.append({"index": i, "names": lr.names, "explained": float(lr.explained[k]),
-                         "relevance": [[float(v) for v in layer[k][real]] for layer in lr.relevance]})
+            rows.append(
+                {
+                    "index": i,
+                    "names": lr.names,
+                    "explained": float(lr.explained[k]),
+                    "relevance": [[float(v) for v in layer[k][real]] for layer in lr.relevance],
+                }
+            )
         return rows
 
     # ---- summarising ---------------------------------------------------------------------
@@ -288,7 +323,11 @@ def _label(method: str) -> str:
 
 
 def summarize(
-    out_dir: str, methods: Sequence[str], perturbation: Perturbation, meta: Optional[dict] = None, figures: bool = True,
+    out_dir: str,
+    methods: Sequence[str],
+    perturbation: Perturbation,
+    meta: Optional[dict] = None,
+    figures: bool = True,
     indices: Optional[Sequence[int]] = None,
 ) -> dict:
     """Summary, CSV, markdown and figures from the records in ``out_dir`` (of the examples
@@ -297,33 +336,48 @@ def summarize(
 
     meta = dict(meta or {})
     keep = None if indices is None else set(indices)
-    examples = {r["index"]: r for r in _JsonLines(os.path.join(out_dir, "examples.jsonl")).read()
-                if keep is None or r["index"] in keep}
+    examples = {
+        r["index"]: r for r in _JsonLines(os.path.join(out_dir, "examples.jsonl")).read() if keep is None or r["index"] in keep
+    }
     by_method = _by_method(_JsonLines(os.path.join(out_dir, "results.jsonl")).read(), methods, set(examples))
     _write_csv(os.path.join(out_dir, "per_example.csv"), by_method)
     table = {}
     for m, rs in by_method.items():
-        table[m] = {"label": _label(m), "n": len(rs),
-                    **{k: mean_se([r.get(k, float("nan")) for r in rs]) for k in METRICS + COSTS}}
+        table[m] = {
+            "label": _label(m),
+            "n": len(rs),
+            **{k: mean_se([r.get(k, float("nan")) for r in rs]) for k in METRICS + COSTS},
+        }
     paired = {}
     if REFERENCE in by_method:
         ref = {r["index"]: r for r in by_method[REFERENCE]}
         for m, rs in by_method.items():
             common = [r for r in rs if r["index"] in ref]
-            paired[m] = {k: paired_difference([ref[r["index"]][k] for r in common], [r[k] for r in common])
-                         for k in ("dAF", "dAI")}
+            paired[m] = {
+                k: paired_difference([ref[r["index"]][k] for r in common], [r[k] for r in common]) for k in ("dAF", "dAI")
+            }
     labels = [e["label"] for e in examples.values() if e.get("label") is not None]
-    accuracy = (float(np.mean([e["pred"] == e["label"] for e in examples.values()])) if labels else None)
-    conservation = {m: ConservationReport(_label(m), np.array([r["explained"] for r in by_method[m]]),
-                                          np.array([r["relevance_sum"] for r in by_method[m]]))
-                    for m in ("mambalrp", "gxi") if m in by_method}
-    profiles = {_label(m): distance_profile([np.array(r["relevance"]) for r in by_method[m]])
-                for m in PROFILE_METHODS if m in by_method}
-    layer_rows = list({r["index"]: r for r in _JsonLines(os.path.join(out_dir, "layers.jsonl")).read()
-                       if r["index"] in examples}.values())
+    accuracy = float(np.mean([e["pred"] == e["label"] for e in examples.values()])) if labels else None
+    conservation = {
+        m: ConservationReport(
+            _label(m), np.array([r["explained"] for r in by_method[m]]), np.array([r["relevance_sum"] for r in by_method[m]])
+        )
+        for m in ("mambalrp", "gxi")
+        if m in by_method
+    }
+    profiles = {
+        _label(m): distance_profile([np.array(r["relevance"]) for r in by_method[m]]) for m in PROFILE_METHODS if m in by_method
+    }
+    layer_rows = list(
+        {r["index"]: r for r in _JsonLines(os.path.join(out_dir, "layers.jsonl")).read() if r["index"] in examples}.values()
+    )
     summary = {
-        "meta": meta, "n_examples": len(examples), "accuracy_on_examples": accuracy,
-        "perturbation": perturbation.as_dict(), "methods": table, "paired_vs_mambalrp": paired,
+        "meta": meta,
+        "n_examples": len(examples),
+        "accuracy_on_examples": accuracy,
+        "perturbation": perturbation.as_dict(),
+        "methods": table,
+        "paired_vs_mambalrp": paired,
         "conservation": {m: rep.summary() for m, rep in conservation.items()},
         "distance_profiles": {k: p.as_dict() for k, p in profiles.items()},
     }
@@ -359,8 +413,12 @@ def _layer_summary(rows: List[dict]) -> dict:
     sums = np.array([[sum(layer) for layer in r["relevance"]] for r in rows]).T
     explained = np.array([r["explained"] for r in rows])
     rel = np.abs(sums - explained[None]) / np.maximum(np.abs(explained[None]), 1e-12)
-    return {"names": names, "median_rel_gap_per_layer": np.median(rel, axis=1).tolist(),
-            "mean_sum_per_layer": sums.mean(1).tolist(), "mean_explained": float(explained.mean())}
+    return {
+        "names": names,
+        "median_rel_gap_per_layer": np.median(rel, axis=1).tolist(),
+        "mean_sum_per_layer": sums.mean(1).tolist(),
+        "mean_explained": float(explained.mean()),
+    }
 
 
 def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table, plots) -> Dict[str, str]:
@@ -368,26 +426,37 @@ def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_row
     if by_method:
         grid = perturbation.grid().numpy()
         order = sorted(by_method, key=lambda m: -table[m]["dAF"][0])
-        curves = {_label(m): {c: np.mean([r["curves"][c] for r in by_method[m]], axis=0) for c in CURVES}
-                  for m in order}
-        figures["curves"] = plots.plot_flipping_curves(curves, grid, os.path.join(out_dir, "flipping_curves.png"),
-                                                       highlight=(_label(REFERENCE),))
-        figures["scores"] = plots.plot_scores({_label(m): table[m]["dAF"] for m in order},
-                                              os.path.join(out_dir, "scores_dAF.png"))
+        curves = {_label(m): {c: np.mean([r["curves"][c] for r in by_method[m]], axis=0) for c in CURVES} for m in order}
+        figures["curves"] = plots.plot_flipping_curves(
+            curves, grid, os.path.join(out_dir, "flipping_curves.png"), highlight=(_label(REFERENCE),)
+        )
+        figures["scores"] = plots.plot_scores(
+            {_label(m): table[m]["dAF"] for m in order}, os.path.join(out_dir, "scores_dAF.png")
+        )
     if conservation:
-        figures["conservation"] = plots.plot_conservation({r.method: r for r in conservation.values()},
-                                                          os.path.join(out_dir, "conservation.png"))
+        figures["conservation"] = plots.plot_conservation(
+            {r.method: r for r in conservation.values()}, os.path.join(out_dir, "conservation.png")
+        )
     if profiles:
-        figures["distance"] = plots.plot_profiles(profiles, os.path.join(out_dir, "distance_profile.png"),
-                                                  "Relevance against distance from the explained token", max_distance=40)
+        figures["distance"] = plots.plot_profiles(
+            profiles,
+            os.path.join(out_dir, "distance_profile.png"),
+            "Relevance against distance from the explained token",
+            max_distance=40,
+        )
     if layer_rows:
         names = layer_rows[0]["names"]
         per_layer = {n.replace("backbone.", ""): [np.array(r["relevance"][k]) for r in layer_rows] for k, n in enumerate(names)}
-        figures["layers"] = plots.plot_profiles(layer_profiles(per_layer), os.path.join(out_dir, "layer_profile.png"),
-                                                "MambaLRP relevance at each layer against distance", max_distance=40)
+        figures["layers"] = plots.plot_profiles(
+            layer_profiles(per_layer),
+            os.path.join(out_dir, "layer_profile.png"),
+            "MambaLRP relevance at each layer against distance",
+            max_distance=40,
+        )
         sums = np.array([[sum(layer) for layer in r["relevance"]] for r in layer_rows]).T
-        figures["layer_sums"] = plots.plot_layer_sums(names, sums, np.array([r["explained"] for r in layer_rows]),
-                                                      os.path.join(out_dir, "layer_sums.png"))
+        figures["layer_sums"] = plots.plot_layer_sums(
+            names, sums, np.array([r["explained"] for r in layer_rows]), os.path.join(out_dir, "layer_sums.png")
+        )
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
@@ -400,40 +469,89 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"- {k}: {v}")
     acc = summary.get("accuracy_on_examples")
     lines.append(f"- examples: {summary['n_examples']}" + (f" (model accuracy on them: {acc:.4f})" if acc is not None else ""))
-    lines.append(f"- perturbation: {p['fraction_per_step']:g} of the tokens per step, removed tokens become "
-                 f"{p['replacement']}" + (f" (id {p['token_id']})" if p["replacement"] == "token" else ""))
+    lines.append(
+        f"- perturbation: {p['fraction_per_step']:g} of the tokens per step, removed tokens become "
+        f"{p['replacement']}" + (f" (id {p['token_id']})" if p["replacement"] == "token" else "")
+    )
     lines += ["", "## Faithfulness (mean ± standard error over examples)", ""]
     order = sorted(table, key=lambda m: -table[m]["dAF"][0])
-    rows = [[table[m]["label"], str(table[m]["n"]), *(fmt(*table[m][k]) for k in METRICS),
-             fmt(*paired[m]["dAF"]) if m in paired else "n/a",
-             f"{table[m]['seconds'][0] * 1000:.1f}", f"{table[m]['cpu_seconds'][0] * 1000:.1f}",
-             f"{table[m]['forward_rows'][0]:.1f}"] for m in order]
-    lines.append(markdown_table(
-        ["method", "n", "ΔA^F", "A(MoRF)", "A(LeRF)", "ΔA^I", "A_ins(MoRF)", "A_ins(LeRF)",
-         "ΔA^F of MambaLRP minus this", "ms / example", "CPU ms / example", "forwards / example"], rows))
+    rows = [
+        [
+            table[m]["label"],
+            str(table[m]["n"]),
+            *(fmt(*table[m][k]) for k in METRICS),
+            fmt(*paired[m]["dAF"]) if m in paired else "n/a",
+            f"{table[m]['seconds'][0] * 1000:.1f}",
+            f"{table[m]['cpu_seconds'][0] * 1000:.1f}",
+            f"{table[m]['forward_rows'][0]:.1f}",
+        ]
+        for m in order
+    ]
+    lines.append(
+        markdown_table(
+            [
+                "method",
+                "n",
+                "ΔA^F",
+                "A(MoRF)",
+                "A(LeRF)",
+                "ΔA^I",
+                "A_ins(MoRF)",
+                "A_ins(LeRF)",
+                "ΔA^F of MambaLRP minus this",
+                "ms / example",
+                "CPU ms / example",
+                "forwards / example",
+            ],
+            rows,
+        )
+    )
     if REFERENCE in table and len(table) > 1:
         best_other = next(m for m in order if m != REFERENCE)
         d, se = paired[best_other]["dAF"]
         rank = order.index(REFERENCE) + 1
-        lines += ["", f"MambaLRP ranks {rank} of {len(order)} by ΔA^F; against the best other method "
-                  f"({table[best_other]['label']}) its ΔA^F differs by {fmt(d, se)} (paired, same examples)."]
-    lines += ["", "ΔA^F = A(LeRF) − A(MoRF) and ΔA^I = A_ins(MoRF) − A_ins(LeRF): higher is better. The paired "
-              "column is the mean over the same examples of MambaLRP's ΔA^F minus the method's (± SE). Cost: wall-clock "
-              "and CPU time of `attribute` per example (batch time / batch size; CPU time counts all threads) and "
-              "examples forwarded per example.", ""]
+        lines += [
+            "",
+            f"MambaLRP ranks {rank} of {len(order)} by ΔA^F; against the best other method "
+            f"({table[best_other]['label']}) its ΔA^F differs by {fmt(d, se)} (paired, same examples).",
+        ]
+    lines += [
+        "",
+        "ΔA^F = A(LeRF) − A(MoRF) and ΔA^I = A_ins(MoRF) − A_ins(LeRF): higher is better. The paired "
+        "column is the mean over the same examples of MambaLRP's ΔA^F minus the method's (± SE). Cost: wall-clock "
+        "and CPU time of `attribute` per example (batch time / batch size; CPU time counts all threads) and "
+        "examples forwarded per example.",
+        "",
+    ]
     if summary.get("conservation"):
         lines += ["## Conservation", ""]
-        rows = [[c["method"], str(c["n"]), f"{c['mean_abs_gap']:.4g}", f"{c['median_rel_gap']:.4g}",
-                 f"{c['max_rel_gap']:.4g}", f"{c['pearson_r']:.4f}"] for c in summary["conservation"].values()]
-        lines.append(markdown_table(["method", "n", "mean abs(logit − ΣR)", "median relative gap", "max relative gap",
-                                     "Pearson r"], rows))
+        rows = [
+            [
+                c["method"],
+                str(c["n"]),
+                f"{c['mean_abs_gap']:.4g}",
+                f"{c['median_rel_gap']:.4g}",
+                f"{c['max_rel_gap']:.4g}",
+                f"{c['pearson_r']:.4f}",
+            ]
+            for c in summary["conservation"].values()
+        ]
+        lines.append(
+            markdown_table(["method", "n", "mean abs(logit − ΣR)", "median relative gap", "max relative gap", "Pearson r"], rows)
+        )
         lines.append("")
     if summary.get("layers"):
         lay = summary["layers"]
-        rows = [[n, f"{s:.4f}", f"{g:.4g}"] for n, s, g in zip(lay["names"], lay["mean_sum_per_layer"],
-                                                                lay["median_rel_gap_per_layer"])]
-        lines += ["## Relevance per layer (MambaLRP)", "",
-                  markdown_table(["layer", "mean ΣR", "median relative gap to the logit"], rows), ""]
+        rows = [
+            [n, f"{s:.4f}", f"{g:.4g}"]
+            for n, s, g in zip(lay["names"], lay["mean_sum_per_layer"], lay["median_rel_gap_per_layer"])
+        ]
+        lines += [
+            "## Relevance per layer (MambaLRP)",
+            "",
+            markdown_table(["layer", "mean ΣR", "median relative gap to the logit"], rows),
+            "",
+        ]
     lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in summary.get("figures", {}).items()]
     if summary.get("figures_skipped"):
         lines.append(f"No figures: {summary['figures_skipped']}.")

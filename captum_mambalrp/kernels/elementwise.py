@@ -41,8 +41,9 @@ def epsilon_scaled(grad: Tensor, z: Tensor, epsilon: float) -> Tensor:
 # ---------------------------------------------------------------- gate: [b, r, c] tiles, any strides
 
 
-def _gate_forward_kernel(y_ptr, z_ptr, out_ptr, rows, cols, sy0, sy1, sy2, sz0, sz1, sz2, so0, so1, so2,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gate_forward_kernel(
+    y_ptr, z_ptr, out_ptr, rows, cols, sy0, sy1, sy2, sz0, sz1, sz2, so0, so1, so2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     b = tl.program_id(2).to(tl.int64)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -54,9 +55,32 @@ def _gate_forward_kernel(y_ptr, z_ptr, out_ptr, rows, cols, sy0, sy1, sy2, sz0, 
     tl.store(out_ptr + b * so0 + r * so1 + c * so2, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gate_backward_kernel(g_ptr, y_ptr, z_ptr, dy_ptr, dz_ptr, rows, cols, sg0, sg1, sg2, sy0, sy1, sy2,
-                          sz0, sz1, sz2, sdy0, sdy1, sdy2, sdz0, sdz1, sdz2,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gate_backward_kernel(
+    g_ptr,
+    y_ptr,
+    z_ptr,
+    dy_ptr,
+    dz_ptr,
+    rows,
+    cols,
+    sg0,
+    sg1,
+    sg2,
+    sy0,
+    sy1,
+    sy2,
+    sz0,
+    sz1,
+    sz2,
+    sdy0,
+    sdy1,
+    sdy2,
+    sdz0,
+    sdz1,
+    sdz2,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     b = tl.program_id(2).to(tl.int64)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -85,11 +109,14 @@ class _HalfSiluGate(torch.autograd.Function):
     def forward(ctx, y: Tensor, z: Tensor, transposed_out: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(y, z)
         b, r, c = y.shape
-        out = torch.empty(b, c, r, device=y.device, dtype=y.dtype).transpose(1, 2) if transposed_out else \
-            torch.empty(b, r, c, device=y.device, dtype=y.dtype)
+        out = (
+            torch.empty(b, c, r, device=y.device, dtype=y.dtype).transpose(1, 2)
+            if transposed_out
+            else torch.empty(b, r, c, device=y.device, dtype=y.dtype)
+        )
         jit(_gate_forward_kernel)[_gate_grid(y.shape)](
-            y, z, out, r, c, *y.stride(), *z.stride(), *out.stride(),
-            BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4)
+            y, z, out, r, c, *y.stride(), *z.stride(), *out.stride(), BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4
+        )
         return out
 
     @staticmethod
@@ -98,8 +125,22 @@ class _HalfSiluGate(torch.autograd.Function):
         dy, dz = torch.empty_like(y), torch.empty_like(z)
         b, r, c = y.shape
         jit(_gate_backward_kernel)[_gate_grid(y.shape)](
-            grad, y, z, dy, dz, r, c, *grad.stride(), *y.stride(), *z.stride(), *dy.stride(), *dz.stride(),
-            BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4)
+            grad,
+            y,
+            z,
+            dy,
+            dz,
+            r,
+            c,
+            *grad.stride(),
+            *y.stride(),
+            *z.stride(),
+            *dy.stride(),
+            *dz.stride(),
+            BLOCK_R=_GATE_BLOCK[0],
+            BLOCK_C=_GATE_BLOCK[1],
+            num_warps=4,
+        )
         return dy, dz, None
 
 
@@ -135,9 +176,30 @@ def _dims(g: Tensor, layout: str) -> Tuple[int, int, int, int]:
     return g.shape[0], g.shape[2] * g.shape[3], g.shape[1], g.shape[3]
 
 
-def _prepare_kernel(g_ptr, dt_ptr, x_ptr, dtr_ptr, channels, length, per_head, floor,
-                    sg0, sg1, sg2, sd0, sd1, sd2, sx0, sx1, sx2, sr0, sr1, sr2,
-                    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+def _prepare_kernel(
+    g_ptr,
+    dt_ptr,
+    x_ptr,
+    dtr_ptr,
+    channels,
+    length,
+    per_head,
+    floor,
+    sg0,
+    sg1,
+    sg2,
+    sd0,
+    sd1,
+    sd2,
+    sx0,
+    sx1,
+    sx2,
+    sr0,
+    sr1,
+    sr2,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -152,9 +214,31 @@ def _prepare_kernel(g_ptr, dt_ptr, x_ptr, dtr_ptr, channels, length, per_head, f
     tl.store(dtr_ptr + b * sr0 + head * sr1 + s * sr2, step, mask=mask & (c % per_head == 0))
 
 
-def _finish_kernel(y_ptr, g_ptr, dt_ptr, d_ptr, out_ptr, channels, length, per_head,
-                   sy0, sy1, sy2, sg0, sg1, sg2, sd0, sd1, sd2, so0, so1, so2,
-                   HAS_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+def _finish_kernel(
+    y_ptr,
+    g_ptr,
+    dt_ptr,
+    d_ptr,
+    out_ptr,
+    channels,
+    length,
+    per_head,
+    sy0,
+    sy1,
+    sy2,
+    sg0,
+    sg1,
+    sg2,
+    sd0,
+    sd1,
+    sd2,
+    so0,
+    so1,
+    so2,
+    HAS_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -184,9 +268,22 @@ def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float) -> Tuple[
     batch, channels, length, per_head = _dims(g, layout)
     x_rev, dt_rev = torch.empty_like(g, memory_format=torch.contiguous_format), torch.empty_like(dt)
     jit(_prepare_kernel)[_grid(batch, channels, length)](
-        g, dt, x_rev, dt_rev, channels, length, per_head, floor,
-        *x_strides(g, layout), *_dt_strides(dt, layout), *x_strides(x_rev, layout), *_dt_strides(dt_rev, layout),
-        BLOCK_C=_BLOCK[0], BLOCK_T=_BLOCK[1], num_warps=4)
+        g,
+        dt,
+        x_rev,
+        dt_rev,
+        channels,
+        length,
+        per_head,
+        floor,
+        *x_strides(g, layout),
+        *_dt_strides(dt, layout),
+        *x_strides(x_rev, layout),
+        *_dt_strides(dt_rev, layout),
+        BLOCK_C=_BLOCK[0],
+        BLOCK_T=_BLOCK[1],
+        num_warps=4,
+    )
     return x_rev, dt_rev
 
 
@@ -195,7 +292,21 @@ def reversed_finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], l
     batch, channels, length, per_head = _dims(g, layout)
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
     jit(_finish_kernel)[_grid(batch, channels, length)](
-        y_rev, g, dt, dt if D is None else D, out, channels, length, per_head,
-        *x_strides(y_rev, layout), *x_strides(g, layout), *_dt_strides(dt, layout), *x_strides(out, layout),
-        HAS_D=D is not None, BLOCK_C=_BLOCK[0], BLOCK_T=_BLOCK[1], num_warps=4)
+        y_rev,
+        g,
+        dt,
+        dt if D is None else D,
+        out,
+        channels,
+        length,
+        per_head,
+        *x_strides(y_rev, layout),
+        *x_strides(g, layout),
+        *_dt_strides(dt, layout),
+        *x_strides(out, layout),
+        HAS_D=D is not None,
+        BLOCK_C=_BLOCK[0],
+        BLOCK_T=_BLOCK[1],
+        num_warps=4,
+    )
     return out

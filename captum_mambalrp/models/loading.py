@@ -17,11 +17,10 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
     package, float16 weights computed in float32). Checkpoints saved from :class:`MambaForLastTokenClassification` load as
     that class; anything else as ``AutoModelForCausalLM``.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .classifier import MambaForLastTokenClassification
-
-    import torch
 
     source = path_or_id or DEFAULT_MODEL_DIR
     if path_or_id is None and dtype is None:

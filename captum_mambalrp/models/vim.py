@@ -36,8 +36,15 @@ from ..adapters.norms import rms_norm
 from ..adapters.vim import bimamba_forward
 from ..rules.base import GradientRule
 
-__all__ = ["VIM_VARIANTS", "BiMambaMixer", "VisionMamba", "load_vim_checkpoint", "patch_relevance",
-           "patch_relevance_to_image", "vision_mamba"]
+__all__ = [
+    "VIM_VARIANTS",
+    "BiMambaMixer",
+    "VisionMamba",
+    "load_vim_checkpoint",
+    "patch_relevance",
+    "patch_relevance_to_image",
+    "vision_mamba",
+]
 
 _PLAIN = GradientRule()
 #: every component as it is: the plain forward goes through the same computation as MambaLRP's
@@ -72,8 +79,9 @@ class RMSNorm(nn.Module):
 class PatchEmbed(nn.Module):
     """``Conv2d(channels, dim, patch, stride)``, flattened to ``[B, N, dim]``."""
 
-    def __init__(self, img_size: Tuple[int, int], patch_size: Tuple[int, int], stride: Tuple[int, int],
-                 channels: int, dim: int) -> None:
+    def __init__(
+        self, img_size: Tuple[int, int], patch_size: Tuple[int, int], stride: Tuple[int, int], channels: int, dim: int
+    ) -> None:
         super().__init__()
         self.img_size, self.patch_size, self.stride = img_size, patch_size, stride
         self.grid_size = tuple((img_size[i] - patch_size[i]) // stride[i] + 1 for i in range(2))
@@ -89,9 +97,17 @@ class PatchEmbed(nn.Module):
 class BiMambaMixer(nn.Module):
     """Vim's bidirectional Mamba mixer ("bimamba v2"): see :mod:`captum_mambalrp.adapters.vim`."""
 
-    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: Union[int, str] = "auto", conv_bias: bool = True, bias: bool = False,
-                 if_divide_out: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Union[int, str] = "auto",
+        conv_bias: bool = True,
+        bias: bool = False,
+        if_divide_out: bool = True,
+    ) -> None:
         super().__init__()
         self.d_inner, self.d_state = expand * dim, d_state
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
@@ -100,8 +116,10 @@ class BiMambaMixer(nn.Module):
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=bias)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=bias)
         for suffix in ("", "_b"):
-            self.add_module("conv1d" + suffix, nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
-                                                         padding=d_conv - 1, bias=conv_bias))
+            self.add_module(
+                "conv1d" + suffix,
+                nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias),
+            )
             self.add_module("x_proj" + suffix, nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
             self.add_module("dt_proj" + suffix, _dt_proj(self.dt_rank, self.d_inner))
         A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1)
@@ -116,7 +134,7 @@ def _dt_proj(rank: int, d_inner: int, dt_min: float = 1e-3, dt_max: float = 0.1)
     """Mamba's initialisation: ``softplus(bias)`` log-uniform in ``[dt_min, dt_max]``."""
     proj = nn.Linear(rank, d_inner)
     with torch.no_grad():
-        proj.weight.uniform_(-rank ** -0.5, rank ** -0.5)
+        proj.weight.uniform_(-(rank**-0.5), rank**-0.5)
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
         proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     return proj
@@ -140,11 +158,23 @@ class VimBlock(nn.Module):
 class VisionMamba(nn.Module):
     """Vim with the middle class token, absolute position embedding and bimamba v2 mixers."""
 
-    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: Union[int, Tuple[int, int]] = 16,
-                 stride: Union[int, Tuple[int, int]] = 16, depth: int = 24, embed_dim: int = 192, d_state: int = 16,
-                 d_conv: int = 4, expand: int = 2, dt_rank: Union[int, str] = "auto", channels: int = 3,
-                 num_classes: int = 1000, norm_epsilon: float = 1e-5, residual_in_fp32: bool = True,
-                 if_divide_out: bool = True) -> None:
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: Union[int, Tuple[int, int]] = 16,
+        stride: Union[int, Tuple[int, int]] = 16,
+        depth: int = 24,
+        embed_dim: int = 192,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Union[int, str] = "auto",
+        channels: int = 3,
+        num_classes: int = 1000,
+        norm_epsilon: float = 1e-5,
+        residual_in_fp32: bool = True,
+        if_divide_out: bool = True,
+    ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(_pair(img_size), _pair(patch_size), _pair(stride), channels, embed_dim)
@@ -152,8 +182,12 @@ class VisionMamba(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim))
         self.layers = nn.ModuleList(
-            VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, if_divide_out=if_divide_out),
-                     norm_epsilon, residual_in_fp32)
+            VimBlock(
+                embed_dim,
+                BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, if_divide_out=if_divide_out),
+                norm_epsilon,
+                residual_in_fp32,
+            )
             for _ in range(depth)
         )
         self.norm_f = RMSNorm(embed_dim, norm_epsilon)
@@ -192,8 +226,7 @@ def vision_mamba(variant: str = "vim_tiny_patch16_224", **overrides) -> VisionMa
     return VisionMamba(**{**VIM_VARIANTS[key], **overrides})
 
 
-def load_vim_checkpoint(model: VisionMamba, checkpoint: Union[str, Mapping[str, Tensor]],
-                        trusted: bool = False) -> VisionMamba:
+def load_vim_checkpoint(model: VisionMamba, checkpoint: Union[str, Mapping[str, Tensor]], trusted: bool = False) -> VisionMamba:
     """Load a Vim state dict (a path, or a mapping; Vim's ``{"model": state_dict, ...}`` files too),
     strictly. Files are read with ``weights_only=True`` unless ``trusted`` (training checkpoints
     that also pickle their ``args`` need it)."""
@@ -201,8 +234,10 @@ def load_vim_checkpoint(model: VisionMamba, checkpoint: Union[str, Mapping[str, 
         try:
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=not trusted)
         except pickle.UnpicklingError as err:
-            raise ValueError(f"{checkpoint} holds more than tensors (e.g. training arguments); if you trust the "
-                             "file, call load_vim_checkpoint(..., trusted=True)") from err
+            raise ValueError(
+                f"{checkpoint} holds more than tensors (e.g. training arguments); if you trust the "
+                "file, call load_vim_checkpoint(..., trusted=True)"
+            ) from err
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     model.load_state_dict(state, strict=True)
     return model
@@ -214,8 +249,10 @@ def patch_relevance(relevance: Tensor, model: VisionMamba) -> Tensor:
     embedding instead: ``LayerMambaLRP(model, model.patch_embed)`` gives ``[B, N, D]``)."""
     embed = model.patch_embed
     if embed.stride != embed.patch_size:
-        raise ValueError("patches overlap (stride < patch_size): use LayerMambaLRP(model, model.patch_embed) "
-                         "and sum over the last axis for patch relevance")
+        raise ValueError(
+            "patches overlap (stride < patch_size): use LayerMambaLRP(model, model.patch_embed) "
+            "and sum over the last axis for patch relevance"
+        )
     gh, gw = embed.grid_size
     (ph, pw) = embed.patch_size
     cropped = relevance.sum(1)[:, : gh * ph, : gw * pw]

@@ -9,8 +9,23 @@ from .norm import ConstantNormRule
 from .ssm import ConstantSSMRule
 
 __all__ = [
-    "ACTIVATION", "CONV", "GATE", "KINDS", "LINEAR", "NORM", "SSM",
-    "COMPOSITES", "Composite", "ConstantNormRule", "ConstantSSMRule", "EpsilonRule",
-    "GammaRule", "GradientRule", "HalfGateRule", "IdentityActivationRule", "MambaRule",
-    "as_mamba_rule", "composite",
+    "ACTIVATION",
+    "CONV",
+    "GATE",
+    "KINDS",
+    "LINEAR",
+    "NORM",
+    "SSM",
+    "COMPOSITES",
+    "Composite",
+    "ConstantNormRule",
+    "ConstantSSMRule",
+    "EpsilonRule",
+    "GammaRule",
+    "GradientRule",
+    "HalfGateRule",
+    "IdentityActivationRule",
+    "MambaRule",
+    "as_mamba_rule",
+    "composite",
 ]

@@ -9,15 +9,16 @@ from torch import Tensor
 
 from .base import ACTIVATION, MambaRule, stabilize
 
-
 SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (ACT2FN["silu"])
 
 
 def is_silu(fn: Callable[[Tensor], Tensor]) -> bool:
     """``F.silu``, an ``nn.SiLU`` / transformers ``SiLUActivation`` module, or its bound ``forward``."""
     owner = getattr(fn, "__self__", fn)
-    return fn is torch.nn.functional.silu or isinstance(owner, torch.nn.SiLU) or (
-        isinstance(owner, torch.nn.Module) and type(owner).__name__ in SILU_CLASSES
+    return (
+        fn is torch.nn.functional.silu
+        or isinstance(owner, torch.nn.SiLU)
+        or (isinstance(owner, torch.nn.Module) and type(owner).__name__ in SILU_CLASSES)
     )
 
 

@@ -14,8 +14,8 @@ from captum.attr._utils.lrp_rules import EpsilonRule as CaptumEpsilonRule
 from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
 from torch import Tensor, nn
 
-from .base import CONV, LINEAR, MambaRule, stabilize, with_gradient_of
 from ..kernels import fused_kernels_enabled
+from .base import CONV, LINEAR, MambaRule, stabilize, with_gradient_of
 
 
 def affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -79,8 +79,10 @@ def resolve_backend(backend: str, device: Union[str, torch.device, None] = None,
             return "torch"
         return next(b for b in AUTO_ORDER[layout] if b in usable)
     if backend not in usable:
-        why = {"mamba_ssm": "needs the mamba-ssm package and a CUDA device",
-               "triton": "needs the triton package and a CUDA device (or TRITON_INTERPRET=1)"}[backend]
+        why = {
+            "mamba_ssm": "needs the mamba-ssm package and a CUDA device",
+            "triton": "needs the triton package and a CUDA device (or TRITON_INTERPRET=1)",
+        }[backend]
         raise RuntimeError(f"scan backend {backend!r} cannot run on {device}: it {why}")
     return backend
 
@@ -126,8 +128,15 @@ def _pick(backend: str, x: Tensor, linear: bool, layout: str) -> str:
 
 
 def selective_scan(
-    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-    *, linear: bool = True, backend: str = "auto",
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    linear: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> float32 ``[b, d, l]``."""
     name = _pick(backend, x, linear, "mamba1")
@@ -140,8 +149,15 @@ def selective_scan(
 
 
 def ssd_scan(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-    *, linear: bool = True, backend: str = "auto",
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    linear: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Mamba2: ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``, ``B, C [b, l, g, n]``,
     ``D [h]`` or ``[h, p]`` -> float32 ``[b, l, h, p]``."""
@@ -163,5 +179,16 @@ def ssd_scan(
     return y.permute(0, 4, 1, 2, 3).reshape(b, length, heads, p)
 
 
-__all__ = ["BACKENDS", "available_backends", "backends_used", "linear_recurrence", "record_backends",
-           "relevance_scan", "resolve_backend", "scan_forward", "scan_input_gradient", "selective_scan", "ssd_scan"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backends_used",
+    "linear_recurrence",
+    "record_backends",
+    "relevance_scan",
+    "resolve_backend",
+    "scan_forward",
+    "scan_input_gradient",
+    "selective_scan",
+    "ssd_scan",
+]

@@ -95,8 +95,9 @@ def finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: st
     return elementwise.reversed_finish(y_rev, g, dt, None if D is None else _channel_D(D.float(), g, layout), layout)
 
 
-def reversed_adjoint(forward: ForwardKernel, g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                     D: Optional[Tensor], layout: str) -> Tensor:
+def reversed_adjoint(
+    forward: ForwardKernel, g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], layout: str
+) -> Tensor:
     """``d<g, y>/dx`` of the scan ``y = forward(x, dt, A, B, C, D)`` in ``layout``, by one call
     of ``forward`` on the reversed problem. Float32 in, float32 out."""
     time = TIME[layout]
@@ -123,8 +124,9 @@ class ReversedAdjointScan(torch.autograd.Function):
         return (grad_x.to(ctx.x_dtype),) + (None,) * 7
 
 
-def relevance_scan_from(kernel: ForwardKernel, layout: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                        D: Optional[Tensor]) -> Tensor:
+def relevance_scan_from(
+    kernel: ForwardKernel, layout: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
+) -> Tensor:
     """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to float32 (constants),
     gradient for x by :func:`reversed_adjoint`. Float32 out."""
     const = [None if t is None else t.detach().float() for t in (dt, A, B, C, D)]

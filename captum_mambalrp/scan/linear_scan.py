@@ -62,7 +62,7 @@ def _scan_time_major(
     out: Optional[Tensor] = None
     pieces = []
     bounds = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
-    for s, e in (reversed(bounds) if reverse else bounds):
+    for s, e in reversed(bounds) if reverse else bounds:
         inputs = v[s:e].unsqueeze(-1) * M_in[s:e]
         step_dt = dt[s + 1 : e + 1] if reverse else dt[s:e]
         decay = (step_dt.unsqueeze(-1) * A).exp_() if inplace else torch.exp(step_dt.unsqueeze(-1) * A)
@@ -93,11 +93,18 @@ def _lead(t: Tensor, ndim: int) -> Tensor:
 def _time_major(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):
     """Canonical tensors moved to ``[l, ...]`` (states ``[l, ..., n]``); A loses its time axis."""
     k = x.dim()
-    return (x.movedim(-1, 0), _lead(dt, k).movedim(-1, 0), _lead(A, k + 1).squeeze(-2),
-            _lead(B, k + 1).movedim(-2, 0), _lead(C, k + 1).movedim(-2, 0))
+    return (
+        x.movedim(-1, 0),
+        _lead(dt, k).movedim(-1, 0),
+        _lead(A, k + 1).squeeze(-2),
+        _lead(B, k + 1).movedim(-2, 0),
+        _lead(C, k + 1).movedim(-2, 0),
+    )
 
 
-def scan_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK) -> Tensor:
+def scan_forward(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK
+) -> Tensor:
     """The scan in float32. Differentiable in every argument when any needs a gradient
     (the plain-gradient ablation keeps every state then); otherwise memory-lean."""
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
@@ -107,7 +114,9 @@ def scan_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     return y if D is None else y + D.float() * x
 
 
-def scan_input_gradient(g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK) -> Tensor:
+def scan_input_gradient(
+    g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK
+) -> Tensor:
     """``d<g, y>/dx`` with dt, A, B, C, D constant: the adjoint scan (no graph)."""
     g, dt = g.float(), dt.float()
     gt, dtt, At, Bt, Ct = _time_major(g, dt, A.float(), B.float(), C.float())
@@ -135,7 +144,9 @@ class _RelevanceScan(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
 
 
-def relevance_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> Tensor:
+def relevance_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK
+) -> Tensor:
     """The scan with dt, A, B, C, D constant: linear in ``x``; memory ``O(x)``."""
     D = None if D is None else D.detach()
     return _RelevanceScan.apply(x, dt.detach(), A.detach(), B.detach(), C.detach(), D, chunk)

@@ -62,8 +62,7 @@ def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
     return u
 
 
-def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                chunk: int = CHUNK) -> Tensor:
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None, chunk: int = CHUNK) -> Tensor:
     """The SSD scan, ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``,
     ``B, C [b, l, g, n]``, ``D [h]`` or ``[h, p]`` -> float32 ``y [b, l, h, p]``."""
     b, length, heads, p = x.shape

@@ -25,11 +25,41 @@ from ..kernels import jit
 
 
 def _scan_kernel(
-    v_ptr, dt_ptr, a_ptr, min_ptr, mout_ptr, d_ptr, out_ptr,
-    length, channels, n_state, head_dim, group_channels,
-    s_vb, s_vl, s_vc, s_db, s_dl, s_dh, s_ah, s_an,
-    s_ib, s_il, s_ig, s_in, s_ob, s_ol, s_og, s_on, s_rb, s_rl, s_rc,
-    HAS_D: tl.constexpr, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    v_ptr,
+    dt_ptr,
+    a_ptr,
+    min_ptr,
+    mout_ptr,
+    d_ptr,
+    out_ptr,
+    length,
+    channels,
+    n_state,
+    head_dim,
+    group_channels,
+    s_vb,
+    s_vl,
+    s_vc,
+    s_db,
+    s_dl,
+    s_dh,
+    s_ah,
+    s_an,
+    s_ib,
+    s_il,
+    s_ig,
+    s_in,
+    s_ob,
+    s_ol,
+    s_og,
+    s_on,
+    s_rb,
+    s_rl,
+    s_rc,
+    HAS_D: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -40,8 +70,9 @@ def _scan_kernel(
     mask_n = offs_n < n_state
     head = offs_c // head_dim
     group = ((pid_c * BLOCK_C) // group_channels).to(tl.int64)
-    a = tl.load(a_ptr + head[:, None] * s_ah + offs_n[None, :] * s_an,
-                mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + head[:, None] * s_ah + offs_n[None, :] * s_an, mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(
+        tl.float32
+    )
     if HAS_D:
         dd = tl.load(d_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     v_base = v_ptr + pid_b * s_vb + offs_c * s_vc
@@ -93,6 +124,8 @@ def _scan_kernel(
 Strides = Tuple[int, ...]
 #: Time steps loaded per tile (one coalesced load, then the steps run from registers).
 BLOCK_T = 16
+
+
 def _block_c(n_state: int, groups: int, group_channels: int) -> int:
     """Channels per program: small blocks for many programs (batch 1 has few channels to
     spread over the SMs); a block never straddles two groups of B and C."""
@@ -106,9 +139,26 @@ def _block_c(n_state: int, groups: int, group_channels: int) -> int:
 
 
 def _launch(
-    v: Tensor, sv: Strides, dt: Tensor, sd: Strides, A: Tensor, sa: Strides, M_in: Tensor, si: Strides,
-    M_out: Tensor, so: Strides, D: Optional[Tensor], out: Tensor, sr: Strides,
-    batch: int, length: int, channels: int, n_state: int, head_dim: int, groups: int, reverse: bool,
+    v: Tensor,
+    sv: Strides,
+    dt: Tensor,
+    sd: Strides,
+    A: Tensor,
+    sa: Strides,
+    M_in: Tensor,
+    si: Strides,
+    M_out: Tensor,
+    so: Strides,
+    D: Optional[Tensor],
+    out: Tensor,
+    sr: Strides,
+    batch: int,
+    length: int,
+    channels: int,
+    n_state: int,
+    head_dim: int,
+    groups: int,
+    reverse: bool,
 ) -> None:
     group_channels = channels // groups
     block_c = _block_c(n_state, groups, group_channels)
@@ -116,10 +166,30 @@ def _launch(
     warps = max(1, min(4, block_c * block_n // 256))
     grid = (batch, triton.cdiv(channels, block_c))
     jit(_scan_kernel)[grid](
-        v, dt, A, M_in, M_out, D if D is not None else dt, out,
-        length, channels, n_state, head_dim, group_channels,
-        *sv, *sd, *sa, *si, *so, *sr,
-        HAS_D=D is not None, REVERSE=reverse, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_T=BLOCK_T, num_warps=warps,
+        v,
+        dt,
+        A,
+        M_in,
+        M_out,
+        D if D is not None else dt,
+        out,
+        length,
+        channels,
+        n_state,
+        head_dim,
+        group_channels,
+        *sv,
+        *sd,
+        *sa,
+        *si,
+        *so,
+        *sr,
+        HAS_D=D is not None,
+        REVERSE=reverse,
+        BLOCK_C=block_c,
+        BLOCK_N=block_n,
+        BLOCK_T=BLOCK_T,
+        num_warps=warps,
     )
 
 
@@ -129,10 +199,26 @@ def _mamba1(v: Tensor, delta: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, D:
     b, d, length = v.shape
     out = torch.empty(b, length, d, device=v.device, dtype=torch.float32)
     _launch(
-        v, (v.stride(0), v.stride(2), v.stride(1)), delta, (delta.stride(0), delta.stride(2), delta.stride(1)),
-        A, (A.stride(0), A.stride(1)), M_in, (M_in.stride(0), M_in.stride(2), 0, M_in.stride(1)),
-        M_out, (M_out.stride(0), M_out.stride(2), 0, M_out.stride(1)), D, out, (out.stride(0), out.stride(1), out.stride(2)),
-        b, length, d, A.shape[1], 1, 1, reverse,
+        v,
+        (v.stride(0), v.stride(2), v.stride(1)),
+        delta,
+        (delta.stride(0), delta.stride(2), delta.stride(1)),
+        A,
+        (A.stride(0), A.stride(1)),
+        M_in,
+        (M_in.stride(0), M_in.stride(2), 0, M_in.stride(1)),
+        M_out,
+        (M_out.stride(0), M_out.stride(2), 0, M_out.stride(1)),
+        D,
+        out,
+        (out.stride(0), out.stride(1), out.stride(2)),
+        b,
+        length,
+        d,
+        A.shape[1],
+        1,
+        1,
+        reverse,
     )
     return out.transpose(1, 2)
 
@@ -145,9 +231,26 @@ def _ssd(v: Tensor, dt: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, D: Optio
     out = torch.empty(b, length, heads * p, device=v.device, dtype=torch.float32)
     groups = M_in.shape[2]
     _launch(
-        flat, (flat.stride(0), flat.stride(1), flat.stride(2)), dt, (dt.stride(0), dt.stride(1), dt.stride(2)),
-        A, (A.stride(0), 0), M_in, tuple(M_in.stride()), M_out, tuple(M_out.stride()),
-        D, out, (out.stride(0), out.stride(1), out.stride(2)), b, length, heads * p, M_in.shape[3], p, groups, reverse,
+        flat,
+        (flat.stride(0), flat.stride(1), flat.stride(2)),
+        dt,
+        (dt.stride(0), dt.stride(1), dt.stride(2)),
+        A,
+        (A.stride(0), 0),
+        M_in,
+        tuple(M_in.stride()),
+        M_out,
+        tuple(M_out.stride()),
+        D,
+        out,
+        (out.stride(0), out.stride(1), out.stride(2)),
+        b,
+        length,
+        heads * p,
+        M_in.shape[3],
+        p,
+        groups,
+        reverse,
     )
     return out.view(b, length, heads, p)
 

@@ -33,9 +33,14 @@ def display_image(image: Union[Tensor, np.ndarray]) -> np.ndarray:
     return a
 
 
-def image_attr_figure(heatmap: Union[Tensor, np.ndarray], image: Optional[Union[Tensor, np.ndarray]] = None,
-                      method: Optional[str] = None, sign: str = "all", title: Optional[str] = None,
-                      **kwargs: Any) -> Tuple[Any, Any]:
+def image_attr_figure(
+    heatmap: Union[Tensor, np.ndarray],
+    image: Optional[Union[Tensor, np.ndarray]] = None,
+    method: Optional[str] = None,
+    sign: str = "all",
+    title: Optional[str] = None,
+    **kwargs: Any,
+) -> Tuple[Any, Any]:
     """Captum's ``visualize_image_attr`` of a relevance heatmap at image resolution.
 
     ``heatmap`` is ``[H, W]``, ``[1, H, W]`` or pixel relevance ``[3, H, W]`` (Captum sums
@@ -50,8 +55,9 @@ def image_attr_figure(heatmap: Union[Tensor, np.ndarray], image: Optional[Union[
     return viz.visualize_image_attr(to_hwc(heatmap), original, method=method, sign=sign, title=title, **kwargs)
 
 
-def vim_heatmap(model: nn.Module, images: Tensor, target: Optional[int] = None, level: str = "patch",
-                **lrp_kwargs: Any) -> Tensor:
+def vim_heatmap(
+    model: nn.Module, images: Tensor, target: Optional[int] = None, level: str = "patch", **lrp_kwargs: Any
+) -> Tensor:
     """MambaLRP heatmaps ``[B, 1, H, W]`` of a Vision Mamba (``captum_mambalrp.models.vim``).
 
     ``level="patch"``: relevance per patch spread over its pixels (the patches' total is the

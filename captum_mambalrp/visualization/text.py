@@ -37,7 +37,7 @@ def text_records(
     delta: Optional[Sequence[float]] = None,
     true_class: Optional[Sequence[object]] = None,
     attention_mask: Optional[Tensor] = None,
-) -> List["VisualizationDataRecord"]:
+) -> List[VisualizationDataRecord]:
     """One :class:`captum.attr.visualization.VisualizationDataRecord` per example.
 
     ``relevance`` is ``[B, L]`` or one tensor per example; with ``attention_mask`` the
@@ -67,7 +67,7 @@ def text_records(
     return records
 
 
-def captum_html(records: Sequence["VisualizationDataRecord"], title: str = "MambaLRP relevance") -> str:
+def captum_html(records: Sequence[VisualizationDataRecord], title: str = "MambaLRP relevance") -> str:
     """A standalone HTML page of Captum's ``visualize_text`` table (tokens are escaped)."""
     from captum.attr import visualization as viz
 
