@@ -6,12 +6,13 @@ from . import (
     mamba_ssm,  # noqa: F401  (mamba-ssm's Mamba, Mamba2, Block, MixerModel)
     vim,  # noqa: F401  (Vision Mamba's bidirectional mixer)
 )
-from .base import ADAPTERS, Component, MixerAdapter, find_adapter, register
+from .base import ADAPTERS, Adapter, Component, MixerAdapter, find_adapter, register
 from .install import Installation, UnsupportedModelError, install_rules
 from .patching import Patcher
 
 __all__ = [
     "ADAPTERS",
+    "Adapter",
     "Component",
     "Installation",
     "MixerAdapter",

@@ -29,12 +29,16 @@ class Component:
 
 
 class MixerAdapter(Protocol):
-    """Takes over one family of sequence mixers."""
+    """Takes over one family of sequence mixers (the protocol :func:`register` accepts).
+
+    Every adapter declares ``label`` and ``wraps_children``; subclass :class:`Adapter` for
+    the default ``wraps_children = False``.
+    """
 
     label: str
     #: True for block adapters (e.g. mamba-ssm's ``Block``): the block's forward is taken
     #: over, but its children (norm, mixer) are still walked and installed as usual.
-    wraps_children: bool = False
+    wraps_children: bool
 
     def claims(self, module: nn.Module) -> bool:
         """Is ``module`` a mixer this adapter handles?"""
@@ -46,16 +50,55 @@ class MixerAdapter(Protocol):
         """Replace ``module``'s forward by its MambaLRP forward; return its components."""
 
 
+class Adapter:
+    """Base class of the package's adapters: the protocol's attributes with their defaults.
+
+    A subclass sets ``label``, implements ``claims``, ``affine_parts`` and ``install``, and
+    sets ``wraps_children = True`` only when it takes over a block whose children are still
+    installed one by one.
+
+    >>> class Mine(Adapter):
+    ...     label = "my mixer"
+    >>> Mine().wraps_children
+    False
+    """
+
+    label: str = ""
+    wraps_children: bool = False
+
+    def claims(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
+        raise NotImplementedError
+
+
 ADAPTERS: List[MixerAdapter] = []
 
 
 def register(adapter: MixerAdapter) -> MixerAdapter:
-    """Add an adapter to the registry (consulted in order of registration)."""
+    """Add an adapter to the registry (consulted in order of registration).
+
+    Returns:
+        ``adapter``.
+
+    Raises:
+        TypeError: ``adapter`` does not declare ``wraps_children`` (a bool) and ``label``.
+    """
+    if not isinstance(getattr(adapter, "wraps_children", None), bool) or not isinstance(getattr(adapter, "label", None), str):
+        raise TypeError(
+            f"adapter {type(adapter).__name__} must declare `label` (str) and `wraps_children` (bool): "
+            "subclass captum_mambalrp.adapters.base.Adapter"
+        )
     ADAPTERS.append(adapter)
     return adapter
 
 
 def find_adapter(module: nn.Module) -> MixerAdapter | None:
+    """The first registered adapter that claims ``module``, or ``None``."""
     for adapter in ADAPTERS:
         if adapter.claims(module):
             return adapter

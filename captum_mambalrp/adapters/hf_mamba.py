@@ -6,34 +6,14 @@ from typing import Dict, List
 
 from torch import nn
 
-from ..rules.base import ACTIVATION, GATE, SSM
 from ..rules.composites import Composite
-from .base import Component, register
-from .mamba1 import MixerRules, hf_mamba1_parts, mamba1_forward
+from .base import Adapter, Component, register
+from .common import mixer_rules, rules_as_components
+from .mamba1 import hf_mamba1_parts, mamba1_forward
 from .patching import Patcher
 
 
-def mixer_rules(name: str, act_module: nn.Module, composite: Composite, backend: str) -> MixerRules:
-    """Look up the rules of a Mamba mixer's SiLUs, scan and gate (shared by adapters)."""
-    return MixerRules(
-        conv_act=composite.rule_for(f"{name}.conv_act", ACTIVATION, act_module),
-        gate_act=composite.rule_for(f"{name}.gate_act", ACTIVATION, act_module),
-        ssm=composite.rule_for(f"{name}.ssm", SSM),
-        gate=composite.rule_for(f"{name}.gate", GATE),
-        backend=backend,
-    )
-
-
-def rules_as_components(name: str, rules: MixerRules) -> List[Component]:
-    return [
-        Component(f"{name}.conv_act", ACTIVATION, rules.conv_act),
-        Component(f"{name}.ssm", SSM, rules.ssm),
-        Component(f"{name}.gate_act", ACTIVATION, rules.gate_act),
-        Component(f"{name}.gate", GATE, rules.gate),
-    ]
-
-
-class HFMamba1Adapter:
+class HFMamba1Adapter(Adapter):
     label = "transformers Mamba / FalconMamba mixer"
 
     def claims(self, module: nn.Module) -> bool:

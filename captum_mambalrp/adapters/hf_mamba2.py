@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..rules.composites import Composite
-from .base import Component, register
+from .base import Adapter, Component, register
 from .mamba2 import GatedNorm, Mamba2Parts, mamba2_forward, mamba2_rules
 from .patching import Patcher
 
@@ -53,7 +53,7 @@ def hf_mamba2_parts(mixer: nn.Module) -> Mamba2Parts:
     )
 
 
-class HFMamba2Adapter:
+class HFMamba2Adapter(Adapter):
     label = "transformers Mamba2 mixer (Mamba2, Codestral-style n_groups > 1)"
 
     def claims(self, module: nn.Module) -> bool:

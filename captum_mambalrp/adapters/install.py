@@ -57,7 +57,7 @@ def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: I
 
 def _mixer_labels() -> str:
     """The mixers adapters take over (not the blocks that only wrap them)."""
-    return "; ".join(a.label for a in ADAPTERS if not getattr(a, "wraps_children", False))
+    return "; ".join(a.label for a in ADAPTERS if not a.wraps_children)
 
 
 def _inside(name: str, roots: Set[str]) -> bool:
@@ -75,7 +75,7 @@ def _uncovered_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         if not name or _inside(name, covered):
             continue
         adapter = find_adapter(module)
-        if (adapter is not None and not getattr(adapter, "wraps_children", False)) or getattr(module, "rule", None) is not None:
+        if (adapter is not None and not adapter.wraps_children) or getattr(module, "rule", None) is not None:
             covered.add(name)
         elif adapter is None and UNSUPPORTED.search(type(module).__name__):
             found.append((name, module))
@@ -134,7 +134,7 @@ def install_rules(
             for part_name, part in adapter.affine_parts(module).items():
                 kind = LINEAR if isinstance(part, nn.Linear) else CONV
                 _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
-            if getattr(adapter, "wraps_children", False):
+            if adapter.wraps_children:
                 continue  # a block taken over as a whole: its norm and mixer are installed as reached
             if recompute is not False:
                 inst.patcher.replace_forward(module, recomputing(module.forward, recompute))

@@ -22,20 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rules.base import MambaRule
 from ..rules.gate import gate_with_activation
 from ..scan import selective_scan
-
-
-@dataclass
-class MixerRules:
-    """The rules of one mixer's non-linear components and the scan backend to use."""
-
-    conv_act: MambaRule
-    gate_act: MambaRule
-    ssm: MambaRule
-    gate: MambaRule
-    backend: str = "auto"
+from .common import MixerRules, mask_padding
 
 
 @dataclass
@@ -57,20 +46,13 @@ class Mamba1Parts:
     C_norm: Optional[Callable[[Tensor], Tensor]] = None
 
 
-def _mask(hidden: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    """Zero padded positions of ``[b, l, ...]`` (as transformers does before each step)."""
-    if attention_mask is None:
-        return hidden
-    return (hidden * attention_mask[:, :, None]).to(hidden.dtype)
-
-
 def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """The Mamba1 mixer on ``hidden [b, l, h]`` with MambaLRP's rules applied."""
     dtype, length = hidden.dtype, hidden.shape[1]
-    xz = parts.in_proj(_mask(hidden, attention_mask)).transpose(1, 2)
+    xz = parts.in_proj(mask_padding(hidden, attention_mask)).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
     x = rules.conv_act.activation(parts.conv1d(x)[..., :length], parts.act)
-    x = _mask(x.transpose(1, 2), attention_mask)  # [b, l, d]
+    x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
     dt, B, C = torch.split(parts.x_proj(x), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None:
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)

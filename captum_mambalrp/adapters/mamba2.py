@@ -34,8 +34,7 @@ from ..rules.base import NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
 from ..scan import ssd_scan
 from .base import Component
-from .hf_mamba import mixer_rules, rules_as_components
-from .mamba1 import MixerRules, _mask
+from .common import MixerRules, mask_padding, mixer_rules, rules_as_components
 from .norms import grouped_rms_norm
 
 
@@ -96,10 +95,10 @@ def mamba2_forward(
     batch, length, _ = hidden.shape
     dtype = hidden.dtype
     h, p, gn = parts.n_heads, parts.head_dim, parts.n_groups * parts.d_state
-    zxbcdt = parts.in_proj(_mask(hidden, attention_mask))
+    zxbcdt = parts.in_proj(mask_padding(hidden, attention_mask))
     z0, x0, z, xBC, dt = torch.split(zxbcdt, [parts.d_mlp, parts.d_mlp, parts.d_ssm, parts.d_ssm + 2 * gn, h], dim=-1)
     xBC = rules.conv_act.activation(parts.conv1d(xBC.transpose(1, 2))[..., :length], parts.act)
-    xBC = _mask(xBC.transpose(1, 2), attention_mask)
+    xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
     x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
     dt = F.softplus(dt.float() + parts.dt_bias.float()).clamp(parts.dt_limit[0], parts.dt_limit[1])
     A = -torch.exp(parts.A_log.float())

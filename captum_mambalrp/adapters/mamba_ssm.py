@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..rules.composites import Composite
-from .base import Component, find_adapter, register
-from .hf_mamba import mixer_rules, rules_as_components
+from .base import Adapter, Component, find_adapter, register
+from .common import mixer_rules, rules_as_components
 from .hf_mamba2 import reject_packed
 from .install import UnsupportedModelError
 from .mamba1 import Mamba1Parts, mamba1_forward
@@ -87,7 +87,7 @@ def mamba_ssm2_parts(mixer: nn.Module) -> Mamba2Parts:
     )
 
 
-class MambaSSM1Adapter:
+class MambaSSM1Adapter(Adapter):
     label = "mamba-ssm Mamba (Mamba1) mixer"
 
     def claims(self, module: nn.Module) -> bool:
@@ -111,7 +111,7 @@ class MambaSSM1Adapter:
         return rules_as_components(name, rules)
 
 
-class MambaSSM2Adapter:
+class MambaSSM2Adapter(Adapter):
     label = "mamba-ssm Mamba2 mixer"
 
     def claims(self, module: nn.Module) -> bool:
@@ -149,7 +149,7 @@ class MambaSSM2Adapter:
         return components
 
 
-class MambaSSMBlockAdapter:
+class MambaSSMBlockAdapter(Adapter):
     """``Block``: the residual add fused with the norm, computed with the norm as a module."""
 
     label = "mamba-ssm Block (residual add + norm, fused or not)"
@@ -188,7 +188,7 @@ class MambaSSMBlockAdapter:
         return []
 
 
-class MambaSSMMixerModelAdapter:
+class MambaSSMMixerModelAdapter(Adapter):
     """``MixerModel``: embedding, blocks, and ``norm_f`` of the last residual sum as a module."""
 
     label = "mamba-ssm MixerModel (backbone of MambaLMHeadModel)"

@@ -19,9 +19,9 @@ from typing import Dict, List, Tuple
 from torch import Tensor, nn
 
 from ..rules.composites import Composite
-from .base import Component, register
-from .hf_mamba import mixer_rules, rules_as_components
-from .mamba1 import Mamba1Parts, MixerRules, mamba1_forward
+from .base import Adapter, Component, register
+from .common import MixerRules, mixer_rules, rules_as_components
+from .mamba1 import Mamba1Parts, mamba1_forward
 from .patching import Patcher
 
 
@@ -51,7 +51,7 @@ def bimamba_forward(mixer: nn.Module, rules: MixerRules, hidden: Tensor) -> Tens
     return mixer.out_proj(y)
 
 
-class VimMixerAdapter:
+class VimMixerAdapter(Adapter):
     label = "Vision Mamba bidirectional mixer (captum_mambalrp.models.vim)"
 
     def claims(self, module: nn.Module) -> bool:
