@@ -6,8 +6,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from ..kernels import fused_kernels_enabled
-from .activation import IdentityActivationRule, is_silu
+from ..kernels.dispatch import fused_gate
 from .base import GATE, MambaRule
 
 
@@ -34,21 +33,9 @@ def gate_with_activation(
     act: Callable[[Tensor], Tensor],
     transposed_out: bool = False,
 ) -> Tensor:
-    """``gate_rule.gate(y, act_rule.activation(z, act))``. On CUDA, MambaLRP's default pair
-    (half rule, identity rule on SiLU) runs as one fused kernel each way
-    (``kernels.elementwise.half_silu_gate``, the same math; ``transposed_out`` stores its
-    ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear layer reads)."""
-    if (
-        type(gate_rule) is HalfGateRule
-        and type(act_rule) is IdentityActivationRule
-        and act_rule.epsilon is None
-        and is_silu(act)
-        and y.dim() == 3
-        and y.shape == z.shape
-        and y.dtype == z.dtype
-        and fused_kernels_enabled(y, z)
-    ):
-        from ..kernels import elementwise
-
-        return elementwise.half_silu_gate(y, z, transposed_out)
-    return gate_rule.gate(y, act_rule.activation(z, act))
+    """``gate_rule.gate(y, act_rule.activation(z, act))``. Where a fused kernel computes the
+    same math for this pair of rule types (``kernels.dispatch.GATE_KERNELS``; on CUDA,
+    MambaLRP's default pair), it runs instead; ``transposed_out`` then stores its
+    ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear layer reads."""
+    fused = fused_gate(gate_rule, act_rule, y, z, act, transposed_out)
+    return fused if fused is not None else gate_rule.gate(y, act_rule.activation(z, act))

@@ -20,7 +20,7 @@ Backends of the relevance scan (same math, same results to float32 rounding):
   ``triton``; Mamba2 (SSD): ``torch`` (the chunked matrix form); elsewhere ``torch``.
 
 Which backend actually ran is recorded: :func:`record_backends` collects the counts of a
-block of code, :func:`backends_used` those since the last reset.
+block of code (benchmarks and tests read it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections import Counter
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -42,7 +42,6 @@ from .ssd_chunked import ssd_chunked
 
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 
-_USED: Counter = Counter()
 _RECORDERS: List[Counter] = []
 
 
@@ -88,28 +87,28 @@ def resolve_backend(backend: str, device: Union[str, torch.device, None] = None,
 
 
 def _note(name: str) -> None:
-    _USED[name] += 1
     for rec in _RECORDERS:
         rec[name] += 1
 
 
-def backends_used(reset: bool = False) -> Dict[str, int]:
-    """How many scans each backend ran (since import or the last reset)."""
-    out = dict(_USED)
-    if reset:
-        _USED.clear()
-    return out
-
-
 @contextlib.contextmanager
 def record_backends() -> Iterator[Counter]:
-    """``with record_backends() as used: ...``: ``used`` counts the scans per backend run inside."""
+    """``with record_backends() as used: ...``: ``used`` counts the scans per backend run inside.
+
+    Returns:
+        a context manager yielding a ``Counter`` (backend name -> scans run in the block).
+
+    >>> with record_backends() as used:
+    ...     pass
+    >>> dict(used)
+    {}
+    """
     rec: Counter = Counter()
     _RECORDERS.append(rec)
     try:
         yield rec
-    finally:
-        _RECORDERS.remove(rec)
+    finally:  # by identity: two recorders with equal counts are still different recorders
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is rec)]
 
 
 def _kernel(layout: str, name: str) -> Callable[..., Tensor]:
@@ -182,7 +181,6 @@ def ssd_scan(
 __all__ = [
     "BACKENDS",
     "available_backends",
-    "backends_used",
     "linear_recurrence",
     "record_backends",
     "relevance_scan",
