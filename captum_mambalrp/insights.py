@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -126,26 +127,97 @@ def text_visualizer(
     return visualizer
 
 
-def make_venv(path: str, python: str = sys.executable) -> str:
+VENV_CHECK = (  # imports what the Insights server needs; finds (without importing) this package
+    "import importlib.util, torch, captum, captum.insights, flask, flask_compress; "
+    "assert importlib.util.find_spec('captum_mambalrp'), 'captum_mambalrp is not on its path'; "
+    "print(torch.__version__, captum.__version__)"
+)
+
+
+def _site_dirs() -> List[str]:
+    """The site-packages folders this interpreter imports from (its own, and its system's or
+    user's when it sees those), in import order."""
+    dirs = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+    return list(dict.fromkeys(os.path.abspath(p) for p in dirs))
+
+
+def venv_problem(path: str) -> Optional[str]:
+    """Why the Insights virtualenv at ``path`` cannot serve this environment's models, or None.
+
+    It must exist, import torch (the same version as this process), Captum with Insights,
+    flask, flask-compress and captum_mambalrp.
+
+    >>> venv_problem("/no/such/venv")
+    'no virtualenv at /no/such/venv'
+    """
+    python = os.path.join(path, "bin", "python")
+    if not os.path.isfile(python):
+        return f"no virtualenv at {path}"
+    try:
+        done = subprocess.run([python, "-c", VENV_CHECK], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"{python} does not run ({type(err).__name__}: {err})"
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return f"{python}: {lines[-1] if lines else f'exit {done.returncode}'}"
+    torch_version = done.stdout.split()[0] if done.stdout.split() else "?"
+    if torch_version != torch.__version__:
+        return f"{python} has torch {torch_version}, this environment torch {torch.__version__}"
+    return None
+
+
+def make_venv(path: str, python: str = sys.executable, force: bool = False) -> str:
     """A virtualenv for Insights beside a Captum 0.9 install; its python.
 
-    It sees the system's packages (torch, transformers) and adds only ``captum==0.8.0``
-    (without its ``numpy<2`` pin: Insights runs with NumPy 2), ``flask`` and
-    ``flask-compress``, which shadow the system's inside the venv, and a ``.pth`` file
-    that puts this copy of captum-mambalrp on its path (an editable install, unbuilt).
+    It sees the packages of the environment that creates it (``python``'s site-packages,
+    whatever kind of environment that is: a virtualenv, conda, the system's), through a
+    ``.pth`` file, so torch and transformers are the same ones, and adds in front only
+    ``captum==0.8.0`` (without its ``numpy<2`` pin: Insights runs with NumPy 2), ``flask``
+    and ``flask-compress`` when missing, and a ``.pth`` file that puts this copy of
+    captum-mambalrp on its path (an editable install, unbuilt). A healthy virtualenv at
+    ``path`` is kept (unless ``force``); a broken one (for example one linked to an
+    environment that no longer exists, or made by an older version with
+    ``--system-site-packages`` from inside a virtualenv, which misses that virtualenv's
+    torch) is deleted and made again.
+
+    Returns:
+        the path of the virtualenv's python.
+
+    Raises:
+        RuntimeError: (one line) the virtualenv could not be made to import torch, Captum
+            Insights and captum_mambalrp; the message says why.
     """
-    subprocess.run([python, "-m", "venv", "--system-site-packages", path], check=True)
     venv_python = os.path.join(path, "bin", "python")
+    if not force and venv_problem(path) is None:
+        return venv_python
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        sites = _site_dirs()
+    else:
+        code = "import sys, os; print(os.pathsep.join(p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))))"
+        found = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+        sites = [p for p in found.split(os.pathsep) if p]
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(list(cmd), capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"making the Insights virtualenv {path}: `{' '.join(cmd)}` failed: {lines[-1] if lines else ''}")
+        return done.stdout.strip()
+
+    run(python, "-m", "venv", path)
+    site = run(venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    with open(os.path.join(site, "_captum_mambalrp_parent_env.pth"), "w") as f:
+        # `import` lines of a .pth run at start-up: addsitedir also reads the parent's own .pth files
+        f.write("".join(f"import site; site.addsitedir({p!r})\n" for p in sites))
     for requirement in VENV_REQUIREMENTS:
-        subprocess.run([venv_python, "-m", "pip", "install", "-q", *requirement], check=True)
-    site = subprocess.run(
-        [venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+        run(venv_python, "-m", "pip", "install", "-q", *requirement)
     with open(os.path.join(site, "captum_mambalrp_source.pth"), "w") as f:
         f.write(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "\n")
+    problem = venv_problem(path)
+    if problem is not None:
+        raise RuntimeError(f"the Insights virtualenv {path} is not usable: {problem}")
     return venv_python
 
 
@@ -182,10 +254,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--text", action="append", default=None, help="a text to show (repeat for several)")
     p.add_argument("--port", type=int, default=6080)
     p.add_argument("--log", action="store_true", help="log requests and errors (tracebacks) to stderr")
-    p.add_argument("--make-venv", metavar="DIR", default=None, help="only create the Insights virtualenv in DIR")
+    p.add_argument("--make-venv", metavar="DIR", default=None, help="only create (or repair) the Insights virtualenv in DIR")
     args = p.parse_args(argv)
     if args.make_venv:
-        print(make_venv(args.make_venv))
+        try:
+            print(make_venv(args.make_venv))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            print(f"python -m captum_mambalrp.insights: error: {err}", file=sys.stderr)
+            return 1
         return 0
     model, tokenizer = load_model_and_tokenizer(args.model)
     texts = args.text or ["i feel so happy and loved today", "i am scared of the dark and feel so alone"]

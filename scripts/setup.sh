@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
-# Install captum-mambalrp with a CPU build of torch into the current Python.
+# Install captum-mambalrp into the current Python (see scripts/python_env.sh: a virtualenv,
+# conda, pyenv; a system-managed Python gets a .venv). A torch >= 2.1 already there is kept;
+# otherwise a CPU build of torch is installed first.
 # Usage: bash scripts/setup.sh [EXTRAS]    (e.g. "test" or "test,viz")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=$(bash scripts/python_env.sh)
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 extras=${1:-}
-# The CPU build of torch first: otherwise pip resolves `torch` to a multi-GB CUDA build.
-$PY -m pip install -q "torch==2.13.0" 2>&1 | grep -v -i "running pip as the 'root' user" || true
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+fail() {  # the end of the failing command's output, then one line saying what failed
+  tail -n 15 "$log" >&2
+  echo "setup.sh: error: $*" >&2
+  exit 1
+}
+if ! "$PY" -m pip --version >/dev/null 2>&1; then
+  "$PY" -m ensurepip -q >"$log" 2>&1 || fail "$PY has no pip and ensurepip failed (on Debian/Ubuntu: apt-get install python3-pip)"
+fi
+# torch first: `pip install -e .` alone would resolve `torch` to a multi-GB CUDA build.
+if ! "$PY" -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 1))" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0" >"$log" 2>&1 || fail "pip install torch==2.13.0 failed (output above)"
+fi
 if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
-$PY -m pip install -q -e "$spec" 2>&1 | grep -v -i "running pip as the 'root' user" || true
-$PY -c "import torch, captum, transformers, captum_mambalrp; print('torch', torch.__version__, '| captum', captum.__version__, '| transformers', transformers.__version__, '| captum-mambalrp', captum_mambalrp.__version__)"
+"$PY" -m pip install -q -e "$spec" >"$log" 2>&1 || fail "pip install -e '$spec' failed (output above)"
+"$PY" -c "import torch, captum, transformers, captum_mambalrp
+print('torch', torch.__version__, '| captum', captum.__version__, '| transformers', transformers.__version__, '| captum-mambalrp', captum_mambalrp.__version__, '|', __import__('sys').executable)" 2>"$log" ||
+  fail "the installed packages do not import with $PY"
