@@ -112,9 +112,10 @@ def explain_texts(
     return out
 
 
-def records(explanations: Sequence[TextExplanation]):
+def records(explanations: Sequence[TextExplanation], words: Union[bool, str] = False):
     """Captum ``VisualizationDataRecord`` s for explanations (one call, ready for
-    ``captum.attr.visualization.visualize_text``)."""
+    :func:`captum_mambalrp.visualization.visualize_text` or Captum's ``visualize_text``).
+    ``words=True`` merges subword pieces into words (summed relevance)."""
     from .visualization import text_records
 
     return text_records(
@@ -125,4 +126,20 @@ def records(explanations: Sequence[TextExplanation]):
         attr_class=[e.target_label for e in explanations],
         explained=[e.explained for e in explanations],
         delta=[e.delta for e in explanations],
+        words=words,
     )
+
+
+def legend(color: bool = True) -> str:
+    """The colour legend of :func:`captum_mambalrp.visualization.terminal_heatmap`, one line
+    to print under it (red: for the explained class, blue: against it, white: none).
+
+    Returns:
+        the line, with 24-bit ANSI colour swatches or, ``color=False``, in words.
+
+    >>> legend(color=False)
+    'legend: red = for the explained class (+), white = none, blue = against it (-)'
+    """
+    from .visualization.colors import legend as _legend
+
+    return _legend(color)

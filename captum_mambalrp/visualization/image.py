@@ -1,4 +1,5 @@
-"""Image relevance through Captum's ``visualize_image_attr`` (Vision Mamba heatmaps)."""
+"""Image relevance through Captum's ``visualize_image_attr`` (Vision Mamba heatmaps), red for
+the explained class and blue against it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def display_image(image: Union[Tensor, np.ndarray]) -> np.ndarray:
     return a
 
 
+SIGN_CMAPS = {"positive": "Reds", "negative": "Blues", "absolute_value": "Purples"}
+
+
 def image_attr_figure(
     heatmap: Union[Tensor, np.ndarray],
     image: Optional[Union[Tensor, np.ndarray]] = None,
@@ -41,17 +45,31 @@ def image_attr_figure(
     title: Optional[str] = None,
     **kwargs: Any,
 ) -> Tuple[Any, Any]:
-    """Captum's ``visualize_image_attr`` of a relevance heatmap at image resolution.
+    """Captum's ``visualize_image_attr`` of a relevance heatmap at image resolution, in this
+    package's colours: red for the explained class, blue against, white none
+    (:func:`~captum_mambalrp.visualization.colors.relevance_cmap`; Captum's default is
+    green/red), with a colour bar as the legend.
 
     ``heatmap`` is ``[H, W]``, ``[1, H, W]`` or pixel relevance ``[3, H, W]`` (Captum sums
-    the channels); ``image`` (``[3, H, W]``, any range) is blended under it. Returns
-    ``(figure, axis)``; further keywords go to Captum (``cmap``, ``outlier_perc``, ...).
+    the channels); ``image`` (``[3, H, W]``, any range) is blended under it. ``sign``
+    ``"positive"`` draws in reds, ``"negative"`` in blues, ``"absolute_value"`` in purples.
+    Further keywords go to Captum (``cmap``, ``outlier_perc``, ``show_colorbar``, ...).
+
+    Returns:
+        ``(figure, axis)``.
+
+    Raises:
+        ValueError: a heatmap or image of another shape.
     """
     from captum.attr import visualization as viz
+
+    from .colors import relevance_cmap
 
     method = method or ("blended_heat_map" if image is not None else "heat_map")
     original = display_image(image) if image is not None else None
     kwargs.setdefault("use_pyplot", False)
+    kwargs.setdefault("cmap", relevance_cmap() if sign == "all" else SIGN_CMAPS.get(sign))
+    kwargs.setdefault("show_colorbar", True)
     return viz.visualize_image_attr(to_hwc(heatmap), original, method=method, sign=sign, title=title, **kwargs)
 
 
@@ -76,4 +94,4 @@ def vim_heatmap(
     return patch_relevance_to_image(patch_relevance(relevance, model), model)
 
 
-__all__ = ["display_image", "image_attr_figure", "to_hwc", "vim_heatmap"]
+__all__ = ["SIGN_CMAPS", "display_image", "image_attr_figure", "to_hwc", "vim_heatmap"]
