@@ -14,12 +14,10 @@ from captum_mambalrp.evaluation import (
     MethodOptions,
     build_method,
     conservation_report,
-    hidden_attention,
     layer_relevance,
     resolve_methods,
-    rollout,
-    scan_records,
 )
+from captum_mambalrp.evaluation.hidden_attention import hidden_attention, rollout, scan_records
 from captum_mambalrp.evaluation.least_squares import WeightedLeastSquares
 from captum_mambalrp.models import MambaForLastTokenClassification
 

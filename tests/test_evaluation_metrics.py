@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from captum_mambalrp.evaluation import ForwardCounter, Perturbation, area, flipping_scores, perturbation_curves
+from captum_mambalrp.evaluation import Perturbation, flipping_scores, perturbation_curves
 from captum_mambalrp.evaluation.analysis import distance_profile
-from captum_mambalrp.evaluation.perturbation import removal_ranks, removed_counts
+from captum_mambalrp.evaluation.perturbation import area, removal_ranks, removed_counts
+from captum_mambalrp.evaluation.scores import ForwardCounter
 from captum_mambalrp.evaluation.stats import mean_se, paired_difference
 
 

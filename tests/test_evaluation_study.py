@@ -92,8 +92,9 @@ def test_command_line_writes_table_csv_plots_and_resumes(tiny, tmp_path, capsys)
     second = read_jsonl(os.path.join(out, "results.jsonl"))
     assert second[: len(first)] == first and len(second) == len(first) + 4
     assert {r["method"] for r in second[len(first) :]} == {"saliency"}
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(SystemExit) as exit_:
         main(args[:-1] + ["0.25"])
+    assert exit_.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
 def test_python_api_all_methods_and_interrupted_run(tiny, tmp_path):

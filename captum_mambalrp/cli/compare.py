@@ -28,14 +28,14 @@ def build_study(args: argparse.Namespace):
     """The :class:`~captum_mambalrp.evaluation.Study` the arguments describe."""
     import torch
 
-    from ..evaluation import MethodOptions, Perturbation, Study, StudyConfig, load_split, neutral_token_id, resolve_methods
+    from ..evaluation import MethodOptions, Perturbation, Study, StudyConfig, load_split, resolve_methods
+    from ..evaluation.perturbation import neutral_token_id, reference_token_id
     from ..models import load_model_and_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     texts, labels, path = load_split(args.data, args.split)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else neutral_token_id(tokenizer)
     config = StudyConfig(
         methods=resolve_methods(args.methods),
         n_examples=args.n or None,
@@ -46,7 +46,7 @@ def build_study(args: argparse.Namespace):
             args.fraction, args.replacement, args.token_id if args.token_id is not None else neutral_token_id(tokenizer)
         ),
         options=MethodOptions(
-            reference_token_id=args.reference_token_id if args.reference_token_id is not None else pad,
+            reference_token_id=args.reference_token_id if args.reference_token_id is not None else reference_token_id(tokenizer),
             ig_steps=args.ig_steps,
             smoothgrad_samples=args.smoothgrad_samples,
             smoothgrad_noise=args.smoothgrad_noise,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..attribution import LayerMambaLRP, MambaLRP, find_embedding
+from ..evaluation.analysis import find_blocks
 from ..evaluation.methods import MethodOptions
-from ..evaluation.perturbation import neutral_token_id
+from ..evaluation.perturbation import reference_token_id
 from ..evaluation.scores import LastTokenScores
 from ..text import TextExplanation, explain_texts, label_names
 from .methods import DEFAULT_METHODS, MethodRunner, comparison_methods
@@ -36,14 +37,6 @@ class Limits:
     max_tokens: int = 256
 
 
-def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The Mamba blocks in order: the first ``nn.ModuleList`` named ``layers`` or ``blocks``."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "blocks") and len(module):
-            return [(f"{name}.{i}", block) for i, block in enumerate(module)]
-    return []
-
-
 def _floats(values: Tensor) -> List[float]:
     return [float(v) for v in values.detach().float().cpu().reshape(-1)]
 
@@ -64,7 +57,8 @@ class Explainer:
         self.model, self.tokenizer, self.source = model.eval(), tokenizer, source
         self.limits = limits or Limits()
         # the baselines as in the studies: the padding token as reference
-        self.runner = MethodRunner(model, options or MethodOptions(reference_token_id=self._pad_id(), ig_steps=ig_steps))
+        options = options or MethodOptions(reference_token_id=reference_token_id(tokenizer), ig_steps=ig_steps)
+        self.runner = MethodRunner(model, options)
         self.composite = composite
         self.lrp = MambaLRP(model, composite=composite)
         self.embedding = find_embedding(model)
@@ -182,8 +176,3 @@ class Explainer:
 
     def _label(self, index: int) -> str:
         return self.labels[index] if self.labels else self.tokenizer.decode([index])
-
-    def _pad_id(self) -> int:
-        """The reference token of the baselines, as ``compare`` picks it."""
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        return pad if isinstance(pad, int) else neutral_token_id(self.tokenizer)

@@ -58,14 +58,44 @@ def distance_profile(relevance: Sequence[np.ndarray], max_distance: Optional[int
     return Profile(np.arange(width), mean, std / np.sqrt(np.maximum(count, 1)), count)
 
 
-def tensor_rows(relevance: Tensor, mask: Optional[Tensor]) -> List[np.ndarray]:
-    """``[B, L]`` relevance to per-example arrays of the real tokens."""
-    mask = torch.ones_like(relevance, dtype=torch.bool) if mask is None else mask.bool()
-    return [relevance[i][mask[i]].detach().cpu().double().numpy() for i in range(relevance.shape[0])]
+def _mamba_mixers(model: nn.Module) -> List[str]:
+    """Names of the modules an adapter takes over as a sequence mixer (not block wrappers)."""
+    from ..adapters import find_adapter
+
+    names = []
+    for name, module in model.named_modules():
+        adapter = find_adapter(module)
+        if adapter is not None and not adapter.wraps_children:
+            names.append(name)
+    return names
 
 
-def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The residual blocks of a Mamba model: modules with a ``mixer`` child, in order."""
+def find_blocks(model: nn.Module, mamba_only: bool = False) -> List[Tuple[str, nn.Module]]:
+    """The residual blocks of a model, in order: the entries of the first ``nn.ModuleList``
+    that holds a Mamba mixer (one that an adapter of :mod:`captum_mambalrp.adapters` takes over).
+
+    This finds ``backbone.layers`` of transformers' Mamba and Mamba2, ``layers`` of mamba-ssm
+    and Vision Mamba, and the ``model.layers`` of hybrid models whose layer list mixes attention
+    and Mamba layers: every entry is returned (relevance is conserved at each block output),
+    or only the entries holding a Mamba mixer with ``mamba_only=True``. A model without such a
+    list falls back to the modules with a ``mixer`` child.
+
+    Returns:
+        ``[(qualified name, block)]``, empty when the model has no Mamba mixer.
+
+    >>> from torch import nn
+    >>> find_blocks(nn.Sequential(nn.Linear(2, 2)))
+    []
+    """
+    mixers = _mamba_mixers(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        prefix = f"{name}." if name else ""
+        blocks = [(f"{prefix}{i}", block) for i, block in enumerate(module)]
+        holds = [any(m == n or m.startswith(n + ".") for m in mixers) for n, _ in blocks]
+        if any(holds):
+            return [b for b, h in zip(blocks, holds) if h or not mamba_only]
     return [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "mixer", None), nn.Module)]
 
 
@@ -92,7 +122,10 @@ def layer_relevance(
 ) -> LayerRelevance:
     """MambaLRP relevance at the token embedding and after every block, in one pass."""
     blocks = find_blocks(model)
-    layers = [find_embedding(model)] + [m for _, m in blocks]
+    embedding = find_embedding(model)
+    if embedding is None:
+        raise ValueError("cannot find the model's token embedding (get_input_embeddings())")
+    layers: List[nn.Module] = [embedding] + [m for _, m in blocks]
     names = ["embedding"] + [n for n, _ in blocks]
     attr = LayerMambaLRP(model, layers, composite=composite)
     out, deltas = attr.attribute(input_ids, target=list(target), attention_mask=attention_mask, return_convergence_delta=True)

@@ -1,21 +1,18 @@
-"""Where a study's texts come from: an Emotion-format folder or file (``TEXT;LABEL`` lines)."""
+"""Where a study's texts come from: any format :func:`captum_mambalrp.datasets.load_texts` reads."""
 
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from ..datasets import default_emotion_dir, read_emotion
+from ..datasets import EMOTION_LABELS, load_texts
 
 
-def load_split(data: Optional[str] = None, split: str = "test") -> Tuple[List[str], List[int], str]:
-    """Texts, label indices and the file read: ``data/<split>.txt`` for a folder, ``data``
-    itself for a file, and the shared Emotion data (:func:`default_emotion_dir`) for ``None``."""
-    data = data or default_emotion_dir()
-    if not data:
-        raise FileNotFoundError("no data given and no Emotion data found (../shared/data/emotion or $EMOTION_DIR)")
-    path = os.path.join(data, f"{split}.txt") if os.path.isdir(data) else data
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {split} split at {path}")
-    texts, labels = read_emotion(path)
-    return texts, labels, os.path.abspath(path)
+def load_split(
+    data: Optional[str] = None, split: str = "test", class_names: Optional[Sequence[str]] = None
+) -> Tuple[List[str], Optional[List[int]], str]:
+    """Texts, label indices and the source read: ``data/<split>.<ext>`` for a folder, ``data``
+    itself for a file, a ``datasets`` id, and the package's Emotion demo sample for ``None``
+    (see :func:`captum_mambalrp.datasets.load_texts`). Labels are indices into
+    ``class_names`` (default: the Emotion labels); an unknown label raises ``DataError``; unlabelled data gives ``None``."""
+    loaded = load_texts(data, split)
+    return loaded.texts, loaded.label_ids(class_names or EMOTION_LABELS), loaded.source

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import Patcher, install_rules
+from ..attribution.mamba_lrp import find_embedding
 from ..rules.base import GradientRule
 from ..rules.composites import composite
-from .methods import TokenAttribution
+from .base import TokenAttribution
 from .scores import LastTokenScores, last_positions
 
 
@@ -102,7 +103,9 @@ def scan_records(
     patcher = Patcher()
     try:
         install_rules(model, probes, patcher=patcher)
-        embedding = model.get_input_embeddings()
+        embedding = find_embedding(model)
+        if embedding is None:
+            raise ValueError("cannot find the model's token embedding (get_input_embeddings())")
         if with_gradient:
             patcher.add_handle(embedding.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
         with torch.set_grad_enabled(with_gradient):
@@ -121,8 +124,8 @@ def scan_records(
     keep = 1.0 if attention_mask is None else attention_mask[:, None, :].float()  # the scan sees padding zeroed
     records = []
     for x, (delta, A, B, C), y, g in zip(rec.x, rec.ssm, rec.y, grads):
-        f = [t.detach().float() for t in (x, delta, A, B, C, y)]
-        records.append(ScanRecord(f[0] * keep, *f[1:], grad_y=None if g is None else g.detach().float()))
+        x, delta, A, B, C, y = (t.detach().float() for t in (x, delta, A, B, C, y))
+        records.append(ScanRecord(x * keep, delta, A, B, C, y, grad_y=None if g is None else g.detach().float()))
     return records, target
 
 
@@ -165,12 +168,14 @@ def rollout(maps: List[Tensor]) -> Tensor:
     layer's non-negative map is scaled to a maximum of 1 (the authors' code min-max
     normalises it) so that the residual identity does not swamp it."""
     eye = torch.eye(maps[0].shape[-1], device=maps[0].device).expand_as(maps[0])
-    joint = None
+    joint: Optional[Tensor] = None
     for m in maps:
         top = m.flatten(1).max(dim=1).values.clamp_min(1e-30)[:, None, None]
         step = eye + m / top
         step = step / step.sum(-1, keepdim=True)
         joint = step if joint is None else step @ joint
+    if joint is None:
+        raise ValueError("rollout needs at least one layer map")
     return joint
 
 

@@ -44,4 +44,6 @@ class WeightedLeastSquares(Model):
         return self.coef[None]
 
     def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if self.intercept is None:
+            raise RuntimeError("fit() first")
         return x.reshape(x.shape[0], -1).float() @ self.representation().T + self.intercept

@@ -77,6 +77,21 @@ def neutral_token_id(tokenizer: object = None) -> int:
     return 0
 
 
+def reference_token_id(tokenizer: object = None) -> int:
+    """The baselines' reference token: the tokenizer's padding token, else :func:`neutral_token_id`.
+
+    The one fallback ``compare`` and the dashboard share.
+
+    Returns:
+        A token id.
+
+    >>> reference_token_id(None)
+    0
+    """
+    value = getattr(tokenizer, "pad_token_id", None)
+    return value if isinstance(value, int) else neutral_token_id(tokenizer)
+
+
 def replacement_vector(embedding: nn.Embedding, config: Perturbation) -> Tensor:
     """The embedding ``[H]`` a removed token takes."""
     weight = embedding.weight.detach()

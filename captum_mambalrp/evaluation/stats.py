@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
 
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
+def mean_se(values: Union[Sequence[float], np.ndarray]) -> Tuple[float, float]:
     """Mean and standard error ``std(ddof=1) / sqrt(n)`` (``nan`` SE for fewer than two values)."""
     x = np.asarray(values, dtype=np.float64)
     x = x[~np.isnan(x)]
@@ -37,8 +37,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: 
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def pad_curves(curves: List[Sequence[float]]) -> np.ndarray:
-    """Stack equal-length curves into ``[N, K + 1]``."""
-    return np.asarray([list(c) for c in curves], dtype=np.float64)

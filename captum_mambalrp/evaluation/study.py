@@ -5,7 +5,9 @@ last real token) and its logit; every method then attributes it (timed, forward 
 counted), and the flipping curves are taken. Each (method, batch) is appended to
 ``results.jsonl`` as soon as it is done, so an interrupted study resumes where it stopped.
 :meth:`Study.finalize` turns the records into ``per_example.csv``, ``summary.json``,
-``summary.md`` (mean ± standard error per method and metric) and PNG figures.
+``summary.md`` (mean ± standard error per method and metric) and PNG figures
+(:mod:`.summary`). Constructing a :class:`Study` only reads: files are written, or
+discarded with ``overwrite``, by :meth:`Study.run`.
 
     study = Study(model, tokenizer, texts, labels, StudyConfig(methods=resolve_methods("all")), "out/")
     summary = study.run()
@@ -13,39 +15,23 @@ counted), and the flipping curves are taken. Each (method, batch) is appended to
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .analysis import distance_profile, layer_profiles, layer_relevance
-from .conservation import ConservationReport
-from .methods import METHODS, MethodOptions, build_method, resolve_methods
+from .analysis import layer_relevance
+from .methods import MethodOptions, build_method, resolve_methods
 from .perturbation import CURVES, Perturbation, flipping_scores, perturbation_curves
+from .records import JsonLines
 from .scores import ForwardCounter, LastTokenScores, package_forward
-from .stats import fmt, markdown_table, mean_se, paired_difference
-
-METRICS = ["dAF", "A_morf", "A_lerf", "dAI", "A_morf_insert", "A_lerf_insert"]
-COSTS = ["seconds", "cpu_seconds", "forward_rows", "forward_calls"]
-PROFILE_METHODS = [
-    "mambalrp",
-    "gxi",
-    "lrp_ln",
-    "integrated_gradients",
-    "smoothgrad",
-    "feature_ablation",
-    "kernelshap",
-    "mamba_attr",
-    "attn_rollout",
-]
-REFERENCE = "mambalrp"
+from .summary import summarize
 
 
 @dataclass
@@ -84,39 +70,6 @@ def _method_seed(seed: int, batch: int, method: str) -> int:
     return (seed * 1_000_003 + batch * 10_007 + zlib.crc32(method.encode())) % (2**31)
 
 
-class _JsonLines:
-    """Append-only JSON lines; a line cut short by an interruption is skipped on reading."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def read(self) -> List[dict]:
-        if not os.path.exists(self.path):
-            return []
-        rows = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return rows
-
-    def append(self, rows: Iterable[dict]) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if not text:
-            return
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    text = "\n" + text
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 class Study:
     """A study of ``config.methods`` on ``texts`` (``labels`` optional) written to ``out_dir``."""
 
@@ -139,33 +92,52 @@ class Study:
         self.out = out_dir
         self.meta = dict(meta or {})
         self.device = next(model.parameters()).device
-        os.makedirs(out_dir, exist_ok=True)
-        self.results = _JsonLines(os.path.join(out_dir, "results.jsonl"))
-        self.examples = _JsonLines(os.path.join(out_dir, "examples.jsonl"))
-        self.layers = _JsonLines(os.path.join(out_dir, "layers.jsonl"))
-        self._check_config(overwrite)
+        self.results = JsonLines(os.path.join(out_dir, "results.jsonl"))
+        self.examples = JsonLines(os.path.join(out_dir, "examples.jsonl"))
+        self.layers = JsonLines(os.path.join(out_dir, "layers.jsonl"))
+        self.overwrite = overwrite
+        self._saved_methods = self._check_config()
         self.indices = select_examples(len(self.texts), config.n_examples, config.seed)
 
     # ---- set-up and resuming -------------------------------------------------------------
-    def _check_config(self, overwrite: bool) -> None:
-        path = os.path.join(self.out, "config.json")
-        identity = {**self.config.identity(), "n_texts": len(self.texts)}
-        if os.path.exists(path) and not overwrite:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if saved.get("identity") != json.loads(json.dumps(identity)):
-                raise ValueError(
-                    f"{self.out} holds a study with other settings ({path}); use another output folder "
-                    "or overwrite=True (--overwrite) to start afresh"
-                )
-            methods = saved.get("methods", []) + [m for m in self.config.methods if m not in saved.get("methods", [])]
-        else:
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.out, "config.json")
+
+    def _identity(self) -> dict:
+        return json.loads(json.dumps({**self.config.identity(), "n_texts": len(self.texts)}))
+
+    def _check_config(self) -> List[str]:
+        """The methods of the study already in the folder (none with ``overwrite``).
+
+        Raises:
+            ValueError: the folder holds a study with other settings and ``overwrite`` is off.
+        """
+        self._fresh = self.overwrite or not os.path.exists(self.config_path)
+        if self._fresh:
+            return []
+        with open(self.config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("identity") != self._identity():
+            raise ValueError(
+                f"{self.out} holds a study with other settings ({self.config_path}); use another output folder "
+                "or overwrite=True (--overwrite) to start afresh"
+            )
+        return list(saved.get("methods", []))
+
+    def prepare(self) -> None:
+        """Create the folder and write ``config.json``. A fresh study (no ``config.json`` yet, or
+        ``overwrite``) first discards records left there; only once: a later :meth:`run` of
+        this object resumes."""
+        os.makedirs(self.out, exist_ok=True)
+        if self._fresh:
             for p in (self.results.path, self.examples.path, self.layers.path):
                 if os.path.exists(p):
                     os.remove(p)
-            methods = self.config.methods
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"identity": identity, "methods": methods, "meta": self.meta}, f, indent=1)
+            self._fresh = False
+        methods = self._saved_methods + [m for m in self.config.methods if m not in self._saved_methods]
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            json.dump({"identity": self._identity(), "methods": methods, "meta": self.meta}, f, indent=1)
 
     def batches(self) -> List[List[int]]:
         """Length-sorted batches of the selected examples (less padding, same for every run)."""
@@ -188,6 +160,7 @@ class Study:
         """Compute what is missing, then :meth:`finalize`; returns the summary."""
         from tqdm.auto import tqdm
 
+        self.prepare()
         done_results = {(r["method"], r["index"]) for r in self.results.read()}
         done_examples = {r["index"] for r in self.examples.read()}
         done_layers = {r["index"] for r in self.layers.read()}
@@ -303,257 +276,3 @@ class Study:
     def finalize(self, figures: bool = True) -> dict:
         """Write ``per_example.csv``, ``summary.json``, ``summary.md`` and (optionally) the figures."""
         return summarize(self.out, self.config.methods, self.config.perturbation, self.meta, figures, self.indices)
-
-
-def _by_method(records: List[dict], methods: Sequence[str], keep: set) -> Dict[str, List[dict]]:
-    out: Dict[str, List[dict]] = {m: [] for m in methods}
-    seen = set()
-    for r in records:
-        key = (r["method"], r["index"])
-        if r["method"] in out and r["index"] in keep and key not in seen:
-            seen.add(key)
-            out[r["method"]].append(r)
-    for m in out:
-        out[m].sort(key=lambda r: r["index"])
-    return {m: rs for m, rs in out.items() if rs}
-
-
-def _label(method: str) -> str:
-    return METHODS[method].label if method in METHODS else method
-
-
-def summarize(
-    out_dir: str,
-    methods: Sequence[str],
-    perturbation: Perturbation,
-    meta: Optional[dict] = None,
-    figures: bool = True,
-    indices: Optional[Sequence[int]] = None,
-) -> dict:
-    """Summary, CSV, markdown and figures from the records in ``out_dir`` (of the examples
-    ``indices`` only, when given)."""
-    from . import plots
-
-    meta = dict(meta or {})
-    keep = None if indices is None else set(indices)
-    examples = {
-        r["index"]: r for r in _JsonLines(os.path.join(out_dir, "examples.jsonl")).read() if keep is None or r["index"] in keep
-    }
-    by_method = _by_method(_JsonLines(os.path.join(out_dir, "results.jsonl")).read(), methods, set(examples))
-    _write_csv(os.path.join(out_dir, "per_example.csv"), by_method)
-    table = {}
-    for m, rs in by_method.items():
-        table[m] = {
-            "label": _label(m),
-            "n": len(rs),
-            **{k: mean_se([r.get(k, float("nan")) for r in rs]) for k in METRICS + COSTS},
-        }
-    paired = {}
-    if REFERENCE in by_method:
-        ref = {r["index"]: r for r in by_method[REFERENCE]}
-        for m, rs in by_method.items():
-            common = [r for r in rs if r["index"] in ref]
-            paired[m] = {
-                k: paired_difference([ref[r["index"]][k] for r in common], [r[k] for r in common]) for k in ("dAF", "dAI")
-            }
-    labels = [e["label"] for e in examples.values() if e.get("label") is not None]
-    accuracy = float(np.mean([e["pred"] == e["label"] for e in examples.values()])) if labels else None
-    conservation = {
-        m: ConservationReport(
-            _label(m), np.array([r["explained"] for r in by_method[m]]), np.array([r["relevance_sum"] for r in by_method[m]])
-        )
-        for m in ("mambalrp", "gxi")
-        if m in by_method
-    }
-    profiles = {
-        _label(m): distance_profile([np.array(r["relevance"]) for r in by_method[m]]) for m in PROFILE_METHODS if m in by_method
-    }
-    layer_rows = list(
-        {r["index"]: r for r in _JsonLines(os.path.join(out_dir, "layers.jsonl")).read() if r["index"] in examples}.values()
-    )
-    summary = {
-        "meta": meta,
-        "n_examples": len(examples),
-        "accuracy_on_examples": accuracy,
-        "perturbation": perturbation.as_dict(),
-        "methods": table,
-        "paired_vs_mambalrp": paired,
-        "conservation": {m: rep.summary() for m, rep in conservation.items()},
-        "distance_profiles": {k: p.as_dict() for k, p in profiles.items()},
-    }
-    if figures:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            summary["figures_skipped"] = "matplotlib is not installed (pip install 'captum-mambalrp[viz]')"
-            figures = False
-    if figures:
-        summary["figures"] = _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table, plots)
-    if layer_rows:
-        summary["layers"] = _layer_summary(layer_rows)
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(summary))
-    return summary
-
-
-def _write_csv(path: str, by_method: Dict[str, List[dict]]) -> None:
-    cols = ["method", "index", "n_tokens", "label", "pred", "explained", "relevance_sum"] + METRICS + COSTS
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for rs in by_method.values():
-            for r in rs:
-                w.writerow([r.get(c) for c in cols])
-
-
-def _layer_summary(rows: List[dict]) -> dict:
-    names = rows[0]["names"]
-    sums = np.array([[sum(layer) for layer in r["relevance"]] for r in rows]).T
-    explained = np.array([r["explained"] for r in rows])
-    rel = np.abs(sums - explained[None]) / np.maximum(np.abs(explained[None]), 1e-12)
-    return {
-        "names": names,
-        "median_rel_gap_per_layer": np.median(rel, axis=1).tolist(),
-        "mean_sum_per_layer": sums.mean(1).tolist(),
-        "mean_explained": float(explained.mean()),
-    }
-
-
-def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table, plots) -> Dict[str, str]:
-    figures: Dict[str, str] = {}
-    if by_method:
-        grid = perturbation.grid().numpy()
-        order = sorted(by_method, key=lambda m: -table[m]["dAF"][0])
-        curves = {_label(m): {c: np.mean([r["curves"][c] for r in by_method[m]], axis=0) for c in CURVES} for m in order}
-        figures["curves"] = plots.plot_flipping_curves(
-            curves, grid, os.path.join(out_dir, "flipping_curves.png"), highlight=(_label(REFERENCE),)
-        )
-        figures["scores"] = plots.plot_scores(
-            {_label(m): table[m]["dAF"] for m in order}, os.path.join(out_dir, "scores_dAF.png")
-        )
-    if conservation:
-        figures["conservation"] = plots.plot_conservation(
-            {r.method: r for r in conservation.values()}, os.path.join(out_dir, "conservation.png")
-        )
-    if profiles:
-        figures["distance"] = plots.plot_profiles(
-            profiles,
-            os.path.join(out_dir, "distance_profile.png"),
-            "Relevance against distance from the explained token",
-            max_distance=40,
-        )
-    if layer_rows:
-        names = layer_rows[0]["names"]
-        per_layer = {n.replace("backbone.", ""): [np.array(r["relevance"][k]) for r in layer_rows] for k, n in enumerate(names)}
-        figures["layers"] = plots.plot_profiles(
-            layer_profiles(per_layer),
-            os.path.join(out_dir, "layer_profile.png"),
-            "MambaLRP relevance at each layer against distance",
-            max_distance=40,
-        )
-        sums = np.array([[sum(layer) for layer in r["relevance"]] for r in layer_rows]).T
-        figures["layer_sums"] = plots.plot_layer_sums(
-            names, sums, np.array([r["explained"] for r in layer_rows]), os.path.join(out_dir, "layer_sums.png")
-        )
-    return {k: os.path.basename(v) for k, v in figures.items()}
-
-
-def summary_markdown(summary: dict) -> str:
-    """The study's summary as markdown (tables, then the figures)."""
-    meta, table, paired = summary["meta"], summary["methods"], summary["paired_vs_mambalrp"]
-    p = summary["perturbation"]
-    lines = ["# Attribution study", ""]
-    for k, v in meta.items():
-        lines.append(f"- {k}: {v}")
-    acc = summary.get("accuracy_on_examples")
-    lines.append(f"- examples: {summary['n_examples']}" + (f" (model accuracy on them: {acc:.4f})" if acc is not None else ""))
-    lines.append(
-        f"- perturbation: {p['fraction_per_step']:g} of the tokens per step, removed tokens become "
-        f"{p['replacement']}" + (f" (id {p['token_id']})" if p["replacement"] == "token" else "")
-    )
-    lines += ["", "## Faithfulness (mean ± standard error over examples)", ""]
-    order = sorted(table, key=lambda m: -table[m]["dAF"][0])
-    rows = [
-        [
-            table[m]["label"],
-            str(table[m]["n"]),
-            *(fmt(*table[m][k]) for k in METRICS),
-            fmt(*paired[m]["dAF"]) if m in paired else "n/a",
-            f"{table[m]['seconds'][0] * 1000:.1f}",
-            f"{table[m]['cpu_seconds'][0] * 1000:.1f}",
-            f"{table[m]['forward_rows'][0]:.1f}",
-        ]
-        for m in order
-    ]
-    lines.append(
-        markdown_table(
-            [
-                "method",
-                "n",
-                "ΔA^F",
-                "A(MoRF)",
-                "A(LeRF)",
-                "ΔA^I",
-                "A_ins(MoRF)",
-                "A_ins(LeRF)",
-                "ΔA^F of MambaLRP minus this",
-                "ms / example",
-                "CPU ms / example",
-                "forwards / example",
-            ],
-            rows,
-        )
-    )
-    if REFERENCE in table and len(table) > 1:
-        best_other = next(m for m in order if m != REFERENCE)
-        d, se = paired[best_other]["dAF"]
-        rank = order.index(REFERENCE) + 1
-        lines += [
-            "",
-            f"MambaLRP ranks {rank} of {len(order)} by ΔA^F; against the best other method "
-            f"({table[best_other]['label']}) its ΔA^F differs by {fmt(d, se)} (paired, same examples).",
-        ]
-    lines += [
-        "",
-        "ΔA^F = A(LeRF) − A(MoRF) and ΔA^I = A_ins(MoRF) − A_ins(LeRF): higher is better. The paired "
-        "column is the mean over the same examples of MambaLRP's ΔA^F minus the method's (± SE). Cost: wall-clock "
-        "and CPU time of `attribute` per example (batch time / batch size; CPU time counts all threads) and "
-        "examples forwarded per example.",
-        "",
-    ]
-    if summary.get("conservation"):
-        lines += ["## Conservation", ""]
-        rows = [
-            [
-                c["method"],
-                str(c["n"]),
-                f"{c['mean_abs_gap']:.4g}",
-                f"{c['median_rel_gap']:.4g}",
-                f"{c['max_rel_gap']:.4g}",
-                f"{c['pearson_r']:.4f}",
-            ]
-            for c in summary["conservation"].values()
-        ]
-        lines.append(
-            markdown_table(["method", "n", "mean abs(logit − ΣR)", "median relative gap", "max relative gap", "Pearson r"], rows)
-        )
-        lines.append("")
-    if summary.get("layers"):
-        lay = summary["layers"]
-        rows = [
-            [n, f"{s:.4f}", f"{g:.4g}"]
-            for n, s, g in zip(lay["names"], lay["mean_sum_per_layer"], lay["median_rel_gap_per_layer"])
-        ]
-        lines += [
-            "## Relevance per layer (MambaLRP)",
-            "",
-            markdown_table(["layer", "mean ΣR", "median relative gap to the logit"], rows),
-            "",
-        ]
-    lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in summary.get("figures", {}).items()]
-    if summary.get("figures_skipped"):
-        lines.append(f"No figures: {summary['figures_skipped']}.")
-    lines.append("")
-    return "\n".join(lines)
