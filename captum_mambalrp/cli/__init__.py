@@ -1,30 +1,98 @@
 """``captum-mambalrp``: the command line. Each sub-command is a module of this package
-with a ``register(subparsers)`` function."""
+with a ``register(subparsers)`` function.
+
+Errors: a mistake in what the user gave (an empty text, a missing file, an unknown
+method, label or composite, a model that is not a Mamba model, a port in use) prints one
+line ``captum-mambalrp: error: ...`` and exits with status 2; a failure while running
+(out of memory, a bug) prints its cause in one line and exits with status 1. ``--debug``
+(anywhere on the command line) prints the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from typing import List, Optional
+import traceback
+from typing import List, NoReturn, Optional
 
 SUBCOMMANDS = ["explain", "compare", "dashboard"]
+PROG = "captum-mambalrp"
+
+
+class UsageError(Exception):
+    """A mistake in the command's input: the CLI prints its message in one line and exits 2.
+
+    >>> str(UsageError("no such file: x.csv"))
+    'no such file: x.csv'
+    """
+
+
+def user_errors() -> tuple:
+    """The exceptions the library raises for bad input (a wrong value, a missing file, a model
+    MambaLRP has no rule for): reported as user errors (exit 2); anything else is a runtime
+    failure (exit 1)."""
+    from ..adapters import UnsupportedModelError
+
+    return (
+        UsageError,
+        UnsupportedModelError,
+        ValueError,
+        IndexError,
+        KeyError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with one-line errors (``captum-mambalrp: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see {self.prog} --help)"
+        fail(f"{message}{hint}", 2)
+
+
+def one_line(message: object) -> str:
+    """The message with its whitespace (newlines included) collapsed to single spaces.
+
+    >>> one_line("a\\n  b")
+    'a b'
+    """
+    return " ".join(str(message).split())
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``captum-mambalrp: error: MESSAGE`` on stderr and exit with ``code``."""
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def quiet_transformers() -> None:
     """No kernel fall-back warnings or loading bars in the command's output."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="captum-mambalrp", description="MambaLRP explanations for Mamba models")
-    parser.add_argument("--version", action="version", version=f"captum-mambalrp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog=PROG, description="MambaLRP explanations for Mamba models")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -33,12 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a sub-command this install does not have
             raise
         module.register(sub)
+        # --debug after the sub-command too; SUPPRESS keeps a --debug given before it
+        sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+def describe(err: BaseException) -> str:
+    """``Type: message`` for a runtime failure (the type tells what broke)."""
+    text = one_line(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``captum-mambalrp ARGS``; returns the exit status (0 when it worked)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        fail("interrupted", 130)
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, user_errors()):
+            message = one_line(err.args[0]) if isinstance(err, KeyError) and err.args else one_line(err)
+            fail(message or type(err).__name__, 2)
+        fail(f"{describe(err)} (run again with --debug for the traceback)", 1)  # a runtime failure: its cause
 
 
 if __name__ == "__main__":
