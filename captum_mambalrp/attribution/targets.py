@@ -10,6 +10,11 @@ For an output with a sequence axis (``[B, L, C]`` logits):
 
 For ``[B, C]`` outputs: ``None`` (the predicted class), an ``int`` or a list / tensor of
 one class per example, as in Captum. ``[B]`` outputs take ``target=None``.
+
+Class names: when the model's ``config.id2label`` names its classes, a class may be given
+by name wherever a class index goes (``"joy"``, ``["joy", "fear"]``, ``(-1, "joy")``);
+:func:`resolve_class_names` turns names into indices before anything runs. A numeric
+string (``"3"``) is that index; a word is never read as a vocabulary id.
 """
 
 from __future__ import annotations
@@ -20,7 +25,70 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-TargetLike = Union[None, int, Tuple[int, int], Sequence, Tensor]
+TargetLike = Union[None, int, str, Tuple[int, Union[int, str]], Sequence, Tensor]
+
+
+def class_names(model: object) -> Optional[List[str]]:
+    """The model's class names in index order, from ``config.id2label``; ``None`` when it has
+    none (no config, or only transformers' placeholder names ``LABEL_0``, ``LABEL_1``, ...).
+
+    >>> from types import SimpleNamespace
+    >>> class_names(SimpleNamespace(config=SimpleNamespace(id2label={0: "neg", 1: "pos"})))
+    ['neg', 'pos']
+    """
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not id2label:
+        return None
+    try:
+        table = {int(k): str(v) for k, v in dict(id2label).items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(table) != list(range(len(table))) or all(v == f"LABEL_{k}" for k, v in table.items()):
+        return None
+    return [table[i] for i in range(len(table))]
+
+
+def resolve_class_names(target: TargetLike, model: object) -> TargetLike:
+    """``target`` with every class name replaced by its index in ``config.id2label`` (names
+    alone, in a list per example, or as the class of a ``(position, class)`` pair). Numeric
+    strings become ints; ints, tensors and ``None`` pass unchanged.
+
+    Returns:
+        the target with indices only, ready for :func:`plan_targets`.
+
+    Raises:
+        ValueError: a name the model does not have (the message lists its classes), or a name
+            for a model without class names.
+
+    >>> from types import SimpleNamespace
+    >>> model = SimpleNamespace(config=SimpleNamespace(id2label={0: "sadness", 1: "joy"}))
+    >>> resolve_class_names(["joy", (0, "sadness"), 1, "0"], model)
+    [1, (0, 0), 1, 0]
+    """
+    if isinstance(target, str):
+        return _class_index(target, model)
+    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[1], str):
+        return (target[0], _class_index(target[1], model))
+    if isinstance(target, list) and any(isinstance(t, (str, tuple)) for t in target):
+        return [resolve_class_names(t, model) if isinstance(t, (str, tuple)) else t for t in target]
+    return target
+
+
+def _class_index(name: str, model: object) -> int:
+    text = name.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = class_names(model)
+    if names is None:
+        raise ValueError(
+            f"target {name!r} is a class name, but the model has no class names (config.id2label); give a class index"
+        )
+    if text in names:
+        return names.index(text)
+    lowered = [n.lower() for n in names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise ValueError(f"target {name!r} is not a class of the model; its classes are: {', '.join(names)}")
 
 
 def output_scores(output: object) -> Tensor:
@@ -46,6 +114,8 @@ def output_scores(output: object) -> Tensor:
 
 
 def _per_example(target: TargetLike, batch: int) -> List[object]:
+    if isinstance(target, str) or (isinstance(target, (list, tuple)) and any(isinstance(t, str) for t in target)):
+        raise ValueError(f"target {target!r} holds a class name: turn names into indices with resolve_class_names(target, model)")
     if target is None or isinstance(target, (int, tuple)):
         return [target] * batch
     if not isinstance(target, (Tensor, list, Sequence)):
