@@ -74,7 +74,22 @@ def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
 
 
 def check_mask(mask: Tensor, inputs: Tensor) -> Tensor:
-    """Validate an attention mask against ``inputs`` (``[B, L]`` of zeros and ones)."""
+    """Validate an attention mask against ``inputs``: ``[B, L]`` of zeros and ones, each row one
+    block of real tokens (padding at the left, the right or both ends, never in between).
+
+    Returns:
+        ``mask``, unchanged.
+
+    Raises:
+        TypeError, ValueError: (one line, naming the fix) not a tensor, a wrong shape, values
+            other than 0/1, a row without a real token, padding between real tokens.
+
+    >>> import torch
+    >>> check_mask(torch.tensor([[1, 0, 1]]), torch.zeros(1, 3))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: attention_mask row 0 has padding between real tokens ([1, 0, 1]): padding must be contiguous ...
+    """
     if not isinstance(mask, Tensor):
         raise TypeError(f"attention_mask must be a tensor [B, L]; got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(inputs.shape[:2]):
@@ -87,6 +102,17 @@ def check_mask(mask: Tensor, inputs: Tensor) -> Tensor:
     empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"examples {empty} have no real token (their attention_mask rows are all zero)")
+    real = mask != 0
+    runs = real[:, :1].sum(dim=1) + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)  # blocks of real tokens per row
+    holes = (runs > 1).nonzero().flatten().tolist()
+    if holes:
+        row = [int(v) for v in mask[holes[0]].tolist()]
+        shown = str(row) if len(row) <= 12 else f"{row[:12]}..."
+        raise ValueError(
+            f"attention_mask row {holes[0]} has padding between real tokens ({shown}): padding must be contiguous "
+            "at the left or right end of each row (one block of 1s); remove the padding in the middle "
+            "(e.g. re-pad with tokenizer.padding_side = 'left' or 'right')"
+        )
     return mask
 
 

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Union
+import math
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from captum.attr import LayerGradientXActivation
 from torch import Tensor, nn
 
-from ..adapters import Installation, Patcher
-from ..adapters.recompute import Recompute, check_recompute
+from ..adapters.recompute import Recompute
 from ..rules.composites import Composite, RuleLike
-from ..rules.composites import composite as make_composite
-from .engine import Capture, relevance_pass
-from .inputs import build_call, check_inputs
-from .mamba_lrp import find_embedding, install_checked
-from .targets import TargetLike, TargetSelector
+from .cuda_graphs import signature
+from .engine import Capture, Selector, relevance_pass
+from .inputs import ForwardCall
+from .mamba_lrp import MambaLRPOptions
+from .targets import TargetLike
 
 LayerLike = Union[nn.Module, List[nn.Module]]
 
 
-class LayerMambaLRP(LayerGradientXActivation):
+class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
     r"""MambaLRP relevance at the output (or input) of one or more layers.
 
     Relevance at a layer is its activation times the MambaLRP-modified gradient, so
@@ -29,6 +30,22 @@ class LayerMambaLRP(LayerGradientXActivation):
     It is a :class:`captum.attr.LayerGradientXActivation`, the Captum class
     ``LLMGradientAttribution`` accepts; the result has the layer's output shape
     (``[B, L, H]`` for a Mamba block), float32, padded positions zero.
+
+    The options and their checks are :class:`~captum_mambalrp.attribution.MambaLRP`'s
+    (the same front end): ``composite``, ``rules``, ``backend``, ``embedding``,
+    ``recompute`` and ``cuda_graph`` (on CUDA inputs, replay a recorded CUDA graph per
+    input signature; ignored for CPU inputs). The model is installed once at
+    construction (a dry run), so a model MambaLRP cannot explain fails there.
+
+    Raises:
+        TypeError, ValueError: at construction, a model that is not an ``nn.Module``, a
+            layer that is not one of its modules, an unknown backend or composite, a rule
+            key that matches nothing.
+        UnsupportedModelError: at construction, a model with layers MambaLRP has no rule for.
+
+    >>> lrp = LayerMambaLRP(model, model.backbone.layers[-1])  # doctest: +SKIP
+    >>> lrp.attribute(input_ids, target=3).shape  # doctest: +SKIP
+    torch.Size([1, 12, 768])
     """
 
     def __init__(
@@ -40,19 +57,25 @@ class LayerMambaLRP(LayerGradientXActivation):
         backend: str = "auto",
         device_ids: Optional[List[int]] = None,
         recompute: Recompute = "auto",
+        embedding: Optional[nn.Embedding] = None,
+        cuda_graph: bool = False,
     ) -> None:
+        self._set_options(model, composite, rules, backend, embedding, recompute, cuda_graph)
+        layers = layer if isinstance(layer, list) else [layer]
+        if not layers:
+            raise ValueError("LayerMambaLRP needs at least one layer (a module of the model, or a list of them)")
+        modules = set(map(id, model.modules()))
+        for m in layers:
+            if not isinstance(m, nn.Module) or id(m) not in modules:
+                raise ValueError(
+                    f"layer {type(m).__name__} is not a module of the model: pass modules of the model itself "
+                    "(e.g. model.backbone.layers[0]), not copies"
+                )
         LayerGradientXActivation.__init__(self, model, layer, device_ids, multiply_by_inputs=True)
-        self.composite = make_composite(composite, rules)
-        self.backend = backend
-        self.recompute = check_recompute(recompute)
+        self._shapes: Dict[Hashable, List[Tuple[int, ...]]] = {}  # per graph signature: the layers' relevance shapes
 
     def has_convergence_delta(self) -> bool:
         return True
-
-    def _model(self) -> nn.Module:
-        if not isinstance(self.forward_func, nn.Module):
-            raise TypeError("LayerMambaLRP needs an nn.Module as forward function (the model or a wrapper of it)")
-        return self.forward_func
 
     def attribute(  # type: ignore[override]
         self,
@@ -66,24 +89,63 @@ class LayerMambaLRP(LayerGradientXActivation):
         **forward_kwargs: Any,
     ):
         """Relevance at ``layer`` (a list of tensors for a list of layers), and the delta
-        ``explained - sum(relevance)`` per example (per layer) when asked for."""
-        if isinstance(inputs, tuple):
-            if len(inputs) != 1:
-                raise ValueError("LayerMambaLRP explains one input tensor")
-            inputs = inputs[0]
-        model = self._model()
-        token_ids = check_inputs(inputs, find_embedding(model))
-        call = build_call(model, inputs, token_ids, additional_forward_args, attention_mask, forward_kwargs)
+        ``explained - sum(relevance)`` per example (per layer) when asked for.
+
+        Inputs, ``target``, ``attention_mask`` and ``additional_forward_args`` are as in
+        :meth:`MambaLRP.attribute <captum_mambalrp.attribution.MambaLRP.attribute>`.
+
+        Returns:
+            relevance with each layer's output (or input) shape, float32, padded positions
+            zero; with ``return_convergence_delta`` also the delta ``[B]`` (a list for a list of layers).
+        """
+        call, inputs, _ = self._forward_call(inputs, additional_forward_args, attention_mask, forward_kwargs, False)
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
         where = "input" if attribute_to_layer_input else "output"
-        captures = [Capture(module=m, where=where) for m in layers]
 
-        def install(patcher: Patcher) -> Installation:
-            return install_checked(model, self.composite, self.backend, patcher, self.recompute)
+        def run(c: ForwardCall, select: Selector) -> Tuple[List[Tensor], Tensor]:
+            captures = [Capture(module=m, where=where) for m in layers]
+            return relevance_pass(self.explained_model, self._install_for_call, c, select, captures, verbose)
 
-        relevances, explained = relevance_pass(model, install, call, TargetSelector(target, call.mask), captures, verbose)
+        if self._use_graph(inputs):
+            relevances, explained = self._through_graph(call, inputs, target, run)
+        else:
+            relevances, explained = self._relevance(call, inputs, target, run)  # type: ignore[arg-type]
         out = relevances if isinstance(self.layer, list) else relevances[0]
         if not return_convergence_delta:
             return out
         deltas = [explained - r.reshape(r.shape[0], -1).sum(1) for r in relevances]
         return out, (deltas if isinstance(self.layer, list) else deltas[0])
+
+    def _through_graph(self, call: ForwardCall, inputs: Tensor, target: TargetLike, run: Any) -> Tuple[List[Tensor], Tensor]:
+        """The pass through the CUDA-graph cache, which records one relevance tensor: the
+        layers' relevances flattened into one ``[B, N]`` tensor, split again afterwards."""
+        key = signature(call)
+
+        def packed(c: ForwardCall, select: Selector) -> Tuple[Tensor, Tensor]:
+            relevances, explained = run(c, select)
+            self._shapes[key] = [tuple(r.shape) for r in relevances]
+            return pack(relevances), explained
+
+        flat, explained = self._relevance(call, inputs, target, packed)
+        return unpack(flat, self._shapes[key]), explained
+
+
+def pack(tensors: Sequence[Tensor]) -> Tensor:
+    """``[B, ...]`` tensors -> one ``[B, N]`` tensor (their entries side by side).
+
+    >>> import torch
+    >>> pack([torch.ones(2, 3), torch.zeros(2, 1, 2)]).shape
+    torch.Size([2, 5])
+    """
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+
+
+def unpack(flat: Tensor, shapes: Sequence[Tuple[int, ...]]) -> List[Tensor]:
+    """The inverse of :func:`pack` given the shapes.
+
+    >>> import torch
+    >>> [t.shape for t in unpack(torch.zeros(2, 5), [(2, 3), (2, 1, 2)])]
+    [torch.Size([2, 3]), torch.Size([2, 1, 2])]
+    """
+    sizes = [1 if len(s) < 2 else math.prod(s[1:]) for s in shapes]
+    return [part.reshape(s) for part, s in zip(flat.split(sizes, dim=1), shapes)]

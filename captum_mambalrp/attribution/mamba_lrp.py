@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple, Union
 
 import torch
 from captum.attr import LRP
@@ -17,7 +17,7 @@ from ..scan import BACKENDS
 from .cuda_graphs import GraphCache
 from .engine import Capture, Selector, relevance_pass
 from .inputs import ForwardCall, build_call, check_inputs
-from .targets import TargetLike, TargetSelector
+from .targets import TargetLike, TargetSelector, resolve_class_names
 
 
 def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
@@ -49,7 +49,131 @@ def install_checked(
     return inst
 
 
-class MambaLRP(LRP):
+class MambaLRPOptions:
+    """The front end :class:`MambaLRP` and :class:`~captum_mambalrp.attribution.LayerMambaLRP`
+    share: their options, checked once at construction (model, composite and rule keys,
+    backend, recompute, embedding, cuda_graph, and a dry-run install that refuses a model
+    MambaLRP cannot explain), the checks of ``attribute``'s inputs, the forward call, and
+    the choice between an eager pass and a CUDA graph's replay."""
+
+    composite: Composite
+    backend: str
+    recompute: Recompute
+    embedding: Optional[nn.Embedding]
+    cuda_graph: bool
+    cuda_graphs: GraphCache
+    last_installation: Optional[Installation]
+    explained_model: nn.Module
+
+    def _set_options(
+        self,
+        model: nn.Module,
+        composite: Union[str, Composite, Mapping[str, RuleLike]],
+        rules: Optional[Mapping[str, RuleLike]],
+        backend: str,
+        embedding: Optional[nn.Embedding],
+        recompute: Recompute,
+        cuda_graph: bool,
+    ) -> None:
+        """Check and keep the options; install the rules once and undo them (fails early on
+        models MambaLRP cannot explain and on misspelt rule keys)."""
+        who = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{who} needs an nn.Module (the model, or a module that calls it); got {type(model).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
+        if embedding is not None:
+            if not isinstance(embedding, nn.Embedding):
+                raise TypeError(
+                    f"embedding must be the model's token embedding (an nn.Embedding); got {type(embedding).__name__}"
+                )
+            if not any(m is embedding for m in model.modules()):
+                raise ValueError("embedding is not a module of the model: pass the nn.Embedding the model's forward uses")
+        self.explained_model = model
+        self.composite = make_composite(composite, rules)
+        self.backend = backend
+        self.recompute = check_recompute(recompute)
+        self.embedding = embedding if embedding is not None else find_embedding(model)
+        self.cuda_graph = cuda_graph
+        self.cuda_graphs = GraphCache()
+        self.last_installation = None
+        self._install(Patcher()).patcher.restore()
+
+    def _install(self, patcher: Patcher) -> Installation:
+        return install_checked(self.explained_model, self.composite, self.backend, patcher, self.recompute)
+
+    def _install_for_call(self, patcher: Patcher) -> Installation:
+        self.last_installation = self._install(patcher)
+        return self.last_installation
+
+    def _forward_call(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        additional_forward_args: Any,
+        attention_mask: Optional[Tensor],
+        forward_kwargs: Dict[str, Any],
+        needs_embedding: bool,
+    ) -> Tuple[ForwardCall, Tensor, bool]:
+        """``(forward call, the input tensor, whether it came as a 1-tuple)``, after checking the
+        inputs (token ids or embeddings) and the mask against the model."""
+        is_tuple = isinstance(inputs, tuple)
+        if is_tuple:
+            if len(inputs) != 1:
+                raise ValueError(
+                    f"{type(self).__name__} explains one input tensor; pass token ids or embeddings, not a tuple of {len(inputs)}"
+                )
+            inputs = inputs[0]
+        token_ids = check_inputs(inputs, self.embedding)  # type: ignore[arg-type]
+        if needs_embedding and token_ids and self.embedding is None:
+            raise ValueError(
+                "cannot find the model's token embedding (no get_input_embeddings() and not exactly one "
+                f"nn.Embedding): pass {type(self).__name__}(model, ..., embedding=...) or give embeddings as inputs"
+            )
+        call = build_call(self.explained_model, inputs, token_ids, additional_forward_args, attention_mask, forward_kwargs)  # type: ignore[arg-type]
+        return call, inputs, is_tuple  # type: ignore[return-value]
+
+    def _use_graph(self, inputs: Tensor) -> bool:
+        """Replay a CUDA graph? (``cuda_graph=True`` and CUDA inputs; CPU inputs run eagerly.)"""
+        return self.cuda_graph and inputs.is_cuda
+
+    def _relevance(
+        self, call: ForwardCall, inputs: Tensor, target: TargetLike, run: Callable[[ForwardCall, Selector], Tuple[Tensor, Tensor]]
+    ) -> Tuple[Tensor, Tensor]:
+        """``run(call, selector)``: eagerly, or through the CUDA-graph cache."""
+        target = resolve_class_names(target, self.explained_model)  # class names -> indices, before the plan
+        if self._use_graph(inputs):
+            return self.cuda_graphs.relevance(call, target, run, self._graph_state())
+        return run(call, TargetSelector(target, call.mask))
+
+    def _graph_state(self) -> Hashable:
+        """What recorded graphs depend on besides the call: train/eval mode, autocast, where
+        each weight lives and each ``module.rule`` assigned."""
+        model = self.explained_model
+        rules = tuple((name, id(rule)) for name, m in model.named_modules() if (rule := getattr(m, "rule", None)) is not None)
+        weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+        return (model.training, torch.is_autocast_enabled("cuda"), weights, rules)
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop the recorded CUDA graphs and their memory (needed after changing the
+        composite in place; weights moved or re-assigned are noticed on their own)."""
+        self.cuda_graphs.clear()
+
+    def rule_table(self) -> Dict[str, str]:
+        """Component name -> rule, as installed for the last call (or a dry run).
+
+        Returns:
+            a dict from each component's qualified name to its rule's ``repr``.
+        """
+        if self.last_installation is None:
+            inst = self._install(Patcher())
+            inst.patcher.restore()
+            self.last_installation = inst
+        return {c.name: repr(c.rule) for c in self.last_installation.components}
+
+
+class MambaLRP(MambaLRPOptions, LRP):
     r"""Layer-wise Relevance Propagation for Mamba models (Jafari et al., NeurIPS 2024).
 
     A :class:`captum.attr.LRP`: ``MambaLRP(model).attribute(inputs, target=...)``.
@@ -94,25 +218,8 @@ class MambaLRP(LRP):
         recompute: Recompute = "auto",
         cuda_graph: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MambaLRP needs an nn.Module; got {type(model).__name__}")
-        super().__init__(model)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        self.composite = make_composite(composite, rules)
-        self.backend = backend
-        self.recompute = check_recompute(recompute)
-        self.embedding = embedding if embedding is not None else find_embedding(model)
-        self.last_installation: Optional[Installation] = None
-        if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
-        self.cuda_graph = cuda_graph
-        self.cuda_graphs = GraphCache()
-        # fail early on models MambaLRP cannot explain (and on misspelt rule keys)
-        self._install(Patcher()).patcher.restore()
-
-    def _install(self, patcher: Patcher) -> Installation:
-        return install_checked(self.model, self.composite, self.backend, patcher, self.recompute)
+        self._set_options(model, composite, rules, backend, embedding, recompute, cuda_graph)
+        LRP.__init__(self, model)
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -153,28 +260,12 @@ class MambaLRP(LRP):
         Returns:
             relevance in float32, and the delta ``[B]`` when asked for.
         """
-        is_tuple = isinstance(inputs, tuple)
-        if is_tuple:
-            if len(inputs) != 1:
-                raise ValueError("MambaLRP explains one input tensor; pass token ids or embeddings, not a tuple of several")
-            inputs = inputs[0]
-        token_ids = check_inputs(inputs, self.embedding)
-        if token_ids and self.embedding is None:
-            raise ValueError(
-                "cannot find the model's token embedding (no get_input_embeddings() and not exactly one "
-                "nn.Embedding): pass MambaLRP(model, embedding=...) or give embeddings as inputs"
-            )
-        call = build_call(self.model, inputs, token_ids, additional_forward_args, attention_mask, forward_kwargs)
-        relevance, explained = self._relevance(call, inputs, target, verbose)
+        call, inputs, is_tuple = self._forward_call(inputs, additional_forward_args, attention_mask, forward_kwargs, True)
+        relevance, explained = self._relevance(call, inputs, target, lambda c, sel: self._pass(c, sel, verbose))
         out: Any = (relevance,) if is_tuple else relevance
         if return_convergence_delta:
             return out, explained - relevance.reshape(relevance.shape[0], -1).sum(dim=1)
         return out
-
-    def _relevance(self, call: ForwardCall, inputs: Tensor, target: TargetLike, verbose: bool) -> Tuple[Tensor, Tensor]:
-        if self.cuda_graph and inputs.is_cuda:
-            return self.cuda_graphs.relevance(call, target, lambda c, sel: self._pass(c, sel, verbose), self._graph_state())
-        return self._pass(call, TargetSelector(target, call.mask), verbose)
 
     def _pass(self, call: ForwardCall, select: Selector, verbose: bool) -> Tuple[Tensor, Tensor]:
         """One forward and backward pass: relevance at the embeddings (summed over the
@@ -190,31 +281,6 @@ class MambaLRP(LRP):
         if call.token_ids:
             relevance = relevance.sum(dim=-1)
         return relevance, explained
-
-    def _graph_state(self) -> Hashable:
-        """What recorded graphs depend on besides the call: train/eval mode, autocast, where
-        each weight lives and each ``module.rule`` assigned."""
-        model = self.model
-        rules = tuple((name, id(rule)) for name, m in model.named_modules() if (rule := getattr(m, "rule", None)) is not None)
-        weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        return (model.training, torch.is_autocast_enabled("cuda"), weights, rules)
-
-    def clear_cuda_graphs(self) -> None:
-        """Drop the recorded CUDA graphs and their memory (needed after changing the
-        composite in place; weights moved or re-assigned are noticed on their own)."""
-        self.cuda_graphs.clear()
-
-    def _install_for_call(self, patcher: Patcher) -> Installation:
-        self.last_installation = self._install(patcher)
-        return self.last_installation
-
-    def rule_table(self) -> Dict[str, str]:
-        """Component name -> rule, as installed for the last call (or a dry run)."""
-        if self.last_installation is None:
-            inst = self._install(Patcher())
-            inst.patcher.restore()
-            self.last_installation = inst
-        return {c.name: repr(c.rule) for c in self.last_installation.components}
 
 
 def _input_of(call: ForwardCall) -> Tensor:
