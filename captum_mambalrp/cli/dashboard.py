@@ -17,9 +17,10 @@ def _examples(path: str) -> List[str]:
 
 def run(args: argparse.Namespace) -> int:
     quiet_transformers()
-    from ..dashboard import EXAMPLES, DashboardApp, Explainer, Limits, export_html, load_study, make_server
+    from ..dashboard import EXAMPLES, DashboardApp, Explainer, Limits, export_html, load_result_views, load_study, make_server
     from ..models import load_model_and_tokenizer
 
+    saved = load_result_views(args.result) if args.result else []  # saved results (--result FILE), checked first
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     source = args.model or "embedded default (Emotion classifier)"
     explainer = Explainer(
@@ -34,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(args.study) if args.study else None
     methods = [m for m in args.methods.split(",") if m]
     if args.export:
-        texts = args.text or examples
-        export_html(explainer, texts, args.export, target=args.target, methods=methods, study=study)
-        print(f"dashboard with {len(texts)} text(s) written to {os.path.abspath(args.export)} (opens offline)")
+        texts = args.text or ([] if saved else examples)
+        export_html(explainer, texts, args.export, target=args.target, methods=methods, study=study, results=saved)
+        print(f"dashboard with {len(saved) + len(texts)} text(s) written to {os.path.abspath(args.export)} (opens offline)")
         return 0
-    server = make_server(DashboardApp(explainer, examples, study, verbose=args.verbose), args.host, args.port)
+    server = make_server(DashboardApp(explainer, examples, study, verbose=args.verbose, results=saved), args.host, args.port)
     host, port = server.server_address[:2]
     print(f"MambaLRP dashboard on http://{host}:{port}/  (model: {source}; Ctrl+C to stop)", flush=True)
     try:
@@ -64,6 +65,13 @@ def register(sub) -> None:
         help="write the view of --text (or the examples) to one self-contained HTML file, no server",
     )
     p.add_argument("--text", action="append", default=None, help="a text for --export (repeat for several)")
+    p.add_argument(
+        "--result",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="show the saved results of FILE (captum_mambalrp.results.save_results; repeat for several)",
+    )
     p.add_argument("--examples", default=None, help="a file of example texts to pick from, one per line")
     p.add_argument("--target", default=None, help="class to explain for --export (default: predicted)")
     p.add_argument(

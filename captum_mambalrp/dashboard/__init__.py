@@ -4,7 +4,8 @@
     explainer = Explainer(model, tokenizer)
     export_html(explainer, ["i feel so happy today"], "view.html")   # one offline file
 
-``captum-mambalrp dashboard`` serves the same view (see :mod:`.server`).
+``captum-mambalrp dashboard`` serves the same view (see :mod:`.server`); ``--result FILE``
+shows saved results (:mod:`captum_mambalrp.results`) in it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .methods import comparison_methods
 from .page import render_page
 from .server import DashboardApp, make_server, start_in_thread
 from .study import load_study
+from .views import load_result_views, result_view, with_words
 
 EXAMPLES = [
     "i feel so happy and loved today",
@@ -33,9 +35,15 @@ def export_html(
     target: Optional[str] = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     study: Optional[Dict[str, Any]] = None,
+    results: Sequence[Dict[str, Any]] = (),
 ) -> List[Dict[str, Any]]:
-    """Explain ``texts`` and write the view as one self-contained HTML file; the results."""
-    results = [explainer.explain(t, target, methods) for t in texts]
+    """Explain ``texts`` and write the view of them, after ``results`` (views already made,
+    e.g. of saved results: :func:`load_result_views`), as one self-contained HTML file.
+
+    Returns:
+        the views written.
+    """
+    results = list(results) + [with_words(explainer.explain(t, target, methods)) for t in texts]
     with open(path, "w", encoding="utf-8") as f:
         f.write(render_page(explainer.info(), results, mode="static", study=study))
     return results
@@ -51,8 +59,11 @@ __all__ = [
     "comparison_methods",
     "export_html",
     "find_blocks",
+    "load_result_views",
     "load_study",
     "make_server",
     "render_page",
+    "result_view",
     "start_in_thread",
+    "with_words",
 ]

@@ -92,4 +92,5 @@ def read_heatmaps(page: Any) -> dict:
 def read_layers(page: Any) -> dict:
     """The per-layer table shown: layer name -> relevance values per token."""
     return page.evaluate("""() => Object.fromEntries(Array.from(document.querySelectorAll('#layer-table tr[data-layer]')).map(
-        tr => [tr.dataset.layer, Array.from(tr.querySelectorAll('td[data-relevance]')).map(td => Number(td.dataset.relevance))]))""")
+        tr => [tr.dataset.layer,
+               Array.from(tr.querySelectorAll('td[data-relevance]')).map(td => Number(td.dataset.relevance))]))""")

@@ -4,7 +4,7 @@
 (function () {
   const data = JSON.parse(document.getElementById("dashboard-data").textContent);
   const info = data.info;
-  const state = { results: data.results || [], current: -1, busy: false, done: 0 };
+  const state = { results: data.results || [], current: -1, busy: false, done: 0, words: false };
   const $ = (id) => document.getElementById(id);
 
   function el(tag, attrs, text) {
@@ -20,7 +20,8 @@
     return x.toFixed(digits);
   }
 
-  // red for positive, blue for negative relevance, white for none (as the terminal heatmap)
+  // The package's one colour convention (captum_mambalrp/visualization/colors.py, rgb):
+  // red for positive relevance (for the explained class), blue for negative (against), white for none.
   function colour(v) {
     const a = Math.max(-1, Math.min(1, v));
     const fade = Math.round(255 * (1 - Math.abs(a)));
@@ -42,6 +43,29 @@
     return span;
   }
 
+  // the shown units: tokens, or words (the relevance of a word is the sum of its pieces')
+  function units(r, values) {
+    if (!state.words || !Array.isArray(r.words)) return [r.tokens, values];
+    return [r.words.map((w) => w[0]), r.words.map((w) => w[1].reduce((s, i) => s + values[i], 0))];
+  }
+
+  function mergeable(r) {
+    return Array.isArray(r.words) && r.words.some((w) => w[1].length > 1);
+  }
+
+  function legend() {
+    const box = $("legend");
+    box.replaceChildren(el("b", {}, "Legend: "));
+    for (const [v, label] of [[1, "for the explained class (positive)"], [0, "none"], [-1, "against it (negative)"]]) {
+      const sw = el("span", { class: "swatch", "data-value": v });
+      sw.style.backgroundColor = colour(v);
+      const item = el("span", { class: "legend-item" });
+      item.appendChild(sw);
+      item.appendChild(document.createTextNode(` ${label}`));
+      box.appendChild(item);
+    }
+  }
+
   function heatmap(tokens, values) {
     const box = el("div", { class: "tokens" });
     const scale = peak(values);
@@ -54,15 +78,22 @@
     box.replaceChildren();
     const dl = el("dl");
     const mrp = r.methods[0];
+    const prob = typeof r.prediction.prob === "number" ? ` (p = ${fmt(r.prediction.prob, 3)})` : "";
     const rows = [
       ["text", r.text],
-      ["prediction", `${r.prediction.label} (p = ${fmt(r.prediction.prob, 3)})`],
-      ["top classes", r.top.map((t) => `${t.label} ${fmt(t.prob, 3)}`).join(", ")],
+      ["prediction", `${r.prediction.label}${prob}`],
+      ["top classes", (r.top || []).map((t) => `${t.label} ${fmt(t.prob, 3)}`).join(", ") || "(not saved)"],
       ["explained", `logit of ${r.target.label} at position ${r.target.position} = ${fmt(r.target.logit, 4)}`],
       ["MambaLRP sum", fmt(mrp.sum, 4)],
       ["convergence delta", fmt(r.delta, 3)],
     ];
     const ids = ["s-text", "s-prediction", "s-top", "s-explained", "s-sum", "s-delta"];
+    if (r.saved) {
+      const s = r.saved;
+      rows.push(["saved result", `${s.file} · model ${s.model} (config ${s.config_hash || "?"}) · rules ${s.composite || "?"} · ${s.created}`]);
+      rows.push(["versions", s.versions]);
+      ids.push("s-saved", "s-versions");
+    }
     rows.forEach(([k, v], i) => { dl.appendChild(el("dt", {}, k)); dl.appendChild(el("dd", { id: ids[i] }, v)); });
     box.appendChild(dl);
   }
@@ -73,9 +104,10 @@
     for (const m of r.methods) {
       const card = el("div", { class: "method", "data-method": m.key });
       card.appendChild(el("h3", { title: m.description }, m.name));
-      card.appendChild(el("div", { class: "stats" },
-        `sum ${fmt(m.sum, 4)} · Δ ${fmt(m.delta, 3)} · ${fmt(m.seconds * 1000, 0)} ms`));
-      card.appendChild(heatmap(r.tokens, m.relevance));
+      const time = typeof m.seconds === "number" ? ` · ${fmt(m.seconds * 1000, 0)} ms` : "";
+      card.appendChild(el("div", { class: "stats" }, `sum ${fmt(m.sum, 4)} · Δ ${fmt(m.delta, 3)}${time}`));
+      const [shown, values] = units(r, m.relevance);
+      card.appendChild(heatmap(shown, values));
       box.appendChild(card);
     }
   }
@@ -84,18 +116,21 @@
     const box = $("layers");
     box.replaceChildren();
     const L = r.layers;
-    const scale = peak(L.relevance.flat());
+    $("layers-part").hidden = !L;
+    if (!L) return;
+    const rows = L.relevance.map((values) => units(r, values)[1]);
+    const scale = peak(rows.flat());
     const table = el("table", { id: "layer-table" });
     const head = el("tr");
     head.appendChild(el("th", { class: "name" }, "layer"));
-    r.tokens.forEach((t) => head.appendChild(el("th", {}, t)));
+    units(r, r.tokens.map(() => 0))[0].forEach((t) => head.appendChild(el("th", {}, t)));
     head.appendChild(el("th", {}, "sum"));
     head.appendChild(el("th", {}, "Δ"));
     table.appendChild(head);
     L.names.forEach((name, i) => {
       const tr = el("tr", { "data-layer": name });
       tr.appendChild(el("td", { class: "name" }, name));
-      L.relevance[i].forEach((v) => {
+      rows[i].forEach((v) => {
         const td = el("td", { "data-relevance": v, title: fmt(v, 4) }, fmt(v, 3));
         paint(td, v / scale);
         tr.appendChild(td);
@@ -111,6 +146,7 @@
     state.current = index;
     const r = state.results[index];
     $("result").hidden = false;
+    $("words").disabled = !mergeable(r);
     showSummary(r);
     showMethods(r);
     showLayers(r);
@@ -222,6 +258,8 @@
     `model: ${info.source} · rules: ${info.composite} · ${info.layers.length - 1} blocks` +
     (data.mode === "static" ? " · exported view (offline)" : "");
   $("pick").addEventListener("change", (e) => show(Number(e.target.value)));
+  $("words").addEventListener("change", (e) => { state.words = e.target.checked; if (state.current >= 0) show(state.current); });
+  legend();
   if (data.mode === "server") setupControls();
   showStudy(data.study);
   if (state.results.length) show(0);
