@@ -6,6 +6,10 @@ from . import (
     mamba_ssm,  # noqa: F401  (mamba-ssm's Mamba, Mamba2, Block, MixerModel)
     vim,  # noqa: F401  (Vision Mamba's bidirectional mixer)
 )
+from . import (  # noqa: I001  (transformers' attention, MLPs and mixtures of experts: after the mixers)
+    attention,  # noqa: F401
+    mlp,  # noqa: F401
+)
 from .base import ADAPTERS, Adapter, Component, MixerAdapter, find_adapter, register
 from .install import Installation, UnsupportedModelError, install_rules
 from .patching import Patcher

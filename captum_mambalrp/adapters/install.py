@@ -9,8 +9,9 @@ from typing import Dict, List, Optional, Set, Tuple
 from torch import nn
 
 from ..rules.activation import SILU_CLASSES
-from ..rules.base import ACTIVATION, CONV, LINEAR, NORM, GradientRule
+from ..rules.base import ACTIVATION, ATTENTION, CONV, LINEAR, NORM, SSM, GradientRule
 from ..rules.composites import Composite
+from .attention import SUPPORTED_ATTENTION
 from .base import ADAPTERS, Component, find_adapter
 from .norms import is_rmsnorm, norm_forward
 from .patching import Patcher
@@ -22,6 +23,12 @@ PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identit
 # (mamba-ssm's attention block is ``MHA``; a bare ``Mamba``/``Mamba2``/``Mamba3``/``Mamba2Simple``
 # not claimed by an adapter is a mixer variant without rules, e.g. Vision Mamba's bidirectional fork.)
 UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM|^MHA$|^Mamba\d*(Simple)?$)", re.IGNORECASE)
+# Containers named after what they hold (``JambaAttentionDecoderLayer``): not refused by name;
+# their children are checked one by one.
+CONTAINERS = re.compile(r"DecoderLayer$")
+# Leaf modules whose outputs are constants for relevance: rotary embeddings give ``cos``/``sin``
+# from positions and fixed frequencies only (RoPE is then a linear map of ``q`` and ``k``).
+CONSTANT_MODULES = re.compile(r"Rotary(Positional)?Embedding$")
 
 
 class UnsupportedModelError(TypeError):
@@ -35,6 +42,10 @@ class Installation:
     patcher: Patcher
     components: List[Component] = field(default_factory=list)
     mixers: List[str] = field(default_factory=list)
+    #: attention layers taken over (their attention runs ``adapters.attention.lrp_attention``)
+    attention: List[str] = field(default_factory=list)
+    #: the composite's override keys that chose a rule (for ``Composite.check_overrides_used``)
+    matched_keys: Set[str] = field(default_factory=set)
 
     def table(self) -> str:
         width = max((len(c.name) for c in self.components), default=10)
@@ -57,7 +68,7 @@ def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: I
 
 def _mixer_labels() -> str:
     """The mixers adapters take over (not the blocks that only wrap them)."""
-    return "; ".join(a.label for a in ADAPTERS if not a.wraps_children)
+    return "; ".join([a.label for a in ADAPTERS if not a.wraps_children] + [f"attention: {', '.join(SUPPORTED_ATTENTION)}"])
 
 
 def _inside(name: str, roots: Set[str]) -> bool:
@@ -77,7 +88,7 @@ def _uncovered_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         adapter = find_adapter(module)
         if (adapter is not None and not adapter.wraps_children) or getattr(module, "rule", None) is not None:
             covered.add(name)
-        elif adapter is None and UNSUPPORTED.search(type(module).__name__):
+        elif adapter is None and UNSUPPORTED.search(type(module).__name__) and not CONTAINERS.search(type(module).__name__):
             found.append((name, module))
     return found
 
@@ -116,13 +127,24 @@ def install_rules(
     """Take over every supported mixer and norm of ``model`` and hook its affine layers
     (mixers recomputed in the backward pass as ``recompute`` says, see :mod:`.recompute`).
 
-    Raises :class:`UnsupportedModelError` for a model without Mamba mixers or with a
-    layer that has no rule (an attention layer of a hybrid, an unknown module type).
+    ``composite`` is only read; the override keys that chose a rule are reported in
+    ``Installation.matched_keys``.
+
+    Returns:
+        The :class:`Installation` (undo it with ``inst.patcher.restore()``).
+
+    Raises:
+        UnsupportedModelError: the model has no layer MambaLRP takes over (no Mamba mixer and
+            no attention layer), or a layer without a rule (an unknown mixer or attention class,
+            an unknown module type), naming the module and its class; nothing is left installed.
     """
     uncovered = _uncovered_layers(model)
     if uncovered:  # name every layer type that has no rule (hybrids), before installing anything
         raise _refuse_uncovered(uncovered)
     inst = Installation(patcher or Patcher())
+    tracked = composite.tracking()
+    inst.matched_keys = tracked.matched
+    composite = tracked
     done: Set[str] = set()  # subtrees already handled
 
     for name, module in model.named_modules():
@@ -130,16 +152,21 @@ def install_rules(
             continue
         adapter = find_adapter(module)
         if adapter is not None:
-            inst.components += adapter.install(module, name, composite, inst.patcher, backend)
+            installed = adapter.install(module, name, composite, inst.patcher, backend)
+            inst.components += installed
+            if any(c.kind == ATTENTION for c in installed):
+                inst.attention.append(name)
             for part_name, part in adapter.affine_parts(module).items():
                 kind = LINEAR if isinstance(part, nn.Linear) else CONV
                 _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
             if adapter.wraps_children:
                 continue  # a block taken over as a whole: its norm and mixer are installed as reached
+            done.add(name)
+            if not any(c.kind == SSM for c in installed):
+                continue  # an MLP or a mixture of experts: taken over, not a sequence mixer
             if recompute is not False:
                 inst.patcher.replace_forward(module, recomputing(module.forward, recompute))
             inst.mixers.append(name)
-            done.add(name)
             continue
         own_rule = getattr(module, "rule", None)
         is_leaf = next(module.children(), None) is None
@@ -154,7 +181,7 @@ def install_rules(
             _hook_affine(module, name, CONV, composite, inst)
         elif isinstance(module, ACTIVATION_MODULES) or type(module).__name__ in SILU_CLASSES:
             _hook_activation(module, name, composite, inst)
-        elif isinstance(module, PASS_THROUGH):
+        elif isinstance(module, PASS_THROUGH) or (is_leaf and CONSTANT_MODULES.search(type(module).__name__)):
             pass
         elif own_rule is not None:
             if not isinstance(own_rule, GradientRule):
@@ -163,9 +190,10 @@ def install_rules(
             done.add(name)
         elif is_leaf:
             raise _unsupported(name, module, "unknown layer type")
-    if not inst.mixers:
+    if not inst.mixers and not inst.attention:
+        inst.patcher.restore()
         raise UnsupportedModelError(
-            f"{type(model).__name__} contains no supported Mamba mixer, so MambaLRP cannot "
-            f"explain it. Supported mixers: {_mixer_labels()}."
+            f"{type(model).__name__} contains no supported Mamba mixer or attention layer, so MambaLRP "
+            f"cannot explain it. Supported: {_mixer_labels()}."
         )
     return inst

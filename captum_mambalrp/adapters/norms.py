@@ -15,6 +15,15 @@ RMSNORM_CLASS_NAMES = {
     "LlamaRMSNorm",
     "RMSNorm",
     "Mamba2RMSNorm",
+    # transformers' transformers and hybrids: ``w * x * rsqrt(mean(x^2) + eps)`` each (forwards read in 5.24)
+    "Qwen3RMSNorm",
+    "Qwen3MoeRMSNorm",
+    "JambaRMSNorm",
+    "BambaRMSNorm",
+    "FalconH1RMSNorm",
+    "NemotronHRMSNorm",
+    "GraniteMoeHybridRMSNorm",
+    "Zamba2RMSNorm",
 }
 
 

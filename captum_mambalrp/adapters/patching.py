@@ -37,6 +37,10 @@ class Patcher:
     def add_handle(self, handle: RemovableHandle) -> None:
         self._undo.append(handle.remove)
 
+    def add_undo(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` on :meth:`restore` (in reverse order with the other changes)."""
+        self._undo.append(undo)
+
     def freeze_parameters(self, model: nn.Module) -> None:
         """Turn off ``requires_grad`` on every parameter (relevance needs no weight grads)."""
         saved = [(p, p.requires_grad) for p in model.parameters()]

@@ -38,11 +38,11 @@ def install_checked(
     model: nn.Module, composite: Composite, backend: str, patcher: Patcher, recompute: Recompute = False
 ) -> Installation:
     """Install the rules; undo everything and re-raise on an unsupported model or a
-    rule key that matches nothing."""
-    composite._used.clear()
+    rule key that matches nothing (the install reports the keys it used; the composite
+    keeps no state between calls)."""
     try:
         inst = install_rules(model, composite, backend, patcher, recompute)
-        composite.check_overrides_used([c.name for c in inst.components])
+        composite.check_overrides_used(inst.matched_keys, [c.name for c in inst.components])
     except BaseException:
         patcher.restore()
         raise

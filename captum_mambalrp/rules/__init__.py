@@ -1,24 +1,31 @@
 """Rule objects (``PropagationRule`` subclasses) and the named rule sets (composites)."""
 
 from .activation import IdentityActivationRule
-from .base import ACTIVATION, CONV, GATE, KINDS, LINEAR, NORM, SSM, GradientRule, MambaRule
-from .composites import COMPOSITES, Composite, as_mamba_rule, composite
+from .attention import AttnLRPRule, ConstantAttentionRule
+from .base import ACTIVATION, ATTENTION, CONV, GATE, KINDS, LINEAR, NORM, ROUTER, SSM, GradientRule, MambaRule
+from .composites import COMPOSITES, Composite, TrackingComposite, as_mamba_rule, composite
 from .gate import HalfGateRule
 from .linear import EpsilonRule, GammaRule
 from .norm import ConstantNormRule
+from .router import ConstantRouterRule
 from .ssm import ConstantSSMRule
 
 __all__ = [
     "ACTIVATION",
+    "ATTENTION",
     "CONV",
     "GATE",
     "KINDS",
     "LINEAR",
     "NORM",
+    "ROUTER",
     "SSM",
     "COMPOSITES",
+    "AttnLRPRule",
     "Composite",
+    "ConstantAttentionRule",
     "ConstantNormRule",
+    "ConstantRouterRule",
     "ConstantSSMRule",
     "EpsilonRule",
     "GammaRule",
@@ -26,6 +33,7 @@ __all__ = [
     "HalfGateRule",
     "IdentityActivationRule",
     "MambaRule",
+    "TrackingComposite",
     "as_mamba_rule",
     "composite",
 ]

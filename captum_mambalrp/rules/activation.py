@@ -10,6 +10,7 @@ from torch import Tensor
 from .base import ACTIVATION, MambaRule, stabilize
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (ACT2FN["silu"])
+RELU2_CLASSES = ("ReLUSquaredActivation",)  # transformers' ACT2FN["relu2"] (Nemotron-H's MLPs)
 
 
 def is_silu(fn: Callable[[Tensor], Tensor]) -> bool:
@@ -22,6 +23,12 @@ def is_silu(fn: Callable[[Tensor], Tensor]) -> bool:
     )
 
 
+def is_relu_squared(fn: Callable[[Tensor], Tensor]) -> bool:
+    """transformers' ``ReLUSquaredActivation`` module (``relu(x)^2``) or its bound ``forward``."""
+    owner = getattr(fn, "__self__", fn)
+    return isinstance(owner, torch.nn.Module) and type(owner).__name__ in RELU2_CLASSES
+
+
 class IdentityActivationRule(MambaRule):
     """Relevance passes an element-wise activation unchanged: ``R_in = R_out``.
 
@@ -31,6 +38,10 @@ class IdentityActivationRule(MambaRule):
     reference implementation's form ``x_s * (f(x) / x_s).detach()`` with the stabilised
     ``x_s = x + epsilon * sign(x)``, which loses the share ``epsilon / (|x| + epsilon)``.
     ``IdentityActivationRule(epsilon=1e-6)`` reproduces the authors' code bit for bit.
+    Squared ReLU (Nemotron-H's MLPs) is ``x * relu(x)``: with ``epsilon=None`` it is rewritten
+    as ``x * relu(x).detach()``, the identity rule without a stabiliser (exactly conservative),
+    the whole activation treated as one element-wise map (as LXT's ``mlp_forward`` does).
+    (AttnLRP, Eq. 9: ``R_in = R_out`` for element-wise non-linearities.)
     """
 
     kinds = frozenset({ACTIVATION})
@@ -41,6 +52,8 @@ class IdentityActivationRule(MambaRule):
     def activation(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
         if self.epsilon is None and is_silu(fn):
             return x * torch.sigmoid(x).detach()
+        if self.epsilon is None and is_relu_squared(fn):
+            return x * torch.relu(x).detach()
         out = fn(x)
         x_s = stabilize(x, 1e-6 if self.epsilon is None else self.epsilon)
         return x_s * (out / x_s).detach()

@@ -14,7 +14,12 @@ gate       ``y * silu(z)``                          half: each factor gets ``R/2
 norm       RMSNorm, gated grouped RMSNorm           ``rsqrt(mean(x^2)+eps)`` constant
 linear     ``nn.Linear``                            LRP-epsilon (or gamma)
 conv       depthwise causal ``nn.Conv1d``           LRP-epsilon (or gamma)
+attention  ``softmax(q k^T s + M) v`` (transformers) AttnLRP: q, k get 1/4, v 1/2
+router     mixture-of-experts routing weights       constant (detached)
 ========== ======================================== ==================================
+
+The MLPs of transformers and hybrids reuse ``activation`` (the identity rule on
+``act(gate_proj(x))``) and ``gate`` (the half rule on ``act(.) * up_proj(x)``).
 
 Every rule subclasses Captum's :class:`~captum.attr._utils.lrp_rules.PropagationRule`,
 so ``module.rule = rule`` is accepted by Captum's own checks. Rules never change
@@ -35,7 +40,9 @@ GATE = "gate"
 NORM = "norm"
 LINEAR = "linear"
 CONV = "conv"
-KINDS: Tuple[str, ...] = (ACTIVATION, SSM, GATE, NORM, LINEAR, CONV)
+ATTENTION = "attention"
+ROUTER = "router"
+KINDS: Tuple[str, ...] = (ACTIVATION, SSM, GATE, NORM, LINEAR, CONV, ATTENTION, ROUTER)
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
@@ -62,7 +69,10 @@ class MambaRule(PropagationRule):
     - ``ssm_constants(delta, A, B, C)`` returns the scan parameters, detached or not;
     - ``gate(y, g)`` returns ``y * g`` with the rule's gradient;
     - ``norm_scale(scale)`` returns the normalising factor, detached or not;
-    - ``linear(module, x, z)`` returns ``z = module(x)`` with the rule's gradient.
+    - ``linear(module, x, z)`` returns ``z = module(x)`` with the rule's gradient;
+    - ``attention(query, key, value)`` returns the operands of ``softmax(q k^T) v`` with the
+      rule's gradient (the attention itself is then computed by plain autograd);
+    - ``routing(weights)`` returns a mixture-of-experts layer's routing weights, detached or not.
     """
 
     kinds: ClassVar[FrozenSet[str]] = frozenset()
@@ -94,6 +104,12 @@ class MambaRule(PropagationRule):
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def attention(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def routing(self, weights: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -122,3 +138,9 @@ class GradientRule(MambaRule):
 
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         return z
+
+    def attention(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return query, key, value
+
+    def routing(self, weights: Tensor) -> Tensor:
+        return weights

@@ -1,0 +1,206 @@
+"""Attention layers of transformers models (pure transformers and the attention of hybrids).
+
+transformers' attention modules compute ``q``, ``k``, ``v`` (linear projections, RoPE with
+``cos``/``sin`` from positions, Qwen3's per-head RMSNorm, Falcon-H1's key multiplier) and then
+call the function registered under ``config._attn_implementation`` in ``AttentionInterface``
+(eager, sdpa, flash, ...). MambaLRP takes over only that call: while attributing, the config of
+each claimed module names :func:`lrp_attention`, registered under ``ATTN_IMPLEMENTATION`` (with
+transformers' eager mask, so causal, sliding-window and padding masks come as one additive
+``[b, 1, q, k]`` float mask). :func:`lrp_attention` is eager attention with the attention rule
+applied to ``q``, ``k``, ``v`` (``rules.attention``). Everything around it is linear, a norm or a
+linear layer, and gets its rule from the install walk (the adapter wraps its children).
+
+The user's ``attn_implementation`` is restored afterwards (the config's stored value itself),
+whatever it was: eager, sdpa, flash or a custom function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..rules.base import ATTENTION, MambaRule
+from ..rules.composites import Composite
+from .base import Adapter, Component, register
+from .patching import Patcher
+
+#: the name under which :func:`lrp_attention` is registered in transformers' interfaces
+ATTN_IMPLEMENTATION = "captum_mambalrp"
+
+#: attention classes whose forward was read and found to call the attention interface with
+#: ``q``, ``k``, ``v`` only after linear steps (projections, RoPE, norms, multipliers)
+SUPPORTED_ATTENTION = (
+    "LlamaAttention",
+    "Qwen3Attention",
+    "Qwen3MoeAttention",
+    "JambaAttention",
+    "BambaAttention",
+    "FalconH1Attention",
+    "NemotronHAttention",
+    "GraniteMoeHybridAttention",
+    "Zamba2Attention",
+)
+
+# attention module -> its rule, while an installation holds it (keyed by id; removed on restore)
+_ACTIVE: Dict[int, MambaRule] = {}
+_registered = False
+
+
+def _register_implementation() -> None:
+    """Register :func:`lrp_attention` and the eager mask under ``ATTN_IMPLEMENTATION`` (once)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, lrp_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    _registered = True
+
+
+def _repeat_heads(x: Tensor, n_rep: int) -> Tensor:
+    """``[b, h_kv, l, d]`` -> ``[b, h_kv * n_rep, l, d]`` (GQA/MQA: each key/value head serves
+    ``n_rep`` query heads; the gradients of the copies add up)."""
+    if n_rep == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+def _as_additive(mask: Optional[Tensor], scores: Tensor, causal: bool) -> Optional[Tensor]:
+    """The mask as an additive float mask for ``scores [b, h, q, k]`` (a boolean mask, as sdpa's,
+    or none at all for a plain causal layer, are turned into the eager form)."""
+    q_len, k_len = scores.shape[-2:]
+    if mask is None:
+        if not causal or q_len == 1:
+            return None
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        mask = keep[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return mask[..., :k_len].to(scores.dtype)
+
+
+def lrp_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> Tuple[Tensor, Tensor]:
+    """Eager attention ``softmax(q k^T * scaling + mask) v`` with ``module``'s attention rule
+    applied to ``q, k, v [b, heads, l, head_dim]`` (transformers' ``AttentionInterface`` signature).
+
+    Returns:
+        ``(output [b, l, heads, head_dim], weights [b, heads, l, l])``, as eager attention.
+
+    Raises:
+        RuntimeError: ``module`` was not taken over by an installation (its rule is unknown).
+        UnsupportedModelError: an attention variant without a rule (logit soft-capping, sinks).
+    """
+    rule = _ACTIVE.get(id(module))
+    if rule is None:
+        raise RuntimeError(
+            f"{type(module).__name__} called MambaLRP's attention without being installed; "
+            f"set config._attn_implementation back to the model's own implementation"
+        )
+    extra = [k for k in ("softcap", "s_aux", "sinks") if kwargs.get(k) is not None]
+    if extra or getattr(module, "sinks", None) is not None:
+        from .install import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"MambaLRP has no rule for the attention variant of {type(module).__name__} ({', '.join(extra) or 'sinks'})"
+        )
+    query, key, value = rule.attention(query, key, value)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    mask = _as_additive(attention_mask, scores, bool(getattr(module, "is_causal", False)))
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _configs(config: Any) -> List[Any]:
+    """``config`` and its sub-configs (each holds its own ``_attn_implementation``)."""
+    found, stack, seen = [], [config], set()
+    while stack:
+        c = stack.pop()
+        if c is None or id(c) in seen or not hasattr(c, "_attn_implementation_internal"):
+            continue
+        seen.add(id(c))
+        found.append(c)
+        stack.extend(getattr(c, k, None) for k in getattr(c, "sub_configs", {}) or {})
+    return found
+
+
+def use_lrp_attention(config: Any, patcher: Patcher) -> None:
+    """Point ``config`` (and its sub-configs) at :func:`lrp_attention` until ``patcher`` restores;
+    the stored value (``_attn_implementation_internal``) comes back exactly as it was."""
+    _register_implementation()
+    for c in _configs(config):
+        previous = c.__dict__.get("_attn_implementation_internal")
+        if previous == ATTN_IMPLEMENTATION:
+            continue  # already switched by this installation (shared config)
+        c.__dict__["_attn_implementation_internal"] = ATTN_IMPLEMENTATION
+
+        def undo(c: Any = c, previous: Any = previous) -> None:
+            c.__dict__["_attn_implementation_internal"] = previous
+
+        patcher.add_undo(undo)
+
+
+class AttentionAdapter(Adapter):
+    """transformers attention layers (``SUPPORTED_ATTENTION``): the attention rule on ``q, k, v``.
+
+    The module's own forward still runs (projections, RoPE, norms, cache); only the attention
+    function it calls is MambaLRP's. Its children (``q_proj`` ..., Qwen3's ``q_norm``/``k_norm``,
+    Zamba2's LoRA adapters) are installed by the walk as usual.
+    """
+
+    label = "transformers attention (" + ", ".join(SUPPORTED_ATTENTION) + ")"
+    wraps_children = True
+
+    def claims(self, module: nn.Module) -> bool:
+        cls = type(module)
+        return (
+            cls.__name__ in SUPPORTED_ATTENTION
+            and cls.__module__.startswith("transformers.")
+            and hasattr(getattr(module, "config", None), "_attn_implementation_internal")
+        )
+
+    def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
+        return {}
+
+    def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
+        rule = composite.rule_for(f"{name}.attention", ATTENTION, module)
+        key, previous = id(module), _ACTIVE.get(id(module))
+        _ACTIVE[key] = rule
+
+        def undo() -> None:
+            if previous is None:
+                _ACTIVE.pop(key, None)
+            else:
+                _ACTIVE[key] = previous
+
+        patcher.add_undo(undo)
+        use_lrp_attention(module.config, patcher)
+        return [Component(f"{name}.attention", ATTENTION, rule)]
+
+
+def active_modules() -> Set[int]:
+    """ids of the attention modules an installation holds now (empty after every restore)."""
+    return set(_ACTIVE)
+
+
+register(AttentionAdapter())
