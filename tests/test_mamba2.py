@@ -1,5 +1,5 @@
 """transformers' Mamba2 (and Codestral-style configurations): conservation, references, padding,
-the model-unchanged guarantees, and refusal of the hybrids built on Mamba2-like mixers."""
+and the model-unchanged guarantees (the hybrids built on Mamba2-like mixers: tests/test_hybrids.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from test_api import assert_unchanged, snapshot
 from test_scan import sequential_ssd
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
-from captum_mambalrp import MambaLRP, UnsupportedModelError
+from captum_mambalrp import MambaLRP
 from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
 from captum_mambalrp.scan import ssd_scan
@@ -214,104 +214,6 @@ def test_half_precision_model():
     assert relevance.dtype == torch.float32 and torch.isfinite(relevance).all()
     explained = relevance.sum(1) + delta
     assert (delta.abs() <= 5e-2 * explained.abs().clamp_min(1e-2)).all()
-
-
-def _common():
-    return dict(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32
-    )
-
-
-HYBRIDS = [
-    (
-        "BambaForCausalLM",
-        "BambaConfig",
-        dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16),
-        ["BambaMixer", "BambaAttention"],
-    ),
-    (
-        "JambaForCausalLM",
-        "JambaConfig",
-        dict(
-            attn_layer_period=2,
-            attn_layer_offset=1,
-            expert_layer_period=2,
-            expert_layer_offset=1,
-            num_experts=2,
-            mamba_d_state=4,
-            mamba_dt_rank=4,
-        ),
-        ["JambaMambaMixer", "JambaAttention"],
-    ),
-    (
-        "Zamba2ForCausalLM",
-        "Zamba2Config",
-        dict(
-            mamba_d_state=8,
-            mamba_headdim=16,
-            n_mamba_heads=4,
-            mamba_ngroups=1,
-            layers_block_type=["mamba", "hybrid"],
-            num_mem_blocks=1,
-        ),
-        ["Zamba2MambaMixer", "Zamba2Attention"],
-    ),
-    (
-        "NemotronHForCausalLM",
-        "NemotronHConfig",
-        dict(
-            hybrid_override_pattern="M*",
-            mamba_num_heads=4,
-            mamba_head_dim=16,
-            ssm_state_size=8,
-            n_groups=1,
-            chunk_size=16,
-            head_dim=16,
-        ),
-        ["NemotronHMamba2Mixer", "NemotronHAttention"],
-    ),
-    (
-        "FalconH1ForCausalLM",
-        "FalconH1Config",
-        dict(
-            mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, head_dim=16
-        ),
-        ["FalconH1Mixer", "FalconH1Attention"],
-    ),
-    (
-        "GraniteMoeHybridForCausalLM",
-        "GraniteMoeHybridConfig",
-        dict(
-            layer_types=["mamba", "attention"],
-            mamba_n_heads=4,
-            mamba_d_head=16,
-            mamba_n_groups=1,
-            mamba_d_state=8,
-            mamba_chunk_size=16,
-            num_local_experts=2,
-            num_experts_per_tok=1,
-        ),
-        ["GraniteMoeHybridMambaLayer", "GraniteMoeHybridAttention"],
-    ),
-]
-
-
-@pytest.mark.parametrize("model_cls,config_cls,kwargs,named", HYBRIDS, ids=[h[0] for h in HYBRIDS])
-def test_hybrids_with_attention_are_refused_naming_what_is_missing(model_cls, config_cls, kwargs, named):
-    import transformers
-
-    if not hasattr(transformers, model_cls):
-        pytest.skip(f"{model_cls} is not in this transformers")
-    config = getattr(transformers, config_cls)(**{**_common(), **kwargs})
-    model = getattr(transformers, model_cls)(config).eval()
-    before = snapshot(model)
-    with pytest.raises(UnsupportedModelError) as err:
-        MambaLRP(model)
-    message = str(err.value)
-    for cls in named:
-        assert cls in message, message
-    assert "Supported mixers" in message and "transformers Mamba2 mixer" in message
-    assert_unchanged(model, before)
 
 
 def test_gated_norm_without_group_size_normalises_all_channels():

@@ -1,6 +1,7 @@
 """Per-architecture adapters: which modules MambaLRP takes over and how."""
 
-from . import (
+from . import (  # noqa: I001  (the mixers first, then transformers' attention, MLPs and mixtures of experts)
+    hf_hybrids,  # noqa: F401  (the SSM mixers of transformers' hybrids: Jamba, Bamba, NemotronH, Granite, Zamba2, FalconH1)
     hf_mamba,  # noqa: F401  (registers the transformers Mamba1 adapter)
     hf_mamba2,  # noqa: F401  (transformers Mamba2)
     mamba_ssm,  # noqa: F401  (mamba-ssm's Mamba, Mamba2, Block, MixerModel)

@@ -3,7 +3,7 @@ configurations with several groups included)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,13 +31,34 @@ def silu_or(activation: str, act: nn.Module):
     return F.silu if activation in ("silu", "swish") else act.forward
 
 
-def hf_mamba2_parts(mixer: nn.Module) -> Mamba2Parts:
-    """Parts of transformers' ``Mamba2Mixer`` (its gated norm is ``w * norm_g(y * silu(z))``)."""
-    norm = mixer.norm
-    # transformers before the grouped norm (e.g. 5.17) normalises over all channels at once
-    group_size = int(getattr(norm, "group_size", norm.weight.shape[-1]))
+def hf_gated_norm(norm: nn.Module) -> Optional[GatedNorm]:
+    """The gated grouped RMSNorm of a transformers Mamba2-family mixer, or ``None`` for none
+    (``nn.Identity``: Falcon-H1 with ``mamba_rms_norm=False``).
+
+    Groups come from ``group_size`` (Mamba2, Bamba, Nemotron-H, Granite, Zamba2) or ``n_groups``
+    (Falcon-H1); ``norm_before_gate`` from the module (Falcon-H1), else ``False``
+    (``w * norm_g(y * silu(z))``). transformers before the grouped norm (e.g. 5.17) normalises
+    over all channels at once.
+
+    Returns:
+        A :class:`GatedNorm` reading the module's weight and epsilon, or ``None``.
+    """
+    if isinstance(norm, nn.Identity):
+        return None
+    channels = int(norm.weight.shape[-1])
+    if hasattr(norm, "group_size"):
+        group_size = int(norm.group_size)
+    else:
+        group_size = channels // int(getattr(norm, "n_groups", 1))
+    return GatedNorm(norm.weight, float(norm.variance_epsilon), group_size, bool(getattr(norm, "norm_before_gate", False)))
+
+
+def hf_mamba2_parts(mixer: nn.Module, in_proj: Optional[Callable[[Tensor], Tensor]] = None) -> Mamba2Parts:
+    """Parts of transformers' ``Mamba2Mixer`` and of the hybrids' mixers built like it (Bamba,
+    Nemotron-H, Granite-4.0-H, Zamba2, Falcon-H1): the same attribute names throughout.
+    ``in_proj`` replaces the input projection (Falcon-H1's scaled one)."""
     return Mamba2Parts(
-        in_proj=mixer.in_proj,
+        in_proj=mixer.in_proj if in_proj is None else in_proj,
         conv1d=mixer.conv1d,
         out_proj=mixer.out_proj,
         A_log=mixer.A_log,
@@ -48,8 +69,9 @@ def hf_mamba2_parts(mixer: nn.Module) -> Mamba2Parts:
         n_groups=int(mixer.n_groups),
         d_state=int(mixer.ssm_state_size),
         act=silu_or(mixer.activation, mixer.act),
-        norm=GatedNorm(norm.weight, float(norm.variance_epsilon), group_size, norm_before_gate=False),
+        norm=hf_gated_norm(mixer.norm),
         dt_limit=(float(mixer.time_step_limit[0]), float(mixer.time_step_limit[1])),
+        gate_fn=F.silu,  # the gated norm (and Falcon-H1's plain gate) use SiLU whatever the conv's activation
     )
 
 

@@ -44,6 +44,9 @@ class Mamba1Parts:
     dt_norm: Optional[Callable[[Tensor], Tensor]] = None
     B_norm: Optional[Callable[[Tensor], Tensor]] = None
     C_norm: Optional[Callable[[Tensor], Tensor]] = None
+    #: the gate's activation when it differs from the conv's (transformers' hybrids gate with SiLU
+    #: whatever ``hidden_act`` the conv uses); ``None``: ``act``
+    gate_fn: Optional[Callable[[Tensor], Tensor]] = None
 
 
 def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -62,7 +65,7 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
     A = -torch.exp(parts.A_log.float())
     delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))
     y = selective_scan(x.transpose(1, 2), delta, A, B, C, parts.D.float(), linear=rules.ssm.ssm_is_linear, backend=rules.backend)
-    y = gate_with_activation(rules.gate, rules.gate_act, y, z.float(), parts.act, transposed_out=True)
+    y = gate_with_activation(rules.gate, rules.gate_act, y, z.float(), parts.gate_fn or parts.act, transposed_out=True)
     return parts.out_proj(y.transpose(1, 2).to(dtype))
 
 

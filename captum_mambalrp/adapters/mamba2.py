@@ -52,7 +52,7 @@ class GatedNorm:
 class Mamba2Parts:
     """Where the parts of a Mamba2 mixer live, whatever the implementation."""
 
-    in_proj: nn.Module
+    in_proj: Callable[[Tensor], Tensor]
     conv1d: nn.Conv1d
     out_proj: nn.Module
     A_log: Tensor
@@ -66,6 +66,9 @@ class Mamba2Parts:
     norm: Optional[GatedNorm]
     dt_limit: Tuple[float, float] = (0.0, math.inf)
     d_mlp: int = 0
+    #: the gate's activation when it differs from the conv's (transformers gates with SiLU in its
+    #: gated norm whatever ``hidden_act`` the conv uses); ``None``: ``act``
+    gate_fn: Optional[Callable[[Tensor], Tensor]] = None
 
     @property
     def d_ssm(self) -> int:
@@ -79,7 +82,7 @@ class Mamba2Parts:
 
 def gated_output(y: Tensor, z: Tensor, parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule) -> Tensor:
     """The gate ``y * silu(z)`` and the grouped norm around it, in the order the mixer uses."""
-    gate = rules.gate_act.activation(z.float(), parts.act)
+    gate = rules.gate_act.activation(z.float(), parts.gate_fn or parts.act)
     norm = parts.norm
     if norm is None:
         return rules.gate.gate(y, gate)
