@@ -24,6 +24,11 @@ if ! "$PY" -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version
 fi
 if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
 "$PY" -m pip install -q -e "$spec" >"$log" 2>&1 || fail "pip install -e '$spec' failed (output above)"
+if [[ ",$extras," == *",test,"* ]]; then
+  # LXT (AttnLRP's reference, tests/test_lxt_reference.py) without its dependencies: they pull
+  # torchvision (open_clip_torch), which would replace torch; the tests use only its efficient rules.
+  "$PY" -m pip install -q --no-deps "lxt==2.1" >"$log" 2>&1 || fail "pip install --no-deps lxt==2.1 failed (output above)"
+fi
 "$PY" -c "import torch, captum, transformers, captum_mambalrp
 print('torch', torch.__version__, '| captum', captum.__version__, '| transformers', transformers.__version__, '| captum-mambalrp', captum_mambalrp.__version__, '|', __import__('sys').executable)" 2>"$log" ||
   fail "the installed packages do not import with $PY"
