@@ -42,10 +42,10 @@ gendered words) a model relies on for each class. :class:`BiasStudy` does that i
    model is run again: the change of the explained class's logit and the fraction of
    predictions that flip say whether the relevance finding matters for the model's behaviour.
 
-    >>> from captum_mambalrp.evaluation.bias import BiasConfig, BiasStudy   # doctest: +SKIP
-    >>> report = BiasStudy(model, tokenizer, texts, labels, BiasConfig(groups=["he,him", "she,her"]), "out/").run()
-    >>> report["classes"]["joy"]["top"][0]["unit"]                          # doctest: +SKIP
-    'happy'
+    from captum_mambalrp.evaluation.bias import BiasConfig, BiasStudy
+    config = BiasConfig(groups=["he,his,him,himself", "she,her,her,herself"])
+    report = BiasStudy(model, tokenizer, texts, labels, config, "out/").run()
+    report["classes"]["joy"]["top"][0]["unit"]     # the word that most drives "joy"
 """
 
 from __future__ import annotations
@@ -71,16 +71,20 @@ from .study import select_examples
 EXPLAIN = ("pred", "label")
 UNITS = ("word", "token")
 _MARKERS = ("Ġ", "▁", "##", "Ċ")
+_SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_]+\]|<\|[^|]+\|>)$")
 
 
 # ---- words and groups ----------------------------------------------------------------------
 def normalize_word(word: str) -> str:
     """How units are compared: lower-cased, subword markers (``Ġ``, ``▁``, ``##``) and
-    punctuation stripped at both ends (a unit of punctuation only is kept as it is).
+    punctuation stripped at both ends (a unit of punctuation only, and a special token such
+    as ``[UNK]``, is kept as it is).
 
-    >>> normalize_word("Happy!"), normalize_word("Ġhe"), normalize_word("...")
-    ('happy', 'he', '...')
+    >>> normalize_word("Happy!"), normalize_word("Ġhe"), normalize_word("..."), normalize_word("[UNK]")
+    ('happy', 'he', '...', '[UNK]')
     """
+    if _SPECIAL.match(word):
+        return word
     w = word
     for m in _MARKERS:
         if w.startswith(m):
@@ -155,7 +159,7 @@ def swap_words(text: str, mapping: Dict[str, str]) -> Tuple[str, int]:
     pattern = re.compile(r"(?<![\w'])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w'])", re.IGNORECASE)
     count = 0
 
-    def repl(m: "re.Match[str]") -> str:
+    def repl(m: re.Match[str]) -> str:
         nonlocal count
         count += 1
         word = m.group(0)
@@ -502,11 +506,16 @@ class BiasStudy:
         done = {r["index"]: r for r in (self.records.read() if self.records is not None else self._memory)}
         todo = [i for i in self.indices if i not in done]
         if todo:
-            lengths = {i: len(self.tokenizer(self.texts[i], truncation=True, max_length=self.config.max_length)["input_ids"]) for i in todo}
+            lengths = {
+                i: len(self.tokenizer(self.texts[i], truncation=True, max_length=self.config.max_length)["input_ids"])
+                for i in todo
+            }
             ordered = sorted(todo, key=lambda i: (lengths[i], i))
             size = self.config.batch_size
             batches = [ordered[k : k + size] for k in range(0, len(ordered), size)]
-            lrp = MambaLRP(self.model, composite=self.config.composite, backend=self.config.backend, recompute=self.config.recompute)
+            lrp = MambaLRP(
+                self.model, composite=self.config.composite, backend=self.config.backend, recompute=self.config.recompute
+            )
             bar = tqdm(total=len(todo), desc="bias", unit="example", disable=not progress)
             for batch in batches:
                 rows = self._explain_batch(lrp, batch)
@@ -570,8 +579,12 @@ class BiasStudy:
         size = self.config.batch_size
         for k in range(0, len(rows), size):
             chunk = rows[k : k + size]
-            before = class_scores(self.model, *_encode(self.tokenizer, [self.texts[r["index"]] for r in chunk], self.config.max_length, self.device))
-            after = class_scores(self.model, *_encode(self.tokenizer, [r["text"] for r in chunk], self.config.max_length, self.device))
+            before = class_scores(
+                self.model, *_encode(self.tokenizer, [self.texts[r["index"]] for r in chunk], self.config.max_length, self.device)
+            )
+            after = class_scores(
+                self.model, *_encode(self.tokenizer, [r["text"] for r in chunk], self.config.max_length, self.device)
+            )
             for j, r in enumerate(chunk):
                 c = r["class"]
                 r.update(
@@ -746,7 +759,9 @@ def report_markdown(report: dict) -> str:
     for k, v in (report.get("meta") or {}).items():
         lines.append(f"- {k}: {v}")
     acc = report.get("accuracy_on_examples")
-    lines.append(f"- examples: {report.get('n_examples', '?')}" + (f" (model accuracy on them: {acc:.4f})" if acc is not None else ""))
+    lines.append(
+        f"- examples: {report.get('n_examples', '?')}" + (f" (model accuracy on them: {acc:.4f})" if acc is not None else "")
+    )
     lines.append(
         f"- explained class: the {'predicted class' if cfg['explain'] == 'pred' else 'gold label'}; units: "
         f"{'words (subword pieces summed)' if cfg['unit'] == 'word' else 'tokens'}; a unit enters a class's table "
@@ -808,7 +823,12 @@ def report_markdown(report: dict) -> str:
             d, dse = s["delta_logit"]
             f, fse = s["flipped"]
             rows.append(
-                [key, str(s["n"]), _num(d) + ("" if math.isnan(dse) else f" ± {dse:.3f}"), _num(f) + ("" if math.isnan(fse) else f" ± {fse:.3f}")]
+                [
+                    key,
+                    str(s["n"]),
+                    _num(d) + ("" if math.isnan(dse) else f" ± {dse:.3f}"),
+                    _num(f) + ("" if math.isnan(fse) else f" ± {fse:.3f}"),
+                ]
             )
         lines += [markdown_table(["swapped texts", "n", "change of the explained logit", "predictions flipped"], rows), ""]
         if cf.get("transitions"):
@@ -874,14 +894,28 @@ def write_report(out_dir: str, report: dict, figures: bool = True) -> dict:
                     w.writerow([g, c] + [r[k] for k in cols[1:]])
     cf = report.get("counterfactual")
     if cf:
-        keys = ["index", "direction", "swaps", "class", "logit_before", "logit_after", "delta_logit", "pred_before", "pred_after", "flipped", "text"]
+        keys = [
+            "index",
+            "direction",
+            "swaps",
+            "class",
+            "logit_before",
+            "logit_after",
+            "delta_logit",
+            "pred_before",
+            "pred_after",
+            "flipped",
+            "text",
+        ]
         with open(os.path.join(out_dir, "counterfactual.csv"), "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(keys)
             for r in cf["rows"]:
                 w.writerow([r[k] for k in keys])
     if figures:
-        report["figures"] = {"top_units": os.path.basename(plot_top_units(report, os.path.join(out_dir, "top_units.png"), report["config"]["top"]))}
+        report["figures"] = {
+            "top_units": os.path.basename(plot_top_units(report, os.path.join(out_dir, "top_units.png"), report["config"]["top"]))
+        }
     with open(os.path.join(out_dir, "bias.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, "bias.md"), "w", encoding="utf-8") as f:
