@@ -165,7 +165,7 @@ def install_rules(
             if not any(c.kind == SSM for c in installed):
                 continue  # an MLP or a mixture of experts: taken over, not a sequence mixer
             if recompute is not False:
-                inst.patcher.replace_forward(module, recomputing(module.forward, recompute))
+                inst.patcher.wrap_forward(module, lambda f: recomputing(f, recompute))
             inst.mixers.append(name)
             continue
         own_rule = getattr(module, "rule", None)

@@ -66,6 +66,7 @@ def relevance_pass(
     patcher = Patcher()
     try:
         patcher.freeze_parameters(model)
+        patcher.load_offloaded(model)  # accelerate's offloaded weights, for the pass (see Patcher)
         inst = install(patcher)
         if verbose:
             print(inst.table())
