@@ -10,6 +10,7 @@ from . import (  # noqa: I001  (the mixers first, then transformers' attention, 
 from . import (  # noqa: I001  (transformers' attention, MLPs and mixtures of experts: after the mixers)
     attention,  # noqa: F401
     mlp,  # noqa: F401
+    moe,  # noqa: F401
 )
 from .base import ADAPTERS, Adapter, Component, MixerAdapter, find_adapter, register
 from .install import Installation, UnsupportedModelError, install_rules

@@ -23,9 +23,9 @@ PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identit
 # (mamba-ssm's attention block is ``MHA``; a bare ``Mamba``/``Mamba2``/``Mamba3``/``Mamba2Simple``
 # not claimed by an adapter is a mixer variant without rules, e.g. Vision Mamba's bidirectional fork.)
 UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM|^MHA$|^Mamba\d*(Simple)?$)", re.IGNORECASE)
-# Containers named after what they hold (``JambaAttentionDecoderLayer``): not refused by name;
-# their children are checked one by one.
-CONTAINERS = re.compile(r"DecoderLayer$")
+# Containers named after what they hold (``JambaAttentionDecoderLayer``, ``Qwen3MoeModel``): not
+# refused by name; their children are checked one by one.
+CONTAINERS = re.compile(r"(DecoderLayer|Model|For[A-Z]\w*)$")
 # Leaf modules whose outputs are constants for relevance: rotary embeddings give ``cos``/``sin``
 # from positions and fixed frequencies only (RoPE is then a linear map of ``q`` and ``k``).
 CONSTANT_MODULES = re.compile(r"Rotary(Positional)?Embedding$")
@@ -88,9 +88,16 @@ def _uncovered_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         adapter = find_adapter(module)
         if (adapter is not None and not adapter.wraps_children) or getattr(module, "rule", None) is not None:
             covered.add(name)
-        elif adapter is None and UNSUPPORTED.search(type(module).__name__) and not CONTAINERS.search(type(module).__name__):
+        elif adapter is None and UNSUPPORTED.search(type(module).__name__) and not _has_rule_by_type(module):
             found.append((name, module))
     return found
+
+
+def _has_rule_by_type(module: nn.Module) -> bool:
+    """A container, norm or constant module whose class name merely mentions a family
+    (``Qwen3MoeRMSNorm``, ``Qwen3MoeRotaryEmbedding``, ``Qwen3MoeModel``): installed as its type says."""
+    cls = type(module).__name__
+    return bool(CONTAINERS.search(cls) or CONSTANT_MODULES.search(cls)) or is_rmsnorm(module) or isinstance(module, nn.LayerNorm)
 
 
 def _refuse_uncovered(found: List[Tuple[str, nn.Module]]) -> UnsupportedModelError:
@@ -123,12 +130,15 @@ def install_rules(
     backend: str = "auto",
     patcher: Optional[Patcher] = None,
     recompute: Recompute = False,
+    require_layer: bool = True,
 ) -> Installation:
     """Take over every supported mixer and norm of ``model`` and hook its affine layers
     (mixers recomputed in the backward pass as ``recompute`` says, see :mod:`.recompute`).
 
     ``composite`` is only read; the override keys that chose a rule are reported in
     ``Installation.matched_keys``.
+    ``require_layer=False`` installs into a part of a model without a mixer or attention layer
+    (an MLP or MoE block alone, e.g. to test its rules).
 
     Returns:
         The :class:`Installation` (undo it with ``inst.patcher.restore()``).
@@ -148,7 +158,7 @@ def install_rules(
     done: Set[str] = set()  # subtrees already handled
 
     for name, module in model.named_modules():
-        if name and _inside(name, done):
+        if name and ("" in done or _inside(name, done)):
             continue
         adapter = find_adapter(module)
         if adapter is not None:
@@ -190,7 +200,7 @@ def install_rules(
             done.add(name)
         elif is_leaf:
             raise _unsupported(name, module, "unknown layer type")
-    if not inst.mixers and not inst.attention:
+    if require_layer and not inst.mixers and not inst.attention:
         inst.patcher.restore()
         raise UnsupportedModelError(
             f"{type(model).__name__} contains no supported Mamba mixer or attention layer, so MambaLRP "
