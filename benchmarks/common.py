@@ -60,7 +60,8 @@ class Mamba2LastToken(nn.Module):
         h = self.backbone(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        out = self.lm_head(h.to(self.lm_head.weight.dtype))
+        return out if out.dtype == torch.float64 else out.float()  # float64 models keep float64 scores
 
 
 def mamba2_classifier(layers: int = 24, seed: int = 0, **overrides: Any) -> nn.Module:

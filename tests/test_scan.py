@@ -37,40 +37,51 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
+# float32 inputs: float32 scan (to float32 rounding); float64 inputs stay float64 (to float64 rounding)
+TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-11)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("l", [1, 7, 64, 65, 200])
-def test_mamba1_scan_and_input_gradient(l):
+def test_mamba1_scan_and_input_gradient(l, dtype):
     b, d, n = 2, 5, 3
     x, B, C, D = rand(b, d, l, seed=1), rand(b, n, l, seed=2), rand(b, n, l, seed=3), rand(d, seed=4)
     delta = rand(b, d, l, seed=5).abs() * 0.3
     A = -rand(d, n, seed=6).abs() * 2
     ref = sequential_mamba1(x, delta, A, B, C, D)
-    xr = x.clone().requires_grad_(True)
-    y = selective_scan(xr, delta, A, B, C, D, linear=True)
-    assert y.dtype == torch.float32
-    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-4)
+    xr = x.to(dtype).requires_grad_(True)
+    y = selective_scan(xr, *(t.to(dtype) for t in (delta, A, B, C, D)), linear=True)
+    assert y.dtype == dtype
+    atol, rtol = TOL[dtype]
+    assert torch.allclose(y.double(), ref, atol=atol, rtol=rtol)
     g = rand(b, d, l, seed=7)
-    (got,) = torch.autograd.grad(y, xr, g.float())
+    (got,) = torch.autograd.grad(y, xr, g.to(dtype))
+    assert got.dtype == dtype
     xs = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(sequential_mamba1(xs, delta, A, B, C, D), xs, g)
-    assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got.double(), expected, atol=10 * atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("groups,l", [(1, 9), (2, 70), (4, 130)])
-def test_ssd_scan_and_input_gradient(groups, l):
+def test_ssd_scan_and_input_gradient(groups, l, dtype):
     b, heads, p, n = 2, 4, 3, 5
     x = rand(b, l, heads, p, seed=1)
     dt = rand(b, l, heads, seed=2).abs() * 0.3
     A = -rand(heads, seed=3).abs()
     B, C, D = rand(b, l, groups, n, seed=4), rand(b, l, groups, n, seed=5), rand(heads, seed=6)
     ref = sequential_ssd(x, dt, A, B, C, D)
-    xr = x.clone().requires_grad_(True)
-    y = ssd_scan(xr, dt, A, B, C, D, linear=True)
-    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-4)
+    xr = x.to(dtype).requires_grad_(True)
+    y = ssd_scan(xr, *(t.to(dtype) for t in (dt, A, B, C, D)), linear=True)
+    assert y.dtype == dtype
+    atol, rtol = TOL[dtype]
+    assert torch.allclose(y.double(), ref, atol=atol, rtol=rtol)
     g = rand(b, l, heads, p, seed=7)
-    (got,) = torch.autograd.grad(y, xr, g.float())
+    (got,) = torch.autograd.grad(y, xr, g.to(dtype))
+    assert got.dtype == dtype
     xs = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(sequential_ssd(xs, dt, A, B, C, D), xs, g)
-    assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got.double(), expected, atol=10 * atol, rtol=rtol)
 
 
 def test_differentiable_scan_gives_parameter_gradients():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..rules.gate import gate_with_activation
-from ..scan import selective_scan
+from ..scan import compute_dtype, selective_scan
 from .common import MixerRules, mask_padding
 
 
@@ -61,11 +61,12 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
     dt = parts.dt_proj.weight @ dt.transpose(1, 2)
     bias = parts.dt_proj.bias
-    delta = F.softplus(dt.float() + (0.0 if bias is None else bias.float()[:, None]))
-    A = -torch.exp(parts.A_log.float())
+    cd = compute_dtype(dtype)  # float32 (float64 for a float64 model): the scan and rule factors
+    delta = F.softplus(dt.to(cd) + (0.0 if bias is None else bias.to(cd)[:, None]))
+    A = -torch.exp(parts.A_log.to(cd))
     delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))
-    y = selective_scan(x.transpose(1, 2), delta, A, B, C, parts.D.float(), linear=rules.ssm.ssm_is_linear, backend=rules.backend)
-    y = gate_with_activation(rules.gate, rules.gate_act, y, z.float(), parts.gate_fn or parts.act, transposed_out=True)
+    y = selective_scan(x.transpose(1, 2), delta, A, B, C, parts.D.to(cd), linear=rules.ssm.ssm_is_linear, backend=rules.backend)
+    y = gate_with_activation(rules.gate, rules.gate_act, y, z.to(cd), parts.gate_fn or parts.act, transposed_out=True)
     return parts.out_proj(y.transpose(1, 2).to(dtype))
 
 

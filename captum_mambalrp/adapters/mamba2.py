@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..rules.base import NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
-from ..scan import ssd_scan
+from ..scan import compute_dtype, ssd_scan
 from .base import Component
 from .common import MixerRules, mask_padding, mixer_rules, rules_as_components
 from .norms import grouped_rms_norm
@@ -74,15 +74,15 @@ class Mamba2Parts:
     def d_ssm(self) -> int:
         return self.n_heads * self.head_dim
 
-    def scan_D(self) -> Tensor:
-        """``D`` as ``ssd_scan`` takes it: ``[h]``, or ``[h, p]`` when it has one entry per channel."""
-        D = self.D.float()
+    def scan_D(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``D`` in ``dtype`` as ``ssd_scan`` takes it: ``[h]``, or ``[h, p]`` when it has one entry per channel."""
+        D = self.D.to(dtype)
         return D if D.numel() == self.n_heads else D.reshape(self.n_heads, self.head_dim)
 
 
 def gated_output(y: Tensor, z: Tensor, parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule) -> Tensor:
     """The gate ``y * silu(z)`` and the grouped norm around it, in the order the mixer uses."""
-    gate = rules.gate_act.activation(z.float(), parts.gate_fn or parts.act)
+    gate = rules.gate_act.activation(z.to(y.dtype), parts.gate_fn or parts.act)
     norm = parts.norm
     if norm is None:
         return rules.gate.gate(y, gate)
@@ -103,16 +103,17 @@ def mamba2_forward(
     xBC = rules.conv_act.activation(parts.conv1d(xBC.transpose(1, 2))[..., :length], parts.act)
     xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
     x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
-    dt = F.softplus(dt.float() + parts.dt_bias.float()).clamp(parts.dt_limit[0], parts.dt_limit[1])
-    A = -torch.exp(parts.A_log.float())
+    cd = compute_dtype(dtype)  # float32 (float64 for a float64 model): the scan and rule factors
+    dt = F.softplus(dt.to(cd) + parts.dt_bias.to(cd)).clamp(parts.dt_limit[0], parts.dt_limit[1])
+    A = -torch.exp(parts.A_log.to(cd))
     grouped = (batch, length, parts.n_groups, parts.d_state)
     dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.reshape(grouped), C.reshape(grouped))
     y = ssd_scan(
-        x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(), linear=rules.ssm.ssm_is_linear, backend=rules.backend
+        x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(cd), linear=rules.ssm.ssm_is_linear, backend=rules.backend
     )
     y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule)
     if parts.d_mlp:
-        mlp = rules.gate.gate(x0.float(), rules.gate_act.activation(z0.float(), parts.act))
+        mlp = rules.gate.gate(x0.to(cd), rules.gate_act.activation(z0.to(cd), parts.act))
         y = torch.cat([mlp, y], dim=-1)
     return parts.out_proj(y.to(dtype))
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules.base import MambaRule
+from ..scan.precision import compute_dtype
 
 RMSNORM_CLASS_NAMES = {
     "MambaRMSNorm",
@@ -43,10 +44,11 @@ def is_rmsnorm(module: nn.Module) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], rule: MambaRule, bias: Optional[Tensor] = None) -> Tensor:
-    """``w * x * rule.norm_scale(rsqrt(mean(x^2) + eps))`` in float32, cast back to ``x``'s dtype."""
+    """``w * x * rule.norm_scale(rsqrt(mean(x^2) + eps))`` in float32 (float64 for float64 ``x``),
+    cast back to ``x``'s dtype."""
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    x32 = x.float()
+    x32 = x.to(compute_dtype(x))
     scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     out = (x32 * rule.norm_scale(scale)).to(x.dtype)
     if weight is not None:
@@ -67,7 +69,7 @@ def grouped_rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], 
 
 def layer_norm(x: Tensor, module: nn.LayerNorm, rule: MambaRule) -> Tensor:
     """LayerNorm with the factor ``rsqrt(var + eps)`` passed through ``rule.norm_scale``."""
-    x32 = x.float()
+    x32 = x.to(compute_dtype(x))
     centred = x32 - x32.mean(-1, keepdim=True)
     scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.eps)
     out = (centred * rule.norm_scale(scale)).to(x.dtype)

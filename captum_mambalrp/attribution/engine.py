@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher
+from ..scan.precision import compute_dtype
 from .inputs import ForwardCall
 from .targets import output_scores
 
@@ -60,7 +61,7 @@ def relevance_pass(
     captures: Sequence[Capture],
     verbose: bool = False,
 ) -> Tuple[List[Tensor], Tensor]:
-    """Relevance ``a * g`` (float32, padded positions zeroed) at each capture point and the
+    """Relevance ``a * g`` (float32; float64 for a float64 model; padded positions zeroed) at each capture point and the
     explained score per example (``select(scores)``, e.g. a
     :class:`~captum_mambalrp.attribution.targets.TargetSelector`)."""
     patcher = Patcher()
@@ -91,9 +92,10 @@ def relevance_pass(
         for t in c.tensors:
             g = grads[k]
             k += 1
-            r = t.detach().float() * (torch.zeros_like(t, dtype=torch.float32) if g is None else g.float())
+            cd = compute_dtype(t)
+            r = t.detach().to(cd) * (torch.zeros_like(t, dtype=cd) if g is None else g.to(cd))
             total = r if total is None else total + r
         if call.mask is not None and total.dim() >= 2 and tuple(total.shape[:2]) == tuple(call.mask.shape):
             total = total * call.mask.to(total.dtype).reshape(*call.mask.shape, *([1] * (total.dim() - 2)))
         results.append(total)
-    return results, explained.detach().float()
+    return results, explained.detach().to(compute_dtype(explained))

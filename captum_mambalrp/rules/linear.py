@@ -15,6 +15,7 @@ from captum.attr._utils.lrp_rules import GammaRule as CaptumGammaRule
 from torch import Tensor, nn
 
 from ..kernels import fused_kernels_enabled
+from ..scan.precision import compute_dtype
 from .base import CONV, LINEAR, MambaRule, stabilize, with_gradient_of
 
 
@@ -27,26 +28,47 @@ def affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     raise TypeError(f"{type(module).__name__} is neither nn.Linear nor nn.Conv1d / nn.Conv2d")
 
 
+#: LRP-epsilon's default stabiliser (Captum's), in float32 terms: see :func:`default_epsilon`.
+DEFAULT_EPSILON = 1e-9
+
+
+def default_epsilon(dtype: torch.dtype) -> float:
+    """The default stabiliser for a computation in ``dtype``: ``1e-9`` in float32 (and for
+    bf16/fp16 models, whose rule factors are computed in float32), scaled with the unit
+    roundoff in float64 (``1e-9 * eps64 / eps32``, about ``1.9e-18``), so that it stays below the
+    dtype's resolution and a float64 model conserves relevance to float64 rounding.
+
+    >>> default_epsilon(torch.float32)
+    1e-09
+    """
+    scale = torch.finfo(compute_dtype(dtype)).eps / torch.finfo(torch.float32).eps
+    return DEFAULT_EPSILON * scale
+
+
 class EpsilonRule(MambaRule, CaptumEpsilonRule):
     """LRP-epsilon: ``R_i = sum_j x_i w_ij R_j / (z_j + epsilon * sign(z_j))``.
 
     As modified gradient: the gradient reaching ``z`` is scaled by
     ``z / (z + epsilon * sign(z))`` (a constant), then flows through ``W`` as usual.
-    With a tiny ``epsilon`` (default ``1e-9``, Captum's) this is Gradient x Input; a
-    bias ``b_j`` absorbs the share ``b_j / z_j`` of ``R_j``.
+    With a tiny ``epsilon`` this is Gradient x Input; a bias ``b_j`` absorbs the share
+    ``b_j / z_j`` of ``R_j``. The default (``epsilon=None``) is Captum's ``1e-9`` in float32,
+    scaled to float64's resolution for a float64 model (:func:`default_epsilon`); a given
+    ``epsilon`` is used as it is in every dtype.
     """
 
     kinds = frozenset({LINEAR, CONV})
 
-    def __init__(self, epsilon: float = 1e-9) -> None:
-        CaptumEpsilonRule.__init__(self, epsilon)
+    def __init__(self, epsilon: Optional[float] = None) -> None:
+        CaptumEpsilonRule.__init__(self, DEFAULT_EPSILON if epsilon is None else epsilon)
+        self._per_dtype = epsilon is None
 
     @property
     def epsilon(self) -> float:
         return self.STABILITY_FACTOR
 
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-        return _EpsilonScale.apply(z, self.STABILITY_FACTOR)
+        per_dtype = getattr(self, "_per_dtype", False) and self.STABILITY_FACTOR == DEFAULT_EPSILON
+        return _EpsilonScale.apply(z, default_epsilon(z.dtype) if per_dtype else self.STABILITY_FACTOR)
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.STABILITY_FACTOR!r})"

@@ -37,6 +37,7 @@ from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
 from .adjoint import relevance_scan_from
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
+from .precision import compute_dtype, upcast
 from .recurrence import linear_recurrence
 from .ssd_chunked import ssd_chunked
 
@@ -120,8 +121,10 @@ def _kernel(layout: str, name: str) -> Callable[..., Tensor]:
 
 def _pick(backend: str, x: Tensor, linear: bool, layout: str) -> str:
     name = resolve_backend(backend, x.device, layout)
-    if not linear:
-        name = "torch"  # the differentiable ablation needs every gradient
+    if not linear or x.dtype == torch.float64:
+        # the differentiable ablation needs every gradient; the GPU kernels compute in float32,
+        # a float64 model's scan stays float64 (torch backend)
+        name = "torch"
     _note(name)
     return name
 
@@ -137,7 +140,8 @@ def selective_scan(
     linear: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> float32 ``[b, d, l]``."""
+    """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> ``[b, d, l]``
+    in float32 (float64 for float64 x)."""
     name = _pick(backend, x, linear, "mamba1")
     if name != "torch":
         return _kernel("mamba1", name)(x, delta, A, B, C, D)
@@ -159,7 +163,7 @@ def ssd_scan(
     backend: str = "auto",
 ) -> Tensor:
     """Mamba2: ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``, ``B, C [b, l, g, n]``,
-    ``D [h]`` or ``[h, p]`` -> float32 ``[b, l, h, p]``."""
+    ``D [h]`` or ``[h, p]`` -> ``[b, l, h, p]`` in float32 (float64 for float64 x)."""
     name = _pick(backend, x, linear, "ssd")
     if name != "torch":
         return _kernel("ssd", name)(x, dt, A, B, C, D)
@@ -181,6 +185,7 @@ def ssd_scan(
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "compute_dtype",
     "linear_recurrence",
     "record_backends",
     "relevance_scan",
@@ -189,4 +194,5 @@ __all__ = [
     "scan_input_gradient",
     "selective_scan",
     "ssd_scan",
+    "upcast",
 ]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import fused_kernels_enabled
+from .precision import compute_dtype
 
 #: Smallest step size used in the reversed scan (keeps ``g / dt`` finite where dt underflowed).
 DT_FLOOR = 1e-20
@@ -99,7 +100,7 @@ def reversed_adjoint(
     forward: ForwardKernel, g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], layout: str
 ) -> Tensor:
     """``d<g, y>/dx`` of the scan ``y = forward(x, dt, A, B, C, D)`` in ``layout``, by one call
-    of ``forward`` on the reversed problem. Float32 in, float32 out."""
+    of ``forward`` on the reversed problem. Float32 (or float64) in, the same out."""
     time = TIME[layout]
     x_rev, dt_rev = prepare(g, dt, layout)
     y_rev = forward(x_rev, dt_rev, A, C.flip(time), B.flip(time), None)
@@ -114,20 +115,22 @@ class ReversedAdjointScan(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, kernel, layout):  # type: ignore[override]
         ctx.save_for_backward(dt, A, B, C, D)
         ctx.kernel, ctx.layout, ctx.x_dtype = kernel, layout, x.dtype
-        return kernel(x.float(), dt, A, B, C, D)
+        return kernel(x.to(dt.dtype), dt, A, B, C, D)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         dt, A, B, C, D = ctx.saved_tensors
         with torch.no_grad():
-            grad_x = reversed_adjoint(ctx.kernel, grad_y.float(), dt, A, B, C, D, ctx.layout)
+            grad_x = reversed_adjoint(ctx.kernel, grad_y.to(dt.dtype), dt, A, B, C, D, ctx.layout)
         return (grad_x.to(ctx.x_dtype),) + (None,) * 7
 
 
 def relevance_scan_from(
     kernel: ForwardKernel, layout: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
 ) -> Tensor:
-    """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to float32 (constants),
-    gradient for x by :func:`reversed_adjoint`. Float32 out."""
-    const = [None if t is None else t.detach().float() for t in (dt, A, B, C, D)]
+    """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to the compute dtype
+    (constants; float32, float64 for float64 inputs), gradient for x by :func:`reversed_adjoint`.
+    Compute dtype out."""
+    cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
+    const = [None if t is None else t.detach().to(cd) for t in (dt, A, B, C, D)]
     return ReversedAdjointScan.apply(x, *const, kernel, layout)

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .precision import compute_dtype
 from .recurrence import linear_recurrence
 
 #: Steps per chunk, chosen by measurement (benchmarks/cpu_scan_chunks.py): blocks of
@@ -105,25 +106,28 @@ def _time_major(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):
 def scan_forward(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK
 ) -> Tensor:
-    """The scan in float32. Differentiable in every argument when any needs a gradient
-    (the plain-gradient ablation keeps every state then); otherwise memory-lean."""
-    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    """The scan in ``compute_dtype`` (float32; float64 for float64 inputs). Differentiable in
+    every argument when any needs a gradient (the plain-gradient ablation keeps every state
+    then); otherwise memory-lean."""
+    cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
+    x, dt, A, B, C = x.to(cd), dt.to(cd), A.to(cd), B.to(cd), C.to(cd)
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C)))
     xt, dtt, At, Bt, Ct = _time_major(x, dt, A, B, C)
     y = _scan_time_major(dtt * xt, dtt, At, Bt, Ct, reverse=False, chunk=chunk, inplace=inplace).movedim(0, -1)
-    return y if D is None else y + D.float() * x
+    return y if D is None else y + D.to(cd) * x
 
 
 def scan_input_gradient(
     g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int = DEFAULT_CHUNK
 ) -> Tensor:
     """``d<g, y>/dx`` with dt, A, B, C, D constant: the adjoint scan (no graph)."""
-    g, dt = g.float(), dt.float()
-    gt, dtt, At, Bt, Ct = _time_major(g, dt, A.float(), B.float(), C.float())
+    cd = compute_dtype(torch.promote_types(g.dtype, dt.dtype))
+    g, dt = g.to(cd), dt.to(cd)
+    gt, dtt, At, Bt, Ct = _time_major(g, dt, A.to(cd), B.to(cd), C.to(cd))
     with torch.no_grad():
         u = _scan_time_major(gt, dtt, At, Ct, Bt, reverse=True, chunk=chunk, inplace=True).movedim(0, -1)
     grad = dt * u
-    return grad if D is None else grad + D.float() * g
+    return grad if D is None else grad + D.to(cd) * g
 
 
 class _RelevanceScan(torch.autograd.Function):

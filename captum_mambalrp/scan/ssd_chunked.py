@@ -12,7 +12,7 @@ is a matrix product in chunks of ``T`` steps (Dao and Gu, 2024). With the prefix
 and the states at chunk ends follow ``H_c = exp(s_T of chunk c) H_{c-1} + S_c`` with
 ``S_c = sum_j exp(s_T - s_j) dt_j x_j B_j`` (:func:`decay_scan_`, in place, two levels).
 The products are batched matrix products (``torch.einsum``) laid out so that no large
-tensor is permuted in memory; everything is float32. Within a chunk ``s_i - s_j`` is a
+tensor is permuted in memory; everything is float32 (float64 for float64 inputs). Within a chunk ``s_i - s_j`` is a
 difference of sums of at most ``T`` steps, as in mamba-ssm's kernels.
 
 Used forward-only: its gradient for x is the same function on the reversed problem
@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .precision import compute_dtype
 
 #: Steps per chunk of the SSD matrix form.
 CHUNK = 64
@@ -64,18 +66,20 @@ def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None, chunk: int = CHUNK) -> Tensor:
     """The SSD scan, ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``,
-    ``B, C [b, l, g, n]``, ``D [h]`` or ``[h, p]`` -> float32 ``y [b, l, h, p]``."""
+    ``B, C [b, l, g, n]``, ``D [h]`` or ``[h, p]`` -> ``y [b, l, h, p]`` in float32 (float64 for
+    float64 inputs)."""
     b, length, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
     hg = heads // groups  # heads per group share B and C
-    x32, dt32 = x.float(), dt.float()
+    cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
+    x32, dt32 = x.to(cd), dt.to(cd)
     pad = (-length) % chunk
     nc = (length + pad) // chunk
     xdt = _pad_time(x32 * dt32[..., None], pad).view(b, nc, chunk, groups, hg, p)
-    a = _pad_time(dt32 * A.float(), pad).view(b, nc, chunk, groups, hg)
+    a = _pad_time(dt32 * A.to(cd), pad).view(b, nc, chunk, groups, hg)
     s = a.permute(0, 1, 3, 4, 2).cumsum(-1)  # [b, c, g, h, T]
-    Bc = _pad_time(B.float(), pad).view(b, nc, chunk, groups, n)
-    Cc = _pad_time(C.float(), pad).view(b, nc, chunk, groups, n)
+    Bc = _pad_time(B.to(cd), pad).view(b, nc, chunk, groups, n)
+    Cc = _pad_time(C.to(cd), pad).view(b, nc, chunk, groups, n)
     # within each chunk: y_i = sum_j <C_i, B_j> exp(s_i - s_j) dt_j x_j
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     weights = (s[..., :, None] - s[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
@@ -91,12 +95,12 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         entering = torch.einsum("bcign,bcgnhp->bcghip", Cc[:, 1:], states[:, :-1])
         y[:, 1:].addcmul_(torch.exp(s[:, 1:])[..., None], entering)
     # back to [b, l, h, p], with D x added in the same pass
-    out = torch.empty(b, nc * chunk, heads, p, dtype=torch.float32, device=x.device)
+    out = torch.empty(b, nc * chunk, heads, p, dtype=cd, device=x.device)
     blocked = out.view(b, nc, chunk, groups, hg, p)
     y = y.permute(0, 1, 4, 2, 3, 5)
     if D is None:
         blocked.copy_(y)
     else:
-        Dx = D.float().reshape(groups, hg, -1)  # per head ([h]) or per channel ([h, p])
+        Dx = D.to(cd).reshape(groups, hg, -1)  # per head ([h]) or per channel ([h, p])
         torch.addcmul(y, Dx, _pad_time(x32, pad).view(b, nc, chunk, groups, hg, p), out=blocked)
     return out[:, :length]

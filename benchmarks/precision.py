@@ -1,0 +1,139 @@
+"""Precision of MambaLRP's bf16 / fp32 passes against a float64 truth (issue 14, goal 3).
+
+For one random model (weights made in float64, then cast), per dtype:
+
+- **truth**: MambaLRP on the float64 model (float64 throughout; relevance conserved to 1e-10),
+  its explained score (the model's logit) and relevance per token;
+- **transformers**: the model's own forward in that dtype (no grad): the logit's relative error
+  against the truth, and the relative L2 error of its last hidden states (every token), the
+  per-token output of the same computation;
+- **MambaLRP**: the explained score's relative error, the relevance per token's relative L2
+  error and its top-k tokens (by ``|R|``) in common with the truth's.
+
+Goal 3: MambaLRP's errors <= transformers' (score vs logit; relevance vs hidden states).
+
+    python benchmarks/precision.py --arch mamba2 --layers 16 --d-model 256 --length 512
+    python benchmarks/precision.py --arch mamba2 --device cuda --layers 16 --d-model 1024 --length 4096 --out p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import mamba1_classifier, mamba2_classifier  # noqa: E402
+
+from captum_mambalrp import MambaLRP  # noqa: E402
+
+
+def build(arch: str, layers: int, d_model: int, seed: int, head_dim: int, state: int) -> torch.nn.Module:
+    """A random classifier (2 classes at the last token) in float64; weights by transformers' init."""
+    if arch == "mamba2":
+        heads = 2 * d_model // head_dim
+        model = mamba2_classifier(
+            layers, seed, hidden_size=d_model, num_heads=heads, head_dim=head_dim, state_size=state, vocab_size=1024
+        )
+    else:
+        model = mamba1_classifier(layers, seed, hidden_size=d_model, state_size=state, vocab_size=1024)
+    return model.double()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def topk_common(a: torch.Tensor, b: torch.Tensor, k: int) -> int:
+    k = min(k, a.numel())
+    return len(set(a.abs().topk(k).indices.tolist()) & set(b.abs().topk(k).indices.tolist()))
+
+
+def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.backbone(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def per_token(r: torch.Tensor) -> torch.Tensor:
+    return r[0].sum(-1) if r.dim() == 3 else r[0]
+
+
+def measure(model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: int) -> Dict[str, Any]:
+    target = 1
+    r64, d64 = MambaLRP(model64).attribute(ids, target=target, return_convergence_delta=True)
+    truth_score = float((r64.sum() - d64.sum()).item())
+    truth_rel = per_token(r64)
+    truth_hidden = hidden_states(model64, ids)
+    out: Dict[str, Any] = {"truth_score": truth_score, "truth_conservation": float(d64.abs().max())}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        model = copy.deepcopy(model64).to(dtype)
+        with torch.no_grad():
+            logit = float(model(ids)[0, -1, target])
+        hid = hidden_states(model, ids)
+        r, delta = MambaLRP(model).attribute(ids, target=target, return_convergence_delta=True)
+        score = float((r.double().sum() - delta.double().sum()).item())
+        row = {
+            "transformers_logit": logit,
+            "transformers_score_err": abs(logit - truth_score) / max(abs(truth_score), 1e-12),
+            "transformers_hidden_relL2": rel(hid, truth_hidden),
+            "mambalrp_score": score,
+            "mambalrp_score_err": abs(score - truth_score) / max(abs(truth_score), 1e-12),
+            "mambalrp_relevance_relL2": rel(per_token(r), truth_rel),
+            f"mambalrp_top{k}_common": topk_common(per_token(r), truth_rel, k),
+            "mambalrp_conservation": float(delta.abs().max() / max(abs(score), 1e-12)),
+        }
+        row["goal3_score"] = row["mambalrp_score_err"] <= row["transformers_score_err"]
+        row["goal3_relevance"] = row["mambalrp_relevance_relL2"] <= row["transformers_hidden_relL2"]
+        out[name] = row
+        del model
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=["mamba1", "mamba2"], default="mamba2")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--state", type=int, default=128, help="state size (Mamba2-2.7B: 128; Mamba1 models: 16)")
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = []
+    for seed in a.seeds:
+        model = build(a.arch, a.layers, a.d_model, seed, a.head_dim, a.state).to(a.device)
+        ids = torch.randint(0, 1024, (1, a.length), generator=torch.Generator().manual_seed(seed)).to(a.device)
+        res = measure(model, ids, a.dtypes.split(","), a.topk)
+        res.update(arch=a.arch, layers=a.layers, d_model=a.d_model, length=a.length, seed=seed, device=a.device)
+        rows.append(res)
+        for name in a.dtypes.split(","):
+            r = res[name]
+            print(
+                f"{a.arch} {a.layers}x{a.d_model} L={a.length} seed={seed} {name}: "
+                f"score err transformers {r['transformers_score_err']:.2e} / MambaLRP {r['mambalrp_score_err']:.2e}; "
+                f"relL2 hidden (transformers) {r['transformers_hidden_relL2']:.2e} / relevance (MambaLRP) "
+                f"{r['mambalrp_relevance_relL2']:.2e}; top-{a.topk} common {r[f'mambalrp_top{a.topk}_common']}; "
+                f"goal 3 score {'met' if r['goal3_score'] else 'MISSED'}, "
+                f"relevance {'met' if r['goal3_relevance'] else 'MISSED'}",
+                flush=True,
+            )
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
