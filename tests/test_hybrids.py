@@ -19,9 +19,10 @@ import torch.nn.functional as F
 import transformers
 from mamba2_reference import _mixer as mamba2_reference_mixer
 from reference_mambalrp import _mixer as mamba1_reference_mixer
+from test_api import assert_unchanged, snapshot
 from torch import nn
 
-from captum_mambalrp import MambaLRP
+from captum_mambalrp import MambaLRP, UnsupportedModelError
 from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
 
@@ -87,8 +88,14 @@ FAMILIES = {
         "NemotronHForCausalLM",
         "NemotronHConfig",
         dict(
-            hybrid_override_pattern="M*M-",
-            num_hidden_layers=4,
+            hybrid_override_pattern="M*M-E",  # Mamba2, attention, Mamba2, MLP, MoE
+            num_hidden_layers=5,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            moe_shared_expert_intermediate_size=16,
+            n_group=1,
+            topk_group=1,
             mamba_num_heads=4,
             mamba_head_dim=16,
             ssm_state_size=8,
@@ -335,7 +342,7 @@ def test_falcon_h1_norm_variants_equal_reference(variant):
     relevance = MambaLRP(host, backend="torch").attribute(ids, target=(-1, 1), attention_mask=mask)
     # position -1 counts real tokens only, so it is the last position of both rows here
     ref, _ = reference_relevance("falcon_h1", host, ids, mask, -1, 1)
-    assert torch.allclose(relevance, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+    assert torch.allclose(relevance, ref, atol=1e-4 * float(ref.detach().abs().max()), rtol=1e-4)
 
 
 def test_jamba_mixer_gate_is_silu_whatever_the_conv_activation():
@@ -365,3 +372,122 @@ def test_packed_batches_and_four_d_masks_are_refused_with_the_fix():
             host.mixer(host.embed(ids), attention_mask=torch.ones(1, 1, 5, 5))
     finally:
         inst.patcher.restore()
+
+
+# ---------------------------------------------------------------- full models
+
+
+def explained_scores(logits: torch.Tensor, mask: torch.Tensor, targets) -> torch.Tensor:
+    """The score each target form names, computed here from the logits (positions count real
+    tokens only; ``None`` is the predicted class at the last real token)."""
+    scores = []
+    for row, target in enumerate(targets):
+        position, cls = target if isinstance(target, tuple) else (-1, target)
+        t = int(mask[row].nonzero().flatten()[position])
+        scores.append(logits[row, t, int(logits[row, t].argmax()) if cls is None else cls])
+    return torch.stack(scores)
+
+
+TARGET_FORMS = {
+    "int": 3,
+    "position_class": (1, 5),
+    "none": None,
+    "per_example": [7, (0, 2), None],
+}
+
+
+def _full_families():
+    return [pytest.param(f, id=f) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", _full_families())
+def test_full_model_conserves_with_left_padding_and_every_target_form(family):
+    model = build(family, seed=11)
+    before = snapshot(model)
+    ids, mask = left_padded(3, 8, [0, 2, 5], seed=11)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    lrp = MambaLRP(model, composite="conservative", backend="torch")
+    for form, target in TARGET_FORMS.items():
+        relevance, delta = lrp.attribute(ids, target=target, attention_mask=mask, return_convergence_delta=True)
+        targets = target if isinstance(target, list) else [target] * 3
+        score = explained_scores(logits, mask, targets)
+        assert torch.allclose(relevance.sum(1) + delta, score, atol=1e-5, rtol=1e-5), (form, relevance.sum(1) + delta, score)
+        gap = (relevance.sum(1) - score).abs()
+        assert (gap <= 1e-5 * score.abs().clamp_min(0.1)).all(), (form, gap, score)
+        assert (relevance[mask == 0] == 0).all(), form
+    assert_unchanged(model, before)
+
+
+def test_full_model_mixers_are_taken_over_by_the_hybrid_adapters():
+    """Every SSM mixer of each family is installed with the SSM rule (none left to plain gradient)."""
+    for family in FAMILIES:
+        model = build(family, seed=12)
+        inst = install_rules(model, composite("conservative"))
+        inst.patcher.restore()
+        ssm = {c.name.rsplit(".", 1)[0] for c in inst.components if c.kind == "ssm"}
+        names = {n for n, m in model.named_modules() if type(m).__name__ == FAMILIES[family][3]}
+        assert ssm == names, family
+
+
+def test_zamba2_shared_block_called_at_several_depths():
+    """Zamba2's shared transformer block as one module instance at two depths: its hooks and
+    taken-over forwards run twice per forward, and relevance is still conserved."""
+    model = build("zamba2", seed=13)
+    layers = model.model.layers
+    layers[3].shared_transformer = layers[1].shared_transformer
+    ids, mask = left_padded(2, 7, [0, 3], seed=13)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    before = snapshot(model)
+    relevance, delta = MambaLRP(model, composite="conservative").attribute(
+        ids, target=4, attention_mask=mask, return_convergence_delta=True
+    )
+    score = logits[:, -1, 4]
+    assert ((relevance.sum(1) - score).abs() <= 1e-5 * score.abs().clamp_min(0.1)).all()
+    assert_unchanged(model, before)
+
+
+class NewMixer(nn.Module):
+    """A mixer type no adapter knows."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.proj(hidden_states).cumsum(1)
+
+
+class CustomAttention(nn.Module):
+    """An attention implementation no adapter knows."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(1, 2), -1) @ v, None
+
+
+def test_uncovered_mixer_and_attention_are_refused_naming_module_and_class():
+    model = build("bamba", seed=14)
+    model.model.layers[0].mamba = NewMixer(model.config.hidden_size)
+    model.model.layers[1].self_attn = CustomAttention(model.config.hidden_size)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError) as err:
+        MambaLRP(model, composite="conservative")
+    message = str(err.value)
+    assert "'model.layers.0.mamba' (NewMixer)" in message, message
+    assert "CustomAttention" in message and "model.layers.1.self_attn" in message, message
+    assert_unchanged(model, before)
+
+
+def test_error_mid_attribution_leaves_the_model_unchanged():
+    model = build("nemotron_h", seed=15)
+    before = snapshot(model)
+    ids = ids_for(1, 6)
+    with pytest.raises(ValueError, match="packed"):
+        MambaLRP(model, composite="conservative").attribute(ids, target=1, seq_idx=torch.zeros(1, 6, dtype=torch.int32))
+    assert_unchanged(model, before)
