@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from captum.attr import Attribution, FeatureAblation, KernelShap, LayerIntegratedGradients, NoiseTunnel
+from captum.attr import Attribution, FeatureAblation, IntegratedGradients, KernelShap, NoiseTunnel
 from conftest import make_config, randomize, zero_biases
 from test_evaluation_metrics import TokenSum, W
 from torch.utils.data import DataLoader, TensorDataset
@@ -65,7 +65,7 @@ def test_registry_and_groups():
 
 
 def test_captum_classes_are_the_real_ones(classifier):
-    assert isinstance(build_method("integrated_gradients", classifier, FAST).method, LayerIntegratedGradients)
+    assert isinstance(build_method("integrated_gradients", classifier, FAST).method, IntegratedGradients)
     assert isinstance(build_method("smoothgrad", classifier, FAST).method, NoiseTunnel)
     assert isinstance(build_method("feature_ablation", classifier, FAST).method, FeatureAblation)
     assert isinstance(build_method("kernelshap", classifier, FAST).method, KernelShap)
@@ -158,3 +158,31 @@ def test_package_forward_is_the_same_function_and_is_undone(classifier, batch):
     assert torch.allclose(lrp_inside, build_method("mambalrp", classifier).attribute(ids, target, mask), atol=1e-6)
     with package_forward(TokenSum(W)) as took_over:
         assert not took_over
+
+
+@pytest.mark.parametrize("name", ["feature_ablation", "integrated_gradients", "kernelshap", "smoothgrad"])
+@pytest.mark.parametrize("reference", ["mean", "token:3", "zero"])
+def test_every_reference_gives_the_contributions_against_it(name, reference):
+    """On the additive model, with reference embedding ``r``, each method with a reference gives
+    ``w[id_t] - r`` (the closed form: the model is linear in the embeddings)."""
+    model = TokenSum(W)
+    ids = torch.tensor([[1, 2, 3, 4], [3, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    method = build_method(f"{name}@{reference}", model, FAST)
+    assert method.reference_name == reference
+    r = {"mean": sum(W) / len(W), "token:3": W[3], "zero": 0.0}[reference]
+    expected = (torch.tensor([[W[i] for i in row] for row in ids.tolist()]) - r) * mask
+    rel = method.attribute(ids, torch.tensor([0, 0]), mask)
+    assert torch.allclose(rel, expected, atol=1e-4), (rel, expected)
+
+
+def test_reference_options_and_variants():
+    opts = MethodOptions(reference_token_id=2)
+    assert build_method("integrated_gradients", TokenSum(W), opts).reference_name == "token:2"
+    assert build_method("smoothgrad", TokenSum(W), opts).reference_name == "zero"
+    assert build_method("kernelshap", TokenSum(W), MethodOptions(reference="mean")).reference_name == "mean"
+    assert resolve_methods("integrated_gradients@token:1,mambalrp") == ["integrated_gradients@token:1", "mambalrp"]
+    with pytest.raises(ValueError, match="takes no reference"):
+        resolve_methods("mambalrp@zero")
+    with pytest.raises(ValueError, match="reference must be"):
+        MethodOptions(reference="ones")

@@ -43,7 +43,16 @@ def tiny(tmp_path_factory):
     data.mkdir()
     (data / "test.txt").write_text("text;label_name\n" + "".join(f"{t};{l}\n" for t, l in TEXTS))
     tokenizer = build_word_tokenizer([t for t, _ in TEXTS], min_freq=1)
-    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=2, num_labels=6)
+    names = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    config = MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        num_labels=6,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
     torch.manual_seed(0)
     model = MambaForLastTokenClassification(config).eval()
     model.save_pretrained(root / "ckpt")
@@ -145,3 +154,39 @@ def test_growing_a_study_computes_only_the_new_examples(tiny, tmp_path):
     records = read_jsonl(os.path.join(out, "results.jsonl"))
     assert records[:3] == first and len(records) == 5 and summary["methods"]["gxi"]["n"] == 5
     assert Study(model, tokenizer, texts, labels, small, out).run(progress=False, figures=False)["methods"]["gxi"]["n"] == 3
+
+
+def test_reference_table_runs_every_reference_under_every_replacement(tiny, tmp_path, capsys):
+    ckpt, data = tiny
+    out = str(tmp_path / "table")
+    args = ["compare", "--model", ckpt, "--data", data, "--methods", "mambalrp,feature_ablation,random", "--n", "3"]
+    args += ["--out", out, "--no-progress", "--no-figures", "--no-layers", "--fraction", "0.5", "--reference-table"]
+    assert main(args + ["--references", "zero,mean,token:0", "--replacements", "token,zero"]) == 0
+    printed = capsys.readouterr().out
+    assert "Matched references" in printed and "| Occlusion (FeatureAblation) | token:0 |" in printed
+    table = json.load(open(os.path.join(out, "reference_table.json")))
+    assert table["matched"]["zero"] == "zero" and table["matched"]["token"].startswith("token:")
+    variants = {k for k in table["rows"] if k.startswith("feature_ablation@")}
+    assert variants == {"feature_ablation@zero", "feature_ablation@mean", "feature_ablation@token:0"}
+    summary = json.load(open(os.path.join(out, "replacement-zero", "summary.json")))
+    assert summary["perturbation"]["replacement"] == "zero"
+    assert summary["methods"]["feature_ablation@mean"]["reference"] == "mean"
+    assert summary["methods"]["mambalrp"]["reference"] == "none"
+    for m, row in summary["methods"].items():  # AOPC and ABPC with SEs, paired against MambaLRP
+        assert len(row["AOPC"]) == 2 and len(row["ABPC"]) == 2, m
+        assert set(summary["paired_vs_mambalrp"][m]) == {"dAF", "AOPC", "ABPC", "dAI"}
+    # the occlusion of a token by the zero embedding, judged by replacing with zero: the
+    # occlusion score of the most relevant token is the MoRF curve's first drop
+    rows = [json.loads(line) for line in open(os.path.join(out, "replacement-zero", "results.jsonl"))]
+    fa = [r for r in rows if r["method"] == "feature_ablation@zero"]
+    assert len(fa) == 3 and all(r["reference"] == "zero" for r in fa)
+
+
+def test_matched_reference_follows_the_replacement(tiny, tmp_path):
+    ckpt, data = tiny
+    out = str(tmp_path / "matched")
+    args = ["compare", "--model", ckpt, "--data", data, "--methods", "integrated_gradients,smoothgrad", "--n", "2"]
+    args += ["--out", out, "--no-progress", "--no-figures", "--no-layers", "--fraction", "0.5", "--ig-steps", "4"]
+    assert main(args + ["--smoothgrad-samples", "2", "--replacement", "mean", "--reference", "matched"]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert {m: r["reference"] for m, r in summary["methods"].items()} == {"integrated_gradients": "mean", "smoothgrad": "mean"}

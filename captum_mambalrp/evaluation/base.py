@@ -15,12 +15,66 @@ from torch import Tensor, nn
 
 from ..attribution.mamba_lrp import find_embedding
 
+REFERENCES = ("zero", "mean", "token")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference input (baseline) of a method, one embedding ``[H]`` put in place of a
+    token: a zero embedding (``"zero"``), the mean of the embedding matrix (``"mean"``) or the
+    embedding of token ``token_id`` (``"token"``). Perturbation uses the same three for a
+    removed token (:class:`~.perturbation.Perturbation`).
+
+    >>> Reference.parse("token:1").name, Reference.parse("mean").name
+    ('token:1', 'mean')
+    """
+
+    kind: str = "token"
+    token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES} (or token:ID); got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        """``"zero"``, ``"mean"`` or ``"token:ID"``."""
+        return f"token:{self.token_id}" if self.kind == "token" else self.kind
+
+    @classmethod
+    def parse(cls, spec: str, token_id: int = 0) -> Reference:
+        """``"zero"``, ``"mean"``, ``"token"`` (the token ``token_id``) or ``"token:ID"``.
+
+        Raises:
+            ValueError: any other spelling.
+        """
+        kind, _, tid = spec.partition(":")
+        if tid:
+            if kind != "token" or not tid.isdigit():
+                raise ValueError(f"reference must be zero, mean, token or token:ID; got {spec!r}")
+            return cls("token", int(tid))
+        return cls(kind, token_id)
+
+    def vector(self, embedding: nn.Embedding) -> Tensor:
+        """The reference embedding ``[H]`` (detached)."""
+        weight = embedding.weight.detach()
+        if self.kind == "zero":
+            return torch.zeros_like(weight[0])
+        if self.kind == "mean":
+            return weight.mean(dim=0)
+        return weight[self.token_id]
+
 
 @dataclass
 class MethodOptions:
     """Settings of the baselines (defaults are the study's).
 
-    reference_token_id: baseline token of Integrated Gradients, FeatureAblation and KernelShap.
+    reference: the reference of every method that has one (Integrated Gradients, occlusion,
+        KernelShap, SmoothGrad's ``gradient x (input - reference)``): ``"zero"``, ``"mean"``,
+        ``"token"`` (``reference_token_id``) or ``"token:ID"``; ``None`` gives each method its
+        usual one: the token ``reference_token_id`` for IG, occlusion and KernelShap, zero for
+        SmoothGrad. A method key ``name@ref`` overrides it for that method.
+    reference_token_id: the reference token (``"token"``), by default the padding token.
     ig_steps: Integrated Gradients steps (Captum's default, 50).
     smoothgrad_samples / smoothgrad_noise: SmoothGrad samples and noise level; the noise
         standard deviation is ``noise * (max - min)`` of the embedding matrix (Smilkov et al.
@@ -42,6 +96,15 @@ class MethodOptions:
     ig_internal_batch_size: int = 64
     smoothgrad_samples_per_pass: int = 4
     chunk_channels: int = 32
+    reference: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.reference is not None:
+            Reference.parse(self.reference, self.reference_token_id)
+
+    def reference_for(self, default: str) -> Reference:
+        """The reference a method uses whose usual one is ``default``."""
+        return Reference.parse(self.reference or default, self.reference_token_id)
 
     def as_dict(self) -> dict:
         return asdict(self)

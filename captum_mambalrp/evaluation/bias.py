@@ -396,6 +396,8 @@ class BiasConfig:
         for name in ("min_freq", "top", "n_permutations", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.n_examples is not None and self.n_examples < 1:
+            raise ValueError(f"n_examples must be at least 1 (or None for all); got {self.n_examples}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must lie in (0, 1); got {self.alpha}")
 
@@ -876,8 +878,9 @@ def plot_top_units(report: dict, path: str, top: int = 10) -> str:
 
 
 def write_report(out_dir: str, report: dict, figures: bool = True) -> dict:
-    """Write ``units.csv`` (every tested unit-class pair), ``groups.csv``, ``counterfactual.csv``,
-    ``top_units.png``, ``bias.json`` and ``bias.md`` into ``out_dir``; returns the report."""
+    """Write ``units.csv`` (every tested unit-class pair), ``groups.csv``, ``counterfactual.csv``
+    (every swapped text), ``top_units.png``, ``bias.json`` (the report without those two per-row
+    tables) and ``bias.md`` into ``out_dir``; returns the report."""
     os.makedirs(out_dir, exist_ok=True)
     cols = ["class", "unit", "mean", "se", "examples", "occurrences", "share_of_class", "contribution", "p", "q"]
     with open(os.path.join(out_dir, "units.csv"), "w", newline="", encoding="utf-8") as f:
@@ -916,8 +919,11 @@ def write_report(out_dir: str, report: dict, figures: bool = True) -> dict:
         report["figures"] = {
             "top_units": os.path.basename(plot_top_units(report, os.path.join(out_dir, "top_units.png"), report["config"]["top"]))
         }
+    compact = {k: v for k, v in report.items() if k != "rows"}  # the rows are units.csv and counterfactual.csv
+    if cf:
+        compact["counterfactual"] = {k: v for k, v in cf.items() if k != "rows"}
     with open(os.path.join(out_dir, "bias.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+        json.dump(compact, f, indent=1)
     with open(os.path.join(out_dir, "bias.md"), "w", encoding="utf-8") as f:
         f.write(report_markdown(report))
     return report

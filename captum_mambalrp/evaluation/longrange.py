@@ -5,11 +5,12 @@ Mamba's long-range abilities. Here the question is asked with needle-in-a-haysta
 
 - a **needle** is a short example of the data set (at most ``needle_max_tokens`` tokens) that
   the model classifies correctly when it stands alone; its class is the needle's class;
-- the **haystack** is filler text of other examples (``filler="other"``, the default: examples
-  whose gold label differs from the needle's, so the filler argues for other classes and the
-  needle must win against it; ``"any"``: any other example; ``"token"``: one repeated neutral
-  token, e.g. ``[UNK]``, which carries no class evidence at all), tokenized separately
-  (each text with a leading space) and concatenated;
+- the **haystack** is filler text: with ``filler="other"`` (the default) examples whose gold
+  label differs from the needle's, so the filler argues for other classes and the needle must
+  win against it (without labels: any other example); with ``"any"`` any other example; with
+  ``"token"`` one repeated neutral token (default the unknown token, ``[UNK]``), which carries
+  no class evidence of its own. Texts are tokenized separately (each with a leading space, no
+  special tokens) and concatenated;
 - the input has exactly ``length`` tokens: the needle's last token sits ``distance`` tokens
   before the last token (``distance = 0``: the needle ends the input), with filler before
   and after it. One haystack per needle and length is drawn (seeded) and reused for every
@@ -292,6 +293,12 @@ class LongRangeStudy:
         done = {(r["length"], r["distance"], r["needle"]) for r in (self.rows.read() if self.rows is not None else self._memory)}
         jobs: List[Tuple[int, int, List[dict]]] = []
         longest = max(n["tokens"] for n in needles)
+        too_short = [length for length in cfg.lengths if not cfg.distances_for(length, longest)]
+        if too_short:
+            raise ValueError(
+                f"lengths {too_short} are shorter than the longest needle ({longest} tokens): "
+                f"give lengths above {longest} or a smaller needle_max_tokens (--needle-max-tokens)"
+            )
         for length in cfg.lengths:
             for d in cfg.distances_for(length, longest):
                 todo = [n for n in needles if (length, d, n["index"]) not in done]

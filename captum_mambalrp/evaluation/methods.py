@@ -8,10 +8,16 @@ they are used on language models:
 
 - gradient methods on the token embeddings (``Saliency``: L2 norm of the gradient per
   token; ``InputXGradient``: sum over the hidden size; SmoothGrad: ``NoiseTunnel`` over
-  ``Saliency``, the averaged gradient times the input, summed);
-- ``LayerIntegratedGradients`` on the embedding layer from the reference-token baseline;
+  ``Saliency``, the averaged gradient times the input minus the reference, summed);
+- ``IntegratedGradients`` on the embeddings from the reference;
 - perturbation methods over tokens (``FeatureAblation``: each token replaced by the
-  reference token; ``KernelShap`` with one feature per token), each example at its length.
+  reference; ``KernelShap`` with one feature per token), each example at its length.
+
+The methods with a reference (:attr:`MethodSpec.reference`) take a zero embedding, the mean
+embedding or a token's embedding (:class:`~.base.Reference`, :attr:`MethodOptions.reference`,
+or per method the key ``name@ref``, e.g. ``integrated_gradients@mean``). The LRP variants
+and hidden attention have none: LRP decomposes the output itself (its root point is
+implicit in each rule), hidden attention reads the model's own mixing weights.
 
 MambaLRP and its variants are :class:`~captum_mambalrp.MambaLRP` with a named composite.
 """
@@ -19,104 +25,107 @@ MambaLRP and its variants are :class:`~captum_mambalrp.MambaLRP` with a named co
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import (
     Attribution,
     FeatureAblation,
     InputXGradient,
+    IntegratedGradients,
     KernelShap,
-    LayerIntegratedGradients,
     NoiseTunnel,
     Saliency,
 )
 from torch import Tensor, nn
 
 from ..attribution.mamba_lrp import MambaLRP, find_embedding
-from .base import MethodOptions, TokenAttribution
+from .base import MethodOptions, Reference, TokenAttribution
 from .hidden_attention import HiddenAttentionAttribution
 from .least_squares import WeightedLeastSquares
 from .scores import LastTokenScores
 
-Reduce = Callable[[Tensor, Tensor], Tensor]
+Reduce = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def reduce_sum(attr: Tensor, x: Tensor) -> Tensor:
-    """``sum_h a[b, t, h]``: for methods that already multiply by the input."""
+def reduce_sum(attr: Tensor, x: Tensor, ref: Tensor) -> Tensor:
+    """``sum_h a[b, t, h]``: for methods that already multiply by the input (minus the reference)."""
     return attr.sum(-1)
 
 
-def reduce_norm(attr: Tensor, x: Tensor) -> Tensor:
+def reduce_norm(attr: Tensor, x: Tensor, ref: Tensor) -> Tensor:
     """``||a[b, t, :]||_2``: the usual token score of a saliency map."""
     return attr.norm(dim=-1)
 
 
-def reduce_times_input(attr: Tensor, x: Tensor) -> Tensor:
-    """``sum_h a[b, t, h] x[b, t, h]``: a gradient map times the input embedding."""
-    return (attr * x).sum(-1)
+def reduce_times_input(attr: Tensor, x: Tensor, ref: Tensor) -> Tensor:
+    """``sum_h a[b, t, h] (x[b, t, h] - ref[b, t, h])``: a gradient map times the input minus
+    the reference (the input itself for a zero reference)."""
+    return (attr * (x - ref)).sum(-1)
+
+
+def reduce_first(attr: Tensor, x: Tensor, ref: Tensor) -> Tensor:
+    """``a[b, t, 0]``: perturbation methods give every hidden unit of a token the token's value."""
+    return attr[..., 0]
 
 
 class OnEmbeddings(TokenAttribution):
-    """A Captum method over the embeddings ``[B, L, H]``, reduced to one value per token."""
+    """A Captum method over the embeddings ``[B, L, H]``, reduced to one value per token.
 
-    def __init__(self, model: nn.Module, make: Callable[[nn.Module], Attribution], reduce: Reduce, **kwargs: Any) -> None:
-        super().__init__(model)
-        self.scores = LastTokenScores(model)
-        self.method = make(self.scores)
-        self.reduce = reduce
-        self.kwargs = kwargs
-
-    def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        x = self.embedding(inputs).detach()
-        with warnings.catch_warnings():  # Captum notes that it set requires_grad itself
-            warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
-            attr = self.method.attribute(x, target=target, additional_forward_args=(mask,), **self.kwargs)
-        return self.reduce(attr, x)
-
-
-class OnTokens(TokenAttribution):
-    """A Captum method over token ids with the reference token as baseline.
-
-    ``per_example`` runs each example alone at its real length with one feature per
-    token (``feature_mask = [[0, 1, ..., n-1]]``), so no evaluation is spent on padding.
+    With a ``reference`` (:class:`~.base.Reference`), the reference input puts its embedding
+    at every real token (padding keeps its own), is handed to Captum as ``baselines`` when
+    ``baselines`` is set, and is given to ``reduce``. ``per_example`` runs each example alone
+    at its real length with one feature per token (all hidden units of a token perturbed
+    together), so no evaluation is spent on padding.
     """
 
     def __init__(
         self,
         model: nn.Module,
         make: Callable[[nn.Module], Attribution],
-        reference_token_id: int,
-        reduce: Optional[Reduce] = None,
+        reduce: Reduce,
+        reference: Optional[Reference] = None,
+        baselines: bool = False,
         per_example: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model)
         self.scores = LastTokenScores(model)
         self.method = make(self.scores)
-        self.reference = reference_token_id
         self.reduce = reduce
+        self.reference = reference
+        self.baselines = baselines
         self.per_example = per_example
         self.kwargs = kwargs
 
+    @property
+    def reference_name(self) -> str:
+        return "none" if self.reference is None else self.reference.name
+
     def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        x = self.embedding(inputs).detach()
+        if self.reference is None:
+            ref = torch.zeros_like(x)
+        else:
+            ref = torch.where(mask.bool()[..., None], self.reference.vector(self.embedding).to(x), x)
         if not self.per_example:
-            return self._run(inputs, target, mask, {})
+            return self.reduce(self._run(x, ref, target, mask, {}), x, ref)
         out = torch.zeros(inputs.shape, dtype=torch.float32, device=inputs.device)
         for i in range(inputs.shape[0]):
             real = mask[i].bool().nonzero().flatten()
-            ids, m = inputs[i : i + 1, real], mask[i : i + 1, real]
-            features = {"feature_mask": torch.arange(len(real), device=inputs.device)[None]}
-            out[i, real] = self._run(ids, target[i : i + 1], m, features)[0].float()
+            xi, ri, mi = x[i : i + 1, real], ref[i : i + 1, real], mask[i : i + 1, real]
+            features = torch.arange(len(real), device=inputs.device)[None, :, None].expand_as(xi)
+            attr = self._run(xi, ri, target[i : i + 1], mi, {"feature_mask": features})
+            out[i, real] = self.reduce(attr, xi, ri)[0].float()
         return out
 
-    def _run(self, ids: Tensor, target: Tensor, mask: Tensor, extra: Dict[str, Any]) -> Tensor:
-        baselines = torch.where(mask.bool(), torch.full_like(ids, self.reference), ids)
-        attr = self.method.attribute(
-            ids, baselines=baselines, target=target, additional_forward_args=(mask,), **self.kwargs, **extra
-        )
-        return self.reduce(attr, ids) if self.reduce is not None else attr
+    def _run(self, x: Tensor, ref: Tensor, target: Tensor, mask: Tensor, extra: Dict[str, Any]) -> Tensor:
+        if self.baselines:
+            extra = {**extra, "baselines": ref}
+        with warnings.catch_warnings():  # Captum notes that it set requires_grad itself
+            warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
+            return self.method.attribute(x, target=target, additional_forward_args=(mask,), **self.kwargs, **extra)
 
 
 class LRPMethod(TokenAttribution):
@@ -147,6 +156,8 @@ class MethodSpec:
     family: str
     build: Callable[[nn.Module, MethodOptions], TokenAttribution]
     description: str = ""
+    #: the method's usual reference (``"token"``, ``"zero"``, ...) if it takes one, else None
+    reference: Optional[str] = None
 
 
 METHODS: Dict[str, MethodSpec] = {}
@@ -185,10 +196,12 @@ def _kernel_shap(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
         method.interpretable_model = WeightedLeastSquares()  # exact fit; no scikit-learn needed
         return method
 
-    return OnTokens(
+    return OnEmbeddings(
         model,
         make,
-        opts.reference_token_id,
+        reduce_first,
+        opts.reference_for("token"),
+        baselines=True,
         per_example=True,
         n_samples=opts.kernelshap_samples,
         perturbations_per_eval=opts.perturbations_per_eval,
@@ -227,15 +240,17 @@ for _spec in [
         "integrated_gradients",
         "Integrated Gradients",
         "gradient",
-        lambda m, o: OnTokens(
+        lambda m, o: OnEmbeddings(
             m,
-            lambda s: LayerIntegratedGradients(s, find_embedding(m)),
-            o.reference_token_id,
+            IntegratedGradients,
             reduce_sum,
+            o.reference_for("token"),
+            baselines=True,
             n_steps=o.ig_steps,
             internal_batch_size=o.ig_internal_batch_size,
         ),
-        "captum LayerIntegratedGradients on the embedding layer, reference-token baseline",
+        "captum IntegratedGradients on the embeddings from the reference (default: the reference token)",
+        reference="token",
     ),
     MethodSpec(
         "smoothgrad",
@@ -245,29 +260,39 @@ for _spec in [
             m,
             lambda s: NoiseTunnel(Saliency(s)),
             reduce_times_input,
+            o.reference_for("zero"),
             nt_type="smoothgrad",
             nt_samples=o.smoothgrad_samples,
             nt_samples_batch_size=o.smoothgrad_samples_per_pass,
             stdevs=o.smoothgrad_noise * _embedding_range(m),
             abs=False,
         ),
-        "captum NoiseTunnel(Saliency), averaged gradient x input",
+        "captum NoiseTunnel(Saliency), averaged gradient x (input - reference; default zero)",
+        reference="zero",
     ),
     MethodSpec(
         "feature_ablation",
         "Occlusion (FeatureAblation)",
         "perturbation",
-        lambda m, o: OnTokens(
-            m, FeatureAblation, o.reference_token_id, per_example=True, perturbations_per_eval=o.perturbations_per_eval
+        lambda m, o: OnEmbeddings(
+            m,
+            FeatureAblation,
+            reduce_first,
+            o.reference_for("token"),
+            baselines=True,
+            per_example=True,
+            perturbations_per_eval=o.perturbations_per_eval,
         ),
-        "captum FeatureAblation, each token replaced by the reference token",
+        "captum FeatureAblation, each token replaced by the reference (default: the reference token)",
+        reference="token",
     ),
     MethodSpec(
         "kernelshap",
         "KernelShap",
         "perturbation",
         _kernel_shap,
-        "captum KernelShap, one feature per token, reference-token baseline",
+        "captum KernelShap, one feature per token, the reference as baseline (default: the reference token)",
+        reference="token",
     ),
     MethodSpec(
         "attn_rollout",
@@ -295,23 +320,70 @@ GROUPS: Dict[str, List[str]] = {
 }
 
 
+def split_variant(key: str) -> Tuple[str, Optional[str]]:
+    """``"integrated_gradients@zero"`` -> ``("integrated_gradients", "zero")``; no ``@``: ``(key, None)``."""
+    name, sep, ref = key.partition("@")
+    return name, (ref if sep else None)
+
+
+def method_label(key: str) -> str:
+    """Display label of a method key (with its reference for a ``name@ref`` variant)."""
+    name, ref = split_variant(key)
+    label = METHODS[name].label if name in METHODS else name
+    return label if ref is None else f"{label} (ref. {ref})"
+
+
+def _check_key(key: str) -> None:
+    name, ref = split_variant(key)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose among {sorted(METHODS)} or groups {sorted(GROUPS)}")
+    if ref is not None:
+        if METHODS[name].reference is None:
+            with_ref = sorted(k for k, spec in METHODS.items() if spec.reference)
+            raise ValueError(f"method {name!r} takes no reference ({key!r}); methods with one: {with_ref}")
+        Reference.parse(ref)
+
+
 def resolve_methods(names: Union[str, Sequence[str]]) -> List[str]:
-    """Method keys from ``"all"``, group names (:data:`GROUPS`), keys, or a comma list of them."""
+    """Method keys from ``"all"``, group names (:data:`GROUPS`), keys, or a comma list of them.
+    A key ``name@ref`` (``ref`` one of ``zero``, ``mean``, ``token:ID``) is the method with that
+    reference (only for methods that take one).
+
+    Returns:
+        The keys, each once, in order.
+
+    Raises:
+        ValueError: an unknown method or group, or a reference on a method without one.
+
+    >>> resolve_methods("lrp,integrated_gradients@zero")
+    ['mambalrp', 'gxi', 'lrp_ln', 'integrated_gradients@zero']
+    """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: List[str] = []
     for name in names:
         expanded = list(METHODS) if name == "all" else GROUPS.get(name, [name])
         for key in expanded:
-            if key not in METHODS:
-                raise ValueError(f"unknown method {key!r}; choose among {sorted(METHODS)} or groups {sorted(GROUPS)}")
+            _check_key(key)
             if key not in out:
                 out.append(key)
     return out
 
 
 def build_method(name: str, model: nn.Module, options: Optional[MethodOptions] = None) -> TokenAttribution:
-    """An instance of the registered method ``name`` for ``model``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose among {sorted(METHODS)}")
-    return METHODS[name].build(model, options or MethodOptions())
+    """An instance of the registered method ``name`` (or ``name@ref``) for ``model``.
+
+    Raises:
+        ValueError: an unknown method, or a reference on a method without one.
+    """
+    _check_key(name)
+    key, ref = split_variant(name)
+    options = options or MethodOptions()
+    if ref is not None:
+        options = replace(options, reference=ref)
+    return METHODS[key].build(model, options)
+
+
+def reference_of(method: TokenAttribution) -> str:
+    """The reference a built method uses (``"zero"``, ``"mean"``, ``"token:ID"``), or ``"none"``."""
+    return getattr(method, "reference_name", "none")

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ..attribution.mamba_lrp import find_embedding
+from .base import Reference
 from .scores import LastTokenScores
 
-REPLACEMENTS = ("token", "zero", "mean")
+REPLACEMENTS = ("token", "zero", "mean")  # the kinds of :class:`~.base.Reference`
 CURVES = ("morf", "lerf", "morf_insert", "lerf_insert")
 
 
@@ -64,6 +65,10 @@ class Perturbation:
         """Fractions removed ``x_k``, ``k = 0..K``."""
         return (torch.arange(self.steps + 1, dtype=torch.float64) * self.fraction_per_step).clamp(max=1.0)
 
+    def as_reference(self) -> Reference:
+        """The replacement as a method reference (``compare --reference matched``)."""
+        return Reference(self.replacement, 0 if self.token_id is None else self.token_id)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -93,14 +98,9 @@ def reference_token_id(tokenizer: object = None) -> int:
 
 
 def replacement_vector(embedding: nn.Embedding, config: Perturbation) -> Tensor:
-    """The embedding ``[H]`` a removed token takes."""
-    weight = embedding.weight.detach()
-    if config.replacement == "zero":
-        return torch.zeros_like(weight[0])
-    if config.replacement == "mean":
-        return weight.mean(dim=0)
+    """The embedding ``[H]`` a removed token takes (:meth:`~.base.Reference.vector`)."""
     token = 0 if config.token_id is None else config.token_id
-    return weight[token]
+    return Reference(config.replacement, token).vector(embedding)
 
 
 def removal_ranks(
@@ -183,12 +183,29 @@ def area(curve: Tensor, grid: Tensor) -> Tensor:
 
 
 def flipping_scores(curves: Dict[str, Tensor], config: Perturbation) -> Dict[str, Tensor]:
-    """Areas of the curves present and the scores ``dAF`` (LeRF - MoRF) and ``dAI``
-    (insertion MoRF - insertion LeRF), each ``[B]``."""
+    r"""Areas of the curves present and the scores, each ``[B]``:
+
+    - ``dAF`` = A(LeRF) - A(MoRF) and ``dAI`` = A_ins(MoRF) - A_ins(LeRF) (trapezoid areas);
+    - ``AOPC`` (Samek et al. 2017), the area over the MoRF perturbation curve,
+      :math:`\frac{1}{K+1}\sum_{k=0}^{K} (s_0 - s^{MoRF}_k)`;
+    - ``ABPC`` (Schulz et al. 2020), the area between the curves,
+      :math:`\frac{1}{K+1}\sum_{k=0}^{K} (s^{LeRF}_k - s^{MoRF}_k)` (ΔA^F with the mean of
+      the points in place of the trapezoid rule).
+
+    Higher is better for all four.
+
+    >>> c = {"morf": torch.tensor([[2.0, 0.0, 0.0]]), "lerf": torch.tensor([[2.0, 2.0, 1.0]])}
+    >>> {k: round(float(v), 3) for k, v in flipping_scores(c, Perturbation(0.5)).items()}
+    {'A_morf': 0.5, 'A_lerf': 1.75, 'AOPC': 1.333, 'dAF': 1.25, 'ABPC': 1.0}
+    """
     grid = config.grid()
     out = {f"A_{name}": area(c, grid) for name, c in curves.items()}
+    if "morf" in curves:
+        morf = curves["morf"].double()
+        out["AOPC"] = (morf[:, :1] - morf).mean(-1)
     if "A_morf" in out and "A_lerf" in out:
         out["dAF"] = out["A_lerf"] - out["A_morf"]
+        out["ABPC"] = (curves["lerf"].double() - curves["morf"].double()).mean(-1)
     if "A_morf_insert" in out and "A_lerf_insert" in out:
         out["dAI"] = out["A_morf_insert"] - out["A_lerf_insert"]
     return out

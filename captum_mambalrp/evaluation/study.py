@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .analysis import layer_relevance
-from .methods import MethodOptions, build_method, resolve_methods
+from .methods import MethodOptions, build_method, reference_of, resolve_methods
 from .perturbation import CURVES, Perturbation, flipping_scores, perturbation_curves
 from .records import JsonLines
 from .scores import ForwardCounter, LastTokenScores, package_forward
@@ -100,6 +100,14 @@ class Study:
         self.indices = select_examples(len(self.texts), config.n_examples, config.seed)
 
     # ---- set-up and resuming -------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the summary: always, except on ranks other than 0 of a
+        ``torch.distributed`` run."""
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
     @property
     def config_path(self) -> str:
         return os.path.join(self.out, "config.json")
@@ -223,6 +231,16 @@ class Study:
             )
         return rows
 
+    def reference_text(self, name: str) -> str:
+        """``"token:ID"`` with the token's text (``"token:0 [PAD]"``); other references as they are."""
+        kind, _, tid = name.partition(":")
+        if kind != "token" or not tid.isdigit():
+            return name
+        try:
+            return f"{name} {self.tokenizer.convert_ids_to_tokens(int(tid))}"
+        except Exception:  # a tokenizer without that id or method: the id alone
+            return name
+
     def _evaluate(self, name, method, b, batch, ids, mask, target, explained) -> List[dict]:
         torch.manual_seed(_method_seed(self.config.seed, b, name))
         with ForwardCounter(self.model) as counter:
@@ -253,6 +271,7 @@ class Study:
                     "cpu_seconds": cpu / n,
                     "forward_rows": counter.count.rows / n,
                     "forward_calls": counter.count.calls / n,
+                    "reference": self.reference_text(reference_of(method)),
                 }
             )
         return rows

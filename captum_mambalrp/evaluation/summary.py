@@ -15,12 +15,13 @@ import numpy as np
 
 from .analysis import distance_profile, layer_profiles
 from .conservation import ConservationReport
-from .methods import METHODS
+from .methods import method_label
 from .perturbation import CURVES, Perturbation
 from .records import JsonLines
 from .stats import fmt, markdown_table, mean_se, paired_difference
 
-METRICS = ["dAF", "A_morf", "A_lerf", "dAI", "A_morf_insert", "A_lerf_insert"]
+METRICS = ["dAF", "AOPC", "ABPC", "dAI", "A_morf", "A_lerf", "A_morf_insert", "A_lerf_insert"]
+SCORES = ["dAF", "AOPC", "ABPC", "dAI"]  # the scores (higher is better) compared pairwise with MambaLRP
 COSTS = ["seconds", "cpu_seconds", "forward_rows", "forward_calls"]
 PROFILE_METHODS = [
     "mambalrp",
@@ -50,7 +51,7 @@ def _by_method(records: List[dict], methods: Sequence[str], keep: set) -> Dict[s
 
 
 def _label(method: str) -> str:
-    return METHODS[method].label if method in METHODS else method
+    return method_label(method)
 
 
 def summarize(
@@ -76,6 +77,7 @@ def summarize(
     for m, rs in by_method.items():
         table[m] = {
             "label": _label(m),
+            "reference": rs[0].get("reference", "none"),
             "n": len(rs),
             **{k: mean_se([r.get(k, float("nan")) for r in rs]) for k in METRICS + COSTS},
         }
@@ -84,9 +86,7 @@ def summarize(
         ref = {r["index"]: r for r in by_method[REFERENCE]}
         for m, rs in by_method.items():
             common = [r for r in rs if r["index"] in ref]
-            paired[m] = {
-                k: paired_difference([ref[r["index"]][k] for r in common], [r[k] for r in common]) for k in ("dAF", "dAI")
-            }
+            paired[m] = {k: paired_difference([ref[r["index"]][k] for r in common], [r[k] for r in common]) for k in SCORES}
     labels = [e["label"] for e in examples.values() if e.get("label") is not None]
     accuracy = float(np.mean([e["pred"] == e["label"] for e in examples.values()])) if labels else None
     conservation = {
@@ -211,34 +211,21 @@ def summary_markdown(summary: dict) -> str:
     rows = [
         [
             table[m]["label"],
+            table[m].get("reference", "none"),
             str(table[m]["n"]),
             *(fmt(*table[m][k]) for k in METRICS),
-            fmt(*paired[m]["dAF"]) if m in paired else "n/a",
             f"{table[m]['seconds'][0] * 1000:.1f}",
             f"{table[m]['cpu_seconds'][0] * 1000:.1f}",
             f"{table[m]['forward_rows'][0]:.1f}",
         ]
         for m in order
     ]
-    lines.append(
-        markdown_table(
-            [
-                "method",
-                "n",
-                "ΔA^F",
-                "A(MoRF)",
-                "A(LeRF)",
-                "ΔA^I",
-                "A_ins(MoRF)",
-                "A_ins(LeRF)",
-                "ΔA^F of MambaLRP minus this",
-                "ms / example",
-                "CPU ms / example",
-                "forwards / example",
-            ],
-            rows,
-        )
-    )
+    header = ["method", "reference", "n", "ΔA^F", "AOPC", "ABPC", "ΔA^I", "A(MoRF)", "A(LeRF)", "A_ins(MoRF)", "A_ins(LeRF)"]
+    lines.append(markdown_table(header + ["ms / example", "CPU ms / example", "forwards / example"], rows))
+    if paired:
+        lines += ["", "## MambaLRP minus each method, paired over the same examples (mean ± SE)", ""]
+        rows = [[table[m]["label"], *(fmt(*paired[m][k]) for k in SCORES)] for m in order if m in paired and m != REFERENCE]
+        lines.append(markdown_table(["method", "ΔA^F", "AOPC", "ABPC", "ΔA^I"], rows))
     if REFERENCE in table and len(table) > 1:
         best_other = next(m for m in order if m != REFERENCE)
         d, se = paired[best_other]["dAF"]
@@ -250,8 +237,11 @@ def summary_markdown(summary: dict) -> str:
         ]
     lines += [
         "",
-        "ΔA^F = A(LeRF) − A(MoRF) and ΔA^I = A_ins(MoRF) − A_ins(LeRF): higher is better. The paired "
-        "column is the mean over the same examples of MambaLRP's ΔA^F minus the method's (± SE). Cost: wall-clock "
+        "ΔA^F = A(LeRF) − A(MoRF), ΔA^I = A_ins(MoRF) − A_ins(LeRF), AOPC = mean over the steps of the drop "
+        "of the MoRF curve, ABPC = mean over the steps of LeRF − MoRF: higher is better for all four. A paired "
+        "entry is the mean over the same examples of MambaLRP's score minus the method's (± SE): positive where "
+        "MambaLRP is better. The reference column is the baseline input of the methods that take one "
+        "(zero, mean embedding, token:ID). Cost: wall-clock "
         "and CPU time of `attribute` per example (batch time / batch size; CPU time counts all threads) and "
         "examples forwarded per example.",
         "",
