@@ -166,7 +166,7 @@ def test_captum_rules_are_accepted_and_mapped():
     assert as_mamba_rule(CaptumGammaRule(0.5)).gamma == 0.5
     assert isinstance(as_mamba_rule(CaptumIdentityRule()), IdentityActivationRule)
     with pytest.raises(TypeError, match="cannot be applied"):
-        composite(rules := "mambalrp", {"gate": EpsilonRule()}).rule_for("m.gate", "gate")
+        composite("mambalrp", {"gate": EpsilonRule()}).rule_for("m.gate", "gate")
 
 
 @pytest.mark.parametrize("arch", ["mamba", "falcon"])
@@ -230,3 +230,66 @@ def test_unknown_rule_key_is_reported():
     model = make_lm("mamba")
     with pytest.raises(KeyError, match="match no component"):
         MambaLRP(model, rules={"*.sssm": GradientRule()})
+
+
+def test_every_composite_names_a_rule_for_every_kind():
+    from captum_mambalrp.rules import ATTENTION, COMPOSITES, KINDS, AttnLRPRule, ConstantAttentionRule, ConstantRouterRule
+
+    for name, make in COMPOSITES.items():
+        rules = make()
+        assert set(rules) == set(KINDS), name
+        assert all(rule.supports(kind) for kind, rule in rules.items()), name
+    assert isinstance(composite("mambalrp").defaults[ATTENTION], AttnLRPRule)
+    conservative = composite("conservative").defaults
+    assert isinstance(conservative[ATTENTION], ConstantAttentionRule) and isinstance(conservative["router"], ConstantRouterRule)
+    assert {k: repr(r) for k, r in conservative.items() if k != ATTENTION} == {
+        k: repr(r) for k, r in composite("mambalrp").defaults.items() if k != ATTENTION
+    }
+
+
+def test_composite_is_stateless_and_the_install_reports_matched_keys():
+    from captum_mambalrp.adapters import Patcher, install_rules
+    from captum_mambalrp.rules import Composite, TrackingComposite
+
+    model = zero_biases(make_lm("mamba", seed=1))
+    shared = composite("mambalrp", {"*.layers.0.mixer.ssm": GradientRule(), "gate": HalfGateRule()})
+    state = dict(vars(shared))
+    inst = install_rules(model, shared, patcher=Patcher())
+    inst.patcher.restore()
+    assert inst.matched_keys == {"*.layers.0.mixer.ssm", "gate"}
+    assert dict(vars(shared)) == state  # nothing recorded on the composite itself
+    shared.check_overrides_used(inst.matched_keys, [c.name for c in inst.components])
+    with pytest.raises(KeyError, match=r"\['gate'\] match no component"):
+        shared.check_overrides_used({"*.layers.0.mixer.ssm"}, [c.name for c in inst.components])
+    # the same composite serves two explainers and repeated calls alike
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    first = MambaLRP(model, composite=shared).attribute(ids, target=2)
+    again = MambaLRP(model, composite=shared).attribute(ids, target=2)
+    assert torch.equal(first, again) and dict(vars(shared)) == state
+    tracked = shared.tracking()
+    assert isinstance(tracked, TrackingComposite) and tracked.defaults is shared.defaults
+    tracked.rule_for("backbone.layers.0.mixer.ssm", "ssm")
+    assert tracked.matched == {"*.layers.0.mixer.ssm"}
+    assert Composite().rule_for("x.ssm", "ssm").ssm_is_linear  # no arguments: the "mambalrp" set
+
+
+def test_attention_rule_swaps_by_pattern_and_by_module_rule():
+    from test_transformers_models import make_transformer
+
+    from captum_mambalrp.rules import ConstantAttentionRule
+
+    model = make_transformer("llama", seed=2)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    cp = MambaLRP(model, composite="conservative").attribute(ids, target=1)
+    by_key = MambaLRP(model, rules={"attention": ConstantAttentionRule()}).attribute(ids, target=1)
+    by_pattern = MambaLRP(model, rules={"*.self_attn.attention": ConstantAttentionRule()}).attribute(ids, target=1)
+    for layer in model.model.layers:
+        layer.self_attn.rule = ConstantAttentionRule()
+    try:
+        by_module = MambaLRP(model).attribute(ids, target=1)
+    finally:
+        for layer in model.model.layers:
+            del layer.self_attn.rule
+    for other in (by_key, by_pattern, by_module):
+        assert torch.allclose(other, cp, atol=1e-7)
+    assert not torch.allclose(MambaLRP(model).attribute(ids, target=1), cp, atol=1e-4)

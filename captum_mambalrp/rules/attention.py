@@ -51,12 +51,14 @@ def scale_gradient(x: Tensor, factor: float) -> Tensor:
 class AttnLRPRule(MambaRule):
     """AttnLRP on ``O = A v`` with ``A = softmax(q k^T * s + M)``.
 
-    - The uniform rule on a bilinear product (AttnLRP, Eq. 7): for ``o = a * b`` each operand
-      gets half, ``R_a = R_b = R_o / 2``; as modified gradient, the gradient reaching the
-      product is halved.
-    - The softmax (AttnLRP, Prop. 3.1 / Eq. 13) keeps its gradient:
-      ``R_i = x_i (R_i^out - s_i sum_j R_j^out)``, which is Gradient x Input; the share
-      ``sum_i s_i x_i (...)`` (the bias term of its Taylor expansion) is not passed on.
+    - The uniform rule on a product of two inputs (AttnLRP, Eq. 7 and Prop. 3.2; for a matrix
+      product epsilon-LRP over its terms, then the uniform rule on each term, Prop. 3.3): each
+      operand of ``o = a * b`` gets half, ``R_a = R_b = R_o / 2``; as modified gradient, the
+      gradient reaching the product is halved.
+    - The softmax (AttnLRP, Prop. 3.1: Taylor decomposition at ``x`` with its bias term) keeps
+      its gradient: ``R_i = x_i (R_i^out - s_i sum_j R_j^out)`` for ``s = softmax(x)``, which is
+      Gradient x Input; ``sum_i R_i`` differs from ``sum_j R_j^out`` by the expansion's bias
+      term, which is not passed on (``return_convergence_delta`` reports it).
     - Applied to the two products of attention: ``v`` gets half of ``R_O``; the other half
       reaches ``A``, crosses the softmax and is split in half again by ``q k^T``, so ``q`` and
       ``k`` get a quarter each. As LXT does (``wrap_attention_forward``), the gradients of
