@@ -6,6 +6,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from captum.attr import visualization as viz
@@ -13,9 +16,17 @@ from captum.attr import visualization as viz
 from captum_mambalrp import MambaLRP
 from captum_mambalrp.dashboard.demo import make_demo_checkpoint
 from captum_mambalrp.models import load_model_and_tokenizer
-from captum_mambalrp.text import explain_texts, records
-from captum_mambalrp.visualization import captum_html, image_attr_figure, terminal_heatmap, text_records
+from captum_mambalrp.text import explain_texts, legend, records
+from captum_mambalrp.visualization import captum_html, image_attr_figure, relevance_cmap, terminal_heatmap, text_records
+from captum_mambalrp.visualization.colors import css, rgb
 from captum_mambalrp.visualization.image import display_image, to_hwc
+
+RED, BLUE = "rgb(255, 0, 0)", "rgb(0, 0, 255)"
+
+
+def mark_colours(page: str) -> dict:
+    """token -> background colour of each ``<mark>`` in an HTML page."""
+    return dict((tok, col) for col, tok in re.findall(r'<mark style="background-color:(rgb\([^)]*\));[^>]*>([^<]*)</mark>', page))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +87,55 @@ def test_text_records_checks_lengths_and_mask():
 def test_terminal_heatmap_plain_and_colour():
     assert terminal_heatmap(["a", "b"], torch.tensor([1.0, -0.5]), color=False) == "a(+1.00) b(-0.50)"
     coloured = terminal_heatmap(["a", "b"], torch.tensor([1.0, -0.5]))
-    assert "\x1b[48;2;255;0;0m" in coloured and "\x1b[48;2;127;127;255m" in coloured
+    # red background for the positive token, blue for the negative one
+    assert "\x1b[48;2;255;0;0m\x1b[38;2;0;0;0m a " in coloured and "\x1b[48;2;127;127;255m\x1b[38;2;0;0;0m b " in coloured
+    with_legend = terminal_heatmap(["a", "b"], torch.tensor([1.0, -0.5]), legend=True)
+    assert with_legend.splitlines()[1] == legend()
+    assert "\x1b[48;2;255;0;0m" in legend() and "for the class (+)" in legend() and "\x1b[48;2;0;0;255m" in legend()
+    assert legend(color=False) == "legend: red = for the explained class (+), white = none, blue = against it (-)"
+
+
+def test_one_colour_convention():
+    assert rgb(1) == (255, 0, 0) and rgb(-1) == (0, 0, 255) and rgb(0) == (255, 255, 255)
+    assert rgb(0.5) == (255, 127, 127) and rgb(-0.5) == (127, 127, 255) and rgb(7) == rgb(1)
+    cmap = relevance_cmap()  # the image colour map: the same colours at -1, 0, 1 and in between
+    for v in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        assert np.allclose(np.array(cmap((v + 1) / 2)[:3]) * 255, rgb(v), atol=1.5)
+
+
+def test_html_page_colours_and_legend():
+    recs = text_records(torch.tensor([[2.0, -1.0, 0.0]]), [["good", "bad", "meh"]], attr_class=["joy"])
+    page = captum_html(recs)
+    colours = mark_colours(page)
+    assert colours == {"good": RED, "bad": css(-0.5), "meh": css(0)} and css(-0.5) == "rgb(127, 127, 255)"
+    assert "hsl(" not in page  # not Captum's green/red colours
+    legend_part = page.split("<table>")[0]
+    assert "Legend" in legend_part and f"background-color:{RED}" in legend_part and f"background-color:{BLUE}" in legend_part
+    assert "for the explained class (positive)" in legend_part and "against it (negative)" in legend_part
+
+
+def test_documented_text_records_call():
+    """docs/visualization.md: ``text_records(relevance, tokens)`` alone works."""
+    relevance, tokens = torch.tensor([[0.5, -1.0, 0.25]]), [["i", "feel", "sad"]]
+    (rec,) = text_records(relevance, tokens)
+    assert rec.word_attributions.tolist() == [0.5, -1.0, 0.25] and rec.attr_score == pytest.approx(-0.25)
+    assert rec.pred_class == "" and rec.attr_class == "" and rec.convergence_score == 0.0
+    assert "<mark" in captum_html([rec])
+
+
+def test_image_heatmap_colours():
+    heat = torch.zeros(1, 8, 8)
+    heat[0, :4] = 1.0  # top half for the class
+    heat[0, 4:] = -1.0  # bottom half against it
+    fig, ax = image_attr_figure(heat, outlier_perc=0)
+    shown = ax.images[-1]
+    rgba = shown.cmap(shown.norm(shown.get_array()))
+    assert np.allclose(rgba[0, 0, :3], (1, 0, 0)) and np.allclose(rgba[-1, -1, :3], (0, 0, 1))  # red for, blue against
+    assert len(fig.axes) == 2  # the heatmap and its colour bar (the legend)
+    fig, ax = image_attr_figure(heat, sign="negative", outlier_perc=0)
+    shown = ax.images[-1]
+    rgba = shown.cmap(shown.norm(shown.get_array()))
+    assert rgba[-1, -1, 2] > rgba[-1, -1, 0]  # negative relevance in blues
 
 
 def test_image_helpers_shapes():

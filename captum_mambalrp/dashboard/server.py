@@ -92,14 +92,16 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         # a client trickling its request byte by byte would pass every read's timeout:
-        # cut the connection when the whole request has not arrived in time
+        # stop reading when the whole request has not arrived in time (and answer 408)
+        self._cut = False
         self._watchdog = threading.Timer(self.request_timeout, self._cut_off)
         self._watchdog.daemon = True
         self._watchdog.start()
 
     def _cut_off(self) -> None:
+        self._cut = True
         try:
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.shutdown(socket.SHUT_RD)
         except OSError:
             pass
 
@@ -151,6 +153,10 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own refusals (a malformed request line, headers too long) as JSON."""
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # answer with a status line and headers, whatever came in
+        if getattr(self, "_cut", False):  # the request was cut off half-way: that is the problem
+            code, message = HTTPStatus.REQUEST_TIMEOUT, "The request did not arrive in time."
         try:
             self._error(code, message or HTTPStatus(code).phrase)
         except ValueError:  # an unknown status code
@@ -178,16 +184,26 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read(self, length: int) -> bytes:
         try:
-            return self.rfile.read(length)
-        except TimeoutError:
-            raise InputError("The request body did not arrive in time.", 408) from None
-        except OSError:  # cut off by the watchdog
-            raise InputError("The request body did not arrive in time.", 408) from None
+            body = self.rfile.read(length)
+        except OSError:  # a read timed out, or the watchdog cut the request off
+            body = b""
+            self._cut = True
         finally:
             self._request_read()
+        if self._cut:
+            raise InputError("The request body did not arrive in time.", 408)
+        return body
+
+    def _late(self) -> bool:
+        """The request was cut off while its headers came in: answer 408, do nothing else."""
+        if self._cut:
+            self._error(HTTPStatus.REQUEST_TIMEOUT, "The request did not arrive in time.")
+        return self._cut
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._request_read()
+        if self._late():
+            return
         if not self._host_ok():
             return self._error(HTTPStatus.FORBIDDEN, "unexpected Host header")
         path = self.path.split("?", 1)[0]
@@ -202,6 +218,8 @@ class Handler(BaseHTTPRequestHandler):
         self._error(HTTPStatus.NOT_FOUND, "not found")
 
     def do_POST(self) -> None:  # noqa: N802
+        if self._late():
+            return self._request_read()
         if not self._host_ok():
             self._request_read()
             return self._error(HTTPStatus.FORBIDDEN, "unexpected Host header")
@@ -228,6 +246,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self._request_read()
+        if self._late():
+            return
         self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not supported; use GET or POST")
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
@@ -238,6 +258,7 @@ class DashboardServer(ThreadingHTTPServer):
     (503 beyond) and drops clients that went away without a traceback."""
 
     daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted (a burst of clients is not turned away)
 
     def __init__(self, address: Tuple[str, int], handler: type, max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__(address, handler)
