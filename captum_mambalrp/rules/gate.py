@@ -16,6 +16,9 @@ class HalfGateRule(MambaRule):
     ``p = y * g`` is rewritten as ``p / 2 + (p / 2).detach()``: the gradient reaching
     ``p`` is halved, and the product rule hands ``g * grad / 2`` to ``y`` and
     ``y * grad / 2`` to ``g``, so ``R_y = R_g = R_p / 2`` and ``R_y + R_g = R_p``.
+    MambaLRP's gate rule (Jafari et al. 2024) is AttnLRP's uniform rule on an element-wise
+    product (Achtibat et al. 2024, Eq. 7 and Prop. 3.2); it serves the SSM's gate ``y * silu(z)``
+    and the gated MLPs (``act(gate_proj(x)) * up_proj(x)``) alike.
     """
 
     kinds = frozenset({GATE})

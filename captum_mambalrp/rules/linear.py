@@ -46,7 +46,7 @@ def default_epsilon(dtype: torch.dtype) -> float:
 
 
 class EpsilonRule(MambaRule, CaptumEpsilonRule):
-    """LRP-epsilon: ``R_i = sum_j x_i w_ij R_j / (z_j + epsilon * sign(z_j))``.
+    """LRP-epsilon: ``R_i = sum_j x_i w_ij R_j / (z_j + epsilon * sign(z_j))`` (AttnLRP, Eq. 8).
 
     As modified gradient: the gradient reaching ``z`` is scaled by
     ``z / (z + epsilon * sign(z))`` (a constant), then flows through ``W`` as usual.
@@ -112,7 +112,8 @@ class GammaRule(MambaRule, CaptumGammaRule):
     ``x = x+ + x-`` split by sign,
     ``z+ = W+ x+ + W- x- (+ b + gamma b+)`` and ``z- = W- x+ + W+ x- (+ b + gamma b-)``;
     ``zp = z+`` where ``z > 0`` else ``z-``, and
-    ``R_i = sum_j x_i (d zp_j / d x_i) R_j / zp_j``. ``gamma = 0`` is LRP-0.
+    ``R_i = sum_j x_i (d zp_j / d x_i) R_j / zp_j``. ``gamma = 0`` is LRP-0 (Montavon et al.,
+    *Layer-wise relevance propagation: an overview*, 2019, the LRP-gamma rule).
     """
 
     kinds = frozenset({LINEAR, CONV})

@@ -16,7 +16,8 @@ class ConstantSSMRule(MambaRule):
     detaching delta, A, B and C makes ``y`` linear in ``x``: ``y = M x`` with a fixed
     matrix ``M``, so ``sum_s x_s dy_t/dx_s = y_t`` and relevance is conserved
     (``D x`` included). The scan then needs the gradient with respect to ``x`` only,
-    which the fast relevance scans exploit.
+    which the fast relevance scans exploit. This is MambaLRP's SSM rule (Jafari et al. 2024),
+    the same idea as CP-LRP's constant attention weights (:class:`ConstantAttentionRule`).
     """
 
     kinds = frozenset({SSM})
