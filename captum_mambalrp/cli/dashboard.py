@@ -3,19 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 from typing import List
 
-from . import quiet_transformers
+from . import UsageError, quiet_transformers
 
 
 def _examples(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--examples: no such file: {path}")
     with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+        examples = [line.strip() for line in f if line.strip()]
+    if not examples:
+        raise UsageError(f"--examples: {path} has no texts (one per line)")
+    return examples
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail early, before the model loads, when ``host:port`` cannot be bound.
+
+    Raises:
+        UsageError: the port is in use, needs privileges, or the address is not this machine's.
+    """
+    if port == 0:
+        return
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a port number (1-65535, or 0 for any free port)")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind((host, port))
+    except OSError as err:
+        raise UsageError(bind_error(err, host, port)) from None
+
+
+def bind_error(err: OSError, host: str, port: int) -> str:
+    """One line on why ``host:port`` cannot be bound, and what to do."""
+    if err.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use (another dashboard?): pick another with --port N, or --port 0 for any free port"
+    if err.errno == errno.EACCES:
+        return f"port {port} needs administrator rights: pick one above 1023 with --port N"
+    return f"cannot listen on {host}:{port} ({err.strerror or err}): check --host and --port"
+
+
+def _check_methods(methods: List[str]) -> None:
+    from ..evaluation import METHODS
+
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"unknown method {m!r} in --methods; choose among: {', '.join(METHODS)}")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .explain import check_composite, check_output_path
+
+    check_composite(args.composite)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _check_methods(methods)
+    if args.study and not os.path.isdir(args.study):
+        raise UsageError(f"--study: no such folder: {args.study} (a folder written by compare --out DIR)")
+    if args.export:
+        check_output_path(args.export, "--export")
+    else:
+        check_port(args.host, args.port)
+    given_examples = _examples(args.examples) if args.examples else None
     quiet_transformers()
     from ..dashboard import EXAMPLES, DashboardApp, Explainer, Limits, export_html, load_result_views, load_study, make_server
     from ..models import load_model_and_tokenizer
@@ -31,15 +86,17 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(args.max_chars, args.max_tokens),
         ig_steps=args.ig_steps,
     )
-    examples = _examples(args.examples) if args.examples else list(EXAMPLES)
+    examples = given_examples or list(EXAMPLES)
     study = load_study(args.study) if args.study else None
-    methods = [m for m in args.methods.split(",") if m]
     if args.export:
         texts = args.text or ([] if saved else examples)
         export_html(explainer, texts, args.export, target=args.target, methods=methods, study=study, results=saved)
         print(f"dashboard with {len(saved) + len(texts)} text(s) written to {os.path.abspath(args.export)} (opens offline)")
         return 0
-    server = make_server(DashboardApp(explainer, examples, study, verbose=args.verbose, results=saved), args.host, args.port)
+    try:
+        server = make_server(DashboardApp(explainer, examples, study, verbose=args.verbose, results=saved), args.host, args.port)
+    except OSError as err:  # taken between the check and now
+        raise UsageError(bind_error(err, args.host, args.port)) from None
     host, port = server.server_address[:2]
     print(f"MambaLRP dashboard on http://{host}:{port}/  (model: {source}; Ctrl+C to stop)", flush=True)
     try:
