@@ -1,0 +1,178 @@
+"""Hybrid models on the GPU: MambaLRP's attribution time against the transformers forward.
+
+Shapes (random weights, built on the GPU in bf16, batch 1, the next-token logit at the last
+position explained):
+
+- ``nemotron_h_8b``: Nemotron-H-8B-like (transformers ``NemotronH``): hidden 4096, 52 layers
+  (24 Mamba2 with 128 heads x 64, 8 groups, state 128; 24 squared-ReLU MLPs of 21504; 4 GQA
+  attention layers of 32 heads, 8 KV heads).
+- ``granite_4h_tiny``: Granite-4.0-H-Tiny-like (transformers ``GraniteMoeHybrid``): hidden 1536,
+  40 layers (36 Mamba2 with 48 heads x 64, state 128; 4 attention layers of 12 heads, 4 KV heads;
+  a MoE of 64 experts, top 6, expert width 512, shared expert 1024, in every layer).
+
+The forward is the model's own with the fastest kernels it finds (mamba-ssm, causal-conv1d,
+sdpa), no grad; the kernels found are printed. Each time is the median of ``--repeats`` calls
+after one warm-up. The ratio is printed last.
+
+    python3 benchmarks/gpu_hybrids.py --shape nemotron_h_8b --length 8192 --out nemotron.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_ratios, versions, write_results  # noqa: E402
+
+# 52 layers as in Nemotron-H-8B: 24 Mamba2 (M), 24 MLPs (-), 4 attention layers (*) spread through the depth
+NEMOTRON_PATTERN_8B = "*".join("M-" * 6 for _ in range(4)) + "*"
+assert len(NEMOTRON_PATTERN_8B) == 52
+
+
+def nemotron_h_8b(layers: int) -> Any:
+    from transformers import NemotronHConfig
+
+    pattern = NEMOTRON_PATTERN_8B[:layers] if layers else NEMOTRON_PATTERN_8B
+    return NemotronHConfig(
+        vocab_size=131072,
+        hidden_size=4096,
+        hybrid_override_pattern=pattern,
+        num_hidden_layers=len(pattern),
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=21504,
+        mlp_hidden_act="relu2",
+        mamba_num_heads=128,
+        mamba_head_dim=64,
+        n_groups=8,
+        ssm_state_size=128,
+        conv_kernel=4,
+        expand=2,
+        chunk_size=128,
+        use_conv_bias=True,
+        mamba_proj_bias=False,
+    )
+
+
+def granite_4h_tiny(layers: int) -> Any:
+    from transformers import GraniteMoeHybridConfig
+
+    n = layers or 40
+    kinds = ["attention" if i % 10 == 5 else "mamba" for i in range(n)]
+    return GraniteMoeHybridConfig(
+        vocab_size=100352,
+        hidden_size=1536,
+        num_hidden_layers=n,
+        layer_types=kinds,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=512,
+        shared_intermediate_size=1024,
+        num_local_experts=64,
+        num_experts_per_tok=6,
+        mamba_n_heads=48,
+        mamba_d_head=64,
+        mamba_d_state=128,
+        mamba_n_groups=1,
+        mamba_expand=2,
+        mamba_chunk_size=256,
+        position_embedding_type="nope",
+    )
+
+
+SHAPES: Dict[str, Callable[[int], Any]] = {"nemotron_h_8b": nemotron_h_8b, "granite_4h_tiny": granite_4h_tiny}
+
+
+def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=0, help="fewer layers than the shape has (0: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recompute", default="auto")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from captum_mambalrp import MambaLRP
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    config = SHAPES[args.shape](args.layers)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    print(
+        f"{args.shape}: {type(model).__name__}, {weights_gib:.1f} GiB of weights, built in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    kernels = {k: importlib.util.find_spec(k) is not None for k in ("mamba_ssm", "causal_conv1d", "flash_attn")}
+    print(f"kernels installed: {kernels}; attn_implementation={model.config._attn_implementation}", flush=True)
+
+    ids = torch.randint(0, config.vocab_size, (1, args.length), device="cuda")
+    with torch.no_grad():
+        t_fwd = cuda_time(lambda: model(ids, use_cache=False), args.repeats)
+    print(f"forward: {t_fwd * 1e3:.1f} ms", flush=True)
+
+    lrp = MambaLRP(model, recompute=args.recompute)
+    target = int(torch.randint(0, config.vocab_size, (1,)))
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    relevance, delta = lrp.attribute(ids, target=target, return_convergence_delta=True, use_cache=False)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    t_lrp = cuda_time(lambda: lrp.attribute(ids, target=target, use_cache=False), args.repeats)
+    print(
+        f"MambaLRP: {t_lrp * 1e3:.1f} ms, peak {peak / 1024:.1f} GiB over the weights ({peak / args.length:.3f} MiB per token)",
+        flush=True,
+    )
+    row = {
+        "shape": args.shape,
+        "L": args.length,
+        "layers": config.num_hidden_layers,
+        "forward_s": t_fwd,
+        "attribute_s": t_lrp,
+        "ratio": t_lrp / t_fwd,
+        "peak_mib_per_token": peak / args.length,
+        "relevance_finite": bool(torch.isfinite(relevance).all()),
+        "delta_over_score": float(delta.abs().max()),
+        "kernels": kernels,
+    }
+    write_results(args.out, {"machine": versions(), "args": vars(args), "rows": [row]})
+    print_ratios(
+        [
+            {
+                "name": f"{args.shape} L={args.length} attribute / forward",
+                "value": row["ratio"],
+                "goal": "<= 3",
+                "ok": row["ratio"] <= 3,
+            }
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
