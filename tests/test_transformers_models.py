@@ -198,3 +198,16 @@ def test_unsupported_attention_class_is_refused_and_model_unchanged():
     with pytest.raises(UnsupportedModelError, match=r"'model\.layers\.0\.self_attn' \(MistralAttention\)"):
         MambaLRP(model)
     assert same(before, snapshot(model))
+
+
+def test_layer_relevance_is_conserved_at_every_decoder_layer():
+    from captum_mambalrp import LayerMambaLRP
+
+    model = make_transformer("llama", seed=1)
+    ids, mask = left_padded(2, 7, seed=2)
+    layers = list(model.model.layers)
+    per_layer = LayerMambaLRP(model, layers, composite="conservative").attribute(ids, target=5, attention_mask=mask)
+    tokens = MambaLRP(model, composite="conservative").attribute(ids, target=5, attention_mask=mask)
+    for relevance in per_layer:
+        assert relevance.shape == (2, 7, 32)
+        assert torch.allclose(relevance.sum(dim=(1, 2)), tokens.sum(1), atol=1e-6)

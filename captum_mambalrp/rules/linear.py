@@ -123,7 +123,7 @@ class GammaRule(MambaRule, CaptumGammaRule):
         self.epsilon = epsilon
 
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-        weight = module.weight
+        weight: Tensor = getattr(module, "weight")  # noqa: B009  (nn.Module's attributes are typed Tensor | Module)
         bias = None if self.set_bias_to_zero else getattr(module, "bias", None)
         w_pos = weight + self.gamma * weight.clamp(min=0)
         w_neg = weight + self.gamma * weight.clamp(max=0)
