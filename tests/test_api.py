@@ -10,7 +10,7 @@ import torch
 from conftest import LastTokenClassifier, make_lm, zero_biases
 from torch import nn
 
-from captum_mambalrp import GradientRule, MambaLRP, UnsupportedModelError
+from captum_mambalrp import GradientRule, LayerMambaLRP, MambaLRP, UnsupportedModelError
 
 
 def ids_for(batch, length, seed=0):
@@ -182,6 +182,11 @@ ERRORS = [
     (lambda ids: dict(inputs=ids[:, :0], target=1), ValueError, "empty sequence"),
     (lambda ids: dict(inputs=ids, target=1, attention_mask=torch.ones(2, 5)), ValueError, "attention_mask has shape"),
     (lambda ids: dict(inputs=ids, target=1, attention_mask=torch.zeros(2, 8)), ValueError, "no real token"),
+    (
+        lambda ids: dict(inputs=ids, target=1, attention_mask=torch.tensor([[1] * 8, [1, 1, 0, 1, 1, 1, 1, 0]])),
+        ValueError,
+        r"row 1 has padding between real tokens \(\[1, 1, 0, 1, 1, 1, 1, 0\]\): padding must be contiguous",
+    ),
     (lambda ids: dict(inputs=ids + 100, target=1), IndexError, "ids must lie in"),
     (lambda ids: dict(inputs=ids, target=[1, 2, 3]), ValueError, "3 entries for a batch of 2"),
     (lambda ids: dict(inputs=torch.randn(2, 8, 5), target=1), ValueError, "hidden size 5"),
@@ -290,3 +295,140 @@ def test_recompute_gives_the_same_relevance(arch):
     assert_unchanged(model, before)
     with pytest.raises(ValueError, match="recompute"):
         MambaLRP(model, recompute="sometimes")
+
+
+def test_padding_on_both_ends_is_one_block_of_real_tokens():
+    """Padding at both ends (one block of real tokens) is accepted and is padding invariant; a hole is not."""
+    model = make_lm("mamba", seed=14)
+    seq = ids_for(1, 5, seed=5)
+    ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), seq, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = (torch.arange(10) >= 2) & (torch.arange(10) < 7)
+    lrp = MambaLRP(model)
+    both = lrp.attribute(ids, target=2, attention_mask=mask.long()[None])
+    assert (both[0, ~mask] == 0).all()
+    assert torch.allclose(both[0, mask], lrp.attribute(seq, target=2)[0], atol=1e-6, rtol=1e-4)
+    holed = mask.clone()
+    holed[4] = False
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        lrp.attribute(ids, target=2, attention_mask=holed.long()[None])
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        LayerMambaLRP(model, model.backbone.layers[0]).attribute(ids, target=2, attention_mask=holed.long()[None])
+
+
+def _layer(model, **options):
+    return LayerMambaLRP(model, model.backbone.layers[-1], **options)
+
+
+FRONT_END_ERRORS = [
+    (lambda m: dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+    (lambda m: dict(cuda_graph="yes"), TypeError, "cuda_graph must be True or False"),
+    (lambda m: dict(recompute="sometimes"), ValueError, "recompute"),
+    (lambda m: dict(composite="no_such_composite"), ValueError, "unknown composite 'no_such_composite'"),
+    (lambda m: dict(rules={"*.no_such_module": GradientRule()}), KeyError, "no_such_module"),
+    (lambda m: dict(embedding=m.lm_head), TypeError, "embedding must be the model's token embedding"),
+    (lambda m: dict(embedding=nn.Embedding(64, 16)), ValueError, "embedding is not a module of the model"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", FRONT_END_ERRORS, ids=[e[2] for e in FRONT_END_ERRORS])
+@pytest.mark.parametrize("cls", ["MambaLRP", "LayerMambaLRP"])
+def test_one_front_end_checks_the_same_options(cls, make, exc, match):
+    """MambaLRP and LayerMambaLRP share their options and checks (at construction)."""
+    model = make_lm("mamba", seed=15)
+    build = MambaLRP if cls == "MambaLRP" else _layer
+    with pytest.raises(exc, match=match):
+        build(model, **make(model))
+
+
+def test_layer_mambalrp_fails_at_construction_and_checks_its_layers():
+    with pytest.raises(UnsupportedModelError, match="contains no supported Mamba mixer"):
+        model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        LayerMambaLRP(model, model[1])
+    model = make_lm("mamba", seed=16)
+    with pytest.raises(ValueError, match="not a module of the model"):
+        LayerMambaLRP(model, copy.deepcopy(model.backbone.layers[0]))
+    with pytest.raises(ValueError, match="at least one layer"):
+        LayerMambaLRP(model, [])
+    with pytest.raises(TypeError, match="needs an nn.Module"):
+        LayerMambaLRP(lambda x: x, model.backbone.layers[0])
+
+
+def test_layer_mambalrp_embedding_option():
+    """``embedding=`` names the input embedding of a model with several (ids are checked against it), as in MambaLRP."""
+
+    class TwoTables(nn.Module):  # no get_input_embeddings(), two nn.Embedding: none is guessed
+        def __init__(self):
+            super().__init__()
+            self.backbone = make_lm("mamba", seed=17).backbone
+            self.side_table = nn.Embedding(8, 16)
+            self.lm_head = nn.Linear(16, 3, bias=False)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.lm_head(self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+
+    model = TwoTables()
+    emb, block, ids = model.backbone.embeddings, model.backbone.layers[1], ids_for(2, 6)
+    assert LayerMambaLRP(model, block).embedding is None
+    with pytest.raises(ValueError, match="cannot find the model's token embedding.*embedding="):
+        MambaLRP(model).attribute(ids, target=1)
+    layer = LayerMambaLRP(model, block, embedding=emb)
+    assert layer.embedding is emb
+    with pytest.raises(IndexError, match="ids must lie in"):
+        layer.attribute(ids + 64, target=1)
+    assert torch.equal(layer.attribute(ids, target=1), LayerMambaLRP(model, block).attribute(ids, target=1))
+    # and at the embedding itself it is MambaLRP's relevance with the same embedding=
+    at_embedding = LayerMambaLRP(model, emb, embedding=emb).attribute(ids, target=1).sum(-1)
+    assert torch.allclose(at_embedding, MambaLRP(model, embedding=emb).attribute(ids, target=1), atol=1e-6)
+
+
+def test_layer_mambalrp_cuda_graph_path_equals_eager():
+    """cuda_graph=True: ignored for CPU inputs (same numbers); the pass the CUDA-graph cache records
+    (the layers' relevances packed into one tensor, split again) gives the eager relevances, checked
+    here by running the cache's pass eagerly (the replay itself: tests/test_cuda_graphs.py on a GPU)."""
+    from captum_mambalrp.attribution.targets import TargetSelector
+
+    model = zero_biases(make_lm("falcon", seed=18, num_hidden_layers=3))
+    ids = ids_for(2, 7)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    layers = [model.backbone.embeddings, *model.backbone.layers]
+    eager, deltas = LayerMambaLRP(model, layers).attribute(ids, target=3, attention_mask=mask, return_convergence_delta=True)
+    graphed = LayerMambaLRP(model, layers, cuda_graph=True)
+    same = graphed.attribute(ids, target=3, attention_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(eager, same)) and len(graphed.cuda_graphs) == 0
+
+    class EagerCache:  # what GraphCache.relevance computes on its first (eager) call
+        calls = 0
+
+        def relevance(self, call, target, run, state):
+            EagerCache.calls += 1
+            return run(call, TargetSelector(target, call.mask))
+
+    graphed.cuda_graphs = EagerCache()
+    graphed._use_graph = lambda inputs: True
+    packed, packed_deltas = graphed.attribute(
+        ids, target=3, attention_mask=mask, return_convergence_delta=True, attribute_to_layer_input=False
+    )
+    assert EagerCache.calls == 1
+    for a, b, da, db in zip(eager, packed, deltas, packed_deltas):
+        assert a.shape == b.shape and torch.equal(a, b) and torch.equal(da, db)
+    single = LayerMambaLRP(model, layers[2], cuda_graph=True)
+    single.cuda_graphs, single._use_graph = EagerCache(), lambda inputs: True
+    assert torch.equal(
+        single.attribute(ids, target=3, attention_mask=mask, attribute_to_layer_input=True),
+        LayerMambaLRP(model, layers[2]).attribute(ids, target=3, attention_mask=mask, attribute_to_layer_input=True),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_layer_mambalrp_cuda_graph_replay_on_gpu():
+    model = zero_biases(make_lm("mamba", seed=19, num_hidden_layers=2)).cuda()
+    layers = list(model.backbone.layers)
+    eager = LayerMambaLRP(model, layers).attribute(ids_for(2, 64).cuda(), target=3)
+    graphed = LayerMambaLRP(model, layers, cuda_graph=True)
+    for _ in range(3):  # record, then replay twice
+        replayed = graphed.attribute(ids_for(2, 64).cuda(), target=3)
+        for a, b in zip(eager, replayed):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert graphed.cuda_graphs.captures == 1 and graphed.cuda_graphs.replays == 2
