@@ -80,6 +80,33 @@ class MambaLLMAttributionResult(LLMAttributionResult):
         self.delta = delta
         self.attr_target = attr_target
 
+    def _get_plot_color_map(self) -> Any:
+        """The package's colours for ``plot_token_attr`` (red: for the generated token, blue:
+        against, white: none; Captum's own map is red for negative, green for positive)."""
+        from .visualization.colors import relevance_cmap
+
+        return relevance_cmap()
+
+    def plot_seq_attr(self, show: bool = False) -> Any:
+        """Captum's bar plot of ``seq_attr`` in the package's colours: red bars for positive
+        relevance, blue for negative (Captum draws positive blue, negative red).
+
+        Returns:
+            ``(figure, axis)``, or None with ``show=True``.
+        """
+        from .visualization.colors import rgb
+
+        fig, ax = super().plot_seq_attr(show=False)
+        positive, negative = (tuple(c / 255 for c in rgb(v)) for v in (1.0, -1.0))
+        for bar in ax.patches:
+            bar.set_color(positive if bar.get_height() > 0 else negative)
+        if show:
+            import matplotlib.pyplot as plt
+
+            plt.show()
+            return None
+        return fig, ax
+
 
 class MambaLLMAttribution(LLMGradientAttribution):
     """:class:`captum.attr.LLMGradientAttribution` explaining the logit (conservative with

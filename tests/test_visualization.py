@@ -165,3 +165,27 @@ def test_visualize_image_attr_on_a_vision_mamba_heatmap():
     assert ax.get_title() == "Vim" and len(ax.images) == 2  # the image and the heatmap over it
     fig, ax = image_attr_figure(pixel[0], sign="absolute_value")
     assert len(ax.images) == 1
+
+
+def test_llm_plots_colours():
+    import matplotlib.pyplot as plt
+    from captum.attr import LLMAttributionResult
+
+    from captum_mambalrp.llm import MambaLLMAttributionResult
+
+    base = LLMAttributionResult(
+        input_tokens=["the", "cat"],
+        output_tokens=["sat"],
+        seq_attr=torch.tensor([2.0, -1.0]),
+        token_attr=torch.tensor([[2.0, -2.0]]),
+    )
+    result = MambaLLMAttributionResult(base, torch.zeros(1, 1), torch.tensor([1.0]), torch.tensor([0.0]), "logit")
+    fig, ax = result.plot_token_attr()
+    shown = ax.images[0]
+    rgba = shown.cmap(shown.norm(shown.get_array()))
+    assert np.allclose(rgba[0, 0, :3], (1, 0, 0)) and np.allclose(rgba[0, 1, :3], (0, 0, 1))  # "the" for, "cat" against
+    plt.close(fig)
+    fig, ax = result.plot_seq_attr()
+    bars = {round(b.get_height(), 3): b.get_facecolor()[:3] for b in ax.patches if b.get_height() != 0}
+    assert np.allclose(bars[2.0], (1, 0, 0)) and np.allclose(bars[-1.0], (0, 0, 1))
+    plt.close(fig)
