@@ -183,9 +183,9 @@ def _lrp(composite: str) -> Callable[[nn.Module, MethodOptions], TokenAttributio
     return lambda model, opts: LRPMethod(model, composite)
 
 
-def _hidden_attention(gradient_weighted: bool) -> Callable[[nn.Module, MethodOptions], TokenAttribution]:
+def _hidden_attention(gradient_weighted: bool, implicit: bool = False) -> Callable[[nn.Module, MethodOptions], TokenAttribution]:
     def build(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
-        return HiddenAttentionAttribution(model, gradient_weighted=gradient_weighted, chunk_channels=opts.chunk_channels)
+        return HiddenAttentionAttribution(model, gradient_weighted, opts.chunk_channels, implicit)
 
     return build
 
@@ -308,6 +308,20 @@ for _spec in [
         _hidden_attention(True),
         "gradient-weighted rollout of the hidden attention (Ali et al. 2024)",
     ),
+    MethodSpec(
+        "implicit_attn",
+        "Implicit attention rollout",
+        "attention",
+        _hidden_attention(False, implicit=True),
+        "rollout of the implicit attention, gate, SiLU and conv folded in (Zimerman et al. 2025); Mamba1 and Mamba2",
+    ),
+    MethodSpec(
+        "implicit_attr",
+        "Implicit attention (grad.)",
+        "attention",
+        _hidden_attention(True, implicit=True),
+        "gradient-weighted rollout of the implicit attention (Zimerman et al. 2025); Mamba1 and Mamba2",
+    ),
     MethodSpec("random", "Random", "control", lambda m, o: RandomAttribution(m), "uniform random relevance"),
 ]:
     register_method(_spec)
@@ -316,7 +330,7 @@ GROUPS: Dict[str, List[str]] = {
     "lrp": ["mambalrp", "gxi", "lrp_ln"],
     "ablations": [f"no_{k}_rule" for k in ("activation", "ssm", "gate", "norm")],
     "captum": ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "feature_ablation", "kernelshap"],
-    "attention": ["attn_rollout", "mamba_attr"],
+    "attention": ["attn_rollout", "mamba_attr", "implicit_attn", "implicit_attr"],
 }
 
 

@@ -1,0 +1,117 @@
+"""Hidden and implicit attention for Mamba2 (SSD) and Mamba1, against explicit recurrences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LastTokenClassifier, make_config, randomize
+
+from captum_mambalrp.evaluation import build_method
+from captum_mambalrp.evaluation.hidden_attention import (
+    implicit_attention,
+    iter_channel_attention,
+    scan_records,
+    ssd_hidden_attention,
+)
+
+
+def _no_conv_bias(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("conv1d.bias"):
+                p.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def mamba2():
+    from transformers import Mamba2Config, Mamba2Model
+
+    cfg = Mamba2Config(
+        vocab_size=64,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        expand=2,
+        num_heads=4,
+        head_dim=8,
+        n_groups=2,
+        chunk_size=4,
+        use_conv_bias=True,
+    )
+    torch.manual_seed(0)
+    model = LastTokenClassifier(Mamba2Model(cfg), n_classes=3).eval()
+    randomize(model)
+    return _no_conv_bias(model)
+
+
+@pytest.fixture(scope="module")
+def mamba1():
+    from transformers import MambaModel
+
+    torch.manual_seed(0)
+    model = LastTokenClassifier(MambaModel(make_config()), n_classes=3).eval()
+    randomize(model)
+    return _no_conv_bias(model)
+
+
+def explicit_ssd(x, dt, A, B, C, D):
+    """``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t``, ``y_t = <C_t, h_t> + D x_t``, one step at a
+    time; ``x [b, l, h, p]``, ``B, C [b, l, g, n]``; returns ``y`` and ``M [b, h, t, s]``."""
+    b, length, heads, p = x.shape
+    hg = heads // B.shape[2]
+    Bh, Ch = B.repeat_interleave(hg, dim=2), C.repeat_interleave(hg, dim=2)  # [b, l, h, n]
+    state = torch.zeros(b, heads, p, B.shape[-1], dtype=torch.float64)
+    ys = []
+    M = torch.zeros(b, heads, length, length, dtype=torch.float64)
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)  # [b, h]
+        state = decay[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        ys.append((state * Ch[:, t, :, None, :]).sum(-1) + D[:, None] * x[:, t])
+        for s in range(t + 1):
+            span = dt[:, s + 1 : t + 1].sum(1) if t > s else torch.zeros_like(dt[:, 0])
+            M[:, :, t, s] = (Ch[:, t] * Bh[:, s]).sum(-1) * torch.exp(span * A) * dt[:, s]
+    return torch.stack(ys, 1), M
+
+
+def test_ssd_hidden_attention_equals_the_explicit_recurrence(mamba2):
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    records, _ = scan_records(mamba2, ids, None, with_gradient=True)
+    assert len(records) == 2 and all(r.kind == "ssd" for r in records)
+    for layer, r in zip(mamba2.backbone.layers, records):
+        heads = r.A.shape[0]
+        x = r.x.transpose(1, 2).reshape(2, 9, heads, -1).double()
+        y_ref, M_ref = explicit_ssd(x, r.delta.double(), r.A.double(), r.B.double(), r.C.double(), layer.mixer.D.double())
+        assert torch.allclose(r.y.transpose(1, 2).reshape(y_ref.shape).double(), y_ref, atol=1e-4)
+        M = ssd_hidden_attention(r.delta, r.A, r.B, r.C)
+        assert M.shape == (2, heads, 9, 9) and (M.triu(1) == 0).all()
+        assert torch.allclose(M.double(), M_ref, atol=1e-5)
+        # per channel: y = alpha x + D x
+        alpha = torch.cat([a for _, a in iter_channel_attention(r, chunk=5)], dim=1)
+        y = torch.einsum("bdts,bds->bdt", alpha, r.x) + r.D[None, :, None] * r.x
+        assert torch.allclose(y, r.y, atol=1e-5)
+        assert r.grad_y is not None and r.grad_out is not None
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_implicit_attention_maps_the_conv_input_to_the_gated_output(arch, mamba1, mamba2):
+    """``silu(z) * y = alpha~ u`` exactly (conv bias zero), with ``u`` the conv's input."""
+    model = mamba1 if arch == "mamba1" else mamba2
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(4))
+    records, _ = scan_records(model, ids, None)
+    for r in records:
+        for sl, alpha in iter_channel_attention(r, chunk=8):
+            folded = implicit_attention(r, sl, alpha)
+            assert (folded.triu(1) == 0).all()
+            gated = torch.einsum("bdts,bds->bdt", folded, r.conv_in[:, sl])
+            assert torch.allclose(gated, (r.y * r.gate)[:, sl], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["attn_rollout", "mamba_attr", "implicit_attn", "implicit_attr"])
+def test_attention_methods_on_mamba2_with_padding(name, mamba2):
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    rel = build_method(name, mamba2).attribute(ids, torch.tensor([0, 2]), mask)
+    assert rel.shape == ids.shape and torch.isfinite(rel).all() and (rel[1, 5:] == 0).all()
+    assert (rel[:, :5] > 0).all()  # a row of a product of row-stochastic maps with the identity
