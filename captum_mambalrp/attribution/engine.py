@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher
+from ..adapters.recompute import plan_for, planned
 from ..scan.precision import compute_dtype
 from .inputs import ForwardCall
 from .targets import output_scores
@@ -76,7 +77,7 @@ def relevance_pass(
             if c.leaf is not None:
                 c.tensors.append(c.leaf)
             c.install(patcher)
-        with torch.enable_grad():
+        with torch.enable_grad(), planned(plan_for(model, inst.mixers)):  # recompute="auto" decides per pass
             scores = output_scores(call.run(model))
             explained = select(scores)
             for c in captures:

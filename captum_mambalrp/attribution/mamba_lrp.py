@@ -195,10 +195,11 @@ class MambaLRP(MambaLRPOptions, LRP):
             Triton kernel; for Mamba2 the torch backend's chunked SSD; CPU: torch), ``"torch"``,
             ``"triton"`` or ``"mamba_ssm"``.
         recompute: recompute each mixer in the backward pass instead of keeping its
-            intermediate tensors (``True``, ``False``, or ``"auto"``: when a batch holds more
-            than ``adapters.recompute.RECOMPUTE_AUTO_TOKENS`` tokens: 16384 on CUDA, 4096
-            elsewhere). Same relevance; memory
-            per layer drops to the mixer's input, for one more mixer forward.
+            intermediate tensors (``True``), keep them (``False``), recompute with the mixer
+            inputs parked in pinned host memory (``"offload"``), or ``"auto"``: chosen per pass
+            from the memory the pass would need and the memory free (see
+            :mod:`captum_mambalrp.adapters.recompute` for the estimate). Same relevance; memory
+            per layer drops to the mixer's input (offloaded: none), for one more mixer forward.
         embedding: the token embedding module when the model has several.
         cuda_graph: on CUDA inputs, record each input signature's pass as a CUDA graph and
             replay it on later calls with that signature (same relevance; removes the launch

@@ -1,0 +1,113 @@
+"""recompute="auto" decides from memory (the estimate against a budget), and every
+memory-saving path gives the same relevance as keeping everything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_lm
+from test_api import assert_unchanged, snapshot
+from test_mamba2 import ids_for, make_mamba2
+
+from captum_mambalrp import MambaLRP
+from captum_mambalrp.adapters import recompute as rc
+
+
+def _modes_seen(model, ids, monkeypatch, budget):
+    """The modes the mixers of one pass ran in, with ``budget`` bytes available."""
+    seen = []
+    original = rc.RecomputePlan.choose
+
+    def spy(self, hidden):
+        mode = original(self, hidden)
+        seen.append(mode)
+        return mode
+
+    monkeypatch.setattr(rc.RecomputePlan, "choose", spy)
+    monkeypatch.setattr(rc, "available_memory", lambda device: budget / rc.AUTO_MEMORY_FRACTION)
+    relevance = MambaLRP(model).attribute(ids, target=1)
+    return set(seen), relevance
+
+
+def _thresholds(model, ids):
+    """Bytes needed to keep everything / to recompute, by the documented estimate."""
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    tokens = ids.numel()
+    dtype = next(model.parameters()).dtype
+    per = [rc.mixer_bytes_per_token(m, dtype) for m in mixers]
+    working = max(p["kept"] for p in per) * tokens
+    return sum(p["kept"] for p in per) * tokens + working, sum(p["input"] for p in per) * tokens + working
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
+    model = make_lm("mamba", num_hidden_layers=3) if arch == "mamba" else make_mamba2(num_hidden_layers=3)
+    ids = ids_for(2, 17)
+    keep, recompute = _thresholds(model, ids)
+    assert recompute < keep
+    modes, kept = _modes_seen(model, ids, monkeypatch, budget=keep * 1.001)
+    assert modes == {False}
+    modes, again = _modes_seen(model, ids, monkeypatch, budget=keep * 0.999)
+    assert modes == {True}
+    modes, _ = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
+    assert modes == {True}  # on the CPU the host memory is the budget: nothing to offload to
+    torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_scales_with_tokens(monkeypatch):
+    """The same budget keeps a short batch and recomputes a long one."""
+    model = make_lm("mamba", num_hidden_layers=2)
+    short, long = ids_for(1, 8), ids_for(1, 64)
+    keep_short, _ = _thresholds(model, short)
+    assert _modes_seen(model, short, monkeypatch, budget=keep_short * 1.5)[0] == {False}
+    assert _modes_seen(model, long, monkeypatch, budget=keep_short * 1.5)[0] == {True}
+
+
+def test_estimate_counts_dtype():
+    model = make_lm("mamba", num_hidden_layers=1)
+    mixer = model.backbone.layers[0].mixer
+    f32, bf16, f64 = (rc.mixer_bytes_per_token(mixer, d) for d in (torch.float32, torch.bfloat16, torch.float64))
+    width, d_model = mixer.in_proj.out_features, mixer.in_proj.in_features
+    assert f32 == {"kept": width * (3 * 4 + 2.75 * 4), "input": d_model * 4}
+    assert bf16 == {"kept": width * (3 * 2 + 2.75 * 4), "input": d_model * 2}
+    assert f64["kept"] == 2 * f32["kept"]
+
+
+@pytest.mark.parametrize("arch", ["mamba", "falcon", "mamba2"])
+def test_every_memory_saving_path_gives_the_same_relevance(arch):
+    """Keep, recompute, offload (the offload path runs on the CPU too: the input is parked in
+    host memory), and the env-var budget that forces auto to recompute."""
+    model = make_mamba2(num_hidden_layers=3) if arch == "mamba2" else make_lm(arch, seed=13, num_hidden_layers=3)
+    ids = ids_for(2, 30)
+    before = snapshot(model)
+    kept = MambaLRP(model, recompute=False).attribute(ids, target=4)
+    for mode in (True, "offload"):
+        again = MambaLRP(model, recompute=mode).attribute(ids, target=4)
+        torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
+    assert_unchanged(model, before)
+
+
+def test_offload_keeps_no_mixer_tensors_for_backward():
+    """With "offload", a mixer's output node holds no saved tensors on the graph (its input
+    is in host memory): elements saved during the forward pass (not the recomputations in the
+    backward pass), counted with saved-tensor hooks."""
+    model = make_lm("mamba", num_hidden_layers=2)
+    ids = ids_for(1, 40)
+    counts = {}
+    for mode in (False, True, "offload"):
+        n = [0]
+
+        def pack(t, n=n):
+            if torch._C._current_graph_task_id() == -1:  # not inside the backward pass
+                n[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            MambaLRP(model, recompute=mode).attribute(ids, target=1)
+        counts[mode] = n[0]
+    assert counts["offload"] < counts[True] < counts[False], counts
+
+
+def test_bad_mode_is_named():
+    with pytest.raises(ValueError, match="recompute must be True, False, 'auto' or 'offload'"):
+        MambaLRP(make_lm("mamba"), recompute="sometimes")
