@@ -1,4 +1,5 @@
-"""mamba-ssm's ``MambaLMHeadModel`` (Mamba1 and Mamba2 mixers, ``Block`` with fused add+norm).
+"""mamba-ssm's ``MambaLMHeadModel`` (Mamba1 and Mamba2 mixers, ``Block`` with fused add+norm, and
+hybrids with ``MHA`` attention layers and ``GatedMLP``s).
 
 These tests run the real mamba-ssm module definitions on CPU (see ``mamba_ssm_env``): the
 adapters take over every forward that would call a kernel. The kernels themselves are
@@ -265,31 +266,143 @@ def test_gradient_x_input_does_not_conserve(layer):
     assert torch.allclose(relevance.sum(1), gxi, atol=1e-5, rtol=1e-4)
 
 
-def test_attention_blocks_mlps_and_other_mixers_are_refused():
+def test_other_mixers_and_rotary_attention_are_refused():
     model = make_ssm_lm("Mamba2", seed=17)
-    MambaConfig, MambaLMHeadModel = mssm().MambaConfig, mssm().MambaLMHeadModel
-    hybrid = MambaLMHeadModel(
-        MambaConfig(
-            d_model=32,
-            n_layer=2,
-            vocab_size=64,
-            ssm_cfg=dict(layer="Mamba2", headdim=8),
-            attn_layer_idx=[1],
-            attn_cfg=dict(num_heads=2),
-        )
-    ).eval()
-    before = snapshot(hybrid)
-    with pytest.raises(UnsupportedModelError, match=r"'backbone.layers.1.mixer' \(MHA\).*attention"):
-        MambaLRP(hybrid)
-    assert_unchanged(hybrid, before)
-    with_mlp = MambaLMHeadModel(
-        MambaConfig(d_model=32, n_layer=1, vocab_size=64, d_intermediate=64, ssm_cfg=dict(layer="Mamba1"))
-    ).eval()
-    with pytest.raises(UnsupportedModelError, match=r"\(GatedMLP\).*d_intermediate"):
-        MambaLRP(with_mlp)
+    before = snapshot(model)
     model.backbone.layers[1].mixer = mssm().Mamba2Simple(32, d_state=4, headdim=8)
     with pytest.raises(UnsupportedModelError, match=r"\(Mamba2Simple\).*not covered"):
         MambaLRP(model)
+    hybrid = make_ssm_hybrid(seed=17)
+    before = snapshot(hybrid)
+    hybrid.backbone.layers[1].mixer.rotary_emb_dim = 8  # flash-attn's RotaryEmbedding: no rule
+    with pytest.raises(UnsupportedModelError, match=r"'backbone.layers.1.mixer' \(MHA\): rotary"):
+        MambaLRP(hybrid, composite="conservative")
+    hybrid.backbone.layers[1].mixer.rotary_emb_dim = 0
+    assert_unchanged(hybrid, before)
+
+
+def make_ssm_hybrid(seed: int = 0, layer: str = "Mamba2", d_intermediate: int = 48, attn_layer_idx=(1,), **attn):
+    """mamba-ssm's hybrid ``MambaLMHeadModel``: SSM layers, ``MHA`` at ``attn_layer_idx`` (GQA,
+    optional conv and MLP half), ``GatedMLP`` after every mixer; all biases zero."""
+    ms = mssm()
+    ssm_cfg = {"layer": layer, "d_state": 4}
+    if layer == "Mamba2":
+        ssm_cfg.update(headdim=8, chunk_size=8)
+    attn_cfg = dict(num_heads=4, num_heads_kv=2, causal=True, qkv_proj_bias=False, out_proj_bias=False)
+    attn_cfg.update(attn)
+    config = ms.MambaConfig(
+        d_model=32,
+        n_layer=3,
+        vocab_size=64,
+        d_intermediate=d_intermediate,
+        ssm_cfg=ssm_cfg,
+        attn_layer_idx=list(attn_layer_idx),
+        attn_cfg=attn_cfg,
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        tie_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = ms.MambaLMHeadModel(config).eval()
+    randomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "dt_proj" not in name and not name.endswith("dt_bias"):
+                p.zero_()
+            elif ".mixer." in name and name.endswith("proj.weight") and "dt_proj" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)  # attention scores of order 1
+    return model
+
+
+HYBRID_CONFIGS = {
+    "mamba2_mha_gqa_mlp": dict(),
+    "mamba1_mha_conv_mlp_half": dict(layer="Mamba1", d_conv=3, mlp_dim=64, attn_layer_idx=(0, 2)),
+    "mamba2_mqa_no_mlp": dict(d_intermediate=0, num_heads_kv=1, softmax_scale=0.3),
+}
+
+
+@pytest.mark.parametrize("name", HYBRID_CONFIGS)
+def test_hybrid_lm_conserves_with_every_target_form(name):
+    model = make_ssm_hybrid(seed=21, **HYBRID_CONFIGS[name])
+    before = snapshot(model)
+    ids = ids_for(3, 12, seed=21)
+    logits = takeover_logits(model, ids, "conservative")
+    lrp = MambaLRP(model, composite="conservative")
+    forms = {"int": 3, "position_class": (4, 7), "none": None, "per_example": [5, (0, 2), None]}
+    for form, target in forms.items():
+        relevance, delta = lrp.attribute(ids, target=target, return_convergence_delta=True)
+        targets = target if isinstance(target, list) else [target] * 3
+        score = torch.stack([_explained(logits[i], t) for i, t in enumerate(targets)])
+        assert torch.allclose(relevance.sum(1) + delta, score, atol=1e-5, rtol=1e-5), form
+        assert ((relevance.sum(1) - score).abs() <= 1e-5 * score.abs().clamp_min(0.1)).all(), (form, relevance.sum(1), score)
+    inst = install_rules(model, composite("conservative"))
+    inst.patcher.restore()
+    attention = {c.name for c in inst.components if c.kind == "attention"}
+    layers = HYBRID_CONFIGS[name].get("attn_layer_idx", (1,))
+    assert attention == {f"backbone.layers.{i}.mixer.attention" for i in layers}, attention
+    assert_unchanged(model, before)
+
+
+def _explained(logits, target):
+    """``logits [L, C]``'s score named by a target (no padding: positions are indices)."""
+    if isinstance(target, tuple):
+        return logits[target[0], target[1]]
+    return logits[-1, logits[-1].argmax() if target is None else target]
+
+
+@pytest.mark.parametrize("attn", [dict(), dict(d_conv=3, mlp_dim=64), dict(num_heads_kv=1, causal=False)])
+def test_mha_and_gated_mlp_takeover_equal_their_own_forward(attn):
+    """MHA (its CPU path: ``F.scaled_dot_product_attention``) and GatedMLP run their own forward
+    here: the taken-over forwards compute the same values."""
+    model = make_ssm_hybrid(seed=22, **attn)
+    mha, mlp = model.backbone.layers[1].mixer, model.backbone.layers[1].mlp
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        expected = mha(x), mlp(x)
+        inst = install_rules(model, composite("mambalrp"))
+        try:
+            got = mha(x), mlp(x)
+        finally:
+            inst.patcher.restore()
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+
+
+def test_mha_relevance_equals_cp_lrp_computed_directly():
+    """One MHA between an embedding and a head: ``composite="conservative"`` equals CP-LRP written
+    out (softmax weights from detached q, k; gradient x input through v and the projections)."""
+    mha = make_ssm_hybrid(seed=23, d_conv=0).backbone.layers[1].mixer
+
+    class Host(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(23)
+            self.embed = nn.Embedding(64, 32)
+            self.attn = mha
+            self.head = nn.Linear(32, 5, bias=False)
+
+        def forward(self, input_ids=None, inputs_embeds=None):
+            h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+            return self.head(self.attn(h))
+
+    host = Host().eval()
+    ids = ids_for(2, 8, seed=23)
+    relevance = MambaLRP(host, composite="conservative").attribute(ids, target=(5, 2))
+    emb = host.embed(ids).detach().requires_grad_(True)
+    q, kv = mha.in_proj(emb).split([4 * 8, 2 * 2 * 8], dim=-1)
+    q = q.reshape(2, 8, 4, 8).transpose(1, 2)
+    k, v = kv.reshape(2, 8, 2, 2, 8).permute(2, 0, 3, 1, 4)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)).detach() * 8**-0.5
+    scores = scores.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))
+    out = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(2, 8, 32)
+    score = host.head(mha.out_proj(out))[:, 5, 2]
+    (grad,) = torch.autograd.grad(score.sum(), emb)
+    expected = (emb * grad).sum(-1)
+    assert torch.allclose(relevance, expected, atol=1e-5, rtol=1e-4), (relevance - expected).abs().max()
+    assert torch.allclose(relevance.sum(1), score.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_vision_mamba_fork_of_the_mamba_class_is_not_taken_for_mamba1():

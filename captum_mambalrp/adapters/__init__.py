@@ -4,6 +4,7 @@ from . import (  # noqa: I001  (the mixers first, then transformers' attention, 
     hf_hybrids,  # noqa: F401  (the SSM mixers of transformers' hybrids: Jamba, Bamba, NemotronH, Granite, Zamba2, FalconH1)
     hf_mamba,  # noqa: F401  (registers the transformers Mamba1 adapter)
     hf_mamba2,  # noqa: F401  (transformers Mamba2)
+    mamba3,  # noqa: F401  (mamba-ssm's Mamba3, SISO and MIMO)
     mamba_ssm,  # noqa: F401  (mamba-ssm's Mamba, Mamba2, Block, MixerModel)
     vim,  # noqa: F401  (Vision Mamba's bidirectional mixer)
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from torch import nn
 
@@ -20,10 +20,10 @@ class HFMamba1Adapter(Adapter):
         cls = type(module)
         return cls.__name__ in ("MambaMixer", "FalconMambaMixer") and cls.__module__.startswith("transformers.")
 
-    def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
+    def affine_parts(self, module: Any) -> Dict[str, nn.Module]:
         return {"in_proj": module.in_proj, "conv1d": module.conv1d, "out_proj": module.out_proj}
 
-    def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
+    def install(self, module: Any, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
         parts = hf_mamba1_parts(module)
         rules = mixer_rules(name, module.act, composite, backend)
 

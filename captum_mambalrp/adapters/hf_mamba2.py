@@ -3,7 +3,7 @@ configurations with several groups included)."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ def silu_or(activation: str, act: nn.Module):
     return F.silu if activation in ("silu", "swish") else act.forward
 
 
-def hf_gated_norm(norm: nn.Module) -> Optional[GatedNorm]:
+def hf_gated_norm(norm: Any) -> Optional[GatedNorm]:
     """The gated grouped RMSNorm of a transformers Mamba2-family mixer, or ``None`` for none
     (``nn.Identity``: Falcon-H1 with ``mamba_rms_norm=False``).
 
@@ -53,7 +53,7 @@ def hf_gated_norm(norm: nn.Module) -> Optional[GatedNorm]:
     return GatedNorm(norm.weight, float(norm.variance_epsilon), group_size, bool(getattr(norm, "norm_before_gate", False)))
 
 
-def hf_mamba2_parts(mixer: nn.Module, in_proj: Optional[Callable[[Tensor], Tensor]] = None) -> Mamba2Parts:
+def hf_mamba2_parts(mixer: Any, in_proj: Optional[Callable[[Tensor], Tensor]] = None) -> Mamba2Parts:
     """Parts of transformers' ``Mamba2Mixer`` and of the hybrids' mixers built like it (Bamba,
     Nemotron-H, Granite-4.0-H, Zamba2, Falcon-H1): the same attribute names throughout.
     ``in_proj`` replaces the input projection (Falcon-H1's scaled one)."""
@@ -82,10 +82,10 @@ class HFMamba2Adapter(Adapter):
         cls = type(module)
         return cls.__name__ == "Mamba2Mixer" and cls.__module__.startswith("transformers.models.mamba2.")
 
-    def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
+    def affine_parts(self, module: Any) -> Dict[str, nn.Module]:
         return {"in_proj": module.in_proj, "conv1d": module.conv1d, "out_proj": module.out_proj}
 
-    def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
+    def install(self, module: Any, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
         parts = hf_mamba2_parts(module)
         rules, norm_rule, components = mamba2_rules(name, module.act, module.norm, composite, backend)
 

@@ -16,7 +16,7 @@ only say where the parts of each implementation live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
     x = rules.conv_act.activation(parts.conv1d(x)[..., :length], parts.act)
     x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
     dt, B, C = torch.split(parts.x_proj(x), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
-    if parts.dt_norm is not None:
+    if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
     dt = parts.dt_proj.weight @ dt.transpose(1, 2)
     bias = parts.dt_proj.bias
@@ -70,7 +70,7 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
     return parts.out_proj(y.transpose(1, 2).to(dtype))
 
 
-def hf_mamba1_parts(mixer: nn.Module) -> Mamba1Parts:
+def hf_mamba1_parts(mixer: Any) -> Mamba1Parts:
     """Parts of transformers' ``MambaMixer`` / ``FalconMambaMixer``."""
     falcon = hasattr(mixer, "b_layernorm")
     return Mamba1Parts(

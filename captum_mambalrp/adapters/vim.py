@@ -14,7 +14,7 @@ acts per position, and the flips, the sum and the halving are linear (relevance 
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from torch import Tensor, nn
 
@@ -25,7 +25,7 @@ from .mamba1 import Mamba1Parts, mamba1_forward
 from .patching import Patcher
 
 
-def vim_branch_parts(mixer: nn.Module) -> Tuple[Mamba1Parts, Mamba1Parts]:
+def vim_branch_parts(mixer: Any) -> Tuple[Mamba1Parts, Mamba1Parts]:
     """The forward and the backward branch of a bidirectional mixer, as Mamba1 mixers
     without output projection (``out_proj`` is applied once, to their average)."""
     common = dict(
@@ -42,7 +42,7 @@ def vim_branch_parts(mixer: nn.Module) -> Tuple[Mamba1Parts, Mamba1Parts]:
     return forward, backward
 
 
-def bimamba_forward(mixer: nn.Module, rules: MixerRules, hidden: Tensor) -> Tensor:
+def bimamba_forward(mixer: Any, rules: MixerRules, hidden: Tensor) -> Tensor:
     """``out_proj((M_f(h) + flip(M_b(flip(h)))) / 2)`` (no halving without ``if_divide_out``)."""
     forward, backward = vim_branch_parts(mixer)
     y = mamba1_forward(forward, rules, hidden) + mamba1_forward(backward, rules, hidden.flip(1)).flip(1)
@@ -58,10 +58,10 @@ class VimMixerAdapter(Adapter):
         cls = type(module)
         return cls.__name__ == "BiMambaMixer" and cls.__module__ == "captum_mambalrp.models.vim"
 
-    def affine_parts(self, module: nn.Module) -> Dict[str, nn.Module]:
+    def affine_parts(self, module: Any) -> Dict[str, nn.Module]:
         return {"in_proj": module.in_proj, "conv1d": module.conv1d, "conv1d_b": module.conv1d_b, "out_proj": module.out_proj}
 
-    def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
+    def install(self, module: Any, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
         rules = mixer_rules(name, module.act, composite, backend)  # one rule set for both directions
 
         def forward(hidden_states: Tensor, *args, **kwargs) -> Tensor:
