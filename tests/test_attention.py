@@ -100,14 +100,40 @@ def test_scale_gradient_keeps_values():
 
 
 def test_masks_in_every_form_give_the_same_additive_mask():
-    scores = torch.zeros(2, 1, 4, 4)
     keep = torch.ones(4, 4, dtype=torch.bool).tril()
-    from_bool = _as_additive(keep[None, None].expand(2, 1, 4, 4), scores, causal=True)
-    from_none = _as_additive(None, scores, causal=True)
-    assert torch.equal(from_bool.expand(2, 1, 4, 4), from_none.expand(2, 1, 4, 4))
-    assert (from_none[0, 0][keep] == 0).all() and (from_none[0, 0][~keep] == torch.finfo(torch.float32).min).all()
-    assert _as_additive(None, scores, causal=False) is None
+    from_bool = _as_additive(keep[None, None], 4, 4, torch.float32, causal=True)
+    additive = torch.zeros(1, 1, 4, 6).masked_fill(~torch.cat([keep, keep[:, :2]], 1)[None, None], torch.finfo(torch.float32).min)
+    assert torch.equal(_as_additive(additive, 4, 4, torch.float32, causal=True), from_bool)
+    assert (from_bool[0, 0][keep] == 0).all() and (from_bool[0, 0][~keep] == torch.finfo(torch.float32).min).all()
+    assert _as_additive(None, 4, 4, torch.float32, causal=True) is None
     assert torch.equal(_repeat_heads(torch.arange(6.0).reshape(1, 2, 3, 1), 2)[0, :, 0, 0], torch.tensor([0.0, 0.0, 3.0, 3.0]))
+
+
+def test_lrp_attention_equals_eager_attention_in_every_mask_form():
+    model = make_transformer("llama", seed=2)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    keep = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    keep[1, :, :, :2] = False  # left padding of example 1
+    keep[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padded queries see themselves
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    expected, _ = eager_attention_forward(attn, q, k, v, additive, scaling=attn.scaling)
+    plain = torch.zeros(1, 1, 5, 5).masked_fill(~keep[:1], -1e30)
+    causal, _ = eager_attention_forward(attn, q[:1], k[:1], v[:1], plain, scaling=attn.scaling)
+    from captum_mambalrp.adapters.attention import _ACTIVE
+
+    _ACTIVE[id(attn)] = GradientRule()
+    try:
+        for mask in (additive, keep):
+            got, weights = lrp_attention(attn, q, k, v, mask, scaling=attn.scaling)
+            assert weights is None and torch.allclose(got, expected, atol=1e-6)
+        got, _ = lrp_attention(attn, q[:1], k[:1], v[:1], None, scaling=attn.scaling)  # plain causal: is_causal
+        assert torch.allclose(got, causal, atol=1e-6)
+    finally:
+        del _ACTIVE[id(attn)]
 
 
 def test_lrp_attention_equals_transformers_attention_values():

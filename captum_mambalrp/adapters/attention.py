@@ -6,8 +6,9 @@ call the function registered under ``config._attn_implementation`` in ``Attentio
 (eager, sdpa, flash, ...). MambaLRP takes over only that call: while attributing, the config of
 each claimed module names :func:`lrp_attention`, registered under ``ATTN_IMPLEMENTATION`` (with
 transformers' eager mask, so causal, sliding-window and padding masks come as one additive
-``[b, 1, q, k]`` float mask). :func:`lrp_attention` is eager attention with the attention rule
-applied to ``q``, ``k``, ``v`` (``rules.attention``). Everything around it is linear, a norm or a
+``[b, 1, q, k]`` float mask). :func:`lrp_attention` applies the attention rule to ``q``, ``k``,
+``v`` (``rules.attention``) and runs torch's ``scaled_dot_product_attention`` with plain autograd
+(the same values as eager attention; fused kernels where torch has them). Everything around it is linear, a norm or a
 linear layer, and gets its rule from the install walk (the adapter wraps its children).
 
 The user's ``attn_implementation`` is restored afterwards (the config's stored value itself),
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..rules.base import ATTENTION, MambaRule
@@ -70,18 +72,15 @@ def _repeat_heads(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
 
 
-def _as_additive(mask: Optional[Tensor], scores: Tensor, causal: bool) -> Optional[Tensor]:
-    """The mask as an additive float mask for ``scores [b, h, q, k]`` (a boolean mask, as sdpa's,
-    or none at all for a plain causal layer, are turned into the eager form)."""
-    q_len, k_len = scores.shape[-2:]
+def _as_additive(mask: Optional[Tensor], q_len: int, k_len: int, dtype: torch.dtype, causal: bool) -> Optional[Tensor]:
+    """The mask as an additive float mask for scores ``[b, h, q_len, k_len]`` of ``dtype``: a float
+    mask (transformers' eager form) is cut to ``k_len``; a boolean one (sdpa's) becomes
+    ``0`` / ``finfo.min``. ``None`` stays ``None`` (a causal layer then uses ``is_causal``)."""
     if mask is None:
-        if not causal or q_len == 1:
-            return None
-        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        mask = keep[None, None]
+        return None
     if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return mask[..., :k_len].to(scores.dtype)
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask[..., :k_len].to(dtype)
 
 
 def lrp_attention(
@@ -93,12 +92,16 @@ def lrp_attention(
     scaling: Optional[float] = None,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> Tuple[Tensor, Tensor]:
-    """Eager attention ``softmax(q k^T * scaling + mask) v`` with ``module``'s attention rule
-    applied to ``q, k, v [b, heads, l, head_dim]`` (transformers' ``AttentionInterface`` signature).
+) -> Tuple[Tensor, None]:
+    """Attention ``softmax(q k^T * scaling + mask) v`` with ``module``'s attention rule applied to
+    ``q, k, v [b, heads, l, head_dim]`` (transformers' ``AttentionInterface`` signature).
+
+    The rule only rewrites the gradients of ``q``, ``k``, ``v``; the attention itself is
+    ``torch.nn.functional.scaled_dot_product_attention`` with plain autograd (memory linear in the
+    length where a fused kernel applies). Dropout is not applied.
 
     Returns:
-        ``(output [b, l, heads, head_dim], weights [b, heads, l, l])``, as eager attention.
+        ``(output [b, l, heads, head_dim], None)``, as transformers' sdpa attention.
 
     Raises:
         RuntimeError: ``module`` was not taken over by an installation (its rule is unknown).
@@ -120,15 +123,14 @@ def lrp_attention(
     query, key, value = rule.attention(query, key, value)
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    mask = _as_additive(attention_mask, scores, bool(getattr(module, "is_causal", False)))
-    if mask is not None:
-        scores = scores + mask
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights, value)
-    return out.transpose(1, 2).contiguous(), weights
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    mask = _as_additive(attention_mask, q_len, k_len, query.dtype, bool(getattr(module, "is_causal", False)))
+    causal = mask is None and bool(getattr(module, "is_causal", False)) and q_len > 1
+    if causal and q_len != k_len:  # queries at the end of a longer key sequence (a cache)
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        mask, causal = _as_additive(keep, q_len, k_len, query.dtype, True), False
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _configs(config: Any) -> List[Any]:
