@@ -115,3 +115,44 @@ def test_attention_methods_on_mamba2_with_padding(name, mamba2):
     rel = build_method(name, mamba2).attribute(ids, torch.tensor([0, 2]), mask)
     assert rel.shape == ids.shape and torch.isfinite(rel).all() and (rel[1, 5:] == 0).all()
     assert (rel[:, :5] > 0).all()  # a row of a product of row-stochastic maps with the identity
+
+
+TEXTS = ["i feel happy and loved today", "so sad and alone tonight", "what a scary night", "i am angry at the world"]
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "bamba"])
+def test_study_with_distance_profile_and_layers_on_mamba2_and_a_hybrid(arch, mamba2, tmp_path):
+    """The study (distance profile, layer relevance, figures) on a Mamba2 classifier and on a
+    hybrid LM whose ``model.layers`` mix Mamba2 and attention layers (Bamba)."""
+    from captum_mambalrp.evaluation import Perturbation, Study, StudyConfig
+    from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(TEXTS, min_freq=1)
+    if arch == "bamba":
+        from transformers import BambaConfig, BambaForCausalLM
+
+        cfg = BambaConfig(
+            vocab_size=max(64, len(tok)),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            pad_token_id=0,
+            attn_layer_indices=[1],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_chunk_size=4,
+        )
+        torch.manual_seed(0)
+        model, methods, blocks = BambaForCausalLM(cfg).eval(), ["mambalrp", "saliency"], ["model.layers.0", "model.layers.1"]
+    else:
+        model, methods, blocks = mamba2, ["mambalrp", "implicit_attn"], ["backbone.layers.0", "backbone.layers.1"]
+    config = StudyConfig(methods=methods, n_examples=4, batch_size=4, perturbation=Perturbation(0.5))
+    summary = Study(model, tok, TEXTS, None, config, str(tmp_path / arch)).run(progress=False)
+    assert summary["layers"]["names"] == ["embedding", *blocks]
+    assert "distance" in summary["figures"] and (tmp_path / arch / "distance_profile.png").stat().st_size > 1000
+    profile = summary["distance_profiles"]["MambaLRP"]
+    assert profile["count"][0] == 4 and len(profile["mean"]) == max(len(tok(t)["input_ids"]) for t in TEXTS)

@@ -33,6 +33,8 @@ PROFILE_METHODS = [
     "kernelshap",
     "mamba_attr",
     "attn_rollout",
+    "implicit_attn",
+    "implicit_attr",
 ]
 REFERENCE = "mambalrp"
 
