@@ -4,12 +4,15 @@ transformers' attention modules compute ``q``, ``k``, ``v`` (linear projections,
 ``cos``/``sin`` from positions, Qwen3's per-head RMSNorm, Falcon-H1's key multiplier) and then
 call the function registered under ``config._attn_implementation`` in ``AttentionInterface``
 (eager, sdpa, flash, ...). MambaLRP takes over only that call: while attributing, the config of
-each claimed module names :func:`lrp_attention`, registered under ``ATTN_IMPLEMENTATION`` (with
-transformers' eager mask, so causal, sliding-window and padding masks come as one additive
-``[b, 1, q, k]`` float mask). :func:`lrp_attention` applies the attention rule to ``q``, ``k``,
-``v`` (``rules.attention``) and runs torch's ``scaled_dot_product_attention`` with plain autograd
-(the same values as eager attention; fused kernels where torch has them). Everything around it is linear, a norm or a
-linear layer, and gets its rule from the install walk (the adapter wraps its children).
+each claimed module names :func:`lrp_attention`, registered under ``ATTN_IMPLEMENTATION`` with
+transformers' sdpa mask (causal, sliding-window and padding masks as one boolean ``[b, 1, q, k]``
+mask, or none for a plain causal layer without padding). :func:`lrp_attention` applies the
+attention rule to ``q``, ``k``, ``v`` (``rules.attention``) and runs torch's
+``scaled_dot_product_attention`` with plain autograd: the values of eager attention, a fused
+kernel where torch has one (flash for a plain causal layer on CUDA); a boolean mask is turned
+into eager's additive form, so that fully masked rows (left padding) stay finite. Everything
+around the call is linear, a norm or a linear layer, and gets its rule from the install walk
+(the adapter wraps its children).
 
 The user's ``attn_implementation`` is restored afterwards (the config's stored value itself),
 whatever it was: eager, sdpa, flash or a custom function.
@@ -51,15 +54,15 @@ _registered = False
 
 
 def _register_implementation() -> None:
-    """Register :func:`lrp_attention` and the eager mask under ``ATTN_IMPLEMENTATION`` (once)."""
+    """Register :func:`lrp_attention` and the sdpa mask under ``ATTN_IMPLEMENTATION`` (once)."""
     global _registered
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, lrp_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     _registered = True
 
 
