@@ -12,6 +12,8 @@ import torch
 from conftest import make_lm, relative_delta, zero_biases
 
 from captum_mambalrp import MambaLRP, scan
+from captum_mambalrp.adapters import install_rules
+from captum_mambalrp.rules import composite
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
@@ -70,3 +72,103 @@ def test_gpu_backends_match_cpu_reference_and_conserve(name, backend):
     assert err <= 1e-4, (backend, float(err))
     explained = rel.sum(dim=tuple(range(1, rel.dim()))) - delta
     assert (relative_delta(delta, explained) <= 1e-4).all(), (backend, delta)
+
+
+# ---------------------------------------------------------------- hybrids and Mamba3 (issue 13)
+
+
+def _hf_hybrid(family: str):
+    from test_hybrids import build
+
+    return build(family, seed=31)
+
+
+HYBRIDS = ["jamba", "bamba", "zamba2", "nemotron_h", "granite", "falcon_h1"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "mamba_ssm"])
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_gpu_transformers_hybrids_match_cpu_and_conserve(family, backend):
+    """transformers' hybrids (``composite="conservative"``): every CUDA backend's relevance equals
+    the CPU path to 1e-4, with left padding, and conserves."""
+    if backend not in scan.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run here")
+    model = _hf_hybrid(family)
+    ids, mask = _inputs(length=40)
+    ids = ids % model.config.vocab_size
+    ref = MambaLRP(model, composite="conservative", backend="torch").attribute(ids, target=5, attention_mask=mask)
+    model = model.cuda()
+    rel, delta = MambaLRP(model, composite="conservative", backend=backend).attribute(
+        ids.cuda(), target=5, attention_mask=mask.cuda(), return_convergence_delta=True
+    )
+    err = (rel.cpu() - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, (family, backend, float(err))
+    explained = rel.sum(1) + delta
+    assert (delta.abs() <= 1e-5 * explained.abs().clamp_min(0.1)).all(), (family, backend, delta, explained)
+
+
+def _mamba_ssm_or_skip():
+    from mamba_ssm_env import load_mamba_ssm
+
+    found, how = load_mamba_ssm()
+    if found is None or not how.startswith("installed"):
+        pytest.skip(f"mamba-ssm with its kernels is not installed ({how})")
+    return found
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "mamba_ssm"])
+def test_gpu_mamba_ssm_hybrid_lm_real_kernels(backend):
+    """mamba-ssm's hybrid ``MambaLMHeadModel`` (Mamba2, ``MHA`` with GQA, ``GatedMLP``): the model's
+    own forward with its kernels equals the takeover's forward (TF32 inside Triton: 1e-2); relevance
+    on CUDA equals the CPU path to 1e-4 and conserves."""
+    _mamba_ssm_or_skip()
+    from test_mamba_ssm import make_ssm_hybrid, takeover_logits
+
+    if backend not in scan.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run here")
+    model = make_ssm_hybrid(seed=32)
+    ids, _ = _inputs(length=64)
+    ref = MambaLRP(model, composite="conservative", backend="torch").attribute(ids, target=5)
+    model = model.cuda()
+    with torch.no_grad():
+        own = model(ids.cuda()).logits.float()
+    ours = takeover_logits(model, ids.cuda(), "conservative").float()
+    assert ((own - ours).abs().max() / own.abs().max()) <= 1e-2
+    rel, delta = MambaLRP(model, composite="conservative", backend=backend).attribute(
+        ids.cuda(), target=5, return_convergence_delta=True
+    )
+    err = (rel.cpu() - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, (backend, float(err))
+    explained = rel.sum(1) + delta
+    assert (delta.abs() <= 1e-5 * explained.abs().clamp_min(0.1)).all(), (backend, delta)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "mamba_ssm"])
+@pytest.mark.parametrize("outproj_norm", [False, True])
+def test_gpu_mamba3_real_kernel_and_relevance(backend, outproj_norm):
+    """``Mamba3`` (SISO): its own Triton kernel (bf16 inside) against the torch path MambaLRP
+    computes (bf16 tolerance 3e-2), and relevance on CUDA equal to the CPU path to 1e-4, conserved."""
+    _mamba_ssm_or_skip()
+    from test_mamba3 import Host, make_mamba3
+
+    if backend not in scan.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run here")
+    mixer = make_mamba3(seed=33, d_model=64, d_state=32, headdim=32, chunk_size=16, is_outproj_norm=outproj_norm)
+    host = Host(mixer, seed=33)
+    ids = torch.randint(0, 48, (2, 64), generator=torch.Generator().manual_seed(33))
+    ref = MambaLRP(host, backend="torch").attribute(ids, target=(40, 3))
+    host = host.cuda()
+    u = host.embed(ids.cuda())
+    with torch.no_grad():
+        own = mixer(u).float()
+        inst = install_rules(host, composite("mambalrp"))
+        try:
+            ours = mixer(u).float()
+        finally:
+            inst.patcher.restore()
+    assert ((own - ours).abs().max() / ours.abs().max()) <= 3e-2, float((own - ours).abs().max() / ours.abs().max())
+    rel, delta = MambaLRP(host, backend=backend).attribute(ids.cuda(), target=(40, 3), return_convergence_delta=True)
+    err = (rel.cpu() - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, (backend, float(err))
+    explained = rel.sum(1) + delta
+    assert (delta.abs() <= 1e-5 * explained.abs().clamp_min(0.1)).all(), (backend, delta)
