@@ -211,3 +211,16 @@ def test_layer_relevance_is_conserved_at_every_decoder_layer():
     for relevance in per_layer:
         assert relevance.shape == (2, 7, 32)
         assert torch.allclose(relevance.sum(dim=(1, 2)), tokens.sum(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bare_model_hidden_unit_is_explained_and_conserved(arch):
+    """``LlamaModel`` / ``Qwen3Model``: the explained score is a hidden unit of the last real token."""
+    model = make_transformer(arch, seed=7).model
+    ids, mask = left_padded(2, 6, seed=2)
+    hidden = model(ids, attention_mask=mask).last_hidden_state[:, -1, 3].detach()
+    relevance, delta = MambaLRP(model, composite="conservative").attribute(
+        ids, target=3, attention_mask=mask, return_convergence_delta=True
+    )
+    assert torch.allclose(relevance.sum(1) + delta, hidden, atol=1e-5)
+    assert (delta.abs() <= bound(hidden)).all(), (delta, hidden)
