@@ -11,6 +11,9 @@ from captum_mambalrp import LayerMambaLRP, MambaLRP
 from captum_mambalrp.dashboard import DashboardApp, Limits, load_study, start_in_thread
 from captum_mambalrp.dashboard.browser import chromium_context, explain_in_page, find_chromium, read_heatmaps, read_layers
 from captum_mambalrp.dashboard.demo import demo_explainer
+from captum_mambalrp.dashboard.views import result_view
+from captum_mambalrp.results import AttributionResult
+from captum_mambalrp.visualization.colors import css
 
 pytestmark = [
     pytest.mark.browser,
@@ -135,8 +138,107 @@ def test_export_opens_offline(page, browser, tmp_path):
         assert offline.is_hidden("#controls") and "exported view" in offline.inner_text("#model-line")
         offline.select_option("#pick", "1")
         assert read_heatmaps(offline) == served
+        assert_colours_follow_the_convention(offline)
         assert offline.eval_on_selector("#study-images img", "img => img.complete && img.naturalWidth > 0")
         assert requests == [path.as_uri()]  # nothing else was asked for
     finally:
         browser.set_offline(False)
         offline.close()
+
+
+def assert_colours_follow_the_convention(page) -> None:
+    """Every token's background is the package's colour of its scaled relevance (red for,
+    blue against), and the legend shows red, white and blue."""
+    cards = page.evaluate("""() => Array.from(document.querySelectorAll('#methods .method')).map(card =>
+        Array.from(card.querySelectorAll('.tok')).map(
+            s => [Number(s.dataset.relevance), getComputedStyle(s).backgroundColor]))""")
+    assert cards
+    for card in cards:
+        peak = max(abs(v) for v, _ in card) or 1.0
+        for value, colour in card:
+            assert colour == css(value / peak), (value, colour)
+    top = max(cards[0], key=lambda x: x[0])
+    low = min(cards[0], key=lambda x: x[0])
+    assert top[0] > 0 and top[1].startswith("rgb(255, ")  # the most positive token is red
+    assert low[0] < 0 and low[1].endswith(", 255)")  # the most negative token is blue
+    swatches = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#legend .swatch')).map(s => getComputedStyle(s).backgroundColor)"
+    )
+    assert swatches == ["rgb(255, 0, 0)", "rgb(255, 255, 255)", "rgb(0, 0, 255)"]
+    assert "for the explained class" in page.inner_text("#legend") and "against" in page.inner_text("#legend")
+
+
+def test_colours_and_legend(page):
+    explain_in_page(page, "i am scared of the dark and feel so alone")
+    assert_colours_follow_the_convention(page)
+
+
+STUDY_HEADER = ["method", "reference", "n", "ΔA^F", "AOPC", "ABPC", "ΔA^I", "A(MoRF)", "A(LeRF)", "A_ins(MoRF)", "A_ins(LeRF)"]
+STUDY_HEADER += ["ms / example", "CPU ms / example", "forwards / example"]
+METHODS = [
+    "Mamba-Attr (gradient-weighted rollout)",
+    "Attention Rollout (hidden attention)",
+    "Occlusion (FeatureAblation)",
+    "MambaLRP",
+]
+# the faithfulness table of a study's summary.md, as evaluation/summary.py writes it (14 columns)
+STUDY_SUMMARY = "\n".join(
+    ["# Attribution study", "", "| " + " | ".join(STUDY_HEADER) + " |", "|" + "---|" * len(STUDY_HEADER)]
+    + [f"| {m} | token:0 | 2000 | " + " | ".join(["-0.267 ± 0.025"] * 8) + " | 151.1 | 257.2 | 20.2 |" for m in METHODS]
+)
+
+
+def test_study_table_fits_its_card_at_1400px(browser, explainer, tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "summary.md").write_text(STUDY_SUMMARY)
+    server, url = start_in_thread(DashboardApp(explainer, study=load_study(str(folder))))
+    page = browser.new_page()
+    try:
+        page.set_viewport_size({"width": 1400, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("body[data-ready]")
+        sizes = page.evaluate("""() => Array.from(document.querySelectorAll('#study-tables .study-table')).map(card =>
+            [card.querySelector('table').getBoundingClientRect().width, card.clientWidth, card.scrollWidth])""")
+        assert len(sizes) == 1
+        for table, card, scroll in sizes:
+            assert table <= card and scroll <= card, sizes  # inside its card, nothing to scroll
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 1400
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_saved_result_and_the_words_switch(browser, explainer):
+    saved = AttributionResult(
+        tokens=["<|endoftext|>", "Ġun", "believ", "able", "Ġday"],
+        relevance=[0.5, 1.0, 0.25, 0.75, -1.0],
+        target_index=1,
+        target_name="joy",
+        explained=1.5,
+        text="<|endoftext|> unbelievable day",
+        prediction="joy",
+        prediction_prob=0.9,
+        model={"name": "a BPE model", "config_hash": "0123456789abcdef"},
+        composite="mambalrp",
+    )
+    server, url = start_in_thread(DashboardApp(explainer, results=[result_view(saved, "kept.json")]))
+    page = browser.new_page()
+    try:
+        page.goto(url)
+        page.wait_for_selector("body[data-ready]")
+        assert read_heatmaps(page) == {"mambalrp": [saved.tokens, [0.5, 1.0, 0.25, 0.75, -1.0]]}
+        assert page.is_hidden("#layers-part") and "kept.json" in page.inner_text("#s-saved")
+        assert "0123456789abcdef" in page.inner_text("#s-saved") and page.inner_text("#s-prediction") == "joy (p = 0.900)"
+        assert page.is_enabled("#words")
+        page.check("#words")
+        tokens, values = read_heatmaps(page)["mambalrp"]
+        assert tokens == ["<|endoftext|>", "unbelievable", "day"] and values == [0.5, 2.0, -1.0]  # sums of the pieces
+        assert_colours_follow_the_convention(page)
+        page.uncheck("#words")
+        assert read_heatmaps(page)["mambalrp"][0] == saved.tokens
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()

@@ -24,7 +24,7 @@
   // red for positive relevance (for the explained class), blue for negative (against), white for none.
   function colour(v) {
     const a = Math.max(-1, Math.min(1, v));
-    const fade = Math.round(255 * (1 - Math.abs(a)));
+    const fade = Math.floor(255 * (1 - Math.abs(a)));  // as Python's int(): the same colour to the unit
     return a >= 0 ? `rgb(255, ${fade}, ${fade})` : `rgb(${fade}, ${fade}, 255)`;
   }
 
