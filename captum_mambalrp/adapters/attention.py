@@ -153,14 +153,18 @@ def use_lrp_attention(config: Any, patcher: Patcher) -> None:
     """Point ``config`` (and its sub-configs) at :func:`lrp_attention` until ``patcher`` restores;
     the stored value (``_attn_implementation_internal``) comes back exactly as it was."""
     _register_implementation()
+    key = "_attn_implementation_internal"
     for c in _configs(config):
-        previous = c.__dict__.get("_attn_implementation_internal")
+        had, previous = key in c.__dict__, c.__dict__.get(key)
         if previous == ATTN_IMPLEMENTATION:
             continue  # already switched by this installation (shared config)
-        c.__dict__["_attn_implementation_internal"] = ATTN_IMPLEMENTATION
+        c.__dict__[key] = ATTN_IMPLEMENTATION
 
-        def undo(c: Any = c, previous: Any = previous) -> None:
-            c.__dict__["_attn_implementation_internal"] = previous
+        def undo(c: Any = c, had: bool = had, previous: Any = previous) -> None:
+            if had:
+                c.__dict__[key] = previous
+            else:
+                c.__dict__.pop(key, None)
 
         patcher.add_undo(undo)
 
