@@ -55,8 +55,16 @@ def topk_common(a: torch.Tensor, b: torch.Tensor, k: int) -> int:
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The backbone's last hidden states; a float64 model whose forward has no float64 GPU
+    kernels runs on a CPU copy."""
     with torch.no_grad():
-        return model.backbone(input_ids=ids, use_cache=False).last_hidden_state
+        try:
+            return model.backbone(input_ids=ids, use_cache=False).last_hidden_state
+        except Exception:
+            if ids.device.type == "cpu":
+                raise
+            cpu = copy.deepcopy(model.backbone).cpu()
+            return cpu(input_ids=ids.cpu(), use_cache=False).last_hidden_state.to(ids.device)
 
 
 def per_token(r: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,252 @@
+"""Issue 14 on one GPU: 7B-class shapes in bf16, long sequences, throughput, precision.
+
+Runnable in parts, one shape / length per invocation (each well under 10 minutes):
+
+    python benchmarks/gpu_scale.py time --shape falcon7b --length 4096          # goal 1 (and the issue's table)
+    python benchmarks/gpu_scale.py time --shape mamba2_2p7b --length 32768
+    python benchmarks/gpu_scale.py time --shape mamba1_130m --dtype float32 --length 16384   # goal 1, <= 2.0x
+    python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --skip-forward-repeats  # goal 2
+    python benchmarks/gpu_scale.py throughput --shape falcon7b --batch 16 --length 4096          # goal 4
+    python benchmarks/gpu_scale.py precision --arch mamba2 --layers 16 --d-model 1024 --length 4096  # goal 3
+
+Models: random weights made directly on the GPU in the dtype (transformers' initialisation),
+a 2-class head at the last token, batch 1 (throughput: the batch given), ids random.
+Forward: the transformers model, no grad, eager, with mamba-ssm and causal-conv1d installed
+(its fastest kernels). Attribution: ``MambaLRP(model).attribute(ids, target=1)``, default options.
+Times: best of ``--repeats`` calls after one warm-up (long runs: one call each). Peak memory:
+``torch.cuda.max_memory_allocated`` during one attribution, minus what was allocated before it
+(the weights and the ids), per token. TF32 is allowed unless ``--no-tf32`` (the issue's conditions).
+Each part prints one JSON line (``RESULT {...}``) and appends it to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+#: where models live ("cuda"; "cpu" only for a smoke test of the script itself)
+DEVICE = os.environ.get("GPU_SCALE_DEVICE", "cuda")
+
+SHAPES: Dict[str, Dict[str, Any]] = {
+    # tiiuae/falcon-mamba-7b: 64 layers, d_model 4096, d_inner 8192, state 16, dt rank 256
+    "falcon7b": dict(
+        kind="falcon",
+        vocab_size=65024,
+        hidden_size=4096,
+        num_hidden_layers=64,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        time_step_rank=256,
+    ),
+    # state-spaces/mamba2-2.7b: 64 layers, d_model 2560, 80 heads x 64, state 128, 1 group
+    "mamba2_2p7b": dict(
+        kind="mamba2",
+        vocab_size=50288,
+        hidden_size=2560,
+        num_hidden_layers=64,
+        state_size=128,
+        expand=2,
+        head_dim=64,
+        num_heads=80,
+        n_groups=1,
+        conv_kernel=4,
+        chunk_size=256,
+    ),
+    "mamba1_130m": dict(
+        kind="mamba", vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2, conv_kernel=4
+    ),
+    "mamba2_130m": dict(
+        kind="mamba2",
+        vocab_size=50280,
+        hidden_size=768,
+        num_hidden_layers=24,
+        state_size=128,
+        expand=2,
+        head_dim=64,
+        num_heads=24,
+        n_groups=1,
+        conv_kernel=4,
+        chunk_size=256,
+    ),
+}
+
+
+class LastToken(nn.Module):
+    """A transformers backbone and a 2-class head (read at the last token)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.lm_head = nn.Linear(backbone.config.hidden_size, 2, bias=False)
+        self.config = backbone.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        h = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        out = self.lm_head(h.last_hidden_state.to(self.lm_head.weight.dtype))
+        return out if out.dtype == torch.float64 else out.float()
+
+
+def build(shape: str, dtype: torch.dtype, layers: int = 0, hidden: int = 0) -> nn.Module:
+    """Random weights made on the GPU in ``dtype`` (``layers`` / ``hidden``: a reduced copy of
+    the shape; Mamba2 keeps its head size and sets the number of heads)."""
+    import transformers
+
+    cfg = dict(SHAPES[shape])
+    kind = cfg.pop("kind")
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    if hidden:
+        cfg["hidden_size"] = hidden
+        if kind == "mamba2":
+            cfg["num_heads"] = cfg["expand"] * hidden // cfg["head_dim"]
+    config_cls, model_cls = {
+        "falcon": (transformers.FalconMambaConfig, transformers.FalconMambaModel),
+        "mamba": (transformers.MambaConfig, transformers.MambaModel),
+        "mamba2": (transformers.Mamba2Config, transformers.Mamba2Model),
+    }[kind]
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(DEVICE):
+            model = LastToken(model_cls(config_cls(**cfg)))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def best(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def emit(row: Dict[str, Any], out: str) -> None:
+    line = json.dumps(row)
+    print("RESULT " + line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def part_time(a: argparse.Namespace) -> None:
+    from captum_mambalrp import MambaLRP
+
+    dtype = getattr(torch, a.dtype)
+    model = build(a.shape, dtype, a.layers)
+    weights = torch.cuda.memory_allocated()
+    ids = torch.randint(0, 1000, (a.batch, a.length), device=DEVICE)
+    tokens = ids.numel()
+    long = tokens > 65536
+    row: Dict[str, Any] = dict(part=a.part, shape=a.shape, dtype=a.dtype, batch=a.batch, length=a.length, tokens=tokens)
+    row["weights_gib"] = weights / 2**30
+
+    def forward():
+        with torch.no_grad():
+            model(ids)
+
+    reps = 1 if long else a.repeats
+    row["forward_s"] = best(forward, reps)
+    from captum_mambalrp.adapters import recompute
+
+    decided = []
+    choose = recompute.RecomputePlan.choose
+
+    def spy(plan, hidden):
+        mode = choose(plan, hidden)
+        if not decided:
+            decided.append(mode)
+            row["auto_estimate_gib"] = {k: v / 2**30 for k, v in plan.needed.items()}
+        return mode
+
+    recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]
+    lrp = MambaLRP(model)
+    lrp.attribute(ids[:, :4096] if long else ids, target=1)  # warm-up (long: a short call compiles the kernels)
+    decided.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    try:
+        relevance = lrp.attribute(ids, target=1)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+        row["peak_before_error_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["auto_mode"] = str(decided[0]) if decided else None
+        emit(row, a.out)
+        return
+    torch.cuda.synchronize()
+    times = [time.perf_counter() - t]
+    row["peak_over_weights_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    row["mib_per_token"] = row["peak_over_weights_gib"] * 1024 / tokens
+    row["relevance_finite"] = bool(torch.isfinite(relevance).all())
+    row["auto_mode"] = str(decided[0]) if decided else None
+    del relevance
+    if reps > 1:
+        times.append(best(lambda: lrp.attribute(ids, target=1), reps - 1, warmup=0))
+    row["attribute_s"] = min(times)
+    row["ratio"] = row["attribute_s"] / row["forward_s"]
+    if a.part == "throughput":
+        row["forward_tokens_per_s"] = tokens / row["forward_s"]
+        row["attribute_tokens_per_s"] = tokens / row["attribute_s"]
+        row["throughput_share"] = row["attribute_tokens_per_s"] / row["forward_tokens_per_s"]
+    emit(row, a.out)
+
+
+def part_precision(a: argparse.Namespace) -> None:
+    from precision import measure
+
+    model = build(a.shape_for_precision, torch.float64, a.layers, a.hidden).double()
+    ids = torch.randint(0, 1000, (1, a.length), device=DEVICE)
+    res = measure(model, ids, a.dtypes.split(","), 10)
+    res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
+    emit(res, a.out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["time", "throughput", "precision"])
+    p.add_argument("--shape", default="falcon7b", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the shape's)")
+    p.add_argument("--hidden", type=int, default=0, help="override d_model (0: the shape's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", default="bfloat16,float32", help="precision part: dtypes compared with float64")
+    p.add_argument("--no-tf32", action="store_true")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
+    torch.backends.cudnn.allow_tf32 = not a.no_tf32
+    if a.part == "precision":
+        a.shape_for_precision = a.shape
+        part_precision(a)
+    else:
+        part_time(a)
+
+
+if __name__ == "__main__":
+    main()
