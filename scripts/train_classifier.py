@@ -1,11 +1,25 @@
 #!/usr/bin/env python3
-"""Train a Mamba text classifier on Emotion (class logit read at the last token).
+"""Train an Emotion classifier read at the last real token: Mamba1, Mamba2 or a hybrid.
 
-    python scripts/train_classifier.py --out captum_mambalrp/default_model            # the embedded default (CPU)
-    python scripts/train_classifier.py --hidden 768 --layers 24 --device cuda --out runs/emotion-130m
+    # the embedded default (CPU, 2 layers, 71 min on one core)
+    python scripts/train_classifier.py --data DIR --out captum_mambalrp/default_model --epochs 8 --lr 4e-3
+    # the deep models of issue 15 (a GPU)
+    python scripts/train_classifier.py --data DIR --preset mamba-130m --device cuda --amp --out runs/emotion-mamba-130m
+    python scripts/train_classifier.py --data DIR --preset mamba2-130m --device cuda --amp --out runs/emotion-mamba2-130m
+    python scripts/train_classifier.py --data DIR --preset hybrid-130m --device cuda --amp --out runs/emotion-hybrid-130m
 
-Writes a transformers folder (config, weights, tokenizer) and ``metrics.json`` with the
-validation and test accuracy. The data stays where it is (``--data``).
+``--arch mamba`` trains the paper's classifier (``MambaForLastTokenClassification``: a
+``MambaModel`` and ``lm_head = Linear(hidden, 6)``). ``--arch mamba2`` (``Mamba2ForCausalLM``) and
+``--arch hybrid`` (``BambaForCausalLM``: Mamba2 layers with attention at ``--attn-layers``) are
+language models whose vocabulary holds one token per class (``[sadness]``, ...): trained with
+the cross-entropy of the class token at the last real token, they classify by predicting it,
+and ``config.id2label`` maps those token ids to the class names, so ``compare`` and MambaLRP
+explain them like the classifier (the explained class is the predicted token).
+
+Writes a transformers folder (config, weights, tokenizer) and ``metrics.json``: validation and
+test accuracy (over the six classes), the seed, the exact command, the torch and transformers
+versions and the git commit. ``--max-steps`` stops early (a smoke test of a configuration).
+The data stays where it is: ``--data`` is required (a folder with train.txt, val.txt, test.txt).
 """
 
 from __future__ import annotations
@@ -14,15 +28,28 @@ import argparse
 import json
 import os
 import random
+import shlex
+import subprocess
 import sys
 import time
+from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from captum_mambalrp.datasets import EMOTION_LABELS, default_emotion_dir, read_emotion  # noqa: E402
-from captum_mambalrp.models.classifier import MambaForLastTokenClassification  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from captum_mambalrp.datasets import EMOTION_LABELS, read_emotion  # noqa: E402
+from captum_mambalrp.models.classifier import MambaForLastTokenClassification, last_real_index  # noqa: E402
 from captum_mambalrp.models.tokenizer import build_word_tokenizer  # noqa: E402
+
+#: shapes of the deep models (Mamba-130M: d_model 768, 24 layers, state 16, expand 2; Mamba2-130M:
+#: state 128, head_dim 64; the hybrid: the Mamba2 shape with attention in every sixth layer)
+PRESETS: Dict[str, Dict[str, object]] = {
+    "mamba-130m": dict(arch="mamba", hidden=768, layers=24, state=16, expand=2),
+    "mamba2-130m": dict(arch="mamba2", hidden=768, layers=24, state=128, expand=2, head_dim=64, groups=1),
+    "hybrid-130m": dict(
+        arch="hybrid", hidden=768, layers=24, state=128, expand=2, head_dim=64, groups=1, attn_layers="5,11,17,23", attn_heads=12
+    ),
+}
 
 
 def batches(texts, labels, tokenizer, batch_size, shuffle, max_len, rng):
@@ -36,94 +63,212 @@ def batches(texts, labels, tokenizer, batch_size, shuffle, max_len, rng):
         yield enc["input_ids"], enc["attention_mask"], torch.tensor([labels[i] for i in chunk])
 
 
+def class_logits(model, ids, mask, class_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, 6]``: the logits at the last real token (of the class tokens for a language model)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    b, length = logits.shape[:2]
+    last = logits[torch.arange(b, device=logits.device), last_real_index(mask, b, length, logits.device)].float()
+    return last if class_ids is None else last[:, class_ids]
+
+
+def lm_loss(model, ids, mask, y, class_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the class at the last real token (over the whole vocabulary for a
+    language model, so that its prediction is a class token)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    b, length = logits.shape[:2]
+    last = logits[torch.arange(b, device=logits.device), last_real_index(mask, b, length, logits.device)].float()
+    target = y if class_ids is None else class_ids[y]
+    return torch.nn.functional.cross_entropy(last, target)
+
+
 @torch.no_grad()
-def accuracy(model, texts, labels, tokenizer, device, max_len):
+def accuracy(model, texts, labels, tokenizer, device, max_len, class_ids) -> float:
     model.eval()
     correct = 0
     for ids, mask, y in batches(texts, labels, tokenizer, 256, False, max_len, None):
-        probs = model.predict(ids.to(device), mask.to(device))
-        correct += int((probs.argmax(-1).cpu() == y).sum())
+        scores = class_logits(model, ids.to(device), mask.to(device), class_ids)
+        correct += int((scores.argmax(-1).cpu() == y).sum())
     return correct / len(texts)
 
 
-def main(argv=None) -> None:
+def build_model(args, tokenizer) -> tuple:
+    """The model and, for a language model, the class token ids."""
+    common = dict(pad_token_id=tokenizer.pad_token_id, use_cache=False, tie_word_embeddings=False)
+    if args.arch == "mamba":
+        from transformers import MambaConfig
+
+        config = MambaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden,
+            state_size=args.state,
+            num_hidden_layers=args.layers,
+            expand=args.expand,
+            num_labels=len(EMOTION_LABELS),
+            id2label=dict(enumerate(EMOTION_LABELS)),
+            label2id={name: i for i, name in enumerate(EMOTION_LABELS)},
+            **common,
+        )
+        return MambaForLastTokenClassification(config), None
+    tokenizer.add_tokens([f"[{name}]" for name in EMOTION_LABELS], special_tokens=True)
+    class_ids = tokenizer.convert_tokens_to_ids([f"[{name}]" for name in EMOTION_LABELS])
+    labels = dict(id2label={t: n for t, n in zip(class_ids, EMOTION_LABELS)}, label2id=dict(zip(EMOTION_LABELS, class_ids)))
+    inner = args.expand * args.hidden
+    if inner % args.head_dim:
+        raise SystemExit(f"--expand x --hidden ({inner}) must be a multiple of --head-dim ({args.head_dim})")
+    if args.arch == "mamba2":
+        from transformers import Mamba2Config, Mamba2ForCausalLM
+
+        config = Mamba2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden,
+            state_size=args.state,
+            num_hidden_layers=args.layers,
+            expand=args.expand,
+            head_dim=args.head_dim,
+            num_heads=inner // args.head_dim,
+            n_groups=args.groups,
+            **labels,
+            **common,
+        )
+        return Mamba2ForCausalLM(config), torch.tensor(class_ids)
+    from transformers import BambaConfig, BambaForCausalLM
+
+    attn = [int(i) for i in args.attn_layers.split(",") if i.strip()]
+    if any(not 0 <= i < args.layers for i in attn):
+        raise SystemExit(f"--attn-layers {args.attn_layers} must lie in 0..{args.layers - 1}")
+    config = BambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.attn_heads,
+        num_key_value_heads=args.attn_heads,
+        intermediate_size=args.mlp or 2 * args.hidden,
+        attn_layer_indices=attn,
+        mamba_expand=args.expand,
+        mamba_n_heads=inner // args.head_dim,
+        mamba_d_head=args.head_dim,
+        mamba_n_groups=args.groups,
+        mamba_d_state=args.state,
+        **labels,
+        **common,
+    )
+    return BambaForCausalLM(config), torch.tensor(class_ids)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=default_emotion_dir(), help="folder with train.txt, val.txt, test.txt")
+    p.add_argument("--data", required=True, help="folder with train.txt, val.txt, test.txt (TEXT;LABEL lines)")
     p.add_argument("--out", required=True)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--state", type=int, default=16)
-    p.add_argument("--expand", type=int, default=2)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a deep model's shape (flags given override it)")
+    p.add_argument("--arch", choices=["mamba", "mamba2", "hybrid"], default=None, help="default: mamba")
+    p.add_argument("--hidden", type=int, default=None, help="d_model (default 128)")
+    p.add_argument("--layers", type=int, default=None, help="depth (default 2)")
+    p.add_argument("--state", type=int, default=None, help="SSM state size (default 16)")
+    p.add_argument("--expand", type=int, default=None, help="inner width / d_model (default 2)")
+    p.add_argument("--head-dim", type=int, default=None, help="Mamba2 head size (default 32)")
+    p.add_argument("--groups", type=int, default=None, help="Mamba2 B/C groups (default 1)")
+    p.add_argument("--attn-layers", default=None, help="hybrid: comma list of attention layer indices (default: the last)")
+    p.add_argument("--attn-heads", type=int, default=None, help="hybrid: attention heads (default 4)")
+    p.add_argument("--mlp", type=int, default=0, help="hybrid: MLP width (default 2 x d_model)")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-freq", type=int, default=2)
     p.add_argument("--max-len", type=int, default=96)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU); weights stay float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if not args.data:
-        p.error("no Emotion data found: pass --data DIR")
+    defaults = dict(arch="mamba", hidden=128, layers=2, state=16, expand=2, head_dim=32, groups=1, attn_layers=None, attn_heads=4)
+    preset = PRESETS.get(args.preset or "", {})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, value))
+    if args.attn_layers is None:
+        args.attn_layers = str(args.layers - 1)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    for split in ("train", "val", "test"):
+        if not os.path.isfile(os.path.join(args.data, f"{split}.txt")):
+            raise SystemExit(f"no {split}.txt in --data {args.data}: give the Emotion folder (train.txt, val.txt, test.txt)")
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
     rng = random.Random(args.seed)
     train = read_emotion(os.path.join(args.data, "train.txt"))
     val = read_emotion(os.path.join(args.data, "val.txt"))
     test = read_emotion(os.path.join(args.data, "test.txt"))
     tokenizer = build_word_tokenizer(train[0], args.min_freq)
-
-    from transformers import MambaConfig
-
-    config = MambaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        state_size=args.state,
-        num_hidden_layers=args.layers,
-        expand=args.expand,
-        num_labels=len(EMOTION_LABELS),
-        pad_token_id=tokenizer.pad_token_id,
-        id2label=dict(enumerate(EMOTION_LABELS)),
-        label2id={l: i for i, l in enumerate(EMOTION_LABELS)},
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
-    model = MambaForLastTokenClassification(config).to(args.device)
+    model, class_ids = build_model(args, tokenizer)
+    model = model.to(args.device)
+    class_ids = None if class_ids is None else class_ids.to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.arch}: {args.layers} layers, d_model {args.hidden}, {n_params / 1e6:.2f} M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    steps = args.epochs * ((len(train[0]) + args.batch - 1) // args.batch)
+    per_epoch = (len(train[0]) + args.batch - 1) // args.batch
+    steps = args.epochs * per_epoch if not args.max_steps else min(args.max_steps, args.epochs * per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
-    best, best_state, start = -1.0, None, time.time()
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp)
+    best, best_state, start, step = -1.0, None, time.time(), 0
     for epoch in range(args.epochs):
         model.train()
-        total = 0.0
+        total, seen = 0.0, 0
         for ids, mask, y in batches(*train, tokenizer, args.batch, True, args.max_len, rng):
-            loss = model(input_ids=ids.to(args.device), attention_mask=mask.to(args.device), labels=y.to(args.device)).loss
+            with autocast:
+                loss = lm_loss(model, ids.to(args.device), mask.to(args.device), y.to(args.device), class_ids)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(y)
-        acc = accuracy(model, *val, tokenizer, args.device, args.max_len)
-        print(
-            f"epoch {epoch + 1}: train loss {total / len(train[0]):.4f}  val acc {acc:.4f}  ({time.time() - start:.0f}s)",
-            flush=True,
-        )
+            total, seen, step = total + float(loss.detach()) * len(y), seen + len(y), step + 1
+            if step >= steps:
+                break
+        acc = accuracy(model, *val, tokenizer, args.device, args.max_len, class_ids)
+        loss_mean = total / max(seen, 1)
+        print(f"epoch {epoch + 1}: train loss {loss_mean:.4f}  val acc {acc:.4f}  ({time.time() - start:.0f}s)", flush=True)
         if acc > best:
             best, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if step >= steps:
+            break
     model.load_state_dict(best_state)
-    test_acc = accuracy(model, *test, tokenizer, args.device, args.max_len)
+    test_acc = accuracy(model, *test, tokenizer, args.device, args.max_len, class_ids)
     print(f"best val acc {best:.4f}  test acc {test_acc:.4f}")
     os.makedirs(args.out, exist_ok=True)
     model.eval().to("cpu").save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    import transformers
+
     metrics = {
         "val_accuracy": best,
         "test_accuracy": test_acc,
         "n_test": len(test[0]),
         "seconds": time.time() - start,
+        "steps": step,
+        "parameters": n_params,
+        "seed": args.seed,
+        "command": command,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "args": {k: v for k, v in vars(args).items() if k != "data"},
     }
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    return metrics
 
 
 if __name__ == "__main__":
