@@ -154,6 +154,7 @@ def snapshot(model: nn.Module):
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
         model.config._attn_implementation,
+        repr(sorted(model.config.__dict__.items())),
         [sorted(m.__dict__.get("_forward_hooks", {})) for m in model.modules()],
         [("forward" in m.__dict__) for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
