@@ -775,7 +775,7 @@ def report_markdown(report: dict) -> str:
         + (f"Bonferroni level {tests['bonferroni_threshold']:.2g}" if tests.get("bonferroni_threshold") else "")
     )
     lines.append("")
-    header = ["rank", "unit", "mean R ± SE", "examples", "share of class", "R per class example", "p", "q"]
+    header = ["class", "rank", "unit", "mean R ± SE", "examples", "share of class", "R per class example", "p", "q"]
     for name, cls in report["classes"].items():
         lines += [f"## {name} ({cls['n']} examples)", ""]
         if not cls["top"]:
@@ -783,6 +783,7 @@ def report_markdown(report: dict) -> str:
             continue
         rows = [
             [
+                name,
                 str(k + 1),
                 f"`{r['unit']}`",
                 _num(r["mean"]) + ("" if r["se"] is None else f" ± {r['se']:.3f}"),

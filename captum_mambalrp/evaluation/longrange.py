@@ -410,7 +410,7 @@ def summary_markdown(summary: dict) -> str:
         "distance: tokens from the needle's last token to the end"
     )
     lines.append("")
-    header = ["distance", "n", "accuracy", "|R| share on needle", "signed share", "uniform share", "p(needle class)"]
+    header = ["length", "distance", "n", "accuracy", "|R| share on needle", "signed share", "uniform share", "p(needle class)"]
 
     def f(v: Tuple[float, float]) -> str:
         m, se = v
@@ -419,6 +419,7 @@ def summary_markdown(summary: dict) -> str:
     for length in sorted({c["length"] for c in summary["curves"]}):
         rows = [
             [
+                str(length),
                 str(c["distance"]),
                 str(c["n"]),
                 f(c["accuracy"]),
