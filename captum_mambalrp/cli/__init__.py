@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import List, NoReturn, Optional
 
-SUBCOMMANDS = ["explain", "compare", "dashboard"]
+SUBCOMMANDS = ["explain", "compare", "dashboard", "bias", "longrange"]
 PROG = "captum-mambalrp"
 
 
