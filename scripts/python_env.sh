@@ -2,8 +2,8 @@
 # Prints the Python interpreter that the scripts install into and run with:
 #   $PYTHON if set, else python3 (a virtualenv's, conda's, pyenv's, the system's);
 #   when that interpreter is the system's and the system manages its packages (PEP 668,
-#   e.g. Debian's /usr/bin/python3, where `pip install` is refused), a virtualenv .venv
-#   made from it (created on first use; messages go to stderr).
+#   e.g. Debian's /usr/bin/python3, where `pip install` is refused), a virtualenv made from
+#   it ($MAMBALRP_VENV, default .venv; created on first use; messages go to stderr).
 # Usage: PY=$(bash scripts/python_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,16 +18,17 @@ print(int(not venv and os.path.isfile(os.path.join(sysconfig.get_path("stdlib"),
   echo "setup: error: '$PY' does not run as a Python interpreter; set PYTHON=/path/to/python3" >&2
   exit 1
 }
+venv=${MAMBALRP_VENV:-.venv}
 if [ "$managed" = 1 ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "" 2>/dev/null; then
-    echo "setup: $(command -v "$PY") is managed by the system (PEP 668): installing into the virtualenv .venv instead" >&2
-    rm -rf .venv
-    "$PY" -m venv .venv >&2 || {
-      echo "setup: error: cannot create .venv with '$PY -m venv' (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "" 2>/dev/null; then
+    echo "setup: $(command -v "$PY") is managed by the system (PEP 668): installing into the virtualenv $venv instead" >&2
+    rm -rf "$venv"
+    "$PY" -m venv "$venv" >&2 || {
+      echo "setup: error: cannot create $venv with '$PY -m venv' (on Debian/Ubuntu: apt-get install python3-venv)" >&2
       exit 1
     }
   fi
-  echo "$PWD/.venv/bin/python"
+  (cd "$venv" && echo "$PWD/bin/python")
 else
   "$PY" -c 'import sys; print(sys.executable)'
 fi
