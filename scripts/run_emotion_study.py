@@ -5,8 +5,9 @@
         --n 500 --threads 1 > runs/emotion-study.log 2>&1 &
     python3 scripts/run_emotion_study.py --model /tmp/train/default --out runs/emotion-study --n 500 --publish docs
 
-Every option of ``captum-mambalrp compare`` is accepted (defaults: all methods, the shared
-Emotion test split via ``captum_mambalrp.datasets.default_emotion_dir()``, 500 examples).
+Every option of ``captum-mambalrp compare`` is accepted (defaults: all methods, 500 examples, and
+``--data ../shared/data/emotion`` beside the project: this script passes it explicitly, since
+``compare`` without ``--data`` uses the package's 96-example demo sample).
 Rerun the same command after an interruption: finished (method, example) pairs are kept.
 ``--publish DIR`` copies the figures to ``DIR/img/emotion_*.png`` and writes
 ``DIR/img/emotion_summary.md`` (the study's summary with those image paths).
@@ -22,6 +23,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from captum_mambalrp.cli import build_parser, quiet_transformers  # noqa: E402
 from captum_mambalrp.cli.compare import build_study  # noqa: E402
+
+SHARED_EMOTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "emotion")
 
 
 def publish(out: str, docs: str, figures: dict, markdown: str) -> None:
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--publish", default=None, help="docs folder to copy the figures and summary to")
     known, rest = extra.parse_known_args(argv)
+    if not any(a == "--data" or a.startswith("--data=") for a in rest):
+        rest = ["--data", SHARED_EMOTION, *rest]
     args = build_parser().parse_args(["compare", *rest])
     if not args.out:
         raise SystemExit("--out DIR is required")
