@@ -202,3 +202,19 @@ def test_every_architecture_conserves_through_the_words_and_resumes(arch, tmp_pa
     again = B.BiasStudy(model, tokenizer, texts, labels, cfg, out).run(progress=False, figures=False)
     assert os.path.getsize(os.path.join(out, "records.jsonl")) == before  # resumed: nothing explained twice
     assert again["classes"] == report["classes"]
+
+
+def test_bias_command_user_errors_are_one_line(tmp_path, capsys):
+    from captum_mambalrp.cli import main
+
+    data = str(tmp_path / "synthetic.txt")
+    synthetic_emotion(data)
+    for extra, message in [
+        (["--groups", "he,him", "she"], "cannot be swapped"),
+        (["--permutations", "0"], "n_permutations must be at least 1"),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            main(["bias", "--data", data, "--out", str(tmp_path / "out"), *extra])
+        assert err.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("captum-mambalrp: error:") and message in lines[0]

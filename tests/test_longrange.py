@@ -18,6 +18,7 @@ import torch
 from captum_mambalrp import MambaLRP
 from captum_mambalrp.evaluation import longrange as LR
 
+NAMES = ["sadness", "joy", "love"]
 WORDS = "alpha beta gamma delta eps zeta eta theta iota kappa lam mu".split()
 
 
@@ -54,7 +55,13 @@ def tiny_classifier(tmp_path, arch: str = "mamba"):
     tokenizer = build_word_tokenizer(texts, min_freq=1)
     torch.manual_seed(0)
     config = MambaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, time_step_rank=4, num_labels=3
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        expand=2,
+        time_step_rank=4,
+        id2label=dict(enumerate(NAMES)),
     )
     model = MambaForLastTokenClassification(config).eval()
     folder = str(tmp_path / "model")
@@ -88,9 +95,8 @@ def test_longrange_command_shapes_files_and_shares(tmp_path, capsys):
     model, tokenizer, folder = tiny_classifier(tmp_path)
     texts, labels = tiny_data()
     data = str(tmp_path / "data.txt")
-    names = ["sadness", "joy", "love"]
     with open(data, "w", encoding="utf-8") as f:
-        f.write("text;label_name\n" + "".join(f"{t};{names[y]}\n" for t, y in zip(texts, labels)))
+        f.write("text;label_name\n" + "".join(f"{t};{NAMES[y]}\n" for t, y in zip(texts, labels)))
     out = str(tmp_path / "lr")
     args = ["longrange", "--model", folder, "--data", data, "--out", out, "--needles", "4", "--needle-max-tokens", "6"]
     assert main(args + ["--lengths", "16,32", "--n-distances", "4", "--no-progress"]) == 0
@@ -137,3 +143,13 @@ def test_longrange_api_on_a_hybrid(filler):
     if filler == "token":
         assert set(study.haystack(summary["needles"][0], 20)) == {tokenizer.unk_token_id}
     check_rows(study, study._memory, MambaLRP(model))
+
+
+def test_longrange_lengths_shorter_than_a_needle_are_refused(tmp_path):
+    model, tokenizer, _ = tiny_classifier(tmp_path)
+    texts, labels = tiny_data()
+    study = LR.LongRangeStudy(
+        model, tokenizer, texts, None, LR.LongRangeConfig(lengths=[4, 32], n_needles=2, needle_max_tokens=6)
+    )
+    with pytest.raises(ValueError, match=r"lengths \[4\] are shorter than the longest needle"):
+        study.run(progress=False)

@@ -18,10 +18,17 @@ def recompute_value(text: str) -> Any:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options every data-set command shares: model, data, MambaLRP's settings, device, output."""
     p.add_argument("--model", default=None, help="transformers checkpoint folder or hub id (default: embedded Emotion model)")
-    p.add_argument("--data", required=True, help="folder with <split>.txt or one TEXT;LABEL file (e.g. ../shared/data/emotion)")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a file (.txt TEXT;LABEL, .csv, .tsv, .jsonl, .json, .parquet), a folder with <split>.<ext>, or a datasets id "
+        "(default: the package's 96-example Emotion demo sample); e.g. ../shared/data/emotion",
+    )
+    p.add_argument("--split", default="test", help="split of a folder or a datasets id (default: test)")
+    p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl/parquet/datasets")
+    p.add_argument("--label-column", default=None, help="label column (names map through the model's id2label)")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    p.add_argument("--composite", default="mambalrp", help="MambaLRP rule set (mambalrp, gradient, ...)")
+    p.add_argument("--composite", default="mambalrp", help="MambaLRP rule set (mambalrp; conservative for hybrids' attention)")
     p.add_argument("--backend", default="auto", help="MambaLRP scan backend: auto, torch, triton, mamba_ssm")
     p.add_argument("--recompute", default="auto", choices=["auto", "on", "off"], help="recompute mixers in the backward pass")
     p.add_argument("--device", default="cpu")
@@ -34,24 +41,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_for(
     args: argparse.Namespace, dtype: Optional[str] = None
-) -> Tuple[Any, Any, List[str], Optional[List[int]], List[str], dict]:
-    """Model, tokenizer, texts, labels, class names and the report's meta lines from the arguments."""
+) -> Tuple[Any, Any, List[str], Optional[List[int]], Optional[List[str]], dict]:
+    """Model, tokenizer, texts, labels (the model's class indices), class names and the
+    report's meta lines, read as ``compare`` reads them."""
     import torch
 
-    from ..datasets import EMOTION_LABELS
-    from ..evaluation import load_split
+    from ..attribution.targets import class_names
     from ..models import load_model_and_tokenizer
-    from .compare import model_meta
+    from .compare import data_labels, load_data, model_meta
 
+    data = load_data(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts, labels, path = load_split(args.data, args.split)
     kwargs = {} if dtype is None else {"dtype": getattr(torch, dtype)}
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, **kwargs)
-    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    n_labels = max(labels) + 1 if labels else 0
-    names = [str(id2label[i]) for i in range(len(id2label))] if len(id2label) >= n_labels else list(EMOTION_LABELS)
-    return model, tokenizer, texts, labels, names, {**model_meta(args.model), "data": path}
+    labels = data_labels(data, model)
+    names = class_names(model) or data.label_names
+    return model, tokenizer, data.texts, labels, names, {**model_meta(args.model), "data": data.source}
 
 
 def run(args: argparse.Namespace) -> int:
