@@ -83,3 +83,19 @@ def test_embedded_default_model(capsys, tmp_path):
     main(["explain", "i feel so happy and loved today", "--html", str(tmp_path / "d.html")])
     out = capsys.readouterr().out
     assert "prediction: joy" in out or "prediction: love" in out
+
+
+def test_compare_defaults_to_the_demo_sample_and_embedded_model(tmp_path, capsys):
+    """The README's compare example on a fresh clone: no --model, no --data; `ig` is an alias."""
+    from captum_mambalrp.datasets import DEMO_DATA, EMOTION_LABELS, load_texts
+
+    out = tmp_path / "study"
+    argv = ["compare", "--methods", "mambalrp,ig", "--ig-steps", "2", "--n", "4", "--batch-size", "4", "--out", str(out)]
+    assert main([*argv, "--no-layers", "--no-figures", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["data"] == DEMO_DATA and "embedded default" in summary["meta"]["model"]
+    assert set(summary["methods"]) == {"mambalrp", "integrated_gradients"}
+    demo = load_texts()
+    truth = dict(zip(demo.texts, demo.label_ids(EMOTION_LABELS)))
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 4 and all(e["label"] == truth[e["text"]] for e in examples)
