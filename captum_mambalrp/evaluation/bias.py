@@ -196,13 +196,13 @@ def unit_relevance(tokens: Sequence[str], relevance: Sequence[float], unit: str 
 
 
 # ---- statistics ------------------------------------------------------------------------------
-def benjamini_hochberg(p: Sequence[float]) -> np.ndarray:
+def benjamini_hochberg(pvalues: Union[Sequence[float], np.ndarray]) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values), in the order given.
 
     >>> benjamini_hochberg([0.01, 0.04, 0.03]).round(3).tolist()
     [0.03, 0.04, 0.04]
     """
-    p = np.asarray(p, dtype=np.float64)
+    p = np.asarray(pvalues, dtype=np.float64)
     m = len(p)
     if m == 0:
         return p

@@ -339,8 +339,8 @@ class LongRangeStudy:
     def _batch(self, lrp: Any, length: int, distance: int, batch: List[dict]) -> List[dict]:
         seqs, starts = [], []
         for n in batch:
-            ids, start = place_needle(self.token_ids(n["index"]), self.haystack(n, length), length, distance)
-            seqs.append(ids)
+            seq, start = place_needle(self.token_ids(n["index"]), self.haystack(n, length), length, distance)
+            seqs.append(seq)
             starts.append(start)
         ids = torch.tensor(seqs, dtype=torch.long, device=self.device)
         target = [n["class"] for n in batch]
