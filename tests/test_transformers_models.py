@@ -196,8 +196,9 @@ def test_unsupported_attention_class_is_refused_and_model_unchanged():
     )
     model = MistralForCausalLM(cfg).eval()
     before = snapshot(model)
-    with pytest.raises(UnsupportedModelError, match=r"'model\.layers\.0\.self_attn' \(MistralAttention\)"):
+    with pytest.raises(UnsupportedModelError, match=r"'model\.layers\.0\.self_attn' \(MistralAttention\)") as refused:
         MambaLRP(model)
+    assert "MistralMLP (e.g. 'model.layers.0.mlp')" in str(refused.value)  # a gated MLP no adapter reads
     assert same(before, snapshot(model))
 
 

@@ -108,7 +108,7 @@ def lrp_attention(
 
     Raises:
         RuntimeError: ``module`` was not taken over by an installation (its rule is unknown).
-        UnsupportedModelError: an attention variant without a rule (logit soft-capping, sinks).
+        TypeError: an attention variant without a rule (logit soft-capping, sinks).
     """
     rule = _ACTIVE.get(id(module))
     if rule is None:
@@ -117,11 +117,10 @@ def lrp_attention(
             f"set config._attn_implementation back to the model's own implementation"
         )
     extra = [k for k in ("softcap", "s_aux", "sinks") if kwargs.get(k) is not None]
-    if extra or getattr(module, "sinks", None) is not None:
-        from .install import UnsupportedModelError
-
-        raise UnsupportedModelError(
-            f"MambaLRP has no rule for the attention variant of {type(module).__name__} ({', '.join(extra) or 'sinks'})"
+    if extra or getattr(module, "sinks", None) is not None:  # not in the supported classes: a changed class
+        raise TypeError(
+            f"MambaLRP has no rule for the attention variant of {type(module).__name__} ({', '.join(extra) or 'sinks'}): "
+            "its transformers version adds a step the attention rules do not cover"
         )
     query, key, value = rule.attention(query, key, value)
     n_rep = query.shape[1] // key.shape[1]

@@ -23,6 +23,9 @@ PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identit
 # (mamba-ssm's attention block is ``MHA``; a bare ``Mamba``/``Mamba2``/``Mamba3``/``Mamba2Simple``
 # not claimed by an adapter is a mixer variant without rules, e.g. Vision Mamba's bidirectional fork.)
 UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM|^MHA$|^Mamba\d*(Simple)?$)", re.IGNORECASE)
+# transformers' MLP classes: most are gated (``act(gate(x)) * up(x)``), a product the hooks alone would
+# give double relevance; only those an adapter claims (``adapters.mlp``) are accepted.
+TRANSFORMERS_MLP = re.compile(r"(MLP|Mlp|FeedForward)$")
 # Containers named after what they hold (``JambaAttentionDecoderLayer``, ``Qwen3MoeModel``): not
 # refused by name; their children are checked one by one.
 CONTAINERS = re.compile(r"(DecoderLayer|Model|For[A-Z]\w*)$")
@@ -88,9 +91,18 @@ def _uncovered_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         adapter = find_adapter(module)
         if (adapter is not None and not adapter.wraps_children) or getattr(module, "rule", None) is not None:
             covered.add(name)
-        elif adapter is None and UNSUPPORTED.search(type(module).__name__) and not _has_rule_by_type(module):
+        elif adapter is None and _looks_uncovered(module):
             found.append((name, module))
     return found
+
+
+def _looks_uncovered(module: nn.Module) -> bool:
+    """An attention layer, mixer or MoE by its class name (not a container, norm or constant
+    module that merely mentions a family), or a transformers MLP no adapter claims."""
+    cls = type(module)
+    if UNSUPPORTED.search(cls.__name__) and not _has_rule_by_type(module):
+        return True
+    return cls.__module__.startswith("transformers.") and bool(TRANSFORMERS_MLP.search(cls.__name__))
 
 
 def _has_rule_by_type(module: nn.Module) -> bool:
