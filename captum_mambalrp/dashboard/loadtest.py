@@ -60,7 +60,7 @@ class LoadReport:
 def request(url: str, method: str = "GET", path: str = "/", body: Optional[dict] = None, timeout: float = 60.0):
     """One request on a fresh connection: ``(status, body bytes)``."""
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"} if data is not None else {}

@@ -69,7 +69,7 @@ class DashboardApp:
         if target is not None and not isinstance(target, (str, int)):
             raise InputError("target must be a class name or index.")
         with self.lock:
-            return with_words(self.explainer.explain(request.get("text"), target, methods))
+            return with_words(self.explainer.explain(request.get("text"), target, methods))  # type: ignore[arg-type]
 
     def export(self, request: Dict[str, Any]) -> str:
         results = request.get("results")
@@ -120,7 +120,7 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write("dashboard: " + format % args + "\n")
 
     def _host_ok(self) -> bool:
-        bound = self.server.server_address[0]
+        bound = str(self.server.server_address[0])  # type: ignore[index]
         if bound not in LOOPBACK:
             return True
         host = (self.headers.get("Host") or "").strip().lower()

@@ -71,7 +71,7 @@ def load_result_views(paths: Sequence[str]) -> List[Dict[str, Any]]:
     Raises:
         FileNotFoundError, ValueError: a file is missing or not a results file.
     """
-    views = []
+    views: List[Dict[str, Any]] = []
     for path in paths:
         views.extend(result_view(r, os.path.basename(path)) for r in load_results(path))
     return views

@@ -91,7 +91,7 @@ def vim_heatmap(
     relevance = MambaLRP(model, **lrp_kwargs).attribute(images, target=target)
     if level == "pixel":
         return relevance.sum(1, keepdim=True)
-    return patch_relevance_to_image(patch_relevance(relevance, model), model)
+    return patch_relevance_to_image(patch_relevance(relevance, model), model)  # type: ignore[arg-type]
 
 
 __all__ = ["SIGN_CMAPS", "display_image", "image_attr_figure", "to_hwc", "vim_heatmap"]

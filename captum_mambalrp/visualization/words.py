@@ -113,10 +113,10 @@ def word_groups(tokens: Sequence[str], scheme: str = "auto") -> List[Tuple[str, 
             word, index = groups[-1]
             groups[-1] = (word + text, index + [i])
         previous_special = special
-    out = []
-    for word, index in groups:
-        text = word.decode("utf-8", errors="replace").strip()
-        out.append((text if text else tokens[index[0]], index))
+    out: List[Tuple[str, List[int]]] = []
+    for raw_word, index in groups:
+        shown = raw_word.decode("utf-8", errors="replace").strip()
+        out.append((shown if shown else tokens[index[0]], index))
     return out
 
 
