@@ -370,8 +370,26 @@ def test_packed_batches_and_four_d_masks_are_refused_with_the_fix():
             host.mixer(host.embed(ids), seq_idx=torch.zeros(1, 5, dtype=torch.int32))
         with pytest.raises(ValueError, match="2-D"):
             host.mixer(host.embed(ids), attention_mask=torch.ones(1, 1, 5, 5))
+
+        class FilledCache:  # a decoding cache that holds this layer's state already
+            def has_previous_state(self, layer_idx=None, state_idx=None):
+                return layer_idx == host.mixer.layer_idx
+
+        with pytest.raises(ValueError, match="filled cache"):
+            host.mixer(host.embed(ids), cache=FilledCache())
     finally:
         inst.patcher.restore()
+
+
+@pytest.mark.parametrize("family", ["jamba", "zamba2", "falcon_h1"])
+def test_recompute_and_a_fresh_cache_give_the_same_relevance(family):
+    model = build(family, seed=7)
+    ids, mask = left_padded(2, 9, [0, 3], seed=7)
+    plain = MambaLRP(model, composite="conservative").attribute(ids, target=2, attention_mask=mask)
+    recomputed = MambaLRP(model, composite="conservative", recompute=True).attribute(ids, target=2, attention_mask=mask)
+    cached = MambaLRP(model, composite="conservative").attribute(ids, target=2, attention_mask=mask, use_cache=True)
+    assert torch.equal(plain, recomputed)
+    assert torch.allclose(plain, cached, atol=1e-7)
 
 
 # ---------------------------------------------------------------- full models

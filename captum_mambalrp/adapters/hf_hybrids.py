@@ -78,14 +78,18 @@ def check_padding_mask(attention_mask: Optional[Tensor], where: str) -> Optional
     return attention_mask
 
 
-def reject_cache_state(cache: object, where: str) -> None:
-    """Refuse a decoding cache that already holds a state (a continuation, not a whole sequence).
+def reject_cache_state(cache: Any, layer_idx: Optional[int], where: str) -> None:
+    """Refuse a decoding cache that already holds this mixer's state (a continuation, not a whole
+    sequence). A fresh cache (``use_cache=True``) is accepted; the mixer leaves it unwritten.
 
     Raises:
-        ValueError: ``cache`` holds tokens already.
+        ValueError: ``cache`` holds a previous state for layer ``layer_idx``.
     """
-    seen = getattr(cache, "get_seq_length", None)
-    if cache is not None and callable(seen) and int(seen()) > 0:
+    if cache is None:
+        return
+    has = getattr(cache, "has_previous_state", False)
+    filled = has(layer_idx) if callable(has) and layer_idx is not None else has is True
+    if filled:
         raise ValueError(f"{where}: MambaLRP explains whole sequences: call the model without a filled cache (use_cache=False)")
 
 
@@ -121,7 +125,7 @@ class HFJambaMixerAdapter(Adapter):
             hidden_states: Tensor, *args, attention_mask: Optional[Tensor] = None, cache: object = None, **kwargs
         ) -> Tensor:
             reject_packed(kwargs)
-            reject_cache_state(cache, name)
+            reject_cache_state(cache, getattr(module, "layer_idx", None), name)
             return mamba1_forward(parts, rules, hidden_states, check_padding_mask(attention_mask, name))
 
         patcher.replace_forward(module, forward)
@@ -168,7 +172,7 @@ class HFHybridMamba2Adapter(Adapter):
             hidden_states: Tensor, *args, attention_mask: Optional[Tensor] = None, cache: object = None, **kwargs
         ) -> Tensor:
             reject_packed(kwargs)
-            reject_cache_state(cache, name)
+            reject_cache_state(cache, getattr(module, "layer_idx", None), name)
             return mamba2_forward(parts, rules, norm_rule, hidden_states, check_padding_mask(attention_mask, name))
 
         patcher.replace_forward(module, forward)
