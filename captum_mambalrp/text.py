@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from .attribution import MambaLRP
 from .attribution.targets import output_scores, select_targets
 
+MAX_CHARS = 2000  # the longest text the dashboard (and the CLI) accept by default: longer ones take seconds on a CPU
+
 
 @dataclass
 class TextExplanation:

@@ -14,7 +14,7 @@ from ..evaluation.analysis import find_blocks
 from ..evaluation.methods import MethodOptions
 from ..evaluation.perturbation import reference_token_id
 from ..evaluation.scores import LastTokenScores
-from ..text import TextExplanation, explain_texts, label_names
+from ..text import MAX_CHARS, TextExplanation, explain_texts, label_names
 from .methods import DEFAULT_METHODS, MethodRunner, comparison_methods
 
 MAX_LABELS_SHOWN = 100
@@ -33,7 +33,7 @@ class InputError(ValueError):
 class Limits:
     """The largest input accepted, in characters and in tokens."""
 
-    max_chars: int = 2000
+    max_chars: int = MAX_CHARS
     max_tokens: int = 256
 
 
