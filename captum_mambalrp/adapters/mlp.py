@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..rules.base import ACTIVATION, GATE, MambaRule
 from ..rules.composites import Composite
+from ..rules.gate import gate_with_activation
 from .base import Adapter, Component, register
 from .patching import Patcher
 
@@ -52,9 +53,10 @@ def mlp_forward(parts: MLPParts, act_rule: MambaRule, gate_rule: MambaRule, x: T
     pre, up = parts.project(x, **kwargs)
     if parts.gate_multiplier != 1.0:
         pre = pre * parts.gate_multiplier
-    hidden = act_rule.activation(pre, parts.act_module.forward)
-    if up is not None:
-        hidden = gate_rule.gate(hidden, up)
+    if up is None:
+        hidden = act_rule.activation(pre, parts.act_module.forward)
+    else:  # the product of the Mamba gate's form (fused into one kernel on CUDA for the default rules)
+        hidden = gate_with_activation(gate_rule, act_rule, up, pre, parts.act_module.forward)
     out = parts.down(hidden)
     return out * parts.down_multiplier if parts.down_multiplier != 1.0 else out
 

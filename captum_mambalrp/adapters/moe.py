@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..rules.base import ACTIVATION, GATE, LINEAR, ROUTER, MambaRule
 from ..rules.composites import Composite
+from ..rules.gate import gate_with_activation
 from .base import Adapter, Component, register
 from .patching import Patcher
 
@@ -115,7 +116,7 @@ def experts_forward(
             h = act_rule.activation(_ruled_linear(up_rule, x, experts.up_proj[e]), experts.act_fn.forward)
         else:
             gate, up = _ruled_linear(up_rule, x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            h = gate_rule.gate(act_rule.activation(gate, experts.act_fn.forward), up)
+            h = gate_with_activation(gate_rule, act_rule, up, gate, experts.act_fn.forward)
         y = _ruled_linear(down_rule, h, experts.down_proj[e]) * top_k_weights[token, pos, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out.to(hidden.dtype)
