@@ -20,7 +20,7 @@ string (``"3"``) is that index; a word is never read as a vocabulary id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -132,7 +132,7 @@ def _per_example(target: TargetLike, batch: int) -> List[object]:
     return target
 
 
-def _as_int(t: object) -> object:
+def _as_int(t: Any) -> object:
     try:
         return int(t)  # python, numpy and one-element torch integers
     except (TypeError, ValueError):
@@ -200,9 +200,9 @@ def plan_targets(shape: Sequence[int], target: TargetLike, mask: Optional[Tensor
                     f"{len(real[i])} real tokens (positions count real tokens; -1 is the last)"
                 )
             if cls is not None:
-                _check_class(cls, n_classes)
+                _check_class(cls, n_classes)  # type: ignore[arg-type]
             positions.append(real[i][position])
-            classes.append(-1 if cls is None else cls)
+            classes.append(-1 if cls is None else cls)  # type: ignore[arg-type]
         return TargetPlan(3, positions, classes)
     raise ValueError(f"model output of shape {tuple(shape)} is not supported; expected [B], [B, C] or [B, L, C]")
 

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # taken between the check and now
         raise UsageError(bind_error(err, args.host, args.port)) from None
     host, port = server.server_address[:2]
-    print(f"MambaLRP dashboard on http://{host}:{port}/  (model: {source}; Ctrl+C to stop)", flush=True)
+    print(f"MambaLRP dashboard on http://{host!s}:{port}/  (model: {source}; Ctrl+C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
 from . import UsageError, quiet_transformers
 
@@ -53,7 +53,7 @@ def check_composite(name: str) -> None:
         raise UsageError(f"unknown composite {name!r}; choose one of: {', '.join(sorted(COMPOSITES))}")
 
 
-def cli_target(target: Optional[str], model, tokenizer) -> Union[None, int]:
+def cli_target(target: Optional[str], model: Any, tokenizer: Any) -> Union[None, int]:
     """The class index for ``--target``: a class name of ``config.id2label``, an index
     (``"3"``), or ``token:WORD`` for a vocabulary token of a language model. A word is never
     read as a vocabulary id.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 from torch import nn
@@ -193,7 +193,7 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
-def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cpu", dtype=None) -> Tuple[nn.Module, object]:
+def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cpu", dtype=None) -> Tuple[nn.Module, Any]:
     """``from_pretrained`` of a transformers checkpoint (folder or hub id) and its tokenizer.
 
     ``None`` loads the embedded default (a small Emotion classifier shipped with the
@@ -227,9 +227,10 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
     except OSError as err:  # the hub said no (unknown, gated or private repository), or a file is broken
         raise ModelLoadError(f"cannot load a model config from {name}: {_first_line(err)}") from None
     check_model_type(getattr(config, "model_type", None), name)
-    kwargs = {"local_files_only": local_only}
+    kwargs: Dict[str, Any] = {"local_files_only": local_only}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    model: nn.Module
     try:
         if MambaForLastTokenClassification.__name__ in (getattr(config, "architectures", None) or []):
             model = MambaForLastTokenClassification.from_pretrained(source, **kwargs)
@@ -241,7 +242,7 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {name}: {_first_line(err)}") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 def _first_line(err: BaseException) -> str:
