@@ -189,3 +189,29 @@ def test_llm_plots_colours():
     bars = {round(b.get_height(), 3): b.get_facecolor()[:3] for b in ax.patches if b.get_height() != 0}
     assert np.allclose(bars[2.0], (1, 0, 0)) and np.allclose(bars[-1.0], (0, 0, 1))
     plt.close(fig)
+
+
+def test_explain_command_colours(tmp_path, capsys):
+    """``captum-mambalrp explain``: the most positive token is red and the most negative blue,
+    in the terminal and in the HTML page it writes, each with a legend."""
+    from captum_mambalrp.cli import main
+
+    ckpt = make_demo_checkpoint(str(tmp_path / "ckpt"))
+    text = "i am scared of the dark and feel so alone"
+    page_path = tmp_path / "out.html"
+    assert main(["explain", "--model", ckpt, text, "--target", "joy", "--html", str(page_path), "--color"]) == 0
+    out = capsys.readouterr().out
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    (e,) = explain_texts(model, tokenizer, [text], target="joy")
+    top, low = e.tokens[int(e.relevance.argmax())], e.tokens[int(e.relevance.argmin())]
+    assert float(e.relevance.max()) > 0 > float(e.relevance.min())
+    assert legend() in out  # the legend line
+    peak = float(e.relevance.abs().max())
+    r, g, b = rgb(float(e.relevance.min()) / peak)
+    assert f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {low} " in out and b == 255 and r < 255  # blue
+    r, g, b = rgb(float(e.relevance.max()) / peak)
+    assert f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {top} " in out and r == 255 and b < 255  # red
+    page = page_path.read_text()
+    colours = mark_colours(page)
+    assert colours[top].startswith("rgb(255, ") and colours[low].endswith(", 255)") and colours[low] != "rgb(255, 255, 255)"
+    assert "Legend" in page and "hsl(" not in page
