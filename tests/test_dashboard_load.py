@@ -265,3 +265,18 @@ def test_http_client_sees_clean_errors(server):
     res = conn.getresponse()
     assert res.status == 405 and json.loads(res.read())["error"].startswith("DELETE is not supported")
     conn.close()
+
+
+def test_ipv6_loopback(explainer):
+    try:
+        server, url = start_in_thread(DashboardApp(explainer), host="::1")
+    except OSError as err:  # a machine without IPv6
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    try:
+        assert url.startswith("http://[::1]:") and alive(url)
+        with socket.create_connection(("::1", server.server_address[1]), timeout=10) as s:
+            s.sendall(b"GET /api/info HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            assert status_of(s.recv(65536)) == 403
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -261,6 +261,8 @@ class DashboardServer(ThreadingHTTPServer):
     request_queue_size = 128  # connections waiting to be accepted (a burst of clients is not turned away)
 
     def __init__(self, address: Tuple[str, int], handler: type, max_connections: int = MAX_CONNECTIONS) -> None:
+        if ":" in address[0]:  # an IPv6 address (``::1``)
+            self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(max_connections)
 
@@ -322,4 +324,5 @@ def start_in_thread(app: DashboardApp, host: str = "127.0.0.1", port: int = 0, *
     """Serve in a daemon thread; the server (``shutdown()`` it) and its URL."""
     server = make_server(app, host, port, **options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://{host}:{server.server_address[1]}/"
+    name = f"[{host}]" if ":" in host else host
+    return server, f"http://{name}:{server.server_address[1]}/"
