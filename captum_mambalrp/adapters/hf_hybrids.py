@@ -69,6 +69,10 @@ def check_padding_mask(attention_mask: Optional[Tensor], where: str) -> Optional
     Raises:
         ValueError: a mask of another rank (a custom 4-D attention mask has no padding
         signal for the SSM: pass the 2-D 0/1 mask instead).
+
+    >>> import torch
+    >>> check_padding_mask(torch.ones(2, 5), "layers.0.mamba").shape
+    torch.Size([2, 5])
     """
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(

@@ -78,7 +78,11 @@ class Mamba3Parts:
 
 
 def mamba3_parts(mixer: Any) -> Mamba3Parts:
-    """Parts of mamba-ssm's ``Mamba3`` (SISO or MIMO, output norm or not)."""
+    """Parts of mamba-ssm's ``Mamba3`` (SISO or MIMO, output norm or not).
+
+    Returns:
+        The :class:`Mamba3Parts` reading ``mixer``'s modules, parameters and sizes (nothing copied).
+    """
     mimo = (mixer.mimo_x, mixer.mimo_z, mixer.mimo_o) if mixer.is_mimo else None
     norm = (mixer.norm.weight, float(mixer.norm.eps)) if mixer.is_outproj_norm else None
     return Mamba3Parts(
@@ -111,7 +115,7 @@ def rotate(x: Tensor, theta: Tensor, pairwise: bool) -> Tensor:
     Returns:
         The rotated tensor, ``x``'s shape.
 
-    >>> rotate(torch.tensor([1.0, 0.0, 5.0, 6.0]), torch.tensor([math.pi / 2]), True).round().tolist()
+    >>> rotate(torch.tensor([1.0, 0.0, 5.0, 6.0]), torch.tensor([math.pi / 2]), True).round().abs().tolist()
     [0.0, 1.0, 5.0, 6.0]
     """
     half = x.shape[-1] // 2

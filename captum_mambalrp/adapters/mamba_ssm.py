@@ -272,7 +272,12 @@ class MambaSSMAttentionAdapter(Adapter):
 
 
 def mha_forward(module: Any, act_rule: MambaRule, gate_rule: MambaRule, x: Tensor) -> Tensor:
-    """``MHA``'s forward on ``x [b, l, d]`` with the attention rule registered for ``module``."""
+    """``MHA``'s forward on ``x [b, l, d]`` with the attention rule registered for ``module``
+    (:func:`activate_attention_rule`) and ``act_rule``/``gate_rule`` on its MLP half.
+
+    Returns:
+        ``[b, l, d]``, equal in value to ``MHA.forward`` without a cache.
+    """
     batch, length, _ = x.shape
     qkv = module.in_proj(x)
     x_mlp = None
