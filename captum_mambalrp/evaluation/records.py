@@ -44,3 +44,45 @@ class JsonLines:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+class ShardedLines:
+    """The records of one kind (``results``, ``examples``, ``layers``) of a study folder: this
+    process appends to ``<stem><suffix>.jsonl`` (``suffix`` ``""`` for one process, ``".rank<r>"``
+    for a rank of a sharded run), and reading returns the lines of every such file, so one
+    process resumes or summarises what any number of ranks wrote.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> ShardedLines(folder, "results", ".rank1").append([{"a": 1}])
+    >>> ShardedLines(folder, "results").append([{"a": 0}])
+    >>> sorted(r["a"] for r in ShardedLines(folder, "results").read())
+    [0, 1]
+    """
+
+    def __init__(self, folder: str, stem: str, suffix: str = "") -> None:
+        self.folder, self.stem = folder, stem
+        self.path = os.path.join(folder, f"{stem}{suffix}.jsonl")
+        self._own = JsonLines(self.path)
+
+    def paths(self) -> List[str]:
+        """Every file of this kind in the folder: the one-process file first, then the ranks'."""
+        if not os.path.isdir(self.folder):
+            return []
+        ranks = sorted(
+            (n for n in os.listdir(self.folder) if n.startswith(f"{self.stem}.rank") and n.endswith(".jsonl")),
+            key=lambda n: int(n[len(self.stem) + 5 : -6]) if n[len(self.stem) + 5 : -6].isdigit() else -1,
+        )
+        single = os.path.join(self.folder, f"{self.stem}.jsonl")
+        return ([single] if os.path.exists(single) else []) + [os.path.join(self.folder, n) for n in ranks]
+
+    def read(self) -> List[dict]:
+        return [row for p in self.paths() for row in JsonLines(p).read()]
+
+    def append(self, rows: Iterable[dict]) -> None:
+        self._own.append(rows)
+
+    def remove(self) -> None:
+        """Delete every file of this kind (a study started afresh)."""
+        for p in self.paths():
+            os.remove(p)

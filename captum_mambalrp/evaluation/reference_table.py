@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
+from . import distributed
 from .base import Reference
 from .methods import METHODS, method_label, resolve_methods, split_variant
 from .perturbation import REPLACEMENTS, Perturbation
@@ -93,13 +94,20 @@ def run_reference_table(
     if unknown:
         raise ValueError(f"unknown replacements {unknown}; choose among {REPLACEMENTS}")
     methods = expand_methods(config.methods, references)
+    study = None
     for kind in replacements:
         sub = replace(config, methods=list(methods), perturbation=replace(config.perturbation, replacement=kind))
         sub_meta = {**(meta or {}), "reference table": f"replacement {kind}, references {', '.join(references)}"}
-        Study(model, tokenizer, texts, labels, sub, study_folder(out_dir, kind), meta=sub_meta, overwrite=overwrite).run(
-            progress=progress, figures=figures
-        )
-    return write_reference_table(out_dir, replacements, references, config.perturbation)
+        study = Study(model, tokenizer, texts, labels, sub, study_folder(out_dir, kind), meta=sub_meta, overwrite=overwrite)
+        study.run(progress=progress, figures=figures)
+    if study is not None and not study.is_main:  # a rank of a sharded run: rank 0 writes the table
+        distributed.barrier(study.shard)
+        with open(os.path.join(out_dir, "reference_table.json"), encoding="utf-8") as f:
+            return json.load(f)
+    table = write_reference_table(out_dir, replacements, references, config.perturbation)
+    if study is not None:
+        distributed.barrier(study.shard)
+    return table
 
 
 def matched_reference(replacement: str, perturbation: Perturbation) -> str:
@@ -137,6 +145,10 @@ def write_reference_table(
     with open(os.path.join(out_dir, "reference_table.md"), "w", encoding="utf-8") as f:
         f.write(reference_table_markdown(table))
     return table
+
+
+def _fmt2(pair: Sequence[float]) -> str:
+    return fmt(pair[0], pair[1], digits=2)
 
 
 def _matched_rows(table: dict, kind: str) -> Dict[str, dict]:
@@ -177,8 +189,8 @@ def reference_table_markdown(table: dict) -> str:
             if r is None:
                 row += ["n/a", "n/a"]
                 continue
-            row.append(f"{fmt(*r['dAF'], digits=2)} ({ranks[k][n]})")
-            row.append("0" if n == REFERENCE else fmt(*r["paired"].get("dAF", [float("nan")] * 2), digits=2))
+            row.append(f"{_fmt2(r['dAF'])} ({ranks[k][n]})")
+            row.append("0" if n == REFERENCE else _fmt2(r["paired"].get("dAF", [float("nan")] * 2)))
         rows.append(row)
     lines += [markdown_table(header, rows), ""]
     for score in ("AOPC", "ABPC"):
@@ -191,8 +203,8 @@ def reference_table_markdown(table: dict) -> str:
                 if r is None or score not in r:
                     row += ["n/a", "n/a"]
                     continue
-                row.append(fmt(*r[score], digits=2))
-                row.append("0" if n == REFERENCE else fmt(*r["paired"].get(score, [float("nan")] * 2), digits=2))
+                row.append(_fmt2(r[score]))
+                row.append("0" if n == REFERENCE else _fmt2(r["paired"].get(score, [float("nan")] * 2)))
             rows.append(row)
         lines += [markdown_table(["method"] + [f"{k}{s}" for k in kinds for s in ("", ": paired")], rows), ""]
     lines += ["## Every reference under every replacement (ΔA^F ± SE; * = matched)", ""]
@@ -202,9 +214,7 @@ def reference_table_markdown(table: dict) -> str:
         name, ref = split_variant(key)
         if ref is None:
             continue
-        cells = [
-            fmt(*per[k]["dAF"], digits=2) + (" *" if table["matched"][k] == ref else "") if k in per else "n/a" for k in kinds
-        ]
+        cells = [_fmt2(per[k]["dAF"]) + (" *" if table["matched"][k] == ref else "") if k in per else "n/a" for k in kinds]
         rows.append([method_label(name), ref, *cells])
     lines += [markdown_table(header, rows), ""]
     return "\n".join(lines)

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .analysis import layer_relevance
+from .distributed import Shard
 from .methods import MethodOptions, build_method, reference_of, resolve_methods
 from .perturbation import CURVES, Perturbation, flipping_scores, perturbation_curves
-from .records import JsonLines
+from .records import ShardedLines
 from .scores import ForwardCounter, LastTokenScores, package_forward
 from .summary import summarize
 
@@ -92,21 +94,26 @@ class Study:
         self.out = out_dir
         self.meta = dict(meta or {})
         self.device = next(model.parameters()).device
-        self.results = JsonLines(os.path.join(out_dir, "results.jsonl"))
-        self.examples = JsonLines(os.path.join(out_dir, "examples.jsonl"))
-        self.layers = JsonLines(os.path.join(out_dir, "layers.jsonl"))
+        self.shard = Shard()
+        self._open_records()
         self.overwrite = overwrite
         self._saved_methods = self._check_config()
         self.indices = select_examples(len(self.texts), config.n_examples, config.seed)
 
     # ---- set-up and resuming -------------------------------------------------------------
+    def _open_records(self) -> None:
+        suffix = self.shard.suffix()
+        self.results = ShardedLines(self.out, "results", suffix)
+        self.examples = ShardedLines(self.out, "examples", suffix)
+        self.layers = ShardedLines(self.out, "layers", suffix)
+
     @property
     def is_main(self) -> bool:
         """Whether this process writes the summary: always, except on ranks other than 0 of a
-        ``torch.distributed`` run."""
-        import torch.distributed as dist
-
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        sharded run (``torchrun``)."""
+        if self.shard.world > 1:
+            return self.shard.is_main
+        return not distributed.launched() or int(os.environ.get("RANK", "0")) == 0
 
     @property
     def config_path(self) -> str:
@@ -137,11 +144,16 @@ class Study:
         """Create the folder and write ``config.json``. A fresh study (no ``config.json`` yet, or
         ``overwrite``) first discards records left there; only once: a later :meth:`run` of
         this object resumes."""
+        if not self.shard.is_main:  # rank 0 prepares the folder; the others wait for it (run)
+            self._fresh = False
+            return
         os.makedirs(self.out, exist_ok=True)
         if self._fresh:
-            for p in (self.results.path, self.examples.path, self.layers.path):
-                if os.path.exists(p):
-                    os.remove(p)
+            for records in (self.results, self.examples, self.layers):
+                records.remove()
+            for name in os.listdir(self.out):
+                if name.startswith("progress.rank"):
+                    os.remove(os.path.join(self.out, name))
             self._fresh = False
         methods = self._saved_methods + [m for m in self.config.methods if m not in self._saved_methods]
         with open(self.config_path, "w", encoding="utf-8") as f:
@@ -165,24 +177,50 @@ class Study:
 
     # ---- running -------------------------------------------------------------------------
     def run(self, progress: bool = True, figures: bool = True) -> dict:
-        """Compute what is missing, then :meth:`finalize`; returns the summary."""
+        """Compute what is missing, then :meth:`finalize`; returns the summary.
+
+        Under ``torchrun`` (several processes) each rank computes its share of the batches
+        (:mod:`.distributed`) and rank 0 writes the summary, the same as one process would;
+        every rank returns it.
+        """
         from tqdm.auto import tqdm
 
+        self.shard = distributed.init_from_env(self.device)
+        self._open_records()
         self.prepare()
+        if self.shard.world > 1:  # this run's count starts at zero (a file may remain from a run that died)
+            os.makedirs(self.out, exist_ok=True)
+            distributed.write_count(distributed.progress_path(self.out, self.shard), 0)
+        distributed.barrier(self.shard)
         done_results = {(r["method"], r["index"]) for r in self.results.read()}
         done_examples = {r["index"] for r in self.examples.read()}
         done_layers = {r["index"] for r in self.layers.read()}
         batches = self.batches()
         methods = self.config.methods
+        mine = set(self.shard.take(list(range(len(batches)))))
         todo = [(b, m) for b, batch in enumerate(batches) for m in methods if any((m, i) not in done_results for i in batch)]
+        total = sum(1 for b, m in todo for i in batches[b] if (m, i) not in done_results)  # (method, example) pairs, all ranks
+        todo = [(b, m) for b, m in todo if b in mine]
         layer_todo = self.config.layer_analysis and any(i not in done_layers for i in self.indices)
         built: Dict[str, Any] = {}
-        bar = tqdm(total=len(todo), desc="compare", unit="method-batch", disable=not progress)
+        show = progress and self.shard.is_main
+        bar = tqdm(total=total, desc="compare", unit="result", disable=not show)
+        counter = distributed.progress_path(self.out, self.shard)
+        count, items = 0, 0
+
+        def poll() -> None:  # rank 0: every rank's finished (method, example) pairs
+            if show and self.shard.world > 1:
+                paths = [distributed.progress_path(self.out, self.shard, r) for r in range(self.shard.world)]
+                n = sum(distributed.read_count(p) for p in paths)
+                bar.update(n - bar.n)
+
         by_batch: Dict[int, List[str]] = {}
         for b, m in todo:
             by_batch.setdefault(b, []).append(m)
         with package_forward(self.model, self.config.package_scan):
             for b, batch in enumerate(batches):
+                if b not in mine:
+                    continue
                 need_layers = layer_todo and any(i not in done_layers for i in batch)
                 if b not in by_batch and not need_layers and all(i in done_examples for i in batch):
                     continue
@@ -191,7 +229,7 @@ class Study:
                 rows = self._example_rows(batch, ids, mask, target, explained)
                 self.examples.append([r for r in rows if r["index"] not in done_examples])
                 for m in by_batch.get(b, []):
-                    bar.set_postfix_str(m)
+                    bar.set_postfix_str(m, refresh=False)
                     if m not in built:
                         built[m] = build_method(m, self.model, self.config.options)
                     missing = [i for i in batch if (m, i) not in done_results]
@@ -202,12 +240,25 @@ class Study:
                         self.results.append(
                             self._evaluate(m, built[m], b, missing, sub_ids, sub_mask, *self._predict(sub_ids, sub_mask))
                         )
-                    bar.update(1)
+                    count, items = count + len(missing), items + 1
+                    if self.shard.world > 1:
+                        distributed.write_count(counter, count)
+                        poll()
+                    else:
+                        bar.update(len(missing))
+                    distributed.fail_point(self.shard, items)
                 if need_layers:
                     rows = self._layer_rows(batch, ids, mask, target)
                     self.layers.append([r for r in rows if r["index"] not in done_layers])
+        distributed.wait_for_all(self.shard, poll)
         bar.close()
-        return self.finalize(figures)
+        if self.shard.is_main:
+            summary = self.finalize(figures)
+        distributed.barrier(self.shard)
+        if not self.shard.is_main:
+            with open(os.path.join(self.out, "summary.json"), encoding="utf-8") as f:
+                summary = json.load(f)
+        return summary
 
     @torch.no_grad()
     def _predict(self, ids: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

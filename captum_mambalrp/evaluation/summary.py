@@ -17,7 +17,7 @@ from .analysis import distance_profile, layer_profiles
 from .conservation import ConservationReport
 from .methods import method_label
 from .perturbation import CURVES, Perturbation
-from .records import JsonLines
+from .records import ShardedLines
 from .stats import fmt, markdown_table, mean_se, paired_difference
 
 METRICS = ["dAF", "AOPC", "ABPC", "dAI", "A_morf", "A_lerf", "A_morf_insert", "A_lerf_insert"]
@@ -70,10 +70,8 @@ def summarize(
 
     meta = dict(meta or {})
     keep = None if indices is None else set(indices)
-    examples = {
-        r["index"]: r for r in JsonLines(os.path.join(out_dir, "examples.jsonl")).read() if keep is None or r["index"] in keep
-    }
-    by_method = _by_method(JsonLines(os.path.join(out_dir, "results.jsonl")).read(), methods, set(examples))
+    examples = {r["index"]: r for r in ShardedLines(out_dir, "examples").read() if keep is None or r["index"] in keep}
+    by_method = _by_method(ShardedLines(out_dir, "results").read(), methods, set(examples))
     _write_csv(os.path.join(out_dir, "per_example.csv"), by_method)
     table = {}
     for m, rs in by_method.items():
@@ -101,9 +99,7 @@ def summarize(
     profiles = {
         _label(m): distance_profile([np.array(r["relevance"]) for r in by_method[m]]) for m in PROFILE_METHODS if m in by_method
     }
-    layer_rows = list(
-        {r["index"]: r for r in JsonLines(os.path.join(out_dir, "layers.jsonl")).read() if r["index"] in examples}.values()
-    )
+    layer_rows = list({r["index"]: r for r in ShardedLines(out_dir, "layers").read() if r["index"] in examples}.values())
     summary = {
         "meta": meta,
         "n_examples": len(examples),
