@@ -175,3 +175,21 @@ def test_gpu_mamba3_real_kernel_and_relevance(backend, outproj_norm):
     assert err <= 1e-4, (backend, float(err))
     explained = rel.sum(1) + delta
     assert (delta.abs() <= 1e-5 * explained.abs().clamp_min(0.1)).all(), (backend, delta)
+
+
+@pytest.mark.parametrize("family", ["bamba", "falcon_h1"])
+def test_gpu_hybrid_cuda_graph_replays_equal_eager(family):
+    """``cuda_graph=True`` on a hybrid (attention and Mamba2 layers): replays equal eager passes."""
+    backends = [b for b in scan.available_backends("cuda") if b != "torch"]
+    if not backends:
+        pytest.skip("no CUDA scan backend beside torch")
+    model = _hf_hybrid(family).cuda()
+    ids, mask = _inputs(length=40)
+    ids, mask = (ids % model.config.vocab_size).cuda(), mask.cuda()
+    graphed = MambaLRP(model, composite="conservative", backend=backends[0], cuda_graph=True)
+    eager = MambaLRP(model, composite="conservative", backend=backends[0])
+    for target in [5, (3, 7), 5]:
+        rel = graphed.attribute(ids, target=target, attention_mask=mask)
+        ref = eager.attribute(ids, target=target, attention_mask=mask)
+        assert ((rel - ref).abs().max() / ref.abs().max()) <= 1e-5, target
+    assert graphed.cuda_graphs.captures == 1 and graphed.cuda_graphs.replays == 2
