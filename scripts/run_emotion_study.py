@@ -8,6 +8,7 @@
 Every option of ``captum-mambalrp compare`` is accepted (defaults: all methods, 500 examples, and
 ``--data ../shared/data/emotion`` beside the project: this script passes it explicitly, since
 ``compare`` without ``--data`` uses the package's 96-example demo sample).
+``--reference-table`` runs the reference x replacement table instead of one study.
 Rerun the same command after an interruption: finished (method, example) pairs are kept.
 ``--publish DIR`` copies the figures to ``DIR/img/emotion_*.png`` and writes
 ``DIR/img/emotion_summary.md`` (the study's summary with those image paths).
@@ -22,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from captum_mambalrp.cli import build_parser, quiet_transformers  # noqa: E402
-from captum_mambalrp.cli.compare import build_study  # noqa: E402
+from captum_mambalrp.cli.compare import build_study, run_table  # noqa: E402
 
 SHARED_EMOTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "emotion")
 
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
         raise SystemExit("--out DIR is required")
     quiet_transformers()
     study = build_study(args)
+    if args.reference_table:
+        return run_table(args, study)
     summary = study.run(progress=not args.no_progress, figures=not args.no_figures)
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         markdown = f.read()
