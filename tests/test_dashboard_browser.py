@@ -12,7 +12,7 @@ from captum_mambalrp.dashboard import DashboardApp, Limits, load_study, start_in
 from captum_mambalrp.dashboard.browser import chromium_context, explain_in_page, find_chromium, read_heatmaps, read_layers
 from captum_mambalrp.dashboard.demo import demo_explainer
 from captum_mambalrp.dashboard.views import result_view
-from captum_mambalrp.results import AttributionResult
+from captum_mambalrp.results import AttributionResult, load_results
 from captum_mambalrp.visualization.colors import css
 
 pytestmark = [
@@ -210,7 +210,7 @@ def test_study_table_fits_its_card_at_1400px(browser, explainer, tmp_path):
         server.server_close()
 
 
-def test_saved_result_and_the_words_switch(browser, explainer):
+def test_saved_result_and_the_words_switch(browser, explainer, tmp_path):
     saved = AttributionResult(
         tokens=["<|endoftext|>", "Ġun", "believ", "able", "Ġday"],
         relevance=[0.5, 1.0, 0.25, 0.75, -1.0],
@@ -238,6 +238,11 @@ def test_saved_result_and_the_words_switch(browser, explainer):
         assert_colours_follow_the_convention(page)
         page.uncheck("#words")
         assert read_heatmaps(page)["mambalrp"][0] == saved.tokens
+        with page.expect_download() as download:  # saved again from the page: the same result
+            page.click("#save")
+        path = tmp_path / "again.json"
+        download.value.save_as(path)
+        assert [r.to_dict() for r in load_results(path)] == [saved.to_dict()]
     finally:
         page.close()
         server.shutdown()

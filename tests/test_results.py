@@ -122,3 +122,34 @@ def test_dashboard_shows_a_saved_result(saved, tmp_path, capsys):
     assert [r["text"] for r in data["results"]] == TEXTS and data["results"][1]["saved"]["file"] == "results.json"
     page = render_page({"source": "x", "composite": "mambalrp", "layers": []}, views)
     assert "results.json" in page
+
+
+def test_dashboard_saves_results_that_load_again(tmp_path):
+    from captum_mambalrp.dashboard import DashboardApp, start_in_thread
+    from captum_mambalrp.dashboard.demo import demo_explainer
+    from captum_mambalrp.dashboard.loadtest import request
+
+    explainer = demo_explainer(str(tmp_path / "demo"), ig_steps=4)
+    server, url = start_in_thread(DashboardApp(explainer))
+    try:
+        status, body = request(url, "POST", "/api/explain", {"text": "<b>i</b> feel so happy", "methods": ["saliency"]})
+        view = json.loads(body)
+        status, body = request(url, "POST", "/api/save", {"results": [view]})
+        assert status == 200 and b"<b>" not in body  # markup escaped in the file too (valid JSON all the same)
+        (tmp_path / "saved.json").write_bytes(body)
+        (kept,) = load_results(tmp_path / "saved.json")
+        assert kept.tokens == view["tokens"] and kept.relevance.tolist() == view["methods"][0]["relevance"]
+        assert kept.target_name == view["target"]["label"] and kept.explained == view["target"]["logit"]
+        assert (
+            kept.model["name"] == explainer.source and kept.rules == explainer.lrp.rule_table() and kept.composite == "mambalrp"
+        )
+        # a saved result shown again and saved again comes back as it was
+        again = load_result_views([str(tmp_path / "saved.json")])
+        status, body = request(url, "POST", "/api/save", {"results": again})
+        assert status == 200 and json.loads(body)["results"][0] == kept.to_dict()
+        for bad in ({"results": []}, {"results": [{"tokens": ["a"]}]}, {"results": "x"}):
+            status, body = request(url, "POST", "/api/save", bad)
+            assert status == 400 and json.loads(body)["error"].startswith(("Nothing to save", "Cannot save"))
+    finally:
+        server.shutdown()
+        server.server_close()

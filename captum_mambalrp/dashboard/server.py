@@ -1,7 +1,8 @@
 """The dashboard's local web server (standard library only).
 
 ``GET /`` the page, ``GET /api/info`` the model, ``POST /api/explain`` one text,
-``POST /api/export`` the self-contained HTML of the given results. It binds to
+``POST /api/export`` the self-contained HTML of the given results, ``POST /api/save`` their
+MambaLRP results as a results file (:mod:`captum_mambalrp.results`). It binds to
 127.0.0.1 by default and, when bound to a loopback address, answers only requests whose
 ``Host`` is a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``: no DNS rebinding).
 One explanation runs at a time.
@@ -28,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .explain import Explainer, InputError
 from .page import content_security_policy, render_page
-from .views import with_words
+from .views import results_file, with_words
 
 MAX_EXPLAIN_BODY = 64 * 1024
 MAX_EXPORT_BODY = 32 * 1024 * 1024
@@ -78,6 +79,19 @@ class DashboardApp:
         if len(results) > MAX_EXPORT_RESULTS:
             raise InputError(f"Too many results to export ({len(results)}; the limit is {MAX_EXPORT_RESULTS}).", 413)
         return self.page("static", results)
+
+    def save(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """The results file of the given views (their MambaLRP relevance and provenance)."""
+        results = request.get("results")
+        if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+            raise InputError("Nothing to save yet: explain a text first.")
+        if len(results) > MAX_EXPORT_RESULTS:
+            raise InputError(f"Too many results to save ({len(results)}; the limit is {MAX_EXPORT_RESULTS}).", 413)
+        try:
+            with self.lock:  # the rule table may install the rules for a dry run
+                return results_file(results, self.explainer)
+        except ValueError as err:
+            raise InputError(f"Cannot save these results: {err}") from None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -213,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", csp)
         if path == "/api/info":
             return self._json(HTTPStatus.OK, self.app.explainer.info())
-        if path in ("/api/explain", "/api/export"):
+        if path in ("/api/explain", "/api/export", "/api/save"):
             return self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST")
         self._error(HTTPStatus.NOT_FOUND, "not found")
 
@@ -225,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.FORBIDDEN, "unexpected Host header")
         path = self.path.split("?", 1)[0]
         try:
-            if path not in ("/api/explain", "/api/export"):
+            if path not in ("/api/explain", "/api/export", "/api/save"):
                 self._request_read()
                 return self._error(HTTPStatus.NOT_FOUND, "not found")
             if "json" not in (self.headers.get("Content-Type") or ""):
@@ -233,6 +247,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
             if path == "/api/explain":
                 return self._json(HTTPStatus.OK, self.app.explain(self._body(MAX_EXPLAIN_BODY)))
+            if path == "/api/save":
+                saved = json_bytes(self.app.save(self._body(MAX_EXPORT_BODY)))
+                disposition = (("Content-Disposition", 'attachment; filename="mambalrp_results.json"'),)
+                return self._send(HTTPStatus.OK, saved, "application/json; charset=utf-8", disposition)
             page = self.app.export(self._body(MAX_EXPORT_BODY)).encode("utf-8")
             disposition = (("Content-Disposition", 'attachment; filename="mambalrp_dashboard.html"'),)
             return self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", disposition)

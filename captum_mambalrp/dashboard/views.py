@@ -5,9 +5,12 @@ merged, for the page's *words* switch) and the view of a saved result
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from ..results import AttributionResult, load_results
+from ..results import SCHEMA, SCHEMA_VERSION, AttributionResult, load_results, model_info
+
+if TYPE_CHECKING:
+    from .explain import Explainer
 from ..visualization.words import word_groups
 
 
@@ -60,9 +63,49 @@ def result_view(result: AttributionResult, source: str = "") -> Dict[str, Any]:
             "composite": result.composite,
             "created": result.created,
             "versions": ", ".join(f"{k} {v}" for k, v in result.versions.items()),
+            "record": result.to_dict(),  # saved again as it is (``results_file``)
         },
     }
     return with_words(view)
+
+
+def view_result(view: Dict[str, Any], explainer: Explainer) -> AttributionResult:
+    """The MambaLRP result of a dashboard view, with the provenance of ``explainer`` (its
+    model, rule set, rule table); a view of a saved result gives back that result.
+
+    Raises:
+        ValueError: the view is not one the dashboard made (a field missing or malformed).
+    """
+    if not isinstance(view, dict):
+        raise ValueError("a view must be a JSON object")
+    saved = view.get("saved")
+    if isinstance(saved, dict) and isinstance(saved.get("record"), dict):
+        return AttributionResult.from_dict(saved["record"])
+    try:
+        row = next(m for m in view["methods"] if isinstance(m, dict) and m.get("key") == "mambalrp")
+        target, prediction = view["target"], view.get("prediction") or {}
+        data = {
+            "text": view.get("text", ""),
+            "tokens": view["tokens"],
+            "relevance": row["relevance"],
+            "target": {"index": target["index"], "name": target["label"], "position": target.get("position", -1)},
+            "prediction": {"label": prediction.get("label"), "prob": prediction.get("prob")},
+            "explained": target["logit"],
+            "delta": view.get("delta", 0.0),
+        }
+    except (KeyError, TypeError, StopIteration):
+        raise ValueError("a view lacks its MambaLRP row, tokens or target") from None
+    result = AttributionResult.from_dict(data)
+    result.model = model_info(explainer.model, explainer.source)
+    result.composite = explainer.composite
+    result.rules = explainer.lrp.rule_table()
+    return result
+
+
+def results_file(views: Sequence[Dict[str, Any]], explainer: Explainer) -> Dict[str, Any]:
+    """The content of a results file (as :func:`~captum_mambalrp.results.save_results`
+    writes it) for dashboard views."""
+    return {"schema": SCHEMA, "version": SCHEMA_VERSION, "results": [view_result(v, explainer).to_dict() for v in views]}
 
 
 def load_result_views(paths: Sequence[str]) -> List[Dict[str, Any]]:
@@ -77,4 +120,4 @@ def load_result_views(paths: Sequence[str]) -> List[Dict[str, Any]]:
     return views
 
 
-__all__ = ["load_result_views", "result_view", "with_words"]
+__all__ = ["load_result_views", "result_view", "results_file", "view_result", "with_words"]

@@ -156,7 +156,7 @@
     pick.value = String(index);
     document.body.setAttribute("data-results", String(state.results.length));
     $("history").hidden = state.results.length < 2;
-    if (data.mode === "server") $("export").disabled = state.results.length === 0;
+    if (data.mode === "server") $("export").disabled = $("save").disabled = state.results.length === 0;
   }
 
   function message(text) {
@@ -225,11 +225,11 @@
     }
   }
 
-  async function exportHtml() {
-    const res = await post("api/export", { results: state.results });
+  async function download(path, name) {
+    const res = await post(path, { results: state.results });
     if (!res.ok) { message((await res.json()).error || `error ${res.status}`); return; }
     const blob = await res.blob();
-    const a = el("a", { download: "mambalrp_dashboard.html" });
+    const a = el("a", { download: name });
     a.href = URL.createObjectURL(blob);
     document.body.appendChild(a);
     a.click();
@@ -251,7 +251,8 @@
     }
     $("explain").addEventListener("click", explain);
     $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) explain(); });
-    $("export").addEventListener("click", exportHtml);
+    $("export").addEventListener("click", () => download("api/export", "mambalrp_dashboard.html"));
+    $("save").addEventListener("click", () => download("api/save", "mambalrp_results.json"));
   }
 
   $("model-line").textContent =
