@@ -46,15 +46,36 @@ def test_model_paths(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "is empty" in fails(["explain", "hi", "--model", str(empty)], capsys)
-    (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    msg = fails(["explain", "hi", "--model", str(tmp_path / "gpt")], capsys)
-    assert "'gpt2' model, not a Mamba-family model" in msg
+    (tmp_path / "noconf").mkdir()
+    (tmp_path / "noconf" / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    assert "has no model_type" in fails(["explain", "hi", "--model", str(tmp_path / "noconf")], capsys)
     (tmp_path / "notok").mkdir()
     (tmp_path / "notok" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     assert "has no tokenizer" in fails(["explain", "hi", "--model", str(tmp_path / "notok")], capsys)
     (tmp_path / "file.bin").write_text("x")
     assert "is a file, not a model folder" in fails(["explain", "hi", "--model", str(tmp_path / "file.bin")], capsys)
+
+
+def test_model_without_rules(tmp_path, capsys):
+    """A GPT-2 (attention MambaLRP has no rule for): one short line from explain, compare and dashboard."""
+    from cli_fixtures import TEXTS
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(TEXTS, min_freq=1)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=8, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt")
+    tokenizer.save_pretrained(tmp_path / "gpt")
+    gpt = str(tmp_path / "gpt")
+    expected = (
+        f"{gpt} (a 'gpt2' model) cannot be explained: MambaLRP has no rule for module 'transformer.h.0.attn' (GPT2Attention); "
+        "the supported architectures are listed in docs/architectures.md (--debug prints the library's full message)"
+    )
+    assert fails(["explain", "i feel happy", "--model", gpt, "--no-html"], capsys) == expected
+    assert fails(["compare", "--model", gpt, "--methods", "mambalrp", "--out", str(tmp_path / "o")], capsys) == expected
+    assert fails(["dashboard", "--model", gpt, "--export", str(tmp_path / "d.html")], capsys) == expected
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d.html").exists()
 
 
 def test_unknown_composite_method_and_option(ckpt, capsys):

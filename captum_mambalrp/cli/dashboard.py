@@ -59,7 +59,7 @@ def _check_methods(methods: List[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .explain import check_composite, check_output_path
+    from .explain import check_composite, check_output_path, make_lrp
 
     check_composite(args.composite)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     saved = load_result_views(args.result) if args.result else []  # saved results (--result FILE), checked first
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    make_lrp(model, args.model or "the model", args.composite)  # a model MambaLRP cannot explain: one line
     source = args.model or "embedded default (Emotion classifier)"
     explainer = Explainer(
         model,

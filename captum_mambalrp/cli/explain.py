@@ -53,6 +53,27 @@ def check_composite(name: str) -> None:
         raise UsageError(f"unknown composite {name!r}; choose one of: {', '.join(sorted(COMPOSITES))}")
 
 
+def make_lrp(model: Any, source: str, composite: str = "mambalrp") -> Any:
+    """``MambaLRP(model, composite)``, or a short user error when MambaLRP has no rule for one
+    of the model's layers (the library's full message, with the supported list, under --debug).
+
+    Raises:
+        UsageError: the model holds a layer MambaLRP cannot explain.
+    """
+    from ..adapters import UnsupportedModelError
+    from ..attribution import MambaLRP
+
+    try:
+        return MambaLRP(model, composite=composite)
+    except UnsupportedModelError as err:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        what = f"{source} (a {kind!r} model)" if kind else source
+        raise UsageError(
+            f"{what} cannot be explained: {str(err).split(':')[0]}; the supported architectures are listed in "
+            "docs/architectures.md (--debug prints the library's full message)"
+        ) from err
+
+
 def cli_target(target: Optional[str], model: Any, tokenizer: Any) -> Union[None, int]:
     """The class index for ``--target``: a class name of ``config.id2label``, an index
     (``"3"``), or ``token:WORD`` for a vocabulary token of a language model. A word is never
@@ -93,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(None if args.no_html else args.html, "--html")
     check_output_path(args.json, "--json")
     quiet_transformers()
-    from ..attribution import MambaLRP
     from ..models import load_model_and_tokenizer
     from ..text import explain_texts, records
     from ..visualization import captum_html, legend, terminal_heatmap
@@ -102,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
     lengths = [len(tokenizer.encode(t)) for t in args.text]
     if max(lengths) > MAX_TOKENS:
         raise UsageError(f"a text has {max(lengths)} tokens; explain takes at most {MAX_TOKENS} tokens per text")
+    source = args.model or "embedded default (Emotion classifier)"
+    lrp = make_lrp(model, args.model or "the model", args.composite)
     target = cli_target(args.target, model, tokenizer)
-    lrp = MambaLRP(model, composite=args.composite)
     explanations = explain_texts(model, tokenizer, args.text, target=target, lrp=lrp, max_length=MAX_TOKENS)
     color = not args.no_color and (sys.stdout.isatty() or args.color)
-    source = args.model or "embedded default (Emotion classifier)"
     print(f"model: {source}   rules: {args.composite}")
     print(legend(color))
     for e in explanations:

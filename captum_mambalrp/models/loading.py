@@ -4,8 +4,9 @@ What is given is looked at in this order, and each failure is one clear
 :class:`ModelLoadError` (a ``ValueError``):
 
 1. ``None``: the embedded default model (:data:`DEFAULT_MODEL_DIR`).
-2. An existing folder: it must hold a transformers checkpoint (``config.json``) of a
-   Mamba-family model (:data:`MAMBA_MODEL_TYPES`) and its tokenizer.
+2. An existing folder: it must hold a transformers checkpoint (``config.json``) and its
+   tokenizer. Whether MambaLRP has rules for the model's layers is decided by ``MambaLRP(model)``
+   (``UnsupportedModelError`` naming the layer), not by a list of model types here.
 3. Something that looks like a path (``/``, ``./``, ``../``, ``~``, a trailing ``/``, a
    Windows drive) and does not exist: ``no such folder``.
 4. Otherwise a hub id (``name`` or ``owner/name``): first from the local Hugging Face cache;
@@ -25,9 +26,6 @@ from urllib.parse import urlparse
 from torch import nn
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
-
-# transformers model types whose blocks MambaLRP has rules for
-MAMBA_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 
 HUB_PROBE_SECONDS = 3.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -134,11 +132,10 @@ def resolve_model_source(path_or_id: Optional[str]) -> Tuple[str, bool]:
 
 
 def check_checkpoint_folder(folder: str) -> None:
-    """A transformers checkpoint of a Mamba-family model with its tokenizer, or one clear error.
+    """A transformers checkpoint with its tokenizer, or one clear error.
 
     Raises:
-        ModelLoadError: the folder is empty, has no ``config.json`` or no tokenizer, or holds
-            another kind of model.
+        ModelLoadError: the folder is empty, has no ``config.json``, an unreadable one, or no tokenizer.
     """
     entries = os.listdir(folder)
     if not entries:
@@ -147,7 +144,7 @@ def check_checkpoint_folder(folder: str) -> None:
         raise ModelLoadError(
             f"{folder} has no config.json: it is not a transformers checkpoint (save one with model.save_pretrained(...))"
         )
-    check_model_type(_read_model_type(os.path.join(folder, "config.json")), folder)
+    _read_config(os.path.join(folder, "config.json"))
     if not any(f in entries for f in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json): "
@@ -155,24 +152,7 @@ def check_checkpoint_folder(folder: str) -> None:
         )
 
 
-def check_model_type(model_type: Optional[str], name: str) -> None:
-    """Raise :class:`ModelLoadError` unless ``model_type`` is in :data:`MAMBA_MODEL_TYPES`.
-
-    >>> check_model_type("mamba", "x")
-    >>> try:
-    ...     check_model_type("gpt2", "x")
-    ... except ModelLoadError as err:
-    ...     print(str(err).split(" (")[0])
-    x is a 'gpt2' model, not a Mamba-family model
-    """
-    if model_type not in MAMBA_MODEL_TYPES:
-        kind = f"a {model_type!r} model" if model_type else "a model without a model_type"
-        raise ModelLoadError(
-            f"{name} is {kind}, not a Mamba-family model (MambaLRP explains model types {', '.join(MAMBA_MODEL_TYPES)})"
-        )
-
-
-def _read_model_type(config_path: str) -> Optional[str]:
+def _read_config(config_path: str) -> dict:
     import json
 
     try:
@@ -180,7 +160,9 @@ def _read_model_type(config_path: str) -> Optional[str]:
             config = json.load(f)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read {config_path}: {err}") from None
-    return config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelLoadError(f"{config_path} has no model_type: it is not a transformers model config")
+    return config
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -207,7 +189,7 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
 
     Raises:
         ModelLoadError: one line on what is wrong with ``path_or_id`` (no such folder, not a
-            checkpoint, not a Mamba model, hub not reachable, no such hub model).
+            checkpoint, not a causal LM, hub not reachable, no such hub model).
 
     >>> model, tokenizer = load_model_and_tokenizer()
     >>> model.config.id2label[1]
@@ -224,9 +206,8 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
     name = path_or_id or source
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-    except OSError as err:  # the hub said no (unknown, gated or private repository), or a file is broken
+    except (OSError, ValueError) as err:  # the hub said no (unknown, gated or private repository), or a file is broken
         raise ModelLoadError(f"cannot load a model config from {name}: {_first_line(err)}") from None
-    check_model_type(getattr(config, "model_type", None), name)
     kwargs: Dict[str, Any] = {"local_files_only": local_only}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -238,6 +219,10 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"cannot load the model weights from {name}: {_first_line(err)}") from None
+    except ValueError as err:  # a model type transformers has no causal-LM class for (an encoder, ...)
+        raise ModelLoadError(
+            f"{name} is a {config.model_type!r} model, which does not load as a causal LM: {_first_line(err)}"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
