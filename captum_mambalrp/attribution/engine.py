@@ -89,13 +89,15 @@ def relevance_pass(
         patcher.restore()
     results, k = [], 0
     for c in captures:
-        total = None
+        parts = []
         for t in c.tensors:
             g = grads[k]
             k += 1
             cd = compute_dtype(t)
-            r = t.detach().to(cd) * (torch.zeros_like(t, dtype=cd) if g is None else g.to(cd))
-            total = r if total is None else total + r
+            parts.append(t.detach().to(cd) * (torch.zeros_like(t, dtype=cd) if g is None else g.to(cd)))
+        total = parts[0]
+        for r in parts[1:]:
+            total = total + r
         if call.mask is not None and total.dim() >= 2 and tuple(total.shape[:2]) == tuple(call.mask.shape):
             total = total * call.mask.to(total.dtype).reshape(*call.mask.shape, *([1] * (total.dim() - 2)))
         results.append(total)

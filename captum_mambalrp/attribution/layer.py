@@ -74,6 +74,25 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
         LayerGradientXActivation.__init__(self, model, layer, device_ids, multiply_by_inputs=True)
         self._shapes: Dict[Hashable, List[Tuple[int, ...]]] = {}  # per graph signature: the layers' relevance shapes
 
+    @property  # type: ignore[override]
+    def explained_model(self) -> nn.Module:
+        """The module run and explained: Captum's ``forward_func`` (the model, or the wrapper that
+        a Captum class such as ``LLMGradientAttribution`` put in its place)."""
+        model = self.__dict__.get("forward_func")
+        if model is None:  # during construction, before Captum's __init__ has set it
+            return self.__dict__["_explained_model"]
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"LayerMambaLRP needs an nn.Module as forward function (the model or a wrapper of it); got {type(model).__name__}"
+            )
+        return model
+
+    @explained_model.setter
+    def explained_model(self, model: nn.Module) -> None:
+        self.__dict__["_explained_model"] = model
+        if "forward_func" in self.__dict__:
+            self.forward_func = model
+
     def has_convergence_delta(self) -> bool:
         return True
 
@@ -109,7 +128,7 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
         if self._use_graph(inputs):
             relevances, explained = self._through_graph(call, inputs, target, run)
         else:
-            relevances, explained = self._relevance(call, inputs, target, run)  # type: ignore[arg-type]
+            relevances, explained = self._relevance(call, inputs, target, run)
         out = relevances if isinstance(self.layer, list) else relevances[0]
         if not return_convergence_delta:
             return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple, TypeVar, Union, cast
 
 import torch
 from captum.attr import LRP
@@ -18,6 +18,8 @@ from .cuda_graphs import GraphCache
 from .engine import Capture, Selector, relevance_pass
 from .inputs import ForwardCall, build_call, check_inputs
 from .targets import TargetLike, TargetSelector, resolve_class_names
+
+R = TypeVar("R")  # what a pass returns as relevance: one tensor, or one per layer
 
 
 def find_embedding(model: nn.Module) -> Optional[nn.Embedding]:
@@ -139,12 +141,13 @@ class MambaLRPOptions:
         return self.cuda_graph and inputs.is_cuda
 
     def _relevance(
-        self, call: ForwardCall, inputs: Tensor, target: TargetLike, run: Callable[[ForwardCall, Selector], Tuple[Tensor, Tensor]]
-    ) -> Tuple[Tensor, Tensor]:
-        """``run(call, selector)``: eagerly, or through the CUDA-graph cache."""
+        self, call: ForwardCall, inputs: Tensor, target: TargetLike, run: Callable[[ForwardCall, Selector], Tuple[R, Tensor]]
+    ) -> Tuple[R, Tensor]:
+        """``run(call, selector)``: eagerly, or through the CUDA-graph cache (``run`` then returns
+        one relevance tensor)."""
         target = resolve_class_names(target, self.explained_model)  # class names -> indices, before the plan
         if self._use_graph(inputs):
-            return self.cuda_graphs.relevance(call, target, run, self._graph_state())
+            return cast(Tuple[R, Tensor], self.cuda_graphs.relevance(call, target, cast(Any, run), self._graph_state()))
         return run(call, TargetSelector(target, call.mask))
 
     def _graph_state(self) -> Hashable:
@@ -274,8 +277,9 @@ class MambaLRP(MambaLRPOptions, LRP):
         if call.token_ids:
             capture = Capture(module=self.embedding)
         else:
-            capture = Capture(leaf=_input_of(call).detach().requires_grad_(True))
-            call = _with_input(call, capture.leaf)
+            leaf = _input_of(call).detach().requires_grad_(True)
+            capture = Capture(leaf=leaf)
+            call = _with_input(call, leaf)
         (relevance,), explained = relevance_pass(self.model, self._install_for_call, call, select, [capture], verbose)
         if len(capture.tensors) != 1:
             raise RuntimeError("the token embedding ran more than once in one forward; MambaLRP needs it to run once")
