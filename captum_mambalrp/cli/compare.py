@@ -6,7 +6,46 @@ import argparse
 import json
 import os
 
-from . import quiet_transformers
+from . import UsageError, quiet_transformers
+
+# short names accepted by --methods, besides the registry's keys and groups
+METHOD_ALIASES = {"ig": "integrated_gradients", "ixg": "input_x_gradient", "shap": "kernelshap"}
+
+
+def parse_methods(value: str) -> list:
+    """The method keys of ``--methods`` (keys, groups, ``all``, or :data:`METHOD_ALIASES`).
+
+    Raises:
+        UsageError: an unknown name; the message lists the valid ones.
+    """
+    from ..evaluation import GROUPS, METHODS, resolve_methods
+
+    names = [METHOD_ALIASES.get(n.strip(), n.strip()) for n in value.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--methods is empty; give a comma list of methods (see compare --list-methods)")
+    for n in names:
+        if n != "all" and n not in METHODS and n not in GROUPS:
+            raise UsageError(
+                f"unknown method {n!r} in --methods; methods: {', '.join(METHODS)}; groups: {', '.join(GROUPS)}, all; "
+                f"aliases: {', '.join(f'{a}={k}' for a, k in METHOD_ALIASES.items())}"
+            )
+    return resolve_methods(names)
+
+
+def load_data(args: argparse.Namespace):
+    """The texts of ``--data`` (default: the package's Emotion demo sample)."""
+    from ..datasets import load_texts
+
+    return load_texts(args.data, args.split, args.text_column, args.label_column)
+
+
+def data_labels(data, model) -> list | None:
+    """The data's labels as the model's class indices (names through ``config.id2label``)."""
+    from ..attribution.targets import class_names
+
+    head = getattr(model, "lm_head", None)
+    n_classes = getattr(head, "out_features", None) if class_names(model) is None else None
+    return data.label_ids(class_names(model), n_classes)
 
 
 def model_meta(path: str | None) -> dict:
@@ -28,24 +67,32 @@ def build_study(args: argparse.Namespace):
     """The :class:`~captum_mambalrp.evaluation.Study` the arguments describe."""
     import torch
 
-    from ..evaluation import MethodOptions, Perturbation, Study, StudyConfig, load_split, resolve_methods
+    from ..evaluation import MethodOptions, Perturbation, Study, StudyConfig
+    from ..evaluation.distributed import local_device
     from ..evaluation.perturbation import neutral_token_id, reference_token_id
     from ..models import load_model_and_tokenizer
+    from .explain import make_lrp
 
+    methods = parse_methods(args.methods)
+    data = load_data(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    texts, labels, path = load_split(args.data, args.split)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=local_device(args.device))  # cuda:LOCAL_RANK under torchrun
+    make_lrp(model, args.model or "the model")  # a model MambaLRP cannot explain: one line, before any work
+    labels = data_labels(data, model)
+    perturbation = Perturbation(
+        args.fraction, args.replacement, args.token_id if args.token_id is not None else neutral_token_id(tokenizer)
+    )
+    reference = perturbation.as_reference().name if args.reference == "matched" else args.reference
     config = StudyConfig(
-        methods=resolve_methods(args.methods),
+        methods=methods,
         n_examples=args.n or None,
         batch_size=args.batch_size,
         seed=args.seed,
         max_length=args.max_length,
-        perturbation=Perturbation(
-            args.fraction, args.replacement, args.token_id if args.token_id is not None else neutral_token_id(tokenizer)
-        ),
+        perturbation=perturbation,
         options=MethodOptions(
+            reference=reference,
             reference_token_id=args.reference_token_id if args.reference_token_id is not None else reference_token_id(tokenizer),
             ig_steps=args.ig_steps,
             smoothgrad_samples=args.smoothgrad_samples,
@@ -54,8 +101,35 @@ def build_study(args: argparse.Namespace):
         ),
         layer_analysis=not args.no_layers,
     )
-    meta = {**model_meta(args.model), "data": path}
-    return Study(model, tokenizer, texts, labels, config, args.out, meta=meta, overwrite=args.overwrite)
+    meta = {**model_meta(args.model), "data": data.source}
+    return Study(model, tokenizer, data.texts, labels, config, args.out, meta=meta, overwrite=args.overwrite)
+
+
+def run_table(args: argparse.Namespace, study) -> int:
+    """``--reference-table``: the study once per replacement with every reference."""
+    from ..evaluation.reference_table import run_reference_table
+
+    references = [r.strip() for r in args.references.split(",") if r.strip()] if args.references else None
+    replacements = [r.strip() for r in args.replacements.split(",") if r.strip()]
+    run_reference_table(
+        study.model,
+        study.tokenizer,
+        study.texts,
+        study.labels,
+        study.config,
+        args.out,
+        references=references,
+        replacements=replacements,
+        meta=study.meta,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        figures=not args.no_figures,
+    )
+    if study.is_main:
+        with open(os.path.join(args.out, "reference_table.md"), encoding="utf-8") as f:
+            print(f.read())
+        print(f"results in {os.path.abspath(args.out)} (reference_table.md/json; one study per replacement in replacement-*/)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,10 +141,14 @@ def run(args: argparse.Namespace) -> int:
         print("groups: " + ", ".join(f"{g} = {','.join(ms)}" for g, ms in GROUPS.items()))
         return 0
     if not args.out:
-        raise SystemExit("compare: --out DIR is required")
+        raise UsageError("compare needs --out DIR: the folder the study writes to (rerun the command to resume)")
     quiet_transformers()
     study = build_study(args)
+    if args.reference_table:
+        return run_table(args, study)
     study.run(progress=not args.no_progress, figures=not args.no_figures)
+    if not study.is_main:  # a torchrun rank other than 0: rank 0 writes and prints the summary
+        return 0
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"results in {os.path.abspath(args.out)} (summary.md, summary.json, per_example.csv, results.jsonl, *.png)")
@@ -84,12 +162,37 @@ def register(sub) -> None:
         help="compare attribution methods (faithfulness, cost, conservation, analyses)",
         description="Run a comparative attribution study; rerun the same command to resume.",
     )
-    p.add_argument("--model", default=None, help="transformers checkpoint folder or hub id (default: embedded)")
-    p.add_argument("--data", default=None, help="folder with <split>.txt or one TEXT;LABEL file (default: shared Emotion)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--methods", default="all", help="comma list of methods or groups (lrp, ablations, captum, attention; all)")
+    p.add_argument("--model", default=None, help="transformers checkpoint folder or hub id (default: the embedded model)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a file (.txt TEXT;LABEL, .csv, .tsv, .jsonl, .json, .parquet), a folder with <split>.<ext> or a "
+        "save_to_disk data set, or a Hugging Face datasets id (default: the package's 96-example Emotion demo sample)",
+    )
+    p.add_argument("--split", default="test", help="split of a folder or a datasets id (default: test)")
+    p.add_argument(
+        "--text-column", default=None, help="text column of csv/tsv/jsonl/parquet/datasets (default: text, sentence, ...)"
+    )
+    p.add_argument(
+        "--label-column",
+        default=None,
+        help="label column (default: label, label_name, ...; names map through the model's id2label, integers are indices)",
+    )
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="comma list of methods or groups (lrp, ablations, captum, attention; all); ig = integrated_gradients",
+    )
     p.add_argument("--out", default=None, help="output folder (resumes what is there)")
-    p.add_argument("--n", type=int, default=500, help="examples, a seeded random subset of the split (0: all)")
+    p.add_argument(
+        "--n",
+        "--examples",
+        dest="n",
+        type=int,
+        default=500,
+        help="examples, a seeded random subset of the split (0: all); under torchrun write --examples "
+        "(torchrun takes --n for itself)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=128)
@@ -107,6 +210,24 @@ def register(sub) -> None:
         default=None,
         help="baseline token of IG, FeatureAblation, KernelShap (default: the padding token)",
     )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="reference of IG, occlusion, KernelShap and SmoothGrad: zero, mean, token (--reference-token-id), token:ID, "
+        "or matched (the same as --replacement); default: the reference token for IG/occlusion/KernelShap, zero for SmoothGrad",
+    )
+    p.add_argument(
+        "--reference-table",
+        action="store_true",
+        help="run the study once per replacement (--replacements) with every reference (--references) of the methods "
+        "that take one; writes reference_table.md/json in --out",
+    )
+    p.add_argument(
+        "--references",
+        default=None,
+        help="comma list for --reference-table (default: zero,mean and the unknown and padding tokens as token:ID)",
+    )
+    p.add_argument("--replacements", default="token,zero,mean", help="comma list for --reference-table")
     p.add_argument("--ig-steps", type=int, default=50)
     p.add_argument("--smoothgrad-samples", type=int, default=20)
     p.add_argument("--smoothgrad-noise", type=float, default=0.15)
