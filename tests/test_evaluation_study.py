@@ -180,6 +180,11 @@ def test_reference_table_runs_every_reference_under_every_replacement(tiny, tmp_
     rows = [json.loads(line) for line in open(os.path.join(out, "replacement-zero", "results.jsonl"))]
     fa = [r for r in rows if r["method"] == "feature_ablation@zero"]
     assert len(fa) == 3 and all(r["reference"] == "zero" for r in fa)
+    from captum_mambalrp.dashboard.study import load_study
+
+    shown = load_study(out)  # the dashboard shows the reference table first, then each replacement's summary
+    assert shown["tables"][0]["name"] == "reference_table.md"
+    assert {t["name"] for t in shown["tables"]} >= {"replacement-zero/summary.md", "replacement-token/summary.md"}
 
 
 def test_matched_reference_follows_the_replacement(tiny, tmp_path):

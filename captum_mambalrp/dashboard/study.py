@@ -15,11 +15,12 @@ MAX_FILES = 24
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-FIRST = ("summary", "flipping", "scores")
+FIRST = ("reference_table", "summary", "flipping", "scores")
 
 
 def _rank(name: str) -> tuple:
-    """Summaries, then flipping curves and scores, then the rest, by name."""
+    """The reference x replacement table, summaries, then flipping curves and scores, then the
+    rest, by name (a reference table's per-replacement studies are its sub-folders)."""
     lower = name.lower()
     return (next((i for i, key in enumerate(FIRST) if key in lower), len(FIRST)), lower)
 
