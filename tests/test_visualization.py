@@ -215,3 +215,10 @@ def test_explain_command_colours(tmp_path, capsys):
     colours = mark_colours(page)
     assert colours[top].startswith("rgb(255, ") and colours[low].endswith(", 255)") and colours[low] != "rgb(255, 255, 255)"
     assert "Legend" in page and "hsl(" not in page
+
+
+def test_notebook_visualize_text_in_our_colours(capsys):
+    from captum_mambalrp.visualization import visualize_text
+
+    shown = visualize_text(text_records(torch.tensor([[1.0, -1.0]]), [["good", "bad"]]))
+    assert mark_colours(shown.data) == {"good": RED, "bad": BLUE} and "Legend" in shown.data
