@@ -1,7 +1,9 @@
 """Property tests (hypothesis) over random configurations of every supported architecture.
 
 For each drawn case (architecture, layers, width, state size, conv width, expansion, lengths
-from 1, batch, padding side, dtype) one model is built and checked for:
+from 1, batch, padding side, dtype) one model is built and checked for (12 architectures:
+transformers Mamba, FalconMamba, Mamba2, mamba-ssm's Mamba1 and Mamba2 LM, Vision Mamba, and
+the six transformers hybrids; 64 cases per run, about 45 s on a loaded 2-core machine):
 
 - **conservation**: bias-free models, ``|sum R - explained| <= tol(dtype) * max(|explained|, 1)``;
   bf16 models are also compared, loosely, with the float32 model of the same weights;
@@ -27,7 +29,7 @@ from conftest import make_lm, zero_biases
 from test_api import assert_unchanged, snapshot
 from torch import nn
 
-from captum_mambalrp import MambaLRP
+from captum_mambalrp import LayerMambaLRP, MambaLRP
 
 hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (the test extra installs it)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -56,6 +58,9 @@ class Arch:
     dtypes: tuple = ("float32", "float64", "bfloat16")
     available: Callable[[], Optional[str]] = lambda: None  # why it cannot be built here, or None
     examples: int = 8  # hypothesis examples per run
+    images: bool = False  # inputs are images [3, S, S] (S from the built model), not token ids
+    # where relevance is conserved, when not at the inputs: a module whose *input* holds it all
+    conserved_at: Optional[Callable[[nn.Module], nn.Module]] = None
 
 
 def _mamba(arch: str) -> Callable[[Sizes, int], nn.Module]:
@@ -144,6 +149,20 @@ def _hybrid_missing(family: str) -> Callable[[], Optional[str]]:
     return why
 
 
+def _vim(s: Sizes, seed: int) -> nn.Module:
+    from test_vim import make_vim
+
+    # sequence length: the image side in 8-pixel patches is the drawn conv width - 1 (1 to 9 patches, plus the class token)
+    side = 8 * (s.conv - 1)
+    return make_vim(seed, img_size=side, patch_size=8, stride=8, depth=s.layers, embed_dim=2 * s.hidden, d_state=s.state)
+
+
+# Vision Mamba: the class token and position embeddings are learned inputs (like biases), so the
+# score is conserved at the sequence the blocks read (tests/test_vim.py), not at the pixels
+ARCHS["vision_mamba"] = Arch(
+    _vim, masks=False, images=True, dtypes=("float32", "float64"), examples=6, conserved_at=lambda m: m.layers[0]
+)
+
 # transformers' hybrids (attention, MLP, MoE and SSM layers; tests/test_hybrids.py builds them at fixed tiny sizes)
 for _family in ("jamba", "bamba", "zamba2", "nemotron_h", "granite", "falcon_h1"):
     ARCHS[f"hybrid_{_family}"] = Arch(
@@ -219,15 +238,26 @@ def check_case(case: Case) -> None:
     model = build(case).to(DTYPES[case.dtype])
     COUNTS[case.arch] = COUNTS.get(case.arch, 0) + 1
     g = torch.Generator().manual_seed(case.seed)
-    seqs = [torch.randint(1, VOCAB, (n,), generator=g) for n in case.lengths]
+    if arch.images:
+        side = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 8 * (case.sizes.conv - 1)
+        seqs = [torch.randn(3, side, side, generator=g, dtype=DTYPES[case.dtype]) for _ in case.lengths]
+    else:
+        seqs = [torch.randint(1, VOCAB, (n,), generator=g) for n in case.lengths]
     before = snapshot(model)
     lrp = MambaLRP(model, composite=arch.composite)
+    classes = model.head.out_features if arch.images else VOCAB
 
     # conservation, each example alone
     alone = []
+    conserving = None if arch.conserved_at is None else LayerMambaLRP(model, arch.conserved_at(model), composite=arch.composite)
     for s in seqs:
-        relevance, delta = lrp.attribute(s[None], target=case.target, return_convergence_delta=True)
+        relevance, delta = lrp.attribute(s[None], target=case.target % classes, return_convergence_delta=True)
         explained = relevance.sum() + delta
+        if conserving is not None:
+            at_layer, delta = conserving.attribute(
+                s[None], target=case.target % classes, attribute_to_layer_input=True, return_convergence_delta=True
+            )
+            assert torch.allclose(at_layer.sum() + delta, explained, rtol=1e-5, atol=1e-6)  # the same score explained
         assert torch.isfinite(relevance).all()
         assert delta.abs().max() <= CONSERVATION[case.dtype] * max(explained.abs().max().item(), 1.0), (delta, explained)
         alone.append(relevance[0])
@@ -242,17 +272,19 @@ def check_case(case: Case) -> None:
         for i, a in enumerate(alone):
             assert torch.allclose(batched[i][mask[i] == 1], a, atol=atol * scale, rtol=rtol), (i, batched[i], a)
     else:  # no mask: a batch of equal lengths
-        n = min(case.lengths)
-        batched = lrp.attribute(torch.stack([s[:n] for s in seqs]), target=case.target)
+        n = min(len(s) for s in seqs)
+        batched = lrp.attribute(torch.stack([s[:n] for s in seqs]), target=case.target % classes)
         for i, s in enumerate(seqs):
-            one = lrp.attribute(s[None, :n], target=case.target)[0]
+            one = lrp.attribute(s[None, :n], target=case.target % classes)[0]
             assert torch.allclose(batched[i], one, atol=atol * scale, rtol=rtol)
 
     # bf16: loosely the float32 model's relevance
     if case.dtype == "bfloat16":
         reference = build(case)
         for s, a in zip(seqs, alone):
-            r32 = MambaLRP(reference, composite=arch.composite).attribute(s[None], target=case.target)[0]
+            r32 = MambaLRP(reference, composite=arch.composite).attribute(
+                s[None].float() if arch.images else s[None], target=case.target % classes
+            )[0]
             assert (a - r32).abs().max() <= 0.1 * r32.abs().max() + 5e-2, (a, r32)
 
     assert_unchanged(model, before)
