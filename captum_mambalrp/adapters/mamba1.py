@@ -54,14 +54,16 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
     dtype, length = hidden.dtype, hidden.shape[1]
     xz = parts.in_proj(mask_padding(hidden, attention_mask)).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
-    x = rules.conv_act.activation(parts.conv1d(x)[..., :length], parts.act)
+    # the compute dtype (float32; float64 for a float64 model) from the conv's output on: the scan,
+    # dt and the rule factors; a bf16 model's activations are rounded once, where x_proj reads them
+    cd = compute_dtype(dtype)
+    x = rules.conv_act.activation(parts.conv1d(x)[..., :length].to(cd), parts.act)
     x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
-    dt, B, C = torch.split(parts.x_proj(x), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
+    dt, B, C = torch.split(parts.x_proj(x.to(dtype)), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
-    dt = parts.dt_proj.weight @ dt.transpose(1, 2)
+    dt = parts.dt_proj.weight.to(cd) @ dt.transpose(1, 2).to(cd)
     bias = parts.dt_proj.bias
-    cd = compute_dtype(dtype)  # float32 (float64 for a float64 model): the scan and rule factors
     delta = F.softplus(dt.to(cd) + (0.0 if bias is None else bias.to(cd)[:, None]))
     A = -torch.exp(parts.A_log.to(cd))
     delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))

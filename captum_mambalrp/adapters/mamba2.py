@@ -100,10 +100,12 @@ def mamba2_forward(
     h, p, gn = parts.n_heads, parts.head_dim, parts.n_groups * parts.d_state
     zxbcdt = parts.in_proj(mask_padding(hidden, attention_mask))
     z0, x0, z, xBC, dt = torch.split(zxbcdt, [parts.d_mlp, parts.d_mlp, parts.d_ssm, parts.d_ssm + 2 * gn, h], dim=-1)
-    xBC = rules.conv_act.activation(parts.conv1d(xBC.transpose(1, 2))[..., :length], parts.act)
+    # the compute dtype (float32; float64 for a float64 model) from the conv's output on: the scan,
+    # dt and the rule factors (a bf16 model's activations are rounded once, where out_proj reads them)
+    cd = compute_dtype(dtype)
+    xBC = rules.conv_act.activation(parts.conv1d(xBC.transpose(1, 2))[..., :length].to(cd), parts.act)
     xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
     x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
-    cd = compute_dtype(dtype)  # float32 (float64 for a float64 model): the scan and rule factors
     dt = F.softplus(dt.to(cd) + parts.dt_bias.to(cd)).clamp(parts.dt_limit[0], parts.dt_limit[1])
     A = -torch.exp(parts.A_log.to(cd))
     grouped = (batch, length, parts.n_groups, parts.d_state)
