@@ -164,11 +164,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._json(status, {"error": message})
 
+    def parse_request(self) -> bool:
+        """http.server's parsing, refusing HTTP/0.9 (a request line without a version: its
+        answers would have no status line)."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.BAD_REQUEST, "Give the HTTP version in the request line (HTTP/1.0 or HTTP/1.1).")
+            return False
+        return True
+
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own refusals (a malformed request line, headers too long) as JSON."""
         self.close_connection = True
         if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # answer with a status line and headers, whatever came in
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's mistake, not a missing feature
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, "use GET or POST"
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # likewise: a 4xx
+            code, message = HTTPStatus.BAD_REQUEST, f"HTTP version not supported: {message}; use HTTP/1.0 or HTTP/1.1"
         if getattr(self, "_cut", False):  # the request was cut off half-way: that is the problem
             code, message = HTTPStatus.REQUEST_TIMEOUT, "The request did not arrive in time."
         try:
