@@ -63,21 +63,23 @@ def alive(url: str) -> bool:
     return status == 200 and b"labels" in body
 
 
-def test_500_requests_from_16_clients(explainer):
+def test_500_requests_from_16_clients(explainer, capsys):
     server, url = start_in_thread(DashboardApp(explainer))  # the default request timeout (15 s)
     try:
-        _load(url)
+        _load(url, capsys)
     finally:
         server.shutdown()
         server.server_close()
 
 
-def _load(url: str) -> None:
+def _load(url: str, capsys) -> None:
     run_load(url, DEMO_TEXTS, requests=48, clients=16)  # warm-up: threads, allocator, caches
     before = rss_mib()
     report = run_load(url, DEMO_TEXTS, requests=500, clients=16)
     after = rss_mib()
-    print(f"\ndashboard load: {report.summary()}; RSS {before:.0f} -> {after:.0f} MiB")
+    before, after = (round(x) if x is not None else None for x in (before, after))
+    with capsys.disabled():  # the figures, always shown
+        print(f"\ndashboard load: {report.summary()}; RSS {before} -> {after} MiB")
     assert report.failures == [] and report.statuses == {200: 500}
     assert len(report.latencies) == 500 and report.percentile(0.95) < 30
     if before is not None and after is not None:
