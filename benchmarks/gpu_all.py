@@ -287,7 +287,7 @@ def time_arch(
             log("time budget: skipping", arch, length)
             break
         with torch.no_grad():
-            t_fwd = cuda_time(lambda: model(ids), repeats=5, warmup=2)
+            t_fwd = cuda_time(lambda model=model, ids=ids: model(ids), repeats=5, warmup=2)
         fwd = {
             "part": "time",
             "arch": arch,
@@ -329,7 +329,7 @@ def time_arch(
                     lrp.attribute(ids, target=1)
                     torch.cuda.synchronize()
                     row["first_call_s"] = time.perf_counter() - t0
-                t = cuda_time(lambda: lrp.attribute(ids, target=1), repeats=3, warmup=0 if graph else 1)
+                t = cuda_time(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), repeats=3, warmup=0 if graph else 1)
                 row.update(
                     ran=sorted(used),
                     time_s=t,

@@ -58,7 +58,7 @@ def mamba_ssm_classes():
 
         found, how = load_mamba_ssm()
         if found is None:
-            raise SystemExit(f"mamba-ssm is not available: {how}")
+            raise SystemExit(f"mamba-ssm is not available: {how}") from None
         return found.MambaConfig, found.MambaLMHeadModel, how
 
 

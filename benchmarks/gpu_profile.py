@@ -67,19 +67,19 @@ def main() -> None:
         for length in args.lengths:
             ids = torch.randint(0, 50280, (1, length), device=dev)
             with torch.no_grad():
-                t_fwd = wall(lambda: model(ids), repeats=5)
+                t_fwd = wall(lambda model=model, ids=ids: model(ids), repeats=5)
                 print(f"\n== {arch} L={length} transformers forward: {t_fwd * 1e3:.1f} ms", flush=True)
-                print(kernel_table(lambda: model(ids), args.rows), flush=True)
+                print(kernel_table(lambda model=model, ids=ids: model(ids), args.rows), flush=True)
             for backend in args.backends:
                 lrp = MambaLRP(model, backend=backend)
                 with scan.record_backends() as used:
-                    t = wall(lambda: lrp.attribute(ids, target=1))
+                    t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
                 print(
                     f"\n== {arch} L={length} MambaLRP backend={backend} ({dict(used)}): {t * 1e3:.1f} ms, "
                     f"ratio to forward {t / t_fwd:.2f}",
                     flush=True,
                 )
-                print(kernel_table(lambda: lrp.attribute(ids, target=1), args.rows), flush=True)
+                print(kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows), flush=True)
             del ids
             torch.cuda.empty_cache()
         del model
