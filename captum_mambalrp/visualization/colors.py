@@ -37,7 +37,11 @@ def rgb(value: float) -> Tuple[int, int, int]:
 
 
 def css(value: float) -> str:
-    """:func:`rgb` as a CSS colour, ``"rgb(255, 0, 0)"``."""
+    """:func:`rgb` as a CSS colour.
+
+    >>> css(1.0), css(-0.5)
+    ('rgb(255, 0, 0)', 'rgb(127, 127, 255)')
+    """
     return "rgb({}, {}, {})".format(*rgb(value))
 
 
@@ -48,7 +52,11 @@ def text_colour(value: float) -> str:
 
 def relevance_cmap() -> Any:
     """A matplotlib colour map of the convention over [-1, 1] (blue, white, red), for
-    ``imshow(..., vmin=-1, vmax=1)`` and Captum's ``visualize_image_attr(sign="all")``."""
+    ``imshow(..., vmin=-1, vmax=1)`` and Captum's ``visualize_image_attr(sign="all")``.
+
+    Returns:
+        a ``LinearSegmentedColormap`` named ``"mambalrp_relevance"``.
+    """
     from matplotlib.colors import LinearSegmentedColormap
 
     return LinearSegmentedColormap.from_list("mambalrp_relevance", [(0.0, 0.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0)])
@@ -72,7 +80,11 @@ def legend(color: bool = True) -> str:
 
 
 def legend_html() -> str:
-    """The legend as an HTML fragment (inline styles only): three swatches and their meaning."""
+    """The legend as an HTML fragment (inline styles only): three swatches and their meaning.
+
+    Returns:
+        a ``<div class="legend">`` with the red, white and blue swatches.
+    """
     items = ((1.0, "for the explained class (positive)"), (0.0, "none"), (-1.0, "against it (negative)"))
     spans = "".join(
         f'<span class="legend-item"><span class="swatch" style="display:inline-block;width:1.1em;height:1.1em;'
