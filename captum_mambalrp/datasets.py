@@ -197,7 +197,7 @@ def _read_file(path: str, text_column: Optional[str], label_column: Optional[str
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DataError("reading .parquet needs pyarrow: pip install pyarrow") from None
+            raise DataError("reading .parquet needs pyarrow: pip install pyarrow (or captum-mambalrp[data])") from None
         rows = pq.read_table(path).to_pylist()
     else:
         raise DataError(f"cannot read {path}: unknown format {ext or '(no extension)'}; use one of {', '.join(EXTENSIONS)}")
@@ -274,7 +274,9 @@ def _import_datasets():
     try:
         import datasets
     except ImportError:
-        raise DataError("reading a Hugging Face data set needs the datasets package: pip install datasets") from None
+        raise DataError(
+            "reading a Hugging Face data set needs the datasets package: pip install datasets (or captum-mambalrp[data])"
+        ) from None
     return datasets
 
 
@@ -298,9 +300,11 @@ def _read_hub(name: str, split: str, text_column: Optional[str], label_column: O
 
     datasets = _import_datasets()
     offline = hub_offline() or not hub_reachable()
-    saved = datasets.config.HF_HUB_OFFLINE
+    flags = [f for f in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, f)]  # by version
+    saved = {f: getattr(datasets.config, f) for f in flags}
     try:
-        datasets.config.HF_HUB_OFFLINE = saved or offline
+        for f in flags:
+            setattr(datasets.config, f, saved[f] or offline)
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:
         why = (
@@ -315,7 +319,8 @@ def _read_hub(name: str, split: str, text_column: Optional[str], label_column: O
             + ("; it is not in the local cache" if offline else "")
         ) from None
     finally:
-        datasets.config.HF_HUB_OFFLINE = saved
+        for f in flags:
+            setattr(datasets.config, f, saved[f])
     return _from_dataset(ds, f"{name} [{split}]", text_column, label_column)
 
 

@@ -138,3 +138,31 @@ def test_compare_on_other_labels(tmp_path, capsys):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary["methods"]) == {"mambalrp", "integrated_gradients"}
     assert "reviews.jsonl" in capsys.readouterr().out
+
+
+def test_datasets_id_with_hub_offline_fails_fast(monkeypatch):
+    pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"^no such file or folder: someone/no-such-data; .*\(HF_HUB_OFFLINE is set\)"):
+        load_texts("someone/no-such-data")
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_optional_package(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(DataError, match=r"reading .parquet needs pyarrow: pip install pyarrow"):
+        load_texts(str(path))
