@@ -222,3 +222,23 @@ def test_notebook_visualize_text_in_our_colours(capsys):
 
     shown = visualize_text(text_records(torch.tensor([[1.0, -1.0]]), [["good", "bad"]]))
     assert mark_colours(shown.data) == {"good": RED, "bad": BLUE} and "Legend" in shown.data
+
+
+def test_docstring_examples():
+    import doctest
+
+    import captum_mambalrp.results
+    import captum_mambalrp.text
+    import captum_mambalrp.visualization.colors
+    import captum_mambalrp.visualization.text
+    import captum_mambalrp.visualization.words
+
+    for module in (
+        captum_mambalrp.results,
+        captum_mambalrp.text,
+        captum_mambalrp.visualization.colors,
+        captum_mambalrp.visualization.text,
+        captum_mambalrp.visualization.words,
+    ):
+        failed, attempted = doctest.testmod(module)
+        assert failed == 0 and attempted > 0, module.__name__
