@@ -139,7 +139,10 @@ class Composite:
         defaults = _mambalrp() if defaults is None else defaults
         missing = [k for k in KINDS if k not in defaults]
         if missing:
-            raise ValueError(f"composite has no default rule for kinds {missing}")
+            raise ValueError(
+                f"composite has no default rule for kinds {missing}: give one per kind in KINDS, or pass a partial "
+                "mapping to captum_mambalrp.rules.composite(...), which fills the rest from 'mambalrp'"
+            )
         self.defaults = {k: as_mamba_rule(r, k) for k, r in defaults.items()}
         self.overrides = {k: as_mamba_rule(r, k) for k, r in (overrides or {}).items()}
 
