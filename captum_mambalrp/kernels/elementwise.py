@@ -165,6 +165,14 @@ def x_strides(t: Tensor, layout: str) -> Optional[Tuple[int, int, int]]:
     return t.stride(0), t.stride(3), t.stride(1)
 
 
+def _x_strides(t: Tensor, layout: str) -> Tuple[int, int, int]:
+    """:func:`x_strides` of a tensor the callers checked (``scan.adjoint._fusable``)."""
+    strides = x_strides(t, layout)
+    if strides is None:
+        raise ValueError(f"tensor of shape {tuple(t.shape)} and strides {t.stride()} is not addressable as {layout} x")
+    return strides
+
+
 def _dt_strides(t: Tensor, layout: str) -> Tuple[int, int, int]:
     return (t.stride(0), t.stride(1), t.stride(2)) if layout == "mamba1" else (t.stride(0), t.stride(2), t.stride(1))
 
@@ -276,9 +284,9 @@ def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float) -> Tuple[
         length,
         per_head,
         floor,
-        *x_strides(g, layout),
+        *_x_strides(g, layout),
         *_dt_strides(dt, layout),
-        *x_strides(x_rev, layout),
+        *_x_strides(x_rev, layout),
         *_dt_strides(dt_rev, layout),
         BLOCK_C=_BLOCK[0],
         BLOCK_T=_BLOCK[1],
@@ -300,10 +308,10 @@ def reversed_finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], l
         channels,
         length,
         per_head,
-        *x_strides(y_rev, layout),
-        *x_strides(g, layout),
+        *_x_strides(y_rev, layout),
+        *_x_strides(g, layout),
         *_dt_strides(dt, layout),
-        *x_strides(out, layout),
+        *_x_strides(out, layout),
         HAS_D=D is not None,
         BLOCK_C=_BLOCK[0],
         BLOCK_T=_BLOCK[1],
