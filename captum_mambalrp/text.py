@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import MambaLRP
-from .attribution.targets import output_scores, select_targets
+from .attribution.targets import class_names, output_scores, resolve_class_names, select_targets
 
 MAX_CHARS = 2000  # the longest text the dashboard (and the CLI) accept by default: longer ones take seconds on a CPU
 
@@ -87,6 +87,8 @@ def explain_texts(
     with torch.no_grad():
         scores = output_scores(model(input_ids=ids, attention_mask=mask)).float()
     labels = label_names(model, tokenizer, scores.shape[-1])
+    if isinstance(target, str) and class_names(model) is not None:  # a classifier: names only, never a token
+        target = resolve_class_names(target, model)  # type: ignore[assignment]
     target_id = resolve_target(target, labels, tokenizer)
     _, index = select_targets(scores, target_id, mask if scores.dim() == 3 else None)
     relevance, delta = lrp.attribute(ids, target=target_id, attention_mask=mask, return_convergence_delta=True)

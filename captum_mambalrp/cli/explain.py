@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Any, List, Optional, Union
 
+from ..text import MAX_CHARS  # the dashboard's cap too
 from . import UsageError, quiet_transformers
 
-MAX_CHARS = 2000  # the dashboard's cap too: a text this long takes seconds on a CPU
 MAX_TOKENS = 4096  # explain_texts' truncation length: never cut a text silently
 DEFAULT_HTML = "mambalrp_explanation.html"
 
