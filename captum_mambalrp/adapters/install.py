@@ -22,7 +22,7 @@ PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identit
 # Container class names that signal a layer with no MambaLRP rules (hybrids, unknown mixers).
 # (mamba-ssm's attention block is ``MHA``; a bare ``Mamba``/``Mamba2``/``Mamba3``/``Mamba2Simple``
 # not claimed by an adapter is a mixer variant without rules, e.g. Vision Mamba's bidirectional fork.)
-UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|Mamba2?Layer|SSM|^MHA$|^Mamba\d*(Simple)?$)", re.IGNORECASE)
+UNSUPPORTED = re.compile(r"(Attention|Attn|Mixer|MoE|Expert|DeltaNet|Mamba2?Layer|SSM|^MHA$|^Mamba\d*(Simple)?$)", re.IGNORECASE)
 # transformers' MLP classes: most are gated (``act(gate(x)) * up(x)``), a product the hooks alone would
 # give double relevance; only those an adapter claims (``adapters.mlp``) are accepted.
 TRANSFORMERS_MLP = re.compile(r"(MLP|Mlp|FeedForward)$")
