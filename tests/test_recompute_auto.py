@@ -111,3 +111,20 @@ def test_offload_keeps_no_mixer_tensors_for_backward():
 def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="recompute must be True, False, 'auto' or 'offload'"):
         MambaLRP(make_lm("mamba"), recompute="sometimes")
+
+
+def test_offload_with_relevance_read_inside_a_mixer_keeps_the_graph():
+    """Reading relevance at a module inside a mixer: "offload" recomputes with the input kept
+    (an offloaded mixer runs without a graph), so the layer's relevance is that of keeping."""
+    from captum_mambalrp import LayerMambaLRP
+
+    model = make_lm("mamba", seed=3, num_hidden_layers=2)
+    ids = ids_for(1, 20)
+    layer = model.backbone.layers[1].mixer.out_proj
+    kept = LayerMambaLRP(model, layer, recompute=False).attribute(ids, target=2)
+    offloaded = LayerMambaLRP(model, layer, recompute="offload").attribute(ids, target=2)
+    assert kept.abs().sum() > 0
+    torch.testing.assert_close(kept, offloaded, atol=1e-6, rtol=1e-5)
+    plan = rc.plan_for(model, ["backbone.layers.0.mixer", "backbone.layers.1.mixer"], read_at=[layer])
+    assert not plan.allow_offload
+    assert rc.plan_for(model, ["backbone.layers.0.mixer"], read_at=[model.backbone.embeddings]).allow_offload

@@ -114,10 +114,14 @@ class RecomputePlan:
 
     ``budget``: bytes the pass may take (default: ``AUTO_MEMORY_FRACTION *``
     :func:`available_memory` at the first mixer call); tests pass their own.
+    ``allow_offload``: False when relevance is read inside a mixer (an offloaded mixer runs
+    without a graph in the forward pass, so such a read would see none); ``"offload"`` then
+    recomputes with its input kept on the device, and ``"auto"`` never chooses it.
     """
 
     mixers: Sequence[nn.Module]
     budget: Optional[float] = None
+    allow_offload: bool = True
     mode: Optional[Recompute] = None
     needed: Dict[str, float] = field(default_factory=dict)
 
@@ -135,8 +139,10 @@ class RecomputePlan:
         self.needed = {"keep": keep, "recompute": inputs, "offload": working, "budget": budget}
         if keep <= budget:
             self.mode = False
-        elif inputs <= budget or hidden.device.type != "cuda":
+        elif inputs <= budget or hidden.device.type != "cuda" or not self.allow_offload:
             self.mode = True
+        elif torch.cuda.is_current_stream_capturing():
+            self.mode = True  # no pinned host allocations inside a CUDA graph's capture
         else:
             self.mode = "offload"
         return self.mode
@@ -200,8 +206,10 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
 
     def run(hidden_states: Tensor, *args, **kwargs) -> Tensor:
         mode = recompute
+        plan = _PLAN.get()
+        if mode == "offload" and plan is not None and not plan.allow_offload:
+            mode = True
         if mode == "auto":
-            plan = _PLAN.get()
             if plan is not None:
                 mode = plan.choose(hidden_states)
             else:
@@ -218,13 +226,22 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
     return run
 
 
-def plan_for(model: nn.Module, mixer_names: List[str], budget: Optional[float] = None) -> RecomputePlan:
-    """The ``"auto"`` plan of one pass over ``model``'s mixers (named as ``Installation.mixers``).
+def plan_for(
+    model: nn.Module, mixer_names: List[str], read_at: Sequence[Optional[nn.Module]] = (), budget: Optional[float] = None
+) -> RecomputePlan:
+    """The ``"auto"`` plan of one pass over ``model``'s mixers (named as ``Installation.mixers``);
+    ``read_at``: the modules where relevance is read (none inside a mixer, or no offloading).
 
     Returns:
         a :class:`RecomputePlan` (undecided until the first mixer call).
     """
-    return RecomputePlan([model.get_submodule(n) for n in mixer_names], budget=budget if budget is not None else _env_budget())
+    mixers = [model.get_submodule(n) for n in mixer_names]
+    inside = {id(m) for mixer in mixers for m in mixer.modules()}
+    return RecomputePlan(
+        mixers,
+        budget=budget if budget is not None else _env_budget(),
+        allow_offload=not any(m is not None and id(m) in inside for m in read_at),
+    )
 
 
 def _env_budget() -> Optional[float]:

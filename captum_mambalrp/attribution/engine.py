@@ -77,7 +77,8 @@ def relevance_pass(
             if c.leaf is not None:
                 c.tensors.append(c.leaf)
             c.install(patcher)
-        with torch.enable_grad(), planned(plan_for(model, inst.mixers)):  # recompute="auto" decides per pass
+        plan = plan_for(model, inst.mixers, [c.module for c in captures])  # how recompute="auto" decides
+        with torch.enable_grad(), planned(plan):
             scores = output_scores(call.run(model))
             explained = select(scores)
             for c in captures:
