@@ -68,3 +68,16 @@ def test_plan_refuses_unresolved_names():
         plan_targets((1, 4, 3), "joy")
     with pytest.raises(ValueError, match="holds a class name"):
         plan_targets((2, 3), ["joy", 1])
+
+
+def test_explain_texts_reads_a_word_as_a_class_name():
+    """explain_texts on a classifier: a string is a class name, never a vocabulary token."""
+    from captum_mambalrp.models import load_model_and_tokenizer
+    from captum_mambalrp.text import explain_texts
+
+    model, tokenizer = load_model_and_tokenizer()
+    (e,) = explain_texts(model, tokenizer, ["i feel happy"], target="fear")
+    assert e.target_label == "fear" and e.target_index == 4
+    assert "happy" in tokenizer.get_vocab()  # a single token: the old path explained vocabulary id 'happy'
+    with pytest.raises(ValueError, match="^target 'happy' is not a class of the model; its classes are: sadness, joy, love"):
+        explain_texts(model, tokenizer, ["i feel happy"], target="happy")  # 'happy' is a vocabulary word
