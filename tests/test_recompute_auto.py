@@ -51,6 +51,8 @@ def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     assert modes == {True}
     modes, _ = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
     assert modes == {True}  # on the CPU the host memory is the budget: nothing to offload to
+    with pytest.warns(ResourceWarning, match="expect to run out of memory"):
+        _modes_seen(model, ids, monkeypatch, budget=1.0)
     torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
 
 

@@ -26,7 +26,9 @@ free device memory plus what torch's caching allocator holds unused; CPU: ``MemA
 of ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when the sum over
 mixers of what they keep, plus one mixer's working set, fits; else recompute when the inputs
 plus one working set fit; else offload (CUDA only; on the CPU the host memory *is* the
-budget, so it recomputes).
+budget, so it recomputes). When even one mixer's working set is over the budget, it warns
+(``ResourceWarning``) that the pass will likely run out of memory. Offloading is never chosen
+while a CUDA graph is captured, nor when relevance is read inside a mixer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -145,6 +148,14 @@ class RecomputePlan:
             self.mode = True  # no pinned host allocations inside a CUDA graph's capture
         else:
             self.mode = "offload"
+        if working > budget:
+            warnings.warn(
+                f"MambaLRP: {tokens} tokens need about {working / 2**30:.1f} GiB for one mixer's backward pass "
+                f"alone (estimate), more than the {budget / 2**30:.1f} GiB available; expect to run out of "
+                "memory: attribute shorter inputs or smaller batches",
+                ResourceWarning,
+                stacklevel=2,
+            )
         return self.mode
 
 
