@@ -37,7 +37,7 @@ from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
 from .adjoint import relevance_scan_from
 from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
-from .precision import compute_dtype, upcast
+from .precision import compute_dtype
 from .recurrence import linear_recurrence
 from .ssd_chunked import ssd_chunked
 
@@ -194,5 +194,4 @@ __all__ = [
     "scan_input_gradient",
     "selective_scan",
     "ssd_scan",
-    "upcast",
 ]

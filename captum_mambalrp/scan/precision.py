@@ -26,8 +26,3 @@ def compute_dtype(t: Union[Tensor, torch.dtype]) -> torch.dtype:
     if not dtype.is_floating_point:
         return torch.float32
     return torch.promote_types(dtype, torch.float32)
-
-
-def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` (no copy when it already is)."""
-    return t if t.dtype == dtype else t.to(dtype)
