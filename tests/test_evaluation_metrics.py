@@ -140,3 +140,12 @@ def test_mean_se_and_paired():
     assert m == 2.5 and se == pytest.approx(torch.tensor([1.0, 2, 3, 4]).std().item() / 2)
     d, dse = paired_difference([2.0, 3.0, 5.0], [1.0, 2.0, 4.0])
     assert d == pytest.approx(1.0) and dse == pytest.approx(0.0)
+
+
+def test_aopc_and_abpc_by_hand():
+    """AOPC = mean_k (s_0 - s_k^MoRF); ABPC = mean_k (s_k^LeRF - s_k^MoRF) (three points, f = 0.5)."""
+    curves = {"morf": torch.tensor([[2.0, 0.0, -1.0]]), "lerf": torch.tensor([[2.0, 2.0, -1.0]])}
+    scores = flipping_scores(curves, Perturbation(0.5))
+    assert float(scores["AOPC"][0]) == pytest.approx((0 + 2 + 3) / 3)
+    assert float(scores["ABPC"][0]) == pytest.approx((0 + 2 + 0) / 3)
+    assert float(scores["dAF"][0]) == pytest.approx(0.5 * (0 + 2) / 2 + 0.5 * (2 + 0) / 2)
