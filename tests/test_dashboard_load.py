@@ -91,11 +91,14 @@ def test_malformed_and_oversized_requests(server):
     _, url = server
     host = url.split("//")[1].strip("/")
 
-    def post(body: bytes, headers: str = "Content-Type: application/json\r\n", length=None) -> bytes:
+    def request_bytes(body: bytes, headers: str = "Content-Type: application/json\r\n", length=None) -> bytes:
         length = len(body) if length is None else length
-        head = f"POST /api/explain HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {length}\r\n\r\n"
-        return raw(url, head.encode() + body)
+        return f"POST /api/explain HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {length}\r\n\r\n".encode() + body
 
+    def post(body: bytes, headers: str = "Content-Type: application/json\r\n", length=None) -> bytes:
+        return raw(url, request_bytes(body, headers, length))
+
+    superscript_two = request_bytes(b"{}", length="X").replace(b"Length: X", b"Length: \xb2")  # a latin-1 digit
     cases = {
         "not JSON": (post(b"{not json"), 400, "not valid JSON"),
         "a JSON list": (post(b"[1, 2]"), 400, "must be a JSON object"),
@@ -106,6 +109,7 @@ def test_malformed_and_oversized_requests(server):
         "no Content-Type": (post(b"{}", headers=""), 415, "send JSON"),
         "Content-Length not a number": (post(b"{}", length="abc"), 400, "Content-Length"),
         "negative Content-Length": (post(b"{}", length="-5"), 400, "Content-Length"),
+        "a Content-Length in other digits": (raw(url, superscript_two), 400, "Content-Length"),
         "a body shorter than its Content-Length": (post(b"{}", length=3), 408, "did not arrive in time"),
         "a body over 64 KiB": (post(b"x" * (100 * 1024)), 413, "Request too large"),
         "a huge Content-Length": (post(b"", length=10**10), 413, "Request too large"),

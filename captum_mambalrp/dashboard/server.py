@@ -192,7 +192,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self, limit: int) -> Dict[str, Any]:
         raw = (self.headers.get("Content-Length") or "0").strip()
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise InputError("Content-Length must be a non-negative integer.", 411 if not raw else 400)
         length = int(raw)
         if length > limit:
