@@ -130,3 +130,32 @@ def test_offload_with_relevance_read_inside_a_mixer_keeps_the_graph():
     plan = rc.plan_for(model, ["backbone.layers.0.mixer", "backbone.layers.1.mixer"], read_at=[layer])
     assert not plan.allow_offload
     assert rc.plan_for(model, ["backbone.layers.0.mixer"], read_at=[model.backbone.embeddings]).allow_offload
+
+
+def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypatch):
+    """The CUDA branch of the decision (a stand-in for a CUDA tensor: only its shape, dtype and
+    device are read): keep, recompute, offload as the device budget shrinks, and recompute when
+    the parked inputs would not fit the host's memory."""
+    from types import SimpleNamespace
+
+    model = make_lm("mamba", num_hidden_layers=3)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    hidden = SimpleNamespace(shape=(2, 4096, 16), dtype=torch.bfloat16, device=torch.device("cuda"))
+    per = [rc.mixer_bytes_per_token(m, torch.bfloat16) for m in mixers]
+    tokens = 2 * 4096
+    working = per[0]["kept"] * tokens
+    keep = sum(p["kept"] for p in per) * tokens + working
+    inputs = sum(p["input"] for p in per) * tokens + working
+    host = {"cpu": 1e12}
+    monkeypatch.setattr(rc, "available_memory", lambda device: host[device.type] if device.type == "cpu" else 0.0)
+
+    def mode(budget):
+        return rc.RecomputePlan(mixers, budget=budget).choose(hidden)
+
+    assert mode(keep * 1.01) is False
+    assert mode(keep * 0.99) is True
+    assert mode(inputs * 1.01) is True
+    assert mode(inputs * 0.99) == "offload"
+    host["cpu"] = (inputs - working) * 0.99 / rc.AUTO_MEMORY_FRACTION
+    assert mode(inputs * 0.99) is True
+    assert rc.RecomputePlan(mixers, budget=inputs * 0.99, allow_offload=False).choose(hidden) is True

@@ -26,7 +26,8 @@ free device memory plus what torch's caching allocator holds unused; CPU: ``MemA
 of ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when the sum over
 mixers of what they keep, plus one mixer's working set, fits; else recompute when the inputs
 plus one working set fit; else offload (CUDA only; on the CPU the host memory *is* the
-budget, so it recomputes). When even one mixer's working set is over the budget, it warns
+budget, so it recomputes; nor when the parked inputs would not fit 85 % of the host's
+``MemAvailable``). When even one mixer's working set is over the budget, it warns
 (``ResourceWarning``) that the pass will likely run out of memory. Offloading is never chosen
 while a CUDA graph is captured, nor when relevance is read inside a mixer.
 """
@@ -139,13 +140,16 @@ class RecomputePlan:
         keep = sum(p["kept"] for p in per) * tokens + working
         inputs = sum(p["input"] for p in per) * tokens + working
         budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
+        # the offloaded inputs need host memory: sum of inputs (recompute's figure minus one working set)
         self.needed = {"keep": keep, "recompute": inputs, "offload": working, "budget": budget}
         if keep <= budget:
             self.mode = False
         elif inputs <= budget or hidden.device.type != "cuda" or not self.allow_offload:
             self.mode = True
-        elif torch.cuda.is_current_stream_capturing():
+        elif torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             self.mode = True  # no pinned host allocations inside a CUDA graph's capture
+        elif inputs - working > AUTO_MEMORY_FRACTION * available_memory(torch.device("cpu")):
+            self.mode = True  # the parked inputs would not fit the host's memory either
         else:
             self.mode = "offload"
         if working > budget:
