@@ -396,3 +396,21 @@ def test_long_sequence_memory_stays_linear():
     full = 4096 * 256 * 64 * 4 / 2**20  # 256 MiB
     assert m["full_mib"] >= 0.9 * full  # the probe sees such a tensor
     assert m["scan_mib"] <= 0.25 * full, m  # forward + backward at O(x): a few x-sized tensors (4 MiB each)
+
+
+def test_fused_gate_table_names_rule_classes():
+    """The dispatch table keys rule types by qualified name (kernels/ never imports rules/): each
+    key names an existing rule class, and the default composite's gate pair is in the table."""
+    import importlib
+
+    from captum_mambalrp.kernels.dispatch import GATE_KERNELS, rule_key
+    from captum_mambalrp.rules import composite
+    from captum_mambalrp.rules.base import MambaRule
+
+    for key in GATE_KERNELS:
+        for name in key:
+            module, _, cls = name.rpartition(".")
+            assert issubclass(getattr(importlib.import_module(module), cls), MambaRule), name
+    rules = composite("mambalrp")
+    gate, act = rules.rule_for("x.gate", "gate", None), rules.rule_for("x.gate_act", "activation", None)
+    assert (rule_key(gate), rule_key(act)) in GATE_KERNELS

@@ -90,7 +90,7 @@ class GraphCache:
     def __init__(self, size: int = GRAPH_CACHE_SIZE) -> None:
         self.size = size
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
-        self._pool: Optional[Tuple[int, int]] = None
+        self._pool: Optional[Any] = None  # torch.cuda.graph_pool_handle()
         self._state: Hashable = None
         self.captures = 0  # graphs recorded so far
         self.replays = 0
@@ -137,7 +137,9 @@ class GraphCache:
             selector = TargetSelector(target, call.mask)
             result = run(call, selector)
             static_call, buffers = static_copy(call)
-            positions, classes = selector.plan.tensors(device)
+            plan = selector.plan
+            assert plan is not None  # planned by the eager pass
+            positions, classes = plan.tensors(device)
         current.wait_stream(side)
         for t in result:
             t.record_stream(current)

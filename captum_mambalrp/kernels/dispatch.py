@@ -1,13 +1,12 @@
 """Which fused kernel serves which pair of rules: a dispatch table keyed by rule type.
 
 Rules stay math (``rules/``): each defines its operation in torch. Where a fused kernel
-computes the *same* math faster, it is listed here, keyed by the rule types it replaces,
-with the conditions under which it applies (the kernel's own limits: shapes, dtypes,
-devices). :func:`fused_gate` is the only entry point today; a rule type without an entry
-runs its torch definition.
-
-The table is filled on first use (importing ``rules`` here at import time would be
-circular: the rules import :mod:`captum_mambalrp.kernels` for ``fused_kernels_enabled``).
+computes the *same* math faster, it is listed here, keyed by the rule types it replaces
+(their qualified names, so that this module never imports ``rules``, which imports it), with
+the conditions under which it applies (the kernel's own limits: shapes, dtypes, devices).
+:func:`fused_gate` is the only entry point today; a pair of rule types without an entry runs
+the rules' torch definitions. ``tests/test_scan_backends.py`` checks that every key names a
+rule class.
 """
 
 from __future__ import annotations
@@ -18,17 +17,20 @@ from torch import Tensor
 
 from . import fused_kernels_enabled
 
-#: ``(gate rule type, activation rule type) -> (applies(gate_rule, act_rule, y, z, act), kernel(y, z, transposed_out))``
-GateEntry = Tuple[Callable[..., bool], Callable[[Tensor, Tensor, bool], Tensor]]
-GATE_KERNELS: Dict[Tuple[type, type], GateEntry] = {}
+#: ``applies(act_rule, y, z, act_is_silu)`` and ``kernel(y, z, transposed_out)``
+GateEntry = Tuple[Callable[[object, Tensor, Tensor, bool], bool], Callable[[Tensor, Tensor, bool], Tensor]]
 
 
-def _half_silu_applies(gate_rule: object, act_rule: object, y: Tensor, z: Tensor, act: Callable[[Tensor], Tensor]) -> bool:
-    from ..rules.activation import is_silu
+def rule_key(rule: object) -> str:
+    """A rule's type as the table keys it: ``"module.QualName"`` (exact type: a subclass,
+    which may change the math, has its own name)."""
+    return f"{type(rule).__module__}.{type(rule).__qualname__}"
 
+
+def _half_silu_applies(act_rule: object, y: Tensor, z: Tensor, act_is_silu: bool) -> bool:
     return (
         getattr(act_rule, "epsilon", None) is None
-        and is_silu(act)
+        and act_is_silu
         and y.dim() == 3
         and y.shape == z.shape
         and y.dtype == z.dtype
@@ -42,22 +44,22 @@ def _half_silu_kernel(y: Tensor, z: Tensor, transposed_out: bool) -> Tensor:
     return elementwise.half_silu_gate(y, z, transposed_out)
 
 
-def _fill() -> None:
-    if GATE_KERNELS:
-        return
-    from ..rules.activation import IdentityActivationRule
-    from ..rules.gate import HalfGateRule
-
+#: ``(gate rule type, activation rule type) -> (applies, kernel)``
+GATE_KERNELS: Dict[Tuple[str, str], GateEntry] = {
     # MambaLRP's default pair: half rule on the product, identity rule on the SiLU
-    GATE_KERNELS[(HalfGateRule, IdentityActivationRule)] = (_half_silu_applies, _half_silu_kernel)
+    ("captum_mambalrp.rules.gate.HalfGateRule", "captum_mambalrp.rules.activation.IdentityActivationRule"): (
+        _half_silu_applies,
+        _half_silu_kernel,
+    ),
+}
 
 
 def fused_gate(
-    gate_rule: object, act_rule: object, y: Tensor, z: Tensor, act: Callable[[Tensor], Tensor], transposed_out: bool = False
+    gate_rule: object, act_rule: object, y: Tensor, z: Tensor, act_is_silu: bool, transposed_out: bool = False
 ) -> Optional[Tensor]:
     """``gate_rule.gate(y, act_rule.activation(z, act))`` by a fused kernel, or ``None`` when
-    no kernel is listed for these exact rule types (subclasses excluded: they may change the
-    math) or its conditions do not hold here.
+    no kernel is listed for these exact rule types or its conditions do not hold here
+    (``act_is_silu``: the activation is SiLU, as the caller's rules tell).
 
     Returns:
         the gated tensor (``[b, r, c]``; ``transposed_out``: stored ``[b, c, r]``-contiguous),
@@ -65,11 +67,10 @@ def fused_gate(
 
     >>> import torch
     >>> from captum_mambalrp.rules import GradientRule
-    >>> fused_gate(GradientRule(), GradientRule(), torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.nn.functional.silu) is None
+    >>> fused_gate(GradientRule(), GradientRule(), torch.ones(1, 2, 2), torch.ones(1, 2, 2), True) is None
     True
     """
-    _fill()
-    entry = GATE_KERNELS.get((type(gate_rule), type(act_rule)))
-    if entry is None or not entry[0](gate_rule, act_rule, y, z, act):
+    entry = GATE_KERNELS.get((rule_key(gate_rule), rule_key(act_rule)))
+    if entry is None or not entry[0](act_rule, y, z, act_is_silu):
         return None
     return entry[1](y, z, transposed_out)

@@ -7,6 +7,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..kernels.dispatch import fused_gate
+from .activation import is_silu
 from .base import GATE, MambaRule
 
 
@@ -40,5 +41,5 @@ def gate_with_activation(
     same math for this pair of rule types (``kernels.dispatch.GATE_KERNELS``; on CUDA,
     MambaLRP's default pair), it runs instead; ``transposed_out`` then stores its
     ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear layer reads."""
-    fused = fused_gate(gate_rule, act_rule, y, z, act, transposed_out)
+    fused = fused_gate(gate_rule, act_rule, y, z, is_silu(act), transposed_out)
     return fused if fused is not None else gate_rule.gate(y, act_rule.activation(z, act))
