@@ -29,7 +29,7 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
 
     It is a :class:`captum.attr.LayerGradientXActivation`, the Captum class
     ``LLMGradientAttribution`` accepts; the result has the layer's output shape
-    (``[B, L, H]`` for a Mamba block), float32, padded positions zero.
+    (``[B, L, H]`` for a Mamba block), float32 (float64 for a float64 model), padded positions zero.
 
     The options and their checks are :class:`~captum_mambalrp.attribution.MambaLRP`'s
     (the same front end): ``composite``, ``rules``, ``backend``, ``embedding``,

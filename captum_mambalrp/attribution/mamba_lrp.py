@@ -262,7 +262,7 @@ class MambaLRP(MambaLRPOptions, LRP):
             **forward_kwargs: further keyword arguments for the model's forward.
 
         Returns:
-            relevance in float32, and the delta ``[B]`` when asked for.
+            relevance in float32 (float64 for a float64 model), and the delta ``[B]`` when asked for.
         """
         call, inputs, is_tuple = self._forward_call(inputs, additional_forward_args, attention_mask, forward_kwargs, True)
         relevance, explained = self._relevance(call, inputs, target, lambda c, sel: self._pass(c, sel, verbose))
