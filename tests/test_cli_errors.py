@@ -188,3 +188,15 @@ def test_subprocess_explain_output(tmp_path):
     assert "relevance for 'love', scaled to [-1, 1] by the largest |relevance| (+ for, - against):" in out
     assert "most relevant (raw relevance): " in out and "\x1b[" not in out
     assert os.listdir(tmp_path) == ["mambalrp_explanation.html"]
+
+
+def test_subprocess_hub_id_from_the_local_cache_offline(tmp_path):
+    """With HF_HUB_OFFLINE=1 a hub id found in the local cache loads from it (no network needed)."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-emotion" / "snapshots" / ("0" * 40)
+    save_tiny_classifier(str(snapshot))
+    (tmp_path / "hub" / "models--someone--tiny-emotion" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-emotion" / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = run_cli("explain", "i feel happy", "--model", "someone/tiny-emotion", "--target", "joy", "--no-html", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "model: someone/tiny-emotion" in done.stdout and "logit of 'joy'" in done.stdout
