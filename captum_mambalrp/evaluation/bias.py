@@ -430,7 +430,7 @@ class BiasStudy:
         config: :class:`BiasConfig`.
         out_dir: where the explanations (``records.jsonl``, resumable) and the tables go;
             ``None`` keeps everything in memory.
-        class_names: names of the classes (default: ``config.id2label`` of the model, else indices).
+        class_names: names of the classes (default: the model's ``config.id2label``, else indices).
         meta: free-form lines for the report (model, data).
         overwrite: discard explanations in ``out_dir`` made with other settings.
 
@@ -569,13 +569,14 @@ class BiasStudy:
             return None
         a, b = self.groups[0], self.groups[1]
         mapping = swap_map(a, b)
-        in_a, in_b = set(a.words), set(b.words)
+        find_a, find_b = {w: w for w in a.words}, {w: w for w in b.words}
         rows = []
         for r in records:
-            swapped, n = swap_words(self.texts[r["index"]], mapping)
+            text = self.texts[r["index"]]
+            swapped, n = swap_words(text, mapping)
             if n == 0:
                 continue
-            has_a, has_b = bool(in_a & set(r["units"])), bool(in_b & set(r["units"]))
+            has_a, has_b = swap_words(text, find_a)[1] > 0, swap_words(text, find_b)[1] > 0
             direction = "both" if has_a and has_b else f"{a.name} -> {b.name}" if has_a else f"{b.name} -> {a.name}"
             rows.append({"index": r["index"], "class": r["class"], "direction": direction, "text": swapped, "swaps": n})
         size = self.config.batch_size
@@ -629,14 +630,15 @@ class BiasStudy:
         return report
 
     def _n_classes(self, records: Sequence[dict]) -> int:
+        from ..attribution.targets import class_names
+
         if self.class_names is not None:
             return len(self.class_names)
-        config = getattr(self.model, "config", None)
-        id2label = getattr(config, "id2label", None) or {}
+        names = class_names(self.model)
         found = max(r["class"] for r in records) + 1
-        if id2label and len(id2label) >= found:
-            self.class_names = [str(id2label[i]) for i in range(len(id2label))]
-            return len(id2label)
+        if names and len(names) >= found:
+            self.class_names = names
+            return len(names)
         return found
 
 
