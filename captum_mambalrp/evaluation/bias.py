@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .records import JsonLines
+from .records import JsonLines, RunFolder
 from .scores import LastTokenScores, package_forward
 from .stats import markdown_table, mean_se
 from .study import select_examples
@@ -471,23 +471,8 @@ class BiasStudy:
         self.indices = select_examples(len(self.texts), config.n_examples, config.seed)
         self._memory: List[dict] = []
         self.records = JsonLines(os.path.join(out_dir, "records.jsonl")) if out_dir else None
-        self._fresh = True
-        if out_dir:
-            self._fresh = overwrite or not os.path.exists(self._config_path())
-            if not self._fresh:
-                with open(self._config_path(), encoding="utf-8") as f:
-                    saved = json.load(f)
-                if saved.get("identity") != self._identity():
-                    raise ValueError(
-                        f"{out_dir} holds a bias study with other settings ({self._config_path()}); "
-                        "use another output folder or overwrite=True (--overwrite)"
-                    )
-
-    def _config_path(self) -> str:
-        return os.path.join(self.out or "", "config.json")
-
-    def _identity(self) -> dict:
-        return json.loads(json.dumps({**self.config.identity(), "n_texts": len(self.texts)}))
+        identity = {**config.identity(), "n_texts": len(self.texts)}
+        self.folder = RunFolder(out_dir, identity, "bias study", overwrite) if out_dir else None
 
     # ---- explaining ------------------------------------------------------------------------
     def explain(self, progress: bool = True) -> List[dict]:
@@ -498,13 +483,8 @@ class BiasStudy:
 
         from ..attribution import MambaLRP
 
-        if self.records is not None and self.out:
-            os.makedirs(self.out, exist_ok=True)
-            if self._fresh and os.path.exists(self.records.path):
-                os.remove(self.records.path)
-            self._fresh = False
-            with open(self._config_path(), "w", encoding="utf-8") as f:
-                json.dump({"identity": self._identity(), "config": asdict(self.config), "meta": self.meta}, f, indent=1)
+        if self.folder is not None:
+            self.folder.prepare(["records.jsonl"], {"config": asdict(self.config), "meta": self.meta})
         done = {r["index"]: r for r in (self.records.read() if self.records is not None else self._memory)}
         todo = [i for i in self.indices if i not in done]
         if todo:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .bias import class_scores
-from .records import JsonLines
+from .records import JsonLines, RunFolder
 from .stats import markdown_table, mean_se
 from .study import select_examples
 
@@ -187,22 +187,9 @@ class LongRangeStudy:
         self.device = next(model.parameters()).device
         self._memory: List[dict] = []
         self.rows = JsonLines(os.path.join(out_dir, "rows.jsonl")) if out_dir else None
-        self._fresh = True
-        if out_dir:
-            path = os.path.join(out_dir, "config.json")
-            self._fresh = overwrite or not os.path.exists(path)
-            if not self._fresh:
-                with open(path, encoding="utf-8") as f:
-                    saved = json.load(f)
-                if saved.get("identity") != self._identity():
-                    raise ValueError(
-                        f"{out_dir} holds a long-range test with other settings ({path}); "
-                        "use another output folder or overwrite=True (--overwrite)"
-                    )
+        identity = {**config.identity(), "n_texts": len(self.texts)}
+        self.folder = RunFolder(out_dir, identity, "long-range test", overwrite) if out_dir else None
         self._ids: Dict[int, List[int]] = {}
-
-    def _identity(self) -> dict:
-        return json.loads(json.dumps({**self.config.identity(), "n_texts": len(self.texts)}))
 
     def token_ids(self, i: int) -> List[int]:
         """Token ids of text ``i`` (with a leading space, no special tokens), cached."""
@@ -282,13 +269,8 @@ class LongRangeStudy:
         from ..attribution import MambaLRP
 
         cfg = self.config
-        if self.out:
-            os.makedirs(self.out, exist_ok=True)
-            if self._fresh and self.rows is not None and os.path.exists(self.rows.path):
-                os.remove(self.rows.path)
-            self._fresh = False
-            with open(os.path.join(self.out, "config.json"), "w", encoding="utf-8") as f:
-                json.dump({"identity": self._identity(), "config": asdict(cfg), "meta": self.meta}, f, indent=1)
+        if self.folder is not None:
+            self.folder.prepare(["rows.jsonl"], {"config": asdict(cfg), "meta": self.meta})
         needles = self.needles()
         done = {(r["length"], r["distance"], r["needle"]) for r in (self.rows.read() if self.rows is not None else self._memory)}
         jobs: List[Tuple[int, int, List[dict]]] = []

@@ -86,3 +86,41 @@ class ShardedLines:
         """Delete every file of this kind (a study started afresh)."""
         for p in self.paths():
             os.remove(p)
+
+
+class RunFolder:
+    """The output folder of a resumable run (bias, long-range): ``config.json`` holds the
+    settings the saved records depend on (``identity``); a folder made with other settings is
+    refused unless ``overwrite``. Constructing it only reads; :meth:`prepare` writes.
+
+    >>> import tempfile, os
+    >>> folder = RunFolder(tempfile.mkdtemp(), {"seed": 0}, "bias study")
+    >>> folder.prepare(["records.jsonl"], {"meta": {}}); RunFolder(folder.path, {"seed": 0}, "bias study").fresh
+    False
+    """
+
+    def __init__(self, path: str, identity: dict, what: str = "run", overwrite: bool = False) -> None:
+        self.path = path
+        self.identity = json.loads(json.dumps(identity))
+        self.config_path = os.path.join(path, "config.json")
+        self.fresh = overwrite or not os.path.exists(self.config_path)
+        if not self.fresh:
+            with open(self.config_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("identity") != self.identity:
+                raise ValueError(
+                    f"{path} holds a {what} with other settings ({self.config_path}); "
+                    "use another output folder or overwrite=True (--overwrite)"
+                )
+
+    def prepare(self, records: Iterable[str], extra: dict) -> None:
+        """Create the folder and write ``config.json`` (``identity`` plus ``extra``); a fresh
+        run first deletes the ``records`` files (names in the folder) left there, once."""
+        os.makedirs(self.path, exist_ok=True)
+        if self.fresh:
+            for name in records:
+                if os.path.exists(os.path.join(self.path, name)):
+                    os.remove(os.path.join(self.path, name))
+            self.fresh = False
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            json.dump({"identity": self.identity, **extra}, f, indent=1)
