@@ -187,7 +187,12 @@ def test_every_architecture_conserves_through_the_words_and_resumes(arch, tmp_pa
     labels = [i % 3 for i in range(len(texts))]
     cfg = B.BiasConfig(groups=["alpha,beta", "gamma,delta"], min_freq=2, n_permutations=100, batch_size=8)
     out = str(tmp_path / arch)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    forwards = {n: m.forward for n, m in model.named_modules()}
     report = B.BiasStudy(model, tokenizer, texts, labels, cfg, out, class_names=None).run(progress=False, figures=False)
+    # the user's model is left as it was: weights, forward methods, mode
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert {n: m.forward for n, m in model.named_modules()} == forwards and not model.training
     records = B.JsonLines(os.path.join(out, "records.jsonl")).read()
     assert sorted(r["index"] for r in records) == list(range(len(texts)))
     for r in records:  # sum of the words' relevance + delta = the explained logit

@@ -424,7 +424,8 @@ class BiasStudy:
 
     Args:
         model: a classifier MambaLRP accepts (class scores ``[B, C]`` or ``[B, L, C]`` read at
-            the last real token).
+            the last real token), in eval mode (``from_pretrained`` gives that); it is run as
+            given and left unchanged.
         tokenizer: its tokenizer (a fast tokenizer names the pieces that are merged into words).
         texts, labels: the data set.
         config: :class:`BiasConfig`.
@@ -456,7 +457,7 @@ class BiasStudy:
             raise ValueError("the data set has no texts")
         if config.explain == "label" and labels is None:
             raise ValueError("explain='label' needs labels; give them or use explain='pred'")
-        self.model = model.eval()
+        self.model = model  # run as given (in eval mode for deterministic results); never changed
         self.tokenizer = tokenizer
         self.texts = list(texts)
         self.labels = None if labels is None else [int(v) for v in labels]

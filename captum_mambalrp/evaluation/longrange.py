@@ -148,7 +148,8 @@ class LongRangeStudy:
     model's prediction on the needle alone is its class).
 
     Args:
-        model, tokenizer: a classifier MambaLRP accepts and its tokenizer.
+        model, tokenizer: a classifier MambaLRP accepts (in eval mode; run as given and left
+            unchanged) and its tokenizer.
         texts, labels: where needles and filler come from.
         config: :class:`LongRangeConfig`.
         out_dir: where ``rows.jsonl`` (resumable), the tables and the plot go (``None``: memory only).
@@ -176,7 +177,7 @@ class LongRangeStudy:
         config.check()
         if len(texts) < 2:
             raise ValueError("the long-range test needs at least two texts (a needle and filler)")
-        self.model = model.eval()
+        self.model = model  # run as given (in eval mode for deterministic results); never changed
         self.tokenizer = tokenizer
         self.texts = list(texts)
         self.labels = None if labels is None else [int(v) for v in labels]
