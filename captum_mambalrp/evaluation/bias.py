@@ -1,7 +1,7 @@
 r"""Bias discovery: which words drive each class across a data set, whether that is more
 than chance, and whether the model's behaviour backs it.
 
-The paper (Jafari et al., NeurIPS 2024, Sec. 5) uses MambaLRP to uncover biases: relevance
+The paper (Jafari et al., NeurIPS 2024, use cases) uses MambaLRP to uncover biases: relevance
 aggregated over a whole data set shows which tokens (and which groups of tokens, such as
 gendered words) a model relies on for each class. :class:`BiasStudy` does that in four steps.
 

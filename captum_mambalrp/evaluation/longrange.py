@@ -1,6 +1,6 @@
 r"""Long-range test: does the model still use a decisive text far back in a long context?
 
-The MambaLRP paper (Jafari et al., NeurIPS 2024, Sec. 5) uses relevance to test claims about
+The MambaLRP paper (Jafari et al., NeurIPS 2024, use cases) uses relevance to test claims about
 Mamba's long-range abilities. Here the question is asked with needle-in-a-haystack inputs:
 
 - a **needle** is a short example of the data set (at most ``needle_max_tokens`` tokens) that
