@@ -54,7 +54,7 @@ def chromium_context(viewport: Optional[dict] = None, **context_options: Any) ->
                 executable_path=executable,
                 args=CHROMIUM_ARGS,
                 headless=True,
-                viewport=viewport or {"width": 1280, "height": 900},
+                viewport=viewport or {"width": 1280, "height": 900},  # type: ignore[arg-type]
                 accept_downloads=True,
                 **context_options,
             )

@@ -34,7 +34,7 @@ def make_demo_checkpoint(
 
     tokenizer = build_word_tokenizer(texts, min_freq=1)
     labels = dict(enumerate(DEMO_LABELS))
-    config = MambaConfig(
+    config = MambaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         state_size=4,

@@ -61,7 +61,10 @@ class Explainer:
         self.runner = MethodRunner(model, options)
         self.composite = composite
         self.lrp = MambaLRP(model, composite=composite)
-        self.embedding = find_embedding(model)
+        embedding = find_embedding(model)
+        if embedding is None:
+            raise ValueError("the dashboard needs the model's token embedding: give a model with get_input_embeddings()")
+        self.embedding = embedding
         self.blocks = find_blocks(model)
         self.layer_lrp = LayerMambaLRP(model, [self.embedding, *[b for _, b in self.blocks]], composite=composite)
         with torch.no_grad():
