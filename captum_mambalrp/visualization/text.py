@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import colors
+from .colors import css, legend_html, rgb, text_colour
+from .colors import legend as legend_line
 from .words import merge_subwords
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def records_table(records: Sequence[VisualizationDataRecord], legend: bool = Tru
     rows = []
     for r in records:
         marks = " ".join(
-            f'<mark style="background-color:{colors.css(v)};color:{colors.text_colour(v)}" '
+            f'<mark style="background-color:{css(v)};color:{text_colour(v)}" '
             f'data-relevance="{float(v):.6g}" title="{float(v):+.3f}">{_safe(t)}</mark>'
             for t, v in zip(r.raw_input_ids, torch.as_tensor(r.word_attributions).tolist())
         )
@@ -127,7 +128,7 @@ def records_table(records: Sequence[VisualizationDataRecord], legend: bool = Tru
             f"<td>{_safe(r.attr_class)}</td><td>{float(r.attr_score):.4f}</td><td>{float(r.convergence_score):.2e}</td>"
             f'<td class="tokens">{marks}</td></tr>'
         )
-    return (colors.legend_html() if legend else "") + f"<table>{head}{''.join(rows)}</table>"
+    return (legend_html() if legend else "") + f"<table>{head}{''.join(rows)}</table>"
 
 
 def captum_html(records: Sequence[VisualizationDataRecord], title: str = "MambaLRP relevance") -> str:
@@ -181,9 +182,9 @@ def terminal_heatmap(
     parts = []
     for tok, v in zip(shown, normalise(values).tolist()):
         if color:
-            r, g, b = colors.rgb(v)
+            r, g, b = rgb(v)
             parts.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {tok} \x1b[0m")
         else:
             parts.append(f"{tok}({v:+.2f})")
     line = " ".join(parts)
-    return line + "\n" + colors.legend(color) if legend else line
+    return line + "\n" + legend_line(color) if legend else line
