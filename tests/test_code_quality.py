@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "captum_mambalrp"
 

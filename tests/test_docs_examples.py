@@ -112,7 +112,8 @@ def test_python_examples_run(path: Path, hub_cache: Path, tmp_path: Path) -> Non
     proc = subprocess.run(
         [sys.executable, "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, f"{path.name}: an example failed (the last '---' line says which)\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{path.name}: an example failed (the last '---' line says which)\n{output}"
 
 
 def _command_lines() -> List[Tuple[str, str]]:

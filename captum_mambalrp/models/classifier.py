@@ -41,13 +41,15 @@ class MambaForLastTokenClassification(MambaPreTrainedModel):
     def __init__(self, config: MambaConfig) -> None:
         super().__init__(config)
         self.backbone = MambaModel(config)
+        if config.num_labels is None:
+            raise ValueError("MambaForLastTokenClassification needs config.num_labels (the number of classes)")
         self.lm_head = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.backbone.set_input_embeddings(value)
 
     def forward(
@@ -74,6 +76,7 @@ class MambaForLastTokenClassification(MambaPreTrainedModel):
     def predict(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Class probabilities at the last real token, ``[B, C]``."""
         logits = self.forward(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert logits is not None  # forward always returns logits
         b, l = logits.shape[:2]
         last = last_real_index(attention_mask, b, l, logits.device)
         return logits[torch.arange(b, device=logits.device), last].softmax(-1)

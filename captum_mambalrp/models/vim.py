@@ -230,15 +230,18 @@ def load_vim_checkpoint(model: VisionMamba, checkpoint: Union[str, Mapping[str, 
     """Load a Vim state dict (a path, or a mapping; Vim's ``{"model": state_dict, ...}`` files too),
     strictly. Files are read with ``weights_only=True`` unless ``trusted`` (training checkpoints
     that also pickle their ``args`` need it)."""
+    loaded: object = checkpoint
     if isinstance(checkpoint, str):
         try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=not trusted)
+            loaded = torch.load(checkpoint, map_location="cpu", weights_only=not trusted)
         except pickle.UnpicklingError as err:
             raise ValueError(
                 f"{checkpoint} holds more than tensors (e.g. training arguments); if you trust the "
                 "file, call load_vim_checkpoint(..., trusted=True)"
             ) from err
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"a Vim checkpoint is a state dict (or {{'model': state_dict}}); got {type(loaded).__name__}")
+    state = loaded.get("model", loaded)
     model.load_state_dict(state, strict=True)
     return model
 
