@@ -122,8 +122,6 @@ class MambaLLMAttribution(LLMGradientAttribution):
         super().__init__(attr_method, tokenizer)
         self.attr_target = attr_target
         self.attr_method.forward_func = TokenScoreFunc(self, attr_target)
-        if hasattr(self.attr_method, "explained_model"):  # MambaLRP / LayerMambaLRP run the model they explain
-            self.attr_method.explained_model = self.attr_method.forward_func
         self._calls: List[Tensor] = []
         self._target_ids = torch.empty(0, dtype=torch.long)
         inner = self.attr_method.attribute
