@@ -126,6 +126,10 @@ def test_train_mode_no_grad_and_repeated_calls():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
 def test_half_precision_models(dtype, tol):
+    try:
+        torch.ones(2, 2, dtype=dtype) @ torch.ones(2, 2, dtype=dtype)
+    except RuntimeError as err:  # torch 2.1 has no float16 matrix product on the CPU
+        pytest.skip(f"this torch cannot compute in {dtype} on the CPU: {err}")
     model = zero_biases(make_lm("mamba", seed=6)).to(dtype)
     ids = ids_for(2, 12)
     relevance, delta = MambaLRP(model).attribute(ids, target=3, return_convergence_delta=True)
@@ -257,6 +261,7 @@ def test_mamba_model_without_head_and_classifier():
     assert delta.abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch.nn.RMSNorm needs torch >= 2.4")
 def test_head_with_layernorm_rmsnorm_and_activation_conserves():
     """Norms and activations outside the mixers get the norm and identity rules too."""
     backbone = zero_biases(make_lm("mamba", seed=12)).backbone

@@ -90,6 +90,13 @@ def assert_same(model: nn.Module, before: Dict[str, Any]) -> None:
         assert after[key] == before[key], key
 
 
+def _autocast_state() -> tuple:
+    try:
+        return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    except TypeError:  # torch < 2.4
+        return (torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled())
+
+
 def global_state() -> Dict[str, Any]:
     import captum_mambalrp.scan as scan
     from captum_mambalrp.adapters import ADAPTERS
@@ -99,8 +106,7 @@ def global_state() -> Dict[str, Any]:
     state = {
         "grad": torch.is_grad_enabled(),
         "inference": torch.is_inference_mode_enabled(),
-        "autocast_cpu": torch.is_autocast_enabled("cpu"),
-        "autocast_cuda": torch.is_autocast_enabled("cuda"),
+        "autocast": _autocast_state(),
         "default_dtype": torch.get_default_dtype(),
         "anomaly": torch.is_anomaly_enabled(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),

@@ -156,7 +156,7 @@ class MambaLRPOptions:
         model = self.explained_model
         rules = tuple((name, id(rule)) for name, m in model.named_modules() if (rule := getattr(m, "rule", None)) is not None)
         weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        return (model.training, torch.is_autocast_enabled("cuda"), weights, rules)
+        return (model.training, _cuda_autocast(), weights, rules)
 
     def clear_cuda_graphs(self) -> None:
         """Drop the recorded CUDA graphs and their memory (needed after changing the
@@ -286,6 +286,15 @@ class MambaLRP(MambaLRPOptions, LRP):
         if call.token_ids:
             relevance = relevance.sum(dim=-1)
         return relevance, explained
+
+
+def _cuda_autocast() -> bool:
+    """Is CUDA autocast on? (``torch.is_autocast_enabled("cuda")``; before torch 2.4 the
+    argument-less form, which meant CUDA.)"""
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:
+        return torch.is_autocast_enabled()
 
 
 def _input_of(call: ForwardCall) -> Tensor:
