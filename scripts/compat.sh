@@ -7,6 +7,7 @@
 #   COMPAT_DIR   where the venvs, snapshots and logs go (default: runs/compat; removed per run
 #                unless COMPAT_KEEP=1)
 #   COMPAT_TESTS the pytest arguments (default: $TESTS below)
+#   COMPAT_COMBOS the combinations, one "name|torch|captum|transformers|further pins" a line (default below)
 #   COMPAT_FIND_LINKS a folder of wheels pip may use first (e.g. one filled by `pip download torch==2.1.2`)
 # Prints the table (markdown) at the end and writes it to $COMPAT_DIR/results.md.
 set -euo pipefail
@@ -22,14 +23,15 @@ TESTS=${COMPAT_TESTS:-"tests/test_api.py tests/test_layer.py tests/test_conserva
 
 # name | torch | captum | transformers | further pins   (torch 2.13.0 is the local CPU build;
 # another torch comes from PyPI: a CUDA build with its nvidia-* packages, several GB)
-COMBOS="
+COMBOS=${COMPAT_COMBOS:-"
 newest|2.13.0|0.9.0|5.24.0|
 captum-0.8|2.13.0|0.8.0|5.24.0|
 captum-low|2.13.0|0.7.0|5.24.0|
-transformers-low|2.13.0|0.9.0|4.46.3|
-captum-transformers-low|2.13.0|0.7.0|4.46.3|
-torch-low|${COMPAT_TORCH_LOW:-2.1.2}|0.7.0|4.46.3|numpy<2
-"
+transformers-4.57|2.13.0|0.7.0|4.57.6|
+torch-2.2|2.2.2|0.7.0|4.57.6|numpy<2
+transformers-4.46|2.13.0|0.9.0|4.46.3|
+torch-2.1|2.1.2|0.7.0|4.46.3|numpy<2
+"}
 # the test extra without Triton (its releases are tied to torch's; the Triton tests skip without it)
 TEST_DEPS="pytest>=7 hypothesis>=6 accelerate>=0.26 einops ipython matplotlib"
 wanted=" $* "
