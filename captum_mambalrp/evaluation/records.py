@@ -89,7 +89,7 @@ class ShardedLines:
 
 
 class RunFolder:
-    """The output folder of a resumable run (bias, long-range): ``config.json`` holds the
+    """The output folder of a resumable run (study, bias, long-range): ``config.json`` holds the
     settings the saved records depend on (``identity``); a folder made with other settings is
     refused unless ``overwrite``. Constructing it only reads; :meth:`prepare` writes.
 
@@ -104,9 +104,12 @@ class RunFolder:
         self.identity = json.loads(json.dumps(identity))
         self.config_path = os.path.join(path, "config.json")
         self.fresh = overwrite or not os.path.exists(self.config_path)
+        #: the folder's ``config.json`` as found (empty for a fresh run)
+        self.saved: dict = {}
         if not self.fresh:
             with open(self.config_path, encoding="utf-8") as f:
                 saved = json.load(f)
+            self.saved = saved
             if saved.get("identity") != self.identity:
                 raise ValueError(
                     f"{path} holds a {what} with other settings ({self.config_path}); "

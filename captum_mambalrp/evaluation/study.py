@@ -31,7 +31,7 @@ from .analysis import layer_relevance
 from .distributed import Shard
 from .methods import MethodOptions, build_method, reference_of, resolve_methods
 from .perturbation import CURVES, Perturbation, flipping_scores, perturbation_curves
-from .records import ShardedLines
+from .records import RunFolder, ShardedLines
 from .scores import ForwardCounter, LastTokenScores, package_forward
 from .summary import summarize
 
@@ -117,47 +117,30 @@ class Study:
 
     @property
     def config_path(self) -> str:
-        return os.path.join(self.out, "config.json")
-
-    def _identity(self) -> dict:
-        return json.loads(json.dumps({**self.config.identity(), "n_texts": len(self.texts)}))
+        return self.folder.config_path
 
     def _check_config(self) -> List[str]:
-        """The methods of the study already in the folder (none with ``overwrite``).
+        """The methods of the study already in the folder (none for a fresh one).
 
         Raises:
             ValueError: the folder holds a study with other settings and ``overwrite`` is off.
         """
-        self._fresh = self.overwrite or not os.path.exists(self.config_path)
-        if self._fresh:
-            return []
-        with open(self.config_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("identity") != self._identity():
-            raise ValueError(
-                f"{self.out} holds a study with other settings ({self.config_path}); use another output folder "
-                "or overwrite=True (--overwrite) to start afresh"
-            )
-        return list(saved.get("methods", []))
+        identity = {**self.config.identity(), "n_texts": len(self.texts)}
+        self.folder = RunFolder(self.out, identity, "study", self.overwrite)
+        return list(self.folder.saved.get("methods", []))
 
     def prepare(self) -> None:
         """Create the folder and write ``config.json``. A fresh study (no ``config.json`` yet, or
         ``overwrite``) first discards records left there; only once: a later :meth:`run` of
-        this object resumes."""
-        if not self.shard.is_main:  # rank 0 prepares the folder; the others wait for it (run)
-            self._fresh = False
+        this object resumes. Under torchrun only rank 0 writes (the others wait for it)."""
+        if not self.shard.is_main:
+            self.folder.fresh = False
             return
-        os.makedirs(self.out, exist_ok=True)
-        if self._fresh:
-            for records in (self.results, self.examples, self.layers):
-                records.remove()
-            for name in os.listdir(self.out):
-                if name.startswith("progress.rank"):
-                    os.remove(os.path.join(self.out, name))
-            self._fresh = False
+        stale = [os.path.basename(p) for records in (self.results, self.examples, self.layers) for p in records.paths()]
+        if os.path.isdir(self.out):
+            stale += [n for n in os.listdir(self.out) if n.startswith("progress.rank")]
         methods = self._saved_methods + [m for m in self.config.methods if m not in self._saved_methods]
-        with open(self.config_path, "w", encoding="utf-8") as f:
-            json.dump({"identity": self._identity(), "methods": methods, "meta": self.meta}, f, indent=1)
+        self.folder.prepare(stale, {"methods": methods, "meta": self.meta})
 
     def batches(self) -> List[List[int]]:
         """Length-sorted batches of the selected examples (less padding, same for every run)."""
