@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from . import distributed
 from .base import Reference
+from .distributed import barrier
 from .methods import METHODS, method_label, resolve_methods, split_variant
 from .perturbation import REPLACEMENTS, Perturbation
 from .stats import fmt, markdown_table
@@ -101,12 +101,12 @@ def run_reference_table(
         study = Study(model, tokenizer, texts, labels, sub, study_folder(out_dir, kind), meta=sub_meta, overwrite=overwrite)
         study.run(progress=progress, figures=figures)
     if study is not None and not study.is_main:  # a rank of a sharded run: rank 0 writes the table
-        distributed.barrier(study.shard)
+        barrier(study.shard)
         with open(os.path.join(out_dir, "reference_table.json"), encoding="utf-8") as f:
             return json.load(f)
     table = write_reference_table(out_dir, replacements, references, config.perturbation)
     if study is not None:
-        distributed.barrier(study.shard)
+        barrier(study.shard)
     return table
 
 

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
 from .analysis import layer_relevance
-from .distributed import Shard
+from .distributed import Shard, barrier, fail_point, init_from_env, launched, progress_path, read_count, wait_for_all, write_count
 from .methods import MethodOptions, build_method, reference_of, resolve_methods
 from .perturbation import CURVES, Perturbation, flipping_scores, perturbation_curves
 from .records import RunFolder, ShardedLines
@@ -113,7 +112,7 @@ class Study:
         sharded run (``torchrun``)."""
         if self.shard.world > 1:
             return self.shard.is_main
-        return not distributed.launched() or int(os.environ.get("RANK", "0")) == 0
+        return not launched() or int(os.environ.get("RANK", "0")) == 0
 
     @property
     def config_path(self) -> str:
@@ -168,13 +167,13 @@ class Study:
         """
         from tqdm.auto import tqdm
 
-        self.shard = distributed.init_from_env(self.device)
+        self.shard = init_from_env(self.device)
         self._open_records()
         self.prepare()
         if self.shard.world > 1:  # this run's count starts at zero (a file may remain from a run that died)
             os.makedirs(self.out, exist_ok=True)
-            distributed.write_count(distributed.progress_path(self.out, self.shard), 0)
-        distributed.barrier(self.shard)
+            write_count(progress_path(self.out, self.shard), 0)
+        barrier(self.shard)
         done_results = {(r["method"], r["index"]) for r in self.results.read()}
         done_examples = {r["index"] for r in self.examples.read()}
         done_layers = {r["index"] for r in self.layers.read()}
@@ -188,13 +187,13 @@ class Study:
         built: Dict[str, Any] = {}
         show = progress and self.shard.is_main
         bar = tqdm(total=total, desc="compare", unit="result", disable=not show)
-        counter = distributed.progress_path(self.out, self.shard)
+        counter = progress_path(self.out, self.shard)
         count, items = 0, 0
 
         def poll() -> None:  # rank 0: every rank's finished (method, example) pairs
             if show and self.shard.world > 1:
-                paths = [distributed.progress_path(self.out, self.shard, r) for r in range(self.shard.world)]
-                n = sum(distributed.read_count(p) for p in paths)
+                paths = [progress_path(self.out, self.shard, r) for r in range(self.shard.world)]
+                n = sum(read_count(p) for p in paths)
                 bar.update(n - bar.n)
 
         by_batch: Dict[int, List[str]] = {}
@@ -225,19 +224,19 @@ class Study:
                         )
                     count, items = count + len(missing), items + 1
                     if self.shard.world > 1:
-                        distributed.write_count(counter, count)
+                        write_count(counter, count)
                         poll()
                     else:
                         bar.update(len(missing))
-                    distributed.fail_point(self.shard, items)
+                    fail_point(self.shard, items)
                 if need_layers:
                     rows = self._layer_rows(batch, ids, mask, target)
                     self.layers.append([r for r in rows if r["index"] not in done_layers])
-        distributed.wait_for_all(self.shard, poll)
+        wait_for_all(self.shard, poll)
         bar.close()
         if self.shard.is_main:
             summary = self.finalize(figures)
-        distributed.barrier(self.shard)
+        barrier(self.shard)
         if not self.shard.is_main:
             with open(os.path.join(self.out, "summary.json"), encoding="utf-8") as f:
                 summary = json.load(f)

@@ -66,8 +66,6 @@ def summarize(
 ) -> dict:
     """Summary, CSV, markdown and figures from the records in ``out_dir`` (of the examples
     ``indices`` only, when given)."""
-    from . import plots
-
     meta = dict(meta or {})
     keep = None if indices is None else set(indices)
     examples = {r["index"]: r for r in ShardedLines(out_dir, "examples").read() if keep is None or r["index"] in keep}
@@ -117,7 +115,7 @@ def summarize(
             summary["figures_skipped"] = "matplotlib is not installed (pip install 'captum-mambalrp[viz]')"
             figures = False
     if figures:
-        summary["figures"] = _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table, plots)
+        summary["figures"] = _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table)
     if layer_rows:
         summary["layers"] = _layer_summary(layer_rows)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
@@ -150,24 +148,24 @@ def _layer_summary(rows: List[dict]) -> dict:
     }
 
 
-def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table, plots) -> Dict[str, str]:
+def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table) -> Dict[str, str]:
+    from .plots import plot_conservation, plot_flipping_curves, plot_layer_sums, plot_profiles, plot_scores  # matplotlib, lazily
+
     figures: Dict[str, str] = {}
     if by_method:
         grid = perturbation.grid().numpy()
         order = sorted(by_method, key=lambda m: -table[m]["dAF"][0])
         curves = {_label(m): {c: np.mean([r["curves"][c] for r in by_method[m]], axis=0) for c in CURVES} for m in order}
-        figures["curves"] = plots.plot_flipping_curves(
+        figures["curves"] = plot_flipping_curves(
             curves, grid, os.path.join(out_dir, "flipping_curves.png"), highlight=(_label(REFERENCE),)
         )
-        figures["scores"] = plots.plot_scores(
-            {_label(m): table[m]["dAF"] for m in order}, os.path.join(out_dir, "scores_dAF.png")
-        )
+        figures["scores"] = plot_scores({_label(m): table[m]["dAF"] for m in order}, os.path.join(out_dir, "scores_dAF.png"))
     if conservation:
-        figures["conservation"] = plots.plot_conservation(
+        figures["conservation"] = plot_conservation(
             {r.method: r for r in conservation.values()}, os.path.join(out_dir, "conservation.png")
         )
     if profiles:
-        figures["distance"] = plots.plot_profiles(
+        figures["distance"] = plot_profiles(
             profiles,
             os.path.join(out_dir, "distance_profile.png"),
             "Relevance against distance from the explained token",
@@ -178,14 +176,14 @@ def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_row
         per_layer: Dict[str, Sequence[np.ndarray]] = {
             n.replace("backbone.", ""): [np.array(r["relevance"][k]) for r in layer_rows] for k, n in enumerate(names)
         }
-        figures["layers"] = plots.plot_profiles(
+        figures["layers"] = plot_profiles(
             layer_profiles(per_layer),
             os.path.join(out_dir, "layer_profile.png"),
             "MambaLRP relevance at each layer against distance",
             max_distance=40,
         )
         sums = np.array([[sum(layer) for layer in r["relevance"]] for r in layer_rows]).T
-        figures["layer_sums"] = plots.plot_layer_sums(
+        figures["layer_sums"] = plot_layer_sums(
             names, sums, np.array([r["explained"] for r in layer_rows]), os.path.join(out_dir, "layer_sums.png")
         )
     return {k: os.path.basename(v) for k, v in figures.items()}
