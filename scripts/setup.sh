@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install captum-mambalrp into the current Python (see scripts/python_env.sh: a virtualenv,
-# conda, pyenv; a system-managed Python gets a .venv). A torch >= 2.1 already there is kept;
+# conda, pyenv; a system-managed Python gets a .venv). A torch >= 2.13 (setup.cfg's bound) already there is kept;
 # otherwise a CPU build of torch is installed first.
 # Usage: bash scripts/setup.sh [EXTRAS]    (e.g. "test" or "test,viz")
 set -euo pipefail
@@ -19,7 +19,7 @@ if ! "$PY" -m pip --version >/dev/null 2>&1; then
   "$PY" -m ensurepip -q >"$log" 2>&1 || fail "$PY has no pip and ensurepip failed (on Debian/Ubuntu: apt-get install python3-pip)"
 fi
 # torch first: `pip install -e .` alone would resolve `torch` to a multi-GB CUDA build.
-if ! "$PY" -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 1))" 2>/dev/null; then
+if ! "$PY" -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 13))" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0" >"$log" 2>&1 || fail "pip install torch==2.13.0 failed (output above)"
 fi
 if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
