@@ -22,11 +22,13 @@ dir=$(cd "$dir" && pwd)
 TESTS=${COMPAT_TESTS:-"tests/test_api.py tests/test_layer.py tests/test_conservation.py tests/test_captum_interop.py tests/test_rules.py tests/test_mamba2.py tests/test_faults.py tests/test_accelerate.py"}
 
 # name | torch | captum | transformers | further pins   (torch 2.13.0 is the local CPU build;
-# another torch comes from PyPI: a CUDA build with its nvidia-* packages, several GB)
+# another torch comes from PyPI: a CUDA build with its nvidia-* packages, several GB). "lowest" is
+# setup.cfg's lower ends; the rows after it are older releases, kept to show why the bounds are there.
 COMBOS=${COMPAT_COMBOS:-"
 newest|2.13.0|0.9.0|5.24.0|
 captum-0.8|2.13.0|0.8.0|5.24.0|
 captum-low|2.13.0|0.7.0|5.24.0|
+lowest|2.13.0|0.7.0|5.23.0|
 transformers-4.57|2.13.0|0.7.0|4.57.6|
 torch-2.2|2.2.2|0.7.0|4.57.6|numpy<2
 transformers-4.46|2.13.0|0.9.0|4.46.3|
