@@ -168,6 +168,21 @@ def use_lrp_attention(config: Any, patcher: Patcher) -> None:
         patcher.add_undo(undo)
 
 
+def activate_attention_rule(module: nn.Module, rule: MambaRule, patcher: Patcher) -> None:
+    """Make ``rule`` the attention rule :func:`lrp_attention` applies for ``module`` until
+    ``patcher`` restores (the previous rule, if any, comes back then)."""
+    key, previous = id(module), _ACTIVE.get(id(module))
+    _ACTIVE[key] = rule
+
+    def undo() -> None:
+        if previous is None:
+            _ACTIVE.pop(key, None)
+        else:
+            _ACTIVE[key] = previous
+
+    patcher.add_undo(undo)
+
+
 class AttentionAdapter(Adapter):
     """transformers attention layers (``SUPPORTED_ATTENTION``): the attention rule on ``q, k, v``.
 
@@ -192,16 +207,7 @@ class AttentionAdapter(Adapter):
 
     def install(self, module: nn.Module, name: str, composite: Composite, patcher: Patcher, backend: str) -> List[Component]:
         rule = composite.rule_for(f"{name}.attention", ATTENTION, module)
-        key, previous = id(module), _ACTIVE.get(id(module))
-        _ACTIVE[key] = rule
-
-        def undo() -> None:
-            if previous is None:
-                _ACTIVE.pop(key, None)
-            else:
-                _ACTIVE[key] = previous
-
-        patcher.add_undo(undo)
+        activate_attention_rule(module, rule, patcher)
         use_lrp_attention(module.config, patcher)
         return [Component(f"{name}.attention", ATTENTION, rule)]
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..rules.base import ACTIVATION, ATTENTION, GATE, MambaRule
 from ..rules.composites import Composite
-from .attention import _ACTIVE, lrp_attention
+from .attention import activate_attention_rule, lrp_attention
 from .base import Adapter, Component, find_adapter, register
 from .common import mixer_rules, rules_as_components
 from .hf_mamba2 import reject_packed
@@ -340,21 +340,6 @@ class _ActivationModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)
-
-
-def activate_attention_rule(module: nn.Module, rule: MambaRule, patcher: Patcher) -> None:
-    """Register ``rule`` as ``module``'s attention rule for :func:`.attention.lrp_attention`
-    until ``patcher`` restores (as :class:`.attention.AttentionAdapter` does)."""
-    key, previous = id(module), _ACTIVE.get(id(module))
-    _ACTIVE[key] = rule
-
-    def undo() -> None:
-        if previous is None:
-            _ACTIVE.pop(key, None)
-        else:
-            _ACTIVE[key] = previous
-
-    patcher.add_undo(undo)
 
 
 for _adapter in (
