@@ -44,7 +44,8 @@ def text_records(
 ) -> List[VisualizationDataRecord]:
     """One :class:`captum.attr.visualization.VisualizationDataRecord` per example.
 
-    ``relevance`` is ``[B, L]`` or one tensor per example; with ``attention_mask`` the
+    ``relevance`` is ``[B, L]`` or one tensor per example (or ``[L]`` with a flat token list,
+    for one example); with ``attention_mask`` the
     padded positions are dropped. Word importances are normalised per example.
     ``attr_score`` is the explained logit (``explained``; without it, the summed relevance),
     ``convergence_score`` the delta. The class fields are optional (shown empty).
@@ -61,12 +62,18 @@ def text_records(
     >>> recs = text_records(torch.tensor([[0.5, -1.0]]), [["good", "bad"]])
     >>> recs[0].word_attributions.tolist(), recs[0].attr_score
     ([0.5, -1.0], -0.5)
+    >>> len(text_records(torch.tensor([0.5, -1.0]), ["good", "bad"]))  # one example, flat
+    1
     """
     from captum.attr import visualization as viz
 
     def field(values: Optional[Sequence[object]], i: int, default: object) -> object:
         return values[i] if values is not None else default
 
+    if len(tokens) and isinstance(tokens[0], str):  # one example given flat: [L] relevance, L tokens
+        tokens = [tokens]  # type: ignore[list-item]
+        relevance = torch.as_tensor(relevance).reshape(1, -1)
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     records = []
     for i, toks in enumerate(tokens):
         row = relevance[i] if attention_mask is None else relevance[i][attention_mask[i].bool()]
