@@ -195,3 +195,18 @@ def test_matched_reference_follows_the_replacement(tiny, tmp_path):
     assert main(args + ["--smoothgrad-samples", "2", "--replacement", "mean", "--reference", "matched"]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert {m: r["reference"] for m, r in summary["methods"].items()} == {"integrated_gradients": "mean", "smoothgrad": "mean"}
+
+
+def test_the_models_modes_come_back_after_a_study(tiny, tmp_path):
+    """A study runs the model in eval mode and gives each module its own mode back."""
+    ckpt, data = tiny
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    texts, labels, _ = load_split(data, "test")
+    model.train()
+    frozen = model.backbone.layers[0]
+    frozen.eval()  # a mixed state, as after freezing part of a model
+    before = {name: m.training for name, m in model.named_modules()}
+    config = StudyConfig(methods=["mambalrp"], n_examples=2, batch_size=2)
+    Study(model, tokenizer, texts, labels, config, str(tmp_path / "s")).run(progress=False, figures=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert model.training and not frozen.training

@@ -85,7 +85,7 @@ class Study:
         meta: Optional[Dict[str, Any]] = None,
         overwrite: bool = False,
     ) -> None:
-        self.model = model.eval()
+        self.model = model  # run in eval mode by run(); the user's modes come back afterwards
         self.tokenizer = tokenizer
         self.texts, self.labels = list(texts), None if labels is None else list(labels)
         self.config = config
@@ -163,8 +163,18 @@ class Study:
 
         Under ``torchrun`` (several processes) each rank computes its share of the batches
         (:mod:`.distributed`) and rank 0 writes the summary, the same as one process would;
-        every rank returns it.
+        every rank returns it. The model runs in eval mode (no dropout: every method sees the
+        same function); each module's train/eval mode is restored afterwards.
         """
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            return self._run(progress, figures)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _run(self, progress: bool, figures: bool) -> dict:
         from tqdm.auto import tqdm
 
         self.shard = init_from_env(self.device)
