@@ -88,7 +88,8 @@ def test_terminal_heatmap_plain_and_colour():
     assert terminal_heatmap(["a", "b"], torch.tensor([1.0, -0.5]), color=False) == "a(+1.00) b(-0.50)"
     coloured = terminal_heatmap(["a", "b"], torch.tensor([1.0, -0.5]))
     # red background for the positive token, blue for the negative one
-    assert "\x1b[48;2;255;0;0m\x1b[38;2;0;0;0m a " in coloured and "\x1b[48;2;127;127;255m\x1b[38;2;0;0;0m b " in coloured
+    # (white text on the strong red, black on the light blue)
+    assert "\x1b[48;2;255;0;0m\x1b[38;2;255;255;255m a " in coloured and "\x1b[48;2;127;127;255m\x1b[38;2;0;0;0m b " in coloured
     with_legend = terminal_heatmap(["a", "b"], torch.tensor([1.0, -0.5]), legend=True)
     assert with_legend.splitlines()[1] == legend()
     assert "\x1b[48;2;255;0;0m" in legend() and "for the class (+)" in legend() and "\x1b[48;2;0;0;255m" in legend()
@@ -207,10 +208,12 @@ def test_explain_command_colours(tmp_path, capsys):
     assert float(e.relevance.max()) > 0 > float(e.relevance.min())
     assert legend() in out  # the legend line
     peak = float(e.relevance.abs().max())
-    r, g, b = rgb(float(e.relevance.min()) / peak)
-    assert f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {low} " in out and b == 255 and r < 255  # blue
-    r, g, b = rgb(float(e.relevance.max()) / peak)
-    assert f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {top} " in out and r == 255 and b < 255  # red
+    low_v = float(e.relevance.min()) / peak
+    r, g, b = rgb(low_v)
+    fg = "255;255;255" if abs(low_v) > 0.6 else "0;0;0"
+    assert f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;{fg}m {low} " in out and b == 255 and r < 255  # blue
+    r, g, b = rgb(1.0)
+    assert f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;255;255;255m {top} " in out and r == 255 and b < 255  # red
     page = page_path.read_text()
     colours = mark_colours(page)
     assert colours[top].startswith("rgb(255, ") and colours[low].endswith(", 255)") and colours[low] != "rgb(255, 255, 255)"

@@ -62,6 +62,18 @@ def relevance_cmap() -> Any:
     return LinearSegmentedColormap.from_list("mambalrp_relevance", [(0.0, 0.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0)])
 
 
+def ansi(value: float, text: str) -> str:
+    """``text`` on the convention's colour for ``value`` in [-1, 1] (24-bit ANSI), in black on
+    light backgrounds and white on strong ones (:func:`text_colour`).
+
+    >>> ansi(1.0, "x") == "\x1b[48;2;255;0;0m\x1b[38;2;255;255;255m x \x1b[0m"
+    True
+    """
+    r, g, b = rgb(value)
+    fg = "255;255;255" if text_colour(value) == "#fff" else "0;0;0"
+    return f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;{fg}m {text} \x1b[0m"
+
+
 def legend(color: bool = True) -> str:
     """The legend for the terminal: coloured swatches (24-bit ANSI) or, without colour,
     the words alone.
@@ -72,11 +84,7 @@ def legend(color: bool = True) -> str:
     if not color:
         return "legend: red = for the explained class (+), white = none, blue = against it (-)"
 
-    def swatch(v: float, label: str) -> str:
-        r, g, b = rgb(v)
-        return f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {label} \x1b[0m"
-
-    return "legend: " + " ".join((swatch(1.0, "for the class (+)"), swatch(0.0, "none"), swatch(-1.0, "against it (-)")))
+    return "legend: " + " ".join((ansi(1.0, "for the class (+)"), ansi(0.0, "none"), ansi(-1.0, "against it (-)")))
 
 
 def legend_html() -> str:

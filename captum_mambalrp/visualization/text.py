@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .colors import css, legend_html, rgb, text_colour
+from .colors import ansi, css, legend_html, text_colour
 from .colors import legend as legend_line
 from .words import merge_subwords
 
@@ -189,8 +189,7 @@ def terminal_heatmap(
     parts = []
     for tok, v in zip(shown, normalise(values).tolist()):
         if color:
-            r, g, b = rgb(v)
-            parts.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {tok} \x1b[0m")
+            parts.append(ansi(v, tok))
         else:
             parts.append(f"{tok}({v:+.2f})")
     line = " ".join(parts)
