@@ -202,3 +202,50 @@ def test_qwen3_moe_model_conserves_with_left_padding():
     table = lrp.rule_table()
     assert table["model.layers.0.mlp.gate"] == "ConstantRouterRule()"
     assert table["model.layers.0.mlp.experts.gate"] == "HalfGateRule()"
+
+
+@pytest.mark.parametrize("kind", ["jamba_moe", "granite_moe", "nemotron_h_moe", "qwen3_moe"])
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_grouped_experts_equal_the_expert_loop(kind, grouped_mm, monkeypatch):
+    """The grouped path (one product over all experts; ``grouped_mm`` or its per-expert fallback)
+    gives the expert loop's output and relevance, with an expert that receives no token."""
+    from captum_mambalrp.adapters import moe
+
+    block = init(BLOCKS[kind](), seed=7)
+    experts = next(m for m in block.modules() if type(m).__name__.endswith("Experts"))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 16, generator=g, requires_grad=True)
+    weights = torch.rand(9, 2, generator=g)
+    index = torch.tensor([[0, 2], [2, 0], [3, 0], [0, 3], [2, 3], [3, 2], [0, 2], [2, 0], [3, 0]])  # expert 1 unused
+    rules = composite("mambalrp")
+    act = rules.rule_for("e.act", "activation", experts.act_fn)
+    gate = rules.rule_for("e.gate", "gate") if hasattr(experts, "gate_up_proj") else None
+    lin = rules.rule_for("e.up", "linear")
+    monkeypatch.setattr(moe, "grouped_mm_usable", lambda a, b: grouped_mm and moe.F.grouped_mm is not None)
+    assert lin.linear_is_elementwise
+    outs = []
+    for fn in (moe._grouped_experts, moe._looped_experts):
+        y = fn(experts, act, gate, lin, lin, x, index, weights)
+        (grad,) = torch.autograd.grad((y * torch.linspace(-1, 1, 16)).sum(), x)
+        outs.append((y.detach(), grad))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_linear_fallback_matches_grouped_mm_and_rule_without_weights_loops():
+    """``grouped_linear``'s per-expert fallback equals ``grouped_mm``; LRP-gamma (which reads each
+    expert's weights) takes the expert loop."""
+    from captum_mambalrp.adapters import moe
+    from captum_mambalrp.rules import GammaRule
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(10, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    offsets = torch.tensor([3, 3, 10], dtype=torch.int32)
+    assert moe.grouped_mm_usable(x, w)
+    expected = torch.cat([x[:3] @ w[0].T, x[3:] @ w[2].T])
+    assert torch.allclose(moe.grouped_linear(x, w, offsets), expected, atol=1e-6)
+    odd = torch.randn(3, 4, 5, generator=g)  # rows of 20 bytes: not 16-byte aligned
+    assert not moe.grouped_mm_usable(x[:, :5].contiguous(), odd)
+    narrow = x[:, :5].contiguous()
+    assert torch.allclose(moe.grouped_linear(narrow, odd, offsets), torch.cat([narrow[:3] @ odd[0].T, narrow[3:] @ odd[2].T]))
+    assert not GammaRule().linear_is_elementwise

@@ -10,16 +10,11 @@ import textwrap
 
 import pytest
 import torch
+from test_scan import rand, sequential_mamba1, sequential_ssd
 
-# mamba-ssm's SSD kernels run float32 dots in TF32 unless Triton is told otherwise; the
-# backend tests check the float32 math, so they ask for IEEE dots (before any compile).
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
-
-from test_scan import rand, sequential_mamba1, sequential_ssd  # noqa: E402
-
-import captum_mambalrp.scan as scan  # noqa: E402
-from captum_mambalrp.kernels import triton_installed  # noqa: E402
-from captum_mambalrp.scan import selective_scan, ssd_scan  # noqa: E402
+import captum_mambalrp.scan as scan
+from captum_mambalrp.kernels import triton_installed
+from captum_mambalrp.scan import selective_scan, ssd_scan
 
 HAS_TRITON = triton_installed()
 CUDA = torch.cuda.is_available()

@@ -96,12 +96,102 @@ def experts_forward(
     top_k_index: Tensor,
     top_k_weights: Tensor,
 ) -> Tensor:
-    """``sum_k w_k E_{idx_k}(x)`` per token (transformers' eager experts loop) with the rules in
-    each expert; ``gate_rule is None`` for experts without a gate (Nemotron-H).
+    """``sum_k w_k E_{idx_k}(x)`` per token with the rules in each expert; ``gate_rule is None``
+    for experts without a gate (Nemotron-H).
+
+    With linear rules that read only the product's output (``linear_is_elementwise``: LRP-epsilon,
+    the plain gradient) the selected (token, expert) pairs are sorted by expert and each matrix
+    product is one grouped product over all experts (:func:`grouped_linear`, as transformers'
+    ``grouped_mm`` experts do; no host synchronisation on CUDA in bf16). Other linear rules (LRP-gamma
+    reads each expert's weights) go expert by expert.
 
     Returns:
         ``[tokens, hidden]`` in the dtype the model's own forward returns.
     """
+    if up_rule.linear_is_elementwise and down_rule.linear_is_elementwise:
+        return _grouped_experts(experts, act_rule, gate_rule, up_rule, down_rule, hidden, top_k_index, top_k_weights)
+    return _looped_experts(experts, act_rule, gate_rule, up_rule, down_rule, hidden, top_k_index, top_k_weights)
+
+
+def _expert_activation(experts: Any, act_rule: MambaRule, gate_rule: Optional[MambaRule], up_out: Tensor) -> Tensor:
+    """``act(up)`` (no gate) or ``act(gate) * up`` (the halves of ``gate_up_proj``), with the rules."""
+    if gate_rule is None:
+        return act_rule.activation(up_out, experts.act_fn.forward)
+    gate, up = up_out.chunk(2, dim=-1)
+    return gate_with_activation(gate_rule, act_rule, up, gate, experts.act_fn.forward)
+
+
+def grouped_mm_usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs ``x @ weight[e].T`` here: on CUDA (compute
+    capability 8.0 or more) in bfloat16, on the CPU when every operand is 16-byte aligned.
+
+    >>> grouped_mm_usable(torch.ones(4, 3), torch.ones(2, 5, 3))  # rows of 12 bytes
+    False
+    """
+    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type != "cpu":
+        return False
+    size = x.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1]) for t in (x, weight))
+    return aligned and all(n * size % 16 == 0 for n in weight.shape[1:])
+
+
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of ``x`` sorted by expert times their expert's weight: ``x[offsets[e-1]:offsets[e]] @
+    weight[e].T`` for every expert ``e`` (``offsets`` the cumulative row counts, int32).
+
+    One ``grouped_mm`` where :func:`grouped_mm_usable`, else one product per expert (a host
+    synchronisation reads ``offsets``). Rows past ``offsets[-1]`` are zero in the fallback and
+    left unwritten by ``grouped_mm``.
+
+    Returns:
+        ``[rows, out]``.
+
+    >>> w = torch.arange(12.0).reshape(2, 2, 3)
+    >>> grouped_linear(torch.ones(3, 3), w, torch.tensor([1, 3], dtype=torch.int32))
+    tensor([[ 3., 12.],
+            [21., 30.],
+            [21., 30.]])
+    """
+    if grouped_mm_usable(x, weight):
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    out, start = x.new_zeros(x.shape[0], weight.shape[1]), 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = F.linear(x[start:end], weight[e])
+        start = end
+    return out
+
+
+def _grouped_experts(experts, act_rule, gate_rule, up_rule, down_rule, hidden, top_k_index, top_k_weights):
+    k, tokens = top_k_index.shape[-1], hidden.shape[0]
+    n_experts = int(experts.num_experts)
+    with torch.no_grad():
+        order = torch.argsort(top_k_index.reshape(-1), stable=True)
+        ids = top_k_index.reshape(-1)[order]
+        # histc, not bincount: no host synchronisation (CUDA graphs); float input on the CPU. Under
+        # expert parallelism, ids of other ranks' experts (>= n_experts) sort last and are not counted.
+        counts = torch.histc(ids.float() if ids.device.type == "cpu" else ids.int(), bins=n_experts, min=0, max=n_experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        foreign = (ids >= n_experts)[:, None] if getattr(experts, "_is_expert_parallel", False) else None
+
+    def product(x: Tensor, weight: Tensor) -> Tensor:
+        z = grouped_linear(x, weight, offsets)
+        return z if foreign is None else z.masked_fill(foreign, 0.0)  # rows past offsets[-1] are left unwritten
+
+    x = hidden[order // k]
+    up_weight = experts.up_proj if gate_rule is None else experts.gate_up_proj
+    h = _expert_activation(experts, act_rule, gate_rule, up_rule.linear(experts, x, product(x, up_weight)))
+    y = down_rule.linear(experts, h, product(h, experts.down_proj)) * top_k_weights.reshape(-1)[order, None]
+    # back to (token, k) order; summed over k in the routing weights' precision, as transformers does
+    return torch.empty_like(y).index_copy_(0, order, y).view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _looped_experts(experts, act_rule, gate_rule, up_rule, down_rule, hidden, top_k_index, top_k_weights):
+    """Expert by expert (transformers' eager loop), for linear rules that read the weights."""
     n_experts = int(experts.num_experts)
     out = torch.zeros_like(hidden, dtype=top_k_weights.dtype if gate_rule is None else hidden.dtype)
     with torch.no_grad():
@@ -112,11 +202,8 @@ def experts_forward(
             continue
         pos, token = torch.where(expert_mask[e])
         x = hidden[token]
-        if gate_rule is None:
-            h = act_rule.activation(_ruled_linear(up_rule, x, experts.up_proj[e]), experts.act_fn.forward)
-        else:
-            gate, up = _ruled_linear(up_rule, x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            h = gate_with_activation(gate_rule, act_rule, up, gate, experts.act_fn.forward)
+        up_weight = experts.up_proj[e] if gate_rule is None else experts.gate_up_proj[e]
+        h = _expert_activation(experts, act_rule, gate_rule, _ruled_linear(up_rule, x, up_weight))
         y = _ruled_linear(down_rule, h, experts.down_proj[e]) * top_k_weights[token, pos, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out.to(hidden.dtype)

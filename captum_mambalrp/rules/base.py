@@ -101,6 +101,10 @@ class MambaRule(PropagationRule):
     def norm_scale(self, scale: Tensor) -> Tensor:
         raise NotImplementedError
 
+    #: True when :meth:`linear` reads only ``z`` (never ``module``'s weights or ``x``): the rule then
+    #: applies unchanged to the output of a grouped or fused matrix product (MoE experts).
+    linear_is_elementwise = False
+
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -135,6 +139,8 @@ class GradientRule(MambaRule):
 
     def norm_scale(self, scale: Tensor) -> Tensor:
         return scale
+
+    linear_is_elementwise = True
 
     def linear(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         return z

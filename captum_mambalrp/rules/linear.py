@@ -57,6 +57,7 @@ class EpsilonRule(MambaRule, CaptumEpsilonRule):
     """
 
     kinds = frozenset({LINEAR, CONV})
+    linear_is_elementwise = True
 
     def __init__(self, epsilon: Optional[float] = None) -> None:
         CaptumEpsilonRule.__init__(self, DEFAULT_EPSILON if epsilon is None else epsilon)
