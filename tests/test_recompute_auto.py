@@ -49,20 +49,25 @@ def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     assert modes == {False}
     modes, again = _modes_seen(model, ids, monkeypatch, budget=keep * 0.999)
     assert modes == {True}
-    modes, _ = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
-    assert modes == {True}  # on the CPU the host memory is the budget: nothing to offload to
+    modes, below = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
+    # on the CPU the host memory is the budget: nothing to offload to; pieces of the sequence and
+    # blocks recomputed from sparse checkpoints (Mamba2: blocks only, its mixers recomputed whole)
+    assert modes == {"sequence"}
     with pytest.warns(ResourceWarning, match="expect to run out of memory"):
         _modes_seen(model, ids, monkeypatch, budget=1.0)
     torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kept, below, atol=1e-6, rtol=1e-5)
 
 
 def test_auto_scales_with_tokens(monkeypatch):
-    """The same budget keeps a short batch and recomputes a long one."""
+    """The same budget keeps a short batch and recomputes (or runs in pieces) a long one."""
     model = make_lm("mamba", num_hidden_layers=2)
     short, long = ids_for(1, 8), ids_for(1, 64)
     keep_short, _ = _thresholds(model, short)
     assert _modes_seen(model, short, monkeypatch, budget=keep_short * 1.5)[0] == {False}
-    assert _modes_seen(model, long, monkeypatch, budget=keep_short * 1.5)[0] == {True}
+    assert _modes_seen(model, long, monkeypatch, budget=keep_short * 1.5)[0] <= {True, "sequence"}
+    _, recompute_long = _thresholds(model, long)
+    assert _modes_seen(model, long, monkeypatch, budget=recompute_long * 1.01)[0] == {True}
 
 
 def test_estimate_counts_dtype():
@@ -111,7 +116,7 @@ def test_offload_keeps_no_mixer_tensors_for_backward():
 
 
 def test_bad_mode_is_named():
-    with pytest.raises(ValueError, match="recompute must be True, False, 'auto' or 'offload'"):
+    with pytest.raises(ValueError, match="recompute must be True, False, 'auto', 'offload', 'sequence' or a SequenceChunks"):
         MambaLRP(make_lm("mamba"), recompute="sometimes")
 
 
@@ -157,5 +162,18 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     assert mode(inputs * 1.01) is True
     assert mode(inputs * 0.99) == "offload"
     host["cpu"] = (inputs - working) * 0.99 / rc.AUTO_MEMORY_FRACTION
-    assert mode(inputs * 0.99) is True
+    assert mode(inputs * 0.99) is True  # no mode fits: without piece functions or blocks, recompute
     assert rc.RecomputePlan(mixers, budget=inputs * 0.99, allow_offload=False).choose(hidden) is True
+    # mixers that run in pieces, blocks to recompute: "sequence"; its settings from the budget
+    plan = rc.RecomputePlan(mixers, budget=inputs * 0.99, pieces=True, chain_blocks=3)
+    assert plan.choose(hidden) == "sequence" and plan.sequence is not None
+    assert plan.needed["sequence"] <= inputs * 0.99 and plan.sequence.stride == 2 and plan.sequence.host
+    host["cpu"] = 0.0  # the kept block inputs stay on the device when the host cannot take them
+    plan = rc.RecomputePlan(mixers, budget=inputs * 0.99, pieces=True, chain_blocks=3)
+    assert plan.choose(hidden) == "sequence" and not plan.sequence.host
+    # where one mixer's working set alone is over the budget, offload is no way out (goal 2's case)
+    host["cpu"] = 1e12
+    plan = rc.RecomputePlan(mixers, budget=working * 0.9, pieces=True, chain_blocks=3)
+    assert plan.choose(hidden) == "sequence" and plan.sequence.host  # the kept block inputs fit the host
+    # relevance read inside a mixer: nothing that runs mixers without a graph
+    assert rc.RecomputePlan(mixers, budget=inputs * 0.99, allow_offload=False, pieces=True, chain_blocks=3).choose(hidden) is True

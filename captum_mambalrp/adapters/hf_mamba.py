@@ -9,7 +9,7 @@ from torch import nn
 from ..rules.composites import Composite
 from .base import Adapter, Component, register
 from .common import mixer_rules, rules_as_components
-from .mamba1 import hf_mamba1_parts, mamba1_forward
+from .mamba1 import Mamba1State, hf_mamba1_parts, mamba1_forward, mamba1_piece
 from .patching import Patcher
 
 
@@ -29,6 +29,12 @@ class HFMamba1Adapter(Adapter):
 
         def forward(hidden_states, *args, attention_mask=None, **kwargs):
             return mamba1_forward(parts, rules, hidden_states, attention_mask)
+
+        def piece(hidden, attention_mask, state, carry):  # recompute="sequence": one piece of the sequence
+            out, new = mamba1_piece(parts, rules, hidden, attention_mask, None if state is None else Mamba1State(*state), carry)
+            return out, None if new is None else new.tensors()
+
+        forward.sequence_piece = piece  # type: ignore[attr-defined]
 
         patcher.replace_forward(module, forward)
         return rules_as_components(name, rules)

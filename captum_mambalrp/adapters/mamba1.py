@@ -16,14 +16,14 @@ only say where the parts of each implementation live.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..rules.gate import gate_with_activation
-from ..scan import compute_dtype, selective_scan
+from ..scan import compute_dtype, selective_scan, selective_scan_state
 from .common import MixerRules, mask_padding
 
 
@@ -49,15 +49,51 @@ class Mamba1Parts:
     gate_fn: Optional[Callable[[Tensor], Tensor]] = None
 
 
+@dataclass
+class Mamba1State:
+    """What a Mamba1 mixer carries from one piece of a sequence to the next: the conv's last
+    ``k - 1`` inputs ``conv [b, d, k-1]`` (model dtype) and the scan's state ``ssm [b, d, n]``
+    (compute dtype)."""
+
+    conv: Tensor
+    ssm: Tensor
+
+    def tensors(self) -> Tuple[Tensor, Tensor]:
+        return self.conv, self.ssm
+
+
 def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """The Mamba1 mixer on ``hidden [b, l, h]`` with MambaLRP's rules applied."""
+    return mamba1_piece(parts, rules, hidden, attention_mask)[0]
+
+
+def mamba1_piece(
+    parts: Mamba1Parts,
+    rules: MixerRules,
+    hidden: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    state: Optional[Mamba1State] = None,
+    carry: bool = False,
+) -> Tuple[Tensor, Optional[Mamba1State]]:
+    """:func:`mamba1_forward` on one piece of a sequence (``recompute="sequence"``): ``state`` is
+    what the previous piece left (``None``: the sequence starts here); with ``carry=True`` the
+    piece also returns its own :class:`Mamba1State` for the next one, else ``None``. Pieces run
+    one after the other give the whole sequence's output (the conv reads the carried inputs
+    where it would read the previous piece's; the scan starts from the carried state)."""
     dtype, length = hidden.dtype, hidden.shape[1]
     xz = parts.in_proj(mask_padding(hidden, attention_mask)).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
     # the compute dtype (float32; float64 for a float64 model) from the conv's output on: the scan,
     # dt and the rule factors; a bf16 model's activations are rounded once, where x_proj reads them
     cd = compute_dtype(dtype)
-    x = rules.conv_act.activation(parts.conv1d(x)[..., :length].to(cd), parts.act)
+    if state is None:
+        conv = parts.conv1d(x)[..., :length]
+        x_seen = x
+    else:  # the conv's window reaches k - 1 steps into the previous piece
+        x_seen = torch.cat([state.conv, x], dim=-1)
+        pad = int(parts.conv1d.padding[0])
+        conv = parts.conv1d(x_seen)[..., pad : pad + length]
+    x = rules.conv_act.activation(conv.to(cd), parts.act)
     x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
     dt, B, C = torch.split(parts.x_proj(x.to(dtype)), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
@@ -67,9 +103,20 @@ def mamba1_forward(parts: Mamba1Parts, rules: MixerRules, hidden: Tensor, attent
     delta = F.softplus(dt.to(cd) + (0.0 if bias is None else bias.to(cd)[:, None]))
     A = -torch.exp(parts.A_log.to(cd))
     delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))
-    y = selective_scan(x.transpose(1, 2), delta, A, B, C, parts.D.to(cd), linear=rules.ssm.ssm_is_linear, backend=rules.backend)
+    scan_args = (x.transpose(1, 2), delta, A, B, C, parts.D.to(cd))
+    linear, backend = rules.ssm.ssm_is_linear, rules.backend
+    new_state: Optional[Mamba1State] = None
+    if state is None and not carry:
+        y = selective_scan(*scan_args, linear=linear, backend=backend)
+    else:
+        y, h = selective_scan_state(*scan_args, None if state is None else state.ssm, linear=linear, backend=backend)
+        if carry:
+            k = int(parts.conv1d.kernel_size[0])
+            if x_seen.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start
+                x_seen = F.pad(x_seen, (k - 1 - x_seen.shape[-1], 0))
+            new_state = Mamba1State(x_seen[..., x_seen.shape[-1] - (k - 1) :], h)
     y = gate_with_activation(rules.gate, rules.gate_act, y, z.to(cd), parts.gate_fn or parts.act, transposed_out=True)
-    return parts.out_proj(y.transpose(1, 2).to(dtype))
+    return parts.out_proj(y.transpose(1, 2).to(dtype)), new_state
 
 
 def hf_mamba1_parts(mixer: Any) -> Mamba1Parts:

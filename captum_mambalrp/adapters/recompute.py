@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +49,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..scan.precision import compute_dtype
 
-Recompute = Union[bool, str]
-MODES = (True, False, "auto", "offload")
+#: the mode that runs mixers in pieces of the sequence and recomputes blocks from sparse checkpoints
+SEQUENCE = "sequence"
+MODES = (True, False, "auto", "offload", SEQUENCE)
 #: share of the available memory that ``"auto"`` plans to use
 AUTO_MEMORY_FRACTION = 0.85
 #: host memory assumed available when it cannot be read
@@ -56,6 +59,59 @@ DEFAULT_HOST_BUDGET = 16 * 2**30
 #: without a pass plan (a mixer called outside :func:`relevance_pass`), ``"auto"`` falls back
 #: to recomputing above this many tokens per batch (per device type; others use "cpu")
 RECOMPUTE_AUTO_TOKENS = {"cuda": 16384, "cpu": 4096}
+#: tokens per piece of ``"sequence"`` without a pass plan (a mixer called outside :func:`relevance_pass`)
+DEFAULT_SEQUENCE_CHUNK = 8192
+
+
+#: pieces of the sequence are never shorter than this (unless the sequence is)
+MIN_SEQUENCE_CHUNK = 256
+#: share of the budget that one piece's working set may take when ``"auto"`` sizes the pieces
+SEQUENCE_CHUNK_SHARE = 1 / 16
+#: transformers' blocks that ``"sequence"`` recomputes from sparse checkpoints: each is
+#: ``h + mixer(norm(h))`` and returns one tensor, the next block's input
+CHAIN_BLOCKS = ("MambaBlock", "FalconMambaBlock", "Mamba2Block")
+
+
+@dataclass(frozen=True)
+class SequenceChunks:
+    """``recompute="sequence"`` with its settings given (``None``: chosen from the memory budget).
+
+    - ``chunk``: tokens per piece of the sequence; each mixer runs piece by piece, carrying its
+      state (the conv's last ``k - 1`` inputs and the scan's state) from one to the next, so its
+      working set, forward and backward, is one piece's;
+    - ``stride``: the forward pass keeps the input of every ``stride``-th block
+      (default ``ceil(sqrt(blocks))``); the others are recomputed from the nearest kept one
+      in the backward pass;
+    - ``slots``: block inputs a stretch's recomputation keeps on the device for the blocks
+      after it (default: as many as the budget holds, at most ``stride - 1``);
+    - ``host``: the kept inputs wait in pinned host memory (default: on CUDA when the host's
+      memory holds them).
+
+    Returns:
+        a value for ``MambaLRP(model, recompute=...)``.
+
+    >>> SequenceChunks(chunk=4096).chunk
+    4096
+    """
+
+    chunk: Optional[int] = None
+    stride: Optional[int] = None
+    slots: Optional[int] = None
+    host: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "stride", "slots"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"SequenceChunks({name}=...) must be a positive int; got {value!r}")
+
+
+Recompute = Union[bool, str, SequenceChunks]
+
+
+def is_sequence(recompute: object) -> bool:
+    """Is ``recompute`` the ``"sequence"`` mode (the string or :class:`SequenceChunks`)?"""
+    return isinstance(recompute, SequenceChunks) or (isinstance(recompute, str) and recompute == SEQUENCE)
 
 
 def check_recompute(recompute: Recompute) -> Recompute:
@@ -65,10 +121,15 @@ def check_recompute(recompute: Recompute) -> Recompute:
         ``recompute``.
 
     Raises:
-        ValueError: not one of ``True``, ``False``, ``"auto"``, ``"offload"``.
+        ValueError: not one of ``True``, ``False``, ``"auto"``, ``"offload"``, ``"sequence"``
+            or a :class:`SequenceChunks`.
     """
+    if isinstance(recompute, SequenceChunks):
+        return recompute
     if not any(recompute is m if isinstance(m, bool) else recompute == m for m in MODES):
-        raise ValueError(f"recompute must be True, False, 'auto' or 'offload'; got {recompute!r}")
+        raise ValueError(
+            f"recompute must be True, False, 'auto', 'offload', 'sequence' or a SequenceChunks(...); got {recompute!r}"
+        )
     return recompute
 
 
@@ -114,13 +175,18 @@ def available_memory(device: torch.device) -> int:
 
 @dataclass
 class RecomputePlan:
-    """The decision of ``recompute="auto"`` for one pass over ``mixers``.
+    """The decision of ``recompute="auto"`` (and the settings of ``"sequence"``) for one pass
+    over ``mixers``.
 
     ``budget``: bytes the pass may take (default: ``AUTO_MEMORY_FRACTION *``
     :func:`available_memory` at the first mixer call); tests pass their own.
-    ``allow_offload``: False when relevance is read inside a mixer (an offloaded mixer runs
-    without a graph in the forward pass, so such a read would see none); ``"offload"`` then
-    recomputes with its input kept on the device, and ``"auto"`` never chooses it.
+    ``allow_offload``: False when relevance is read inside a mixer (an offloaded or
+    sequence-chunked mixer runs without a graph in the forward pass, so such a read would see
+    none); ``"offload"`` and ``"sequence"`` then recompute with the input kept on the device, and
+    ``"auto"`` chooses neither. ``requested``: the mode asked for (``"auto"``, or ``"sequence"`` /
+    a :class:`SequenceChunks` whose open settings the plan fills in). ``chain_blocks``: the blocks
+    ``"sequence"`` recomputes from sparse checkpoints (see :data:`CHAIN_BLOCKS`); ``pieces``: do
+    the mixers run in pieces of the sequence (their adapters provide a piece function)?
     """
 
     mixers: Sequence[nn.Module]
@@ -128,39 +194,92 @@ class RecomputePlan:
     allow_offload: bool = True
     mode: Optional[Recompute] = None
     needed: Dict[str, float] = field(default_factory=dict)
+    requested: Recompute = "auto"
+    chain_blocks: int = 0
+    pieces: bool = False
+    sequence: Optional[SequenceChunks] = None
+    chain: Optional[_Chain] = None
 
     def choose(self, hidden: Tensor) -> Recompute:
-        """``False``, ``True`` or ``"offload"`` for a pass whose mixers see ``hidden [b, l, d]``
-        (decided at the first call of a pass, then kept)."""
+        """``False``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
+        blocks) see ``hidden [b, l, d]`` (decided at the first call of a pass, then kept)."""
         if self.mode is not None:
             return self.mode
-        tokens = hidden.shape[0] * hidden.shape[1]
+        batch, length = hidden.shape[0], hidden.shape[1]
+        tokens = batch * length
         per = [mixer_bytes_per_token(m, hidden.dtype) for m in self.mixers] or [mixer_bytes_per_token(nn.Module(), hidden.dtype)]
         working = max(p["kept"] for p in per) * tokens  # one mixer's tensors during its backward pass
         keep = sum(p["kept"] for p in per) * tokens + working
         inputs = sum(p["input"] for p in per) * tokens + working
         budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
-        # the offloaded inputs need host memory: sum of inputs (recompute's figure minus one working set)
-        self.needed = {"keep": keep, "recompute": inputs, "offload": working, "budget": budget}
-        if keep <= budget:
+        cuda = hidden.device.type == "cuda"
+        capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        host_budget = AUTO_MEMORY_FRACTION * available_memory(torch.device("cpu")) if cuda and not capturing else 0.0
+        settings, sequence = self._sequence_settings(per, hidden, budget, host_budget)
+        # offload keeps no mixer tensor on the device, the parked inputs (recompute's figure minus
+        # one working set) in host memory; its device need is one mixer's working set
+        self.needed = {"keep": keep, "recompute": inputs, "offload": working, "sequence": sequence, "budget": budget}
+        offload_fits = cuda and self.allow_offload and not capturing and working <= budget and inputs - working <= host_budget
+        sequence_ok = self.allow_offload and (self.pieces or self.chain_blocks > 0)
+        if is_sequence(self.requested):
+            self.mode = SEQUENCE if self.allow_offload else True
+        elif keep <= budget:
             self.mode = False
-        elif inputs <= budget or hidden.device.type != "cuda" or not self.allow_offload:
+        elif inputs <= budget:
             self.mode = True
-        elif torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            self.mode = True  # no pinned host allocations inside a CUDA graph's capture
-        elif inputs - working > AUTO_MEMORY_FRACTION * available_memory(torch.device("cpu")):
-            self.mode = True  # the parked inputs would not fit the host's memory either
-        else:
+        elif offload_fits:
             self.mode = "offload"
-        if working > budget:
+        elif sequence_ok and not capturing:
+            self.mode = SEQUENCE
+        else:
+            self.mode = True
+        if self.mode == SEQUENCE:
+            self.sequence = settings
+        need = {False: keep, True: inputs, "offload": working, SEQUENCE: sequence}[self.mode]  # type: ignore[index]
+        if need > budget:
             warnings.warn(
-                f"MambaLRP: {tokens} tokens need about {working / 2**30:.1f} GiB for one mixer's backward pass "
-                f"alone (estimate), more than the {budget / 2**30:.1f} GiB available; expect to run out of "
+                f"MambaLRP: {tokens} tokens need about {need / 2**30:.1f} GiB (estimate, recompute={self.mode!r}), "
+                f"more than the {budget / 2**30:.1f} GiB available; expect to run out of "
                 "memory: attribute shorter inputs or smaller batches",
                 ResourceWarning,
                 stacklevel=2,
             )
         return self.mode
+
+    def _sequence_settings(
+        self, per: List[Dict[str, float]], hidden: Tensor, budget: float, host_budget: float
+    ) -> Tuple[SequenceChunks, float]:
+        """The settings of ``"sequence"`` for this pass (the requested ones, the open ones from the
+        budget) and its estimated device memory (see the module docstring)."""
+        asked = self.requested if isinstance(self.requested, SequenceChunks) else SequenceChunks()
+        batch, length, d_model = hidden.shape[0], hidden.shape[1], hidden.shape[-1]
+        tokens = batch * length
+        s_model = torch.tensor([], dtype=hidden.dtype).element_size()
+        s_compute = torch.tensor([], dtype=compute_dtype(hidden.dtype)).element_size()
+        residual, mixer_in = d_model * s_compute * tokens, d_model * s_model * tokens  # R T, I T
+        piece_per_token = max(p["kept"] for p in per) * batch  # one piece's working set per token of length
+        chunk = asked.chunk
+        if chunk is None:
+            chunk = int(SEQUENCE_CHUNK_SHARE * budget / max(piece_per_token, 1.0))
+            chunk = max(MIN_SEQUENCE_CHUNK, chunk // MIN_SEQUENCE_CHUNK * MIN_SEQUENCE_CHUNK)
+        chunk = min(chunk, max(length, 1))
+        piece = piece_per_token * chunk
+        n = self.chain_blocks
+        if n == 0:  # no chain: every mixer keeps its input; one mixer's backward works on pieces
+            sequence = sum(p["input"] for p in per) * tokens + 3 * mixer_in + piece
+            return SequenceChunks(chunk, 1, 1, False), float(sequence)
+        stride = asked.stride or max(1, math.ceil(math.sqrt(n)))
+        kept = math.ceil(n / stride)  # forward checkpoints (the first is the chain's own input)
+        host = asked.host if asked.host is not None else hidden.device.type == "cuda" and (kept - 1) * residual <= host_budget
+        host = host and host_budget > 0  # never while a CUDA graph is captured (no pinned allocations)
+        on_device = 1 if host else kept
+        block = 5 * residual + 3 * mixer_in  # one block's backward: gradients, its input and output, the norm
+        slots = asked.slots
+        if slots is None:
+            free = (budget - block - piece) / residual - on_device - 1
+            slots = int(max(1, min(stride - 1, math.floor(free))))
+        sequence = (on_device + slots + 1) * residual + block + piece
+        return SequenceChunks(chunk, stride, slots, bool(host)), float(sequence)
 
 
 _PLAN: contextvars.ContextVar[Optional[RecomputePlan]] = contextvars.ContextVar("recompute_plan", default=None)
@@ -209,27 +328,225 @@ def offloaded(forward: Callable[..., Tensor], hidden_states: Tensor, *args, **kw
     return _OffloadedMixer.apply(hidden_states, lambda h: forward(h, *args, **kwargs))
 
 
+#: the signature of a mixer's piece function (the adapter's ``forward.sequence_piece``):
+#: ``piece(hidden [b, l, d], attention_mask [b, l] or None, state or None, carry) -> (out, state or None)``,
+#: ``state`` a tuple of tensors (Mamba1: the conv's last inputs and the scan's state)
+Piece = Callable[[Tensor, Optional[Tensor], Optional[Tuple[Tensor, ...]], bool], Tuple[Tensor, Optional[Tuple[Tensor, ...]]]]
+
+
+def _bounds(length: int, chunk: int) -> List[Tuple[int, int]]:
+    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+def _mask_piece(mask: Optional[Tensor], s: int, e: int) -> Optional[Tensor]:
+    return None if mask is None else mask[:, s:e]
+
+
+def _pieces_without_graph(piece: Piece, hidden: Tensor, mask: Optional[Tensor], chunk: int, states: Optional[list]) -> Tensor:
+    """The mixer over the whole sequence, piece by piece, without a graph (``states``, when
+    given, receives the state each piece starts from)."""
+    out: Optional[Tensor] = None
+    state = None
+    bounds = _bounds(hidden.shape[1], chunk)
+    with torch.no_grad():
+        for k, (s, e) in enumerate(bounds):
+            if states is not None:
+                states.append(state)
+            y, state = piece(hidden[:, s:e], _mask_piece(mask, s, e), state, k + 1 < len(bounds))
+            if out is None:
+                out = y.new_empty((y.shape[0], hidden.shape[1]) + tuple(y.shape[2:]))
+            out[:, s:e] = y
+    assert out is not None
+    return out
+
+
+class _SequencePieces(torch.autograd.Function):
+    """A mixer run in pieces of the sequence. Forward: the pieces one after the other without a
+    graph, keeping the mixer's input and the (small) state each piece starts from. Backward: the
+    pieces in reverse; each runs again from its input and start state with a graph, and
+    back-propagates the gradient of its output and of the state it handed on (computed by the
+    piece after it) to its input and its start state (handed to the piece before it). The
+    gradient is the unchunked pass's: the rules act per token, the state carries the rest."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, piece: Piece, mask: Optional[Tensor], chunk: int) -> Tensor:  # type: ignore[override]
+        states: list = []
+        out = _pieces_without_graph(piece, hidden, mask, chunk, states)
+        ctx.save_for_backward(hidden)
+        ctx.piece, ctx.mask, ctx.chunk, ctx.states = piece, mask, chunk, states
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (hidden,) = ctx.saved_tensors
+        bounds = _bounds(hidden.shape[1], ctx.chunk)
+        grad_hidden = torch.empty_like(hidden)
+        carried: Optional[Tuple[Tensor, ...]] = None  # gradient for the state the current piece hands on
+        for k in range(len(bounds) - 1, -1, -1):
+            s, e = bounds[k]
+            x = hidden[:, s:e].detach().requires_grad_(True)
+            start = ctx.states[k]
+            start = None if start is None else tuple(t.detach().requires_grad_(True) for t in start)
+            with torch.enable_grad():
+                y, state = ctx.piece(x, _mask_piece(ctx.mask, s, e), start, carried is not None)
+            outputs, grads = [y], [grad[:, s:e]]
+            if carried is not None and state is not None:
+                outputs += list(state)
+                grads += list(carried)
+            wrt = [x] + ([] if start is None else list(start))
+            found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+            grad_hidden[:, s:e] = torch.zeros_like(x) if found[0] is None else found[0]
+            if start is not None:
+                carried = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(start, found[1:]))
+            ctx.states[k] = None  # done with it
+        ctx.states = None
+        return grad_hidden, None, None, None
+
+
+def in_pieces(piece: Piece, hidden: Tensor, attention_mask: Optional[Tensor], chunk: int) -> Tensor:
+    """A mixer's output over ``hidden [b, l, d]``, computed in pieces of ``chunk`` tokens with its
+    state carried between them (``recompute="sequence"``): without a graph when no gradient is
+    needed, else through :class:`_SequencePieces` (keeps the input and the pieces' start states).
+
+    Returns:
+        the mixer's output ``[b, l, ...]``, the same (to rounding) as the unchunked forward's.
+    """
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return _pieces_without_graph(piece, hidden, attention_mask, chunk, None)
+    return _SequencePieces.apply(hidden, piece, attention_mask, chunk)
+
+
+class _Chain:
+    """One pass's chain of blocks under ``"sequence"``: each block runs without a graph
+    (:class:`_ChainLink`); the inputs of chain starts and of every ``stride``-th block are kept
+    (on the device, or in pinned host memory), the others recomputed in the backward pass from
+    the nearest kept one, keeping every ``ceil(distance / slots)``-th input of that stretch for
+    the blocks before it."""
+
+    def __init__(self, settings: SequenceChunks) -> None:
+        self.stride = settings.stride or 1
+        self.slots = max(1, settings.slots or 1)
+        self.host = bool(settings.host)
+        self.calls: List[Optional[Tuple[Callable[..., Tensor], tuple, dict]]] = []
+        self.kept: Dict[int, Tensor] = {}
+        self.parked: Dict[int, Tuple[Tensor, torch.device]] = {}
+        self.last: Optional[weakref.ref] = None
+        self.start = 0  # position of the latest chain start
+
+    def link(self, forward: Callable[..., Tensor], hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        position = len(self.calls)
+        self.calls.append((forward, args, kwargs))
+        previous = None if self.last is None else self.last()
+        if previous is None or previous is not hidden:  # not the previous block's output: a chain start
+            self.start = position
+            self.kept[position] = hidden
+        elif (position - self.start) % self.stride == 0:
+            if self.host and hidden.is_cuda:
+                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+                self.parked[position] = (host.copy_(hidden.detach(), non_blocking=True), hidden.device)
+            else:
+                self.kept[position] = hidden
+        out = _ChainLink.apply(hidden, self, position)
+        self.last = weakref.ref(out)
+        return out
+
+    def run(self, position: int, hidden: Tensor) -> Tensor:
+        call = self.calls[position]
+        assert call is not None, "a block of the chain ran its backward pass twice"
+        forward, args, kwargs = call
+        return forward(hidden, *args, **kwargs)
+
+    def input_of(self, position: int) -> Tensor:
+        """Block ``position``'s input: kept, or recomputed from the nearest kept one before it."""
+        kept = [p for p in self.kept if p <= position] + [p for p in self.parked if p <= position]
+        start = max(kept)
+        if start in self.kept:
+            x = self.kept[start]
+        else:
+            host, device = self.parked[start]
+            x = host.to(device, non_blocking=True)
+        step = max(1, math.ceil((position - start) / self.slots))
+        with torch.no_grad():
+            for p in range(start, position):
+                x = self.run(p, x)
+                if p + 1 < position and (p + 1 - start) % step == 0:
+                    self.kept[p + 1] = x
+        return x
+
+    def release(self, position: int) -> None:
+        self.kept.pop(position, None)
+        self.parked.pop(position, None)
+        self.calls[position] = None
+
+
+class _ChainLink(torch.autograd.Function):
+    """One block of a :class:`_Chain`: forward without a graph; backward: its input from the
+    chain (kept or recomputed), the block again with a graph, back-propagated to its input."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, chain: _Chain, position: int) -> Tensor:  # type: ignore[override]
+        ctx.chain, ctx.position = chain, position
+        with torch.no_grad():
+            return chain.run(position, hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        chain, position = ctx.chain, ctx.position
+        x = chain.input_of(position).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = chain.run(position, x)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+        chain.release(position)
+        ctx.chain = None
+        return grad_x, None, None
+
+
+def chained(forward: Callable[..., Tensor], plan: RecomputePlan) -> Callable[..., Tensor]:
+    """A block's ``forward`` as a link of the pass's :class:`_Chain` when ``plan`` decides
+    ``"sequence"`` (unchanged otherwise)."""
+
+    def run(hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if not (torch.is_grad_enabled() and isinstance(hidden_states, Tensor) and hidden_states.requires_grad):
+            return forward(hidden_states, *args, **kwargs)
+        if plan.choose(hidden_states) != SEQUENCE or plan.sequence is None:
+            return forward(hidden_states, *args, **kwargs)
+        if plan.chain is None:
+            plan.chain = _Chain(plan.sequence)
+        return plan.chain.link(forward, hidden_states, args, kwargs)
+
+    return run
+
+
 def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callable[..., Tensor]:
     """``forward`` wrapped so that, when ``recompute`` applies, it keeps only its inputs
     for the backward pass and runs again there (``torch.utils.checkpoint``, non-reentrant),
-    or parks them in host memory (``"offload"``).
+    parks them in host memory (``"offload"``), or runs in pieces of the sequence
+    (``"sequence"``, when ``forward.sequence_piece`` exists; else as ``True``).
 
     Memory kept per mixer drops from all its intermediate tensors to its input (to nothing on
     the device, offloaded); the cost is one more mixer forward in the backward pass (and two
     copies of its input, offloaded).
     """
+    piece: Optional[Piece] = getattr(forward, "sequence_piece", None)
 
     def run(hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        mode = recompute
+        mode: Any = recompute
         plan = _PLAN.get()
         if mode == "offload" and plan is not None and not plan.allow_offload:
             mode = True
-        if mode == "auto":
+        if mode == "auto" or is_sequence(mode):
             if plan is not None:
                 mode = plan.choose(hidden_states)
-            else:
+            elif mode == "auto":
                 tokens = hidden_states.shape[0] * hidden_states.shape[1]
                 mode = tokens > RECOMPUTE_AUTO_TOKENS.get(hidden_states.device.type, RECOMPUTE_AUTO_TOKENS["cpu"])
+        if is_sequence(mode):
+            settings = plan.sequence if plan is not None else (recompute if isinstance(recompute, SequenceChunks) else None)
+            if piece is not None and not args and set(kwargs) <= {"attention_mask", "cache", "cache_params", "cache_position"}:
+                chunk = (settings.chunk if settings is not None else None) or DEFAULT_SEQUENCE_CHUNK
+                if kwargs.get("cache") is None and kwargs.get("cache_params") is None:
+                    return in_pieces(piece, hidden_states, kwargs.get("attention_mask"), chunk)
+            mode = True  # no piece function (or a cache): recompute the whole mixer
         if not torch.is_grad_enabled() or mode is False:
             return forward(hidden_states, *args, **kwargs)
         if mode == "offload":
@@ -238,25 +555,58 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
         # CUDA graph is being captured)
         return checkpoint(forward, hidden_states, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
+    run.recompute_mode = recompute  # type: ignore[attr-defined]
+    run.sequence_piece = piece  # type: ignore[attr-defined]
     return run
 
 
 def plan_for(
-    model: nn.Module, mixer_names: List[str], read_at: Sequence[Optional[nn.Module]] = (), budget: Optional[float] = None
+    model: nn.Module,
+    mixer_names: List[str],
+    read_at: Sequence[Optional[nn.Module]] = (),
+    budget: Optional[float] = None,
+    patcher: Optional[Any] = None,
 ) -> RecomputePlan:
     """The ``"auto"`` plan of one pass over ``model``'s mixers (named as ``Installation.mixers``);
-    ``read_at``: the modules where relevance is read (none inside a mixer, or no offloading).
+    ``read_at``: the modules where relevance is read (none inside a mixer, or no offloading and
+    no ``"sequence"``). With ``patcher`` (a :class:`~captum_mambalrp.adapters.patching.Patcher`)
+    and a mode that may become ``"sequence"``, the blocks around the mixers (:data:`CHAIN_BLOCKS`)
+    are wrapped as links of the pass's chain (undone by the patcher), unless relevance is read
+    inside one of them.
 
     Returns:
-        a :class:`RecomputePlan` (undecided until the first mixer call).
+        a :class:`RecomputePlan` (undecided until the first mixer or block call).
     """
+    from .patching import forward_attribute
+
     mixers = [model.get_submodule(n) for n in mixer_names]
     inside = {id(m) for mixer in mixers for m in mixer.modules()}
-    return RecomputePlan(
+    requested: Recompute = False
+    pieces = bool(mixers)
+    for mixer in mixers:
+        wrapped = getattr(mixer, forward_attribute(mixer), None)
+        requested = getattr(wrapped, "recompute_mode", requested)
+        pieces = pieces and getattr(wrapped, "sequence_piece", None) is not None
+    plan = RecomputePlan(
         mixers,
         budget=budget if budget is not None else _env_budget(),
         allow_offload=not any(m is not None and id(m) in inside for m in read_at),
+        requested=requested,
+        pieces=pieces,
     )
+    if patcher is None or not (requested == "auto" or is_sequence(requested)) or not plan.allow_offload:
+        return plan
+    blocks = []
+    for name in mixer_names:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else None
+        if parent is not None and type(parent).__name__ in CHAIN_BLOCKS and type(parent).__module__.startswith("transformers."):
+            blocks.append(parent)
+    below = {id(m) for block in blocks for m in block.modules() if m is not block}
+    if blocks and not any(m is not None and id(m) in below for m in read_at):
+        for block in blocks:
+            patcher.wrap_forward(block, lambda f: chained(f, plan))
+        plan.chain_blocks = len(blocks)
+    return plan
 
 
 def _env_budget() -> Optional[float]:

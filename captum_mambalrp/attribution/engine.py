@@ -77,7 +77,8 @@ def relevance_pass(
             if c.leaf is not None:
                 c.tensors.append(c.leaf)
             c.install(patcher)
-        plan = plan_for(model, inst.mixers, [c.module for c in captures])  # how recompute="auto" decides
+        # how recompute="auto" decides; "sequence" wraps the blocks around the mixers (undone by the patcher)
+        plan = plan_for(model, inst.mixers, [c.module for c in captures], patcher=patcher)
         with torch.enable_grad(), planned(plan):
             scores = output_scores(call.run(model))
             explained = select(scores)

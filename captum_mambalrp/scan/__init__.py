@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections import Counter
-from typing import Callable, Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ from torch import Tensor
 from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
 from .adjoint import relevance_scan_from
-from .linear_scan import relevance_scan, scan_forward, scan_input_gradient
+from .linear_scan import relevance_scan, relevance_scan_state, scan_forward, scan_input_gradient
 from .precision import compute_dtype
 from .recurrence import linear_recurrence
 from .ssd_chunked import ssd_chunked
@@ -119,12 +119,16 @@ def _kernel(layout: str, name: str) -> Callable[..., Tensor]:
     return getattr(module, "selective_scan" if layout == "mamba1" else "ssd_scan")
 
 
-def _pick(backend: str, x: Tensor, linear: bool, layout: str) -> str:
+def _pick(backend: str, x: Tensor, linear: bool, layout: str, stateful: bool = False) -> str:
     name = resolve_backend(backend, x.device, layout)
     if not linear or x.dtype == torch.float64:
         # the differentiable ablation needs every gradient; the GPU kernels compute in float32,
         # a float64 model's scan stays float64 (torch backend)
         name = "torch"
+    if stateful and name == "mamba_ssm":
+        # mamba-ssm's Mamba1 kernel takes no initial state: a piece of a sequence (recompute=
+        # "sequence") runs on our Triton kernel, which does (mamba-ssm needs triton: installed)
+        name = "triton" if "triton" in available_backends(x.device) else "torch"
     _note(name)
     return name
 
@@ -149,6 +153,53 @@ def selective_scan(
     Dc = None if D is None else D[:, None]
     args = (x, delta, A[:, None, :], Bc, Cc, Dc)
     return relevance_scan(*args) if linear else scan_forward(*args)
+
+
+def selective_scan_state(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    h0: Optional[Tensor] = None,
+    *,
+    linear: bool = True,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """:func:`selective_scan` on a piece of a longer sequence (``recompute="sequence"``): ``h0
+    [b, d, n]`` is the state before its first step (``None``: zero); returns ``(y, h_last)``, the
+    state after its last step to carry into the next piece; gradients flow to ``x`` and ``h0``.
+
+    Backends: torch and triton. mamba-ssm's Mamba1 kernel takes no initial state: such calls run
+    on our Triton kernel (torch without triton), and :func:`record_backends` records that one.
+
+    Returns:
+        ``(y [b, d, l], h_last [b, d, n])`` in float32 (float64 for float64 x).
+
+    >>> x, dt = torch.randn(1, 2, 6), torch.rand(1, 2, 6)
+    >>> A, B, C = -torch.rand(2, 3), torch.randn(1, 3, 6), torch.randn(1, 3, 6)
+    >>> y1, h = selective_scan_state(x[..., :4], dt[..., :4], A, B[..., :4], C[..., :4], backend="torch")
+    >>> y2, _ = selective_scan_state(x[..., 4:], dt[..., 4:], A, B[..., 4:], C[..., 4:], None, h, backend="torch")
+    >>> torch.allclose(torch.cat([y1, y2], -1), selective_scan(x, dt, A, B, C, backend="torch"), atol=1e-6)
+    True
+    """
+    name = _pick(backend, x, linear, "mamba1", stateful=True)
+    if name == "triton":
+        return _kernel_state(x, delta, A, B, C, D, h0)
+    Bc, Cc = B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)
+    args = (x, delta, A[:, None, :], Bc, Cc, None if D is None else D[:, None])
+    if linear:
+        return relevance_scan_state(*args, h0=h0)
+    last: List[Tensor] = []
+    y = scan_forward(*args, h0=h0, state=last)
+    return y, last[0]
+
+
+def _kernel_state(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    return importlib.import_module(f"{__name__}.triton_scan").selective_scan_state(x, delta, A, B, C, D, h0)
 
 
 def ssd_scan(
@@ -189,9 +240,11 @@ __all__ = [
     "linear_recurrence",
     "record_backends",
     "relevance_scan",
+    "relevance_scan_state",
     "resolve_backend",
     "scan_forward",
     "scan_input_gradient",
     "selective_scan",
+    "selective_scan_state",
     "ssd_scan",
 ]

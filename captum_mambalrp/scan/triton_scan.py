@@ -32,6 +32,8 @@ def _scan_kernel(
     mout_ptr,
     d_ptr,
     out_ptr,
+    h0_ptr,
+    hout_ptr,
     length,
     channels,
     n_state,
@@ -57,6 +59,8 @@ def _scan_kernel(
     s_rl,
     s_rc,
     HAS_D: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_H: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -80,7 +84,13 @@ def _scan_kernel(
     in_base = min_ptr + pid_b * s_ib + group * s_ig + offs_n * s_in
     out_base = mout_ptr + pid_b * s_ob + group * s_og + offs_n * s_on
     res_base = out_ptr + pid_b * s_rb + offs_c * s_rc
-    h = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    # carried states: contiguous float32 [b, channels, n]
+    h_offs = pid_b * channels * n_state + offs_c[:, None] * n_state + offs_n[None, :]
+    h_mask = mask_c[:, None] & mask_n[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + h_offs, mask=h_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
     steps = tl.arange(0, BLOCK_T)
     n_tiles = tl.cdiv(length, BLOCK_T)
     for k in range(0, n_tiles):
@@ -119,6 +129,8 @@ def _scan_kernel(
         if HAS_D:
             res += dd[:, None] * vs
         tl.store(res_base[:, None] + offs_t[None, :] * s_rl, res, mask=mask_ct)
+    if STORE_H:  # forward: h_{l-1}; reverse: exp(dt_0 A) u_0, the gradient for the state before
+        tl.store(hout_ptr + h_offs, h, mask=h_mask)
 
 
 Strides = Tuple[int, ...]
@@ -159,6 +171,8 @@ def _launch(
     head_dim: int,
     groups: int,
     reverse: bool,
+    h0: Optional[Tensor] = None,
+    h_out: Optional[Tensor] = None,
 ) -> None:
     group_channels = channels // groups
     block_c = _block_c(n_state, groups, group_channels)
@@ -173,6 +187,8 @@ def _launch(
         M_out,
         D if D is not None else dt,
         out,
+        h0 if h0 is not None else dt,
+        h_out if h_out is not None else dt,
         length,
         channels,
         n_state,
@@ -185,6 +201,8 @@ def _launch(
         *so,
         *sr,
         HAS_D=D is not None,
+        HAS_H0=h0 is not None,
+        STORE_H=h_out is not None,
         REVERSE=reverse,
         BLOCK_C=block_c,
         BLOCK_N=block_n,
@@ -193,7 +211,17 @@ def _launch(
     )
 
 
-def _mamba1(v: Tensor, delta: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, D: Optional[Tensor], reverse: bool) -> Tensor:
+def _mamba1(
+    v: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    M_in: Tensor,
+    M_out: Tensor,
+    D: Optional[Tensor],
+    reverse: bool,
+    h0: Optional[Tensor] = None,
+    h_out: Optional[Tensor] = None,
+) -> Tensor:
     """``v, delta [b, d, l]``, ``A [d, n]``, ``M_in, M_out [b, n, l]`` -> float32 ``[b, d, l]``
     (stored ``[b, l, d]``, the layout the mixer's next linear layer reads)."""
     b, d, length = v.shape
@@ -219,11 +247,23 @@ def _mamba1(v: Tensor, delta: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, D:
         1,
         1,
         reverse,
+        h0,
+        h_out,
     )
     return out.transpose(1, 2)
 
 
-def _ssd(v: Tensor, dt: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, D: Optional[Tensor], reverse: bool) -> Tensor:
+def _ssd(
+    v: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    M_in: Tensor,
+    M_out: Tensor,
+    D: Optional[Tensor],
+    reverse: bool,
+    h0: Optional[Tensor] = None,
+    h_out: Optional[Tensor] = None,
+) -> Tensor:
     """``v [b, l, h, p]``, ``dt [b, l, h]``, ``A [h]``, ``M_in, M_out [b, l, g, n]``,
     ``D`` per channel ``[h * p]`` -> float32 ``[b, l, h, p]``."""
     b, length, heads, p = v.shape
@@ -251,6 +291,8 @@ def _ssd(v: Tensor, dt: Tensor, A: Tensor, M_in: Tensor, M_out: Tensor, D: Optio
         p,
         groups,
         reverse,
+        h0,
+        h_out,
     )
     return out.view(b, length, heads, p)
 
@@ -285,6 +327,42 @@ def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """Mamba1 layout (see :func:`captum_mambalrp.scan.selective_scan`), constants detached."""
     Dc = None if D is None else D.detach().float().contiguous()
     return _TritonRelevanceScan.apply(x, delta.detach(), A.detach().float(), B.detach(), C.detach(), Dc, "mamba1")
+
+
+class _TritonRelevanceScanState(torch.autograd.Function):
+    """:class:`_TritonRelevanceScan` for a piece of a sequence (Mamba1 layout): from the carried
+    state ``h0 [b, d, n]`` (float32), also returning the last state; the backward pass starts
+    the adjoint from the last state's gradient and returns the gradient for ``h0`` (the kernel's
+    final state in reverse, ``exp(dt_0 A) u_0``)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, dt, A, B, C, D):  # type: ignore[override]
+        ctx.save_for_backward(dt, A, B, C, D)
+        ctx.x_dtype, ctx.has_h0 = x.dtype, h0 is not None
+        b, d, _ = x.shape
+        h_last = torch.empty(b, d, A.shape[1], device=x.device, dtype=torch.float32)
+        h_in = None if h0 is None else h0.detach().float().contiguous()
+        y = _mamba1(x, dt, A, B, C, D, reverse=False, h0=h_in, h_out=h_last)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h):  # type: ignore[override]
+        dt, A, B, C, D = ctx.saved_tensors
+        b, d, _ = dt.shape
+        grad_h0 = torch.empty(b, d, A.shape[1], device=dt.device, dtype=torch.float32) if ctx.has_h0 else None
+        g = torch.zeros_like(dt, dtype=torch.float32) if grad_y is None else grad_y
+        gh = None if grad_h is None else grad_h.float().contiguous()
+        grad_x = _mamba1(g, dt, A, C, B, D, reverse=True, h0=gh, h_out=grad_h0)
+        return grad_x.to(ctx.x_dtype), grad_h0, None, None, None, None, None
+
+
+def selective_scan_state(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """Mamba1 layout on a piece of a sequence: ``(y, h_last)`` from the state ``h0 [b, d, n]``
+    (``None``: zero), float32 (see :func:`captum_mambalrp.scan.selective_scan`)."""
+    Dc = None if D is None else D.detach().float().contiguous()
+    return _TritonRelevanceScanState.apply(x, h0, delta.detach(), A.detach().float(), B.detach(), C.detach(), Dc)
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
