@@ -5,7 +5,8 @@ Runnable in parts, one shape / length per invocation (each well under 10 minutes
     python benchmarks/gpu_scale.py time --shape falcon7b --length 4096          # goal 1 (and the issue's table)
     python benchmarks/gpu_scale.py time --shape mamba2_2p7b --length 32768
     python benchmarks/gpu_scale.py time --shape mamba1_130m --dtype float32 --length 16384   # goal 1, <= 2.0x
-    python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --skip-forward-repeats  # goal 2
+    python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --skip-forward-repeats  # goal 2 (auto)
+    python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --recompute sequence      # goal 2, mode forced
     python benchmarks/gpu_scale.py throughput --shape falcon7b --batch 16 --length 4096          # goal 4
     python benchmarks/gpu_scale.py precision --arch mamba2 --layers 16 --d-model 1024 --length 4096  # goal 3
 
@@ -16,7 +17,13 @@ Forward: the transformers model, no grad, eager, with mamba-ssm and causal-conv1
 Times: best of ``--repeats`` calls after one warm-up (long runs: one call each). Peak memory:
 ``torch.cuda.max_memory_allocated`` during one attribution, minus what was allocated before it
 (the weights and the ids), per token. TF32 is allowed unless ``--no-tf32`` (the issue's conditions).
-Each part prints one JSON line (``RESULT {...}``) and appends it to ``--out``.
+Each part prints one JSON line (``RESULT {...}``) and appends it to ``--out``; ``time`` rows
+carry ``mib_per_token`` and ``goal2_share`` (MiB per token over goal 2's 0.24: <= 1 meets it).
+``--recompute`` sets MambaLRP's option (default ``auto``; ``sequence`` with ``--chunk``,
+``--stride``, ``--slots``, ``--host`` fixes those settings, see
+``captum_mambalrp.adapters.recompute.SequenceChunks``). ``--skip-forward-repeats`` times the
+forward once without a warm-up (long runs), ``--skip-forward`` not at all; a forward that runs
+out of memory is recorded and the attribution measured anyway.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+#: goal 2 of issue 14: peak memory over the weights per token at 2^19 tokens (Falcon-Mamba-7B, bf16)
+GOAL2_MIB_PER_TOKEN = 0.24
 #: where models live ("cuda"; "cpu" only for a smoke test of the script itself)
 DEVICE = os.environ.get("GPU_SCALE_DEVICE", "cuda")
 
@@ -128,17 +137,52 @@ def build(shape: str, dtype: torch.dtype, layers: int = 0, hidden: int = 0) -> n
     return model.to(dtype).eval()
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def recompute_option(a: argparse.Namespace) -> Any:
+    """MambaLRP's ``recompute`` from the command line."""
+    from captum_mambalrp.adapters.recompute import SequenceChunks
+
+    value = a.recompute
+    if value == "sequence" and any(v is not None for v in (a.chunk, a.stride, a.slots, a.host)):
+        host = None if a.host is None else a.host == "yes"
+        return SequenceChunks(chunk=a.chunk, stride=a.stride, slots=a.slots, host=host)
+    return {"true": True, "false": False}.get(value, value)
+
+
+class Memory:
+    """Peak memory of a block of code over what was allocated before it (CUDA; on the CPU, for
+    the script's smoke test, nothing is measured)."""
+
+    def __init__(self) -> None:
+        self.cuda = DEVICE == "cuda"
+
+    def start(self) -> int:
+        gc.collect()
+        if not self.cuda:
+            return 0
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    def peak(self, base: int) -> float:
+        return (torch.cuda.max_memory_allocated() - base) if self.cuda else float("nan")
 
 
 def emit(row: Dict[str, Any], out: str) -> None:
@@ -153,20 +197,27 @@ def part_time(a: argparse.Namespace) -> None:
     from captum_mambalrp import MambaLRP
 
     dtype = getattr(torch, a.dtype)
-    model = build(a.shape, dtype, a.layers)
-    weights = torch.cuda.memory_allocated()
+    model = build(a.shape, dtype, a.layers, a.hidden)
+    memory = Memory()
+    weights = torch.cuda.memory_allocated() if memory.cuda else 0
     ids = torch.randint(0, 1000, (a.batch, a.length), device=DEVICE)
     tokens = ids.numel()
     long = tokens > 65536
     row: Dict[str, Any] = dict(part=a.part, shape=a.shape, dtype=a.dtype, batch=a.batch, length=a.length, tokens=tokens)
     row["weights_gib"] = weights / 2**30
+    row["recompute"] = a.recompute if a.recompute != "sequence" else str(recompute_option(a))
 
     def forward():
         with torch.no_grad():
             model(ids)
 
     reps = 1 if long else a.repeats
-    row["forward_s"] = best(forward, reps)
+    if not a.skip_forward:
+        try:
+            row["forward_s"] = best(forward, reps, warmup=0 if a.skip_forward_repeats else 1)
+        except torch.cuda.OutOfMemoryError:
+            row["forward_s"] = None
+            row["forward_error"] = "out of memory"
     from captum_mambalrp.adapters import recompute
 
     decided = []
@@ -177,38 +228,38 @@ def part_time(a: argparse.Namespace) -> None:
         if not decided:
             decided.append(mode)
             row["auto_estimate_gib"] = {k: v / 2**30 for k, v in plan.needed.items()}
+            row["sequence_settings"] = None if plan.sequence is None else str(plan.sequence)
         return mode
 
     recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]
-    lrp = MambaLRP(model)
+    lrp = MambaLRP(model, recompute=recompute_option(a))
     lrp.attribute(ids[:, :4096] if long else ids, target=1)  # warm-up (long: a short call compiles the kernels)
     decided.clear()
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.synchronize()
+    base = memory.start()
+    sync()
     t = time.perf_counter()
     try:
         relevance = lrp.attribute(ids, target=1)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
-        row["peak_before_error_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["peak_before_error_gib"] = memory.peak(base) / 2**30
         row["auto_mode"] = str(decided[0]) if decided else None
         emit(row, a.out)
         return
-    torch.cuda.synchronize()
+    sync()
     times = [time.perf_counter() - t]
-    row["peak_over_weights_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    row["peak_over_weights_gib"] = memory.peak(base) / 2**30
     row["mib_per_token"] = row["peak_over_weights_gib"] * 1024 / tokens
+    row["goal2_share"] = row["mib_per_token"] / GOAL2_MIB_PER_TOKEN
     row["relevance_finite"] = bool(torch.isfinite(relevance).all())
     row["auto_mode"] = str(decided[0]) if decided else None
     del relevance
     if reps > 1:
         times.append(best(lambda: lrp.attribute(ids, target=1), reps - 1, warmup=0))
     row["attribute_s"] = min(times)
-    row["ratio"] = row["attribute_s"] / row["forward_s"]
-    if a.part == "throughput":
+    if row.get("forward_s"):
+        row["ratio"] = row["attribute_s"] / row["forward_s"]
+    if a.part == "throughput" and row.get("forward_s"):
         row["forward_tokens_per_s"] = tokens / row["forward_s"]
         row["attribute_tokens_per_s"] = tokens / row["attribute_s"]
         row["throughput_share"] = row["attribute_tokens_per_s"] / row["forward_tokens_per_s"]
@@ -237,6 +288,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="bfloat16,float32", help="precision part: dtypes compared with float64")
     p.add_argument("--no-tf32", action="store_true")
+    p.add_argument("--recompute", default="auto", choices=["auto", "true", "false", "offload", "sequence"])
+    p.add_argument("--chunk", type=int, default=None, help="sequence: tokens per piece (default: from the budget)")
+    p.add_argument("--stride", type=int, default=None, help="sequence: keep every stride-th block input")
+    p.add_argument("--slots", type=int, default=None, help="sequence: block inputs kept while recomputing a stretch")
+    p.add_argument("--host", choices=["yes", "no"], default=None, help="sequence: kept block inputs in pinned host memory")
+    p.add_argument("--skip-forward-repeats", action="store_true", help="time the forward once, without a warm-up")
+    p.add_argument("--skip-forward", action="store_true", help="do not time the forward")
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
