@@ -12,7 +12,8 @@ position explained):
 
 The forward is the model's own with the fastest kernels it finds (mamba-ssm, causal-conv1d,
 sdpa), no grad; the kernels found are printed. Each time is the median of ``--repeats`` calls
-after one warm-up. The ratio is printed last.
+after one warm-up. The ratio is printed last; ``--profile N`` also prints the N kernels with the
+most GPU time in each pass.
 
     python3 benchmarks/gpu_hybrids.py --shape nemotron_h_8b --length 8192 --out nemotron.json
 """
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--recompute", default="auto")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", type=int, default=0, help="print the N kernels with the most GPU time in each pass")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -149,6 +151,13 @@ def main() -> None:
         f"MambaLRP: {t_lrp * 1e3:.1f} ms, peak {peak / 1024:.1f} GiB over the weights ({peak / args.length:.3f} MiB per token)",
         flush=True,
     )
+    if args.profile:
+        from gpu_profile import kernel_table
+
+        with torch.no_grad():
+            print("forward kernels:\n" + kernel_table(lambda: model(ids, use_cache=False), args.profile), flush=True)
+        table = kernel_table(lambda: lrp.attribute(ids, target=target, use_cache=False), args.profile)
+        print("attribution kernels:\n" + table, flush=True)
     row = {
         "shape": args.shape,
         "L": args.length,

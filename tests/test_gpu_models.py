@@ -199,7 +199,7 @@ def test_gpu_hybrid_cuda_graph_replays_equal_eager(family):
 def test_gpu_moe_bf16_grouped_experts_and_cuda_graph(family):
     """MoE hybrids in bf16 on CUDA: the experts run as one ``grouped_mm`` per product (no host
     synchronisation), equal to the expert loop to bf16 rounding; ``cuda_graph=True`` replays equal
-    eager passes; relevance conserves in the compute dtype."""
+    eager passes; relevance conserves to bf16 rounding."""
     from captum_mambalrp.adapters import moe
 
     backends = [b for b in scan.available_backends("cuda") if b != "torch"]
@@ -226,6 +226,6 @@ def test_gpu_moe_bf16_grouped_experts_and_cuda_graph(family):
         rel, delta = graphed.attribute(ids, target=target, attention_mask=mask, return_convergence_delta=True)
         ref = eager.attribute(ids, target=target, attention_mask=mask)
         assert ((rel - ref).abs().max() / ref.abs().max()) <= 1e-5, target
-        explained = rel.float().sum(1) + delta.float()
-        assert (delta.abs() <= 3e-2 * explained.abs().clamp_min(0.1)).all(), (family, delta, explained)
+        # bf16 gradients: conservation to a bf16-sized share of the relevance's mass
+        assert (delta.abs() <= 2e-2 * rel.float().abs().sum(1)).all(), (family, delta, rel.float().abs().sum(1))
     assert graphed.cuda_graphs.captures == 1 and graphed.cuda_graphs.replays == 2
