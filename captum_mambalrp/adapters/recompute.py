@@ -9,6 +9,19 @@ Modes (``MambaLRP(model, recompute=...)``):
 - ``"offload"``: as ``True``, and the kept input waits in pinned host memory, copied back
   when the backward pass reaches the mixer (GPU memory: one mixer's working set plus the
   residual stream, not one input per layer);
+- ``"sequence"`` (or :class:`SequenceChunks` with settings): for sequences whose single
+  mixer, or whose layer inputs, do not fit. (a) Each mixer runs in pieces of ``chunk``
+  tokens, carrying its state from piece to piece (Mamba1: the conv's last ``k - 1`` inputs and
+  the scan's state ``h``); the backward pass runs the pieces in reverse, each again from its
+  input and start state, and hands the gradient of the start state to the piece before
+  (:class:`_SequencePieces`): one piece's working set instead of the sequence's. (b) The
+  blocks around the mixers (transformers' ``MambaBlock``, ``FalconMambaBlock``,
+  ``Mamba2Block``) run without a graph; the forward pass keeps the input of every
+  ``stride``-th block (in pinned host memory on CUDA when the host holds them), and the
+  backward pass recomputes each block's input from the nearest kept one (:class:`_Chain`).
+  Relevance is unchanged (to rounding): it is the same modified gradient, the rules act per
+  token and the carried state is exact. Mixers without a piece function (Mamba2 and the
+  hybrids' for now, mamba-ssm's) are recomputed whole inside the recomputed blocks;
 - ``"auto"`` (default): chosen per pass from the memory it would need and the memory free,
   by :class:`RecomputePlan`.
 
@@ -20,16 +33,33 @@ fitted with some margin to the peaks measured on the H200 at Mamba-130M shape (M
 with recomputation: the mixer's input, ``d_model * s_model``. The backward pass of one mixer
 needs its kept tensors once more as working set.
 
-**The decision** (:meth:`RecomputePlan.choose`, once per pass, at the first mixer call, when
-the number of tokens is known): with ``budget = AUTO_MEMORY_FRACTION * available`` (CUDA:
-free device memory plus what torch's caching allocator holds unused; CPU: ``MemAvailable``
-of ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when the sum over
-mixers of what they keep, plus one mixer's working set, fits; else recompute when the inputs
-plus one working set fit; else offload (CUDA only; on the CPU the host memory *is* the
-budget, so it recomputes; nor when the parked inputs would not fit 85 % of the host's
-``MemAvailable``). When even one mixer's working set is over the budget, it warns
-(``ResourceWarning``) that the pass will likely run out of memory. Offloading is never chosen
-while a CUDA graph is captured, nor when relevance is read inside a mixer.
+``"sequence"`` (:meth:`RecomputePlan._sequence_settings`), for ``T`` tokens in ``b`` rows, with
+``R = d_model * s_compute`` (a block's input: the residual stream, float32 in a bf16 model with
+``residual_in_fp32``) and ``I = d_model * s_model``: ``(on_device + slots + 1) * R * T`` for the
+kept block inputs (``on_device``: ``ceil(blocks / stride)`` when they stay on the device, else
+1, the chain's own input) plus ``(7 R + 4 I) * T`` for one block's backward pass (its input,
+output, gradients and norm; fitted to CPU peaks at d_model 128, 8 blocks, 16384-32768 tokens:
+12.2 R measured against 12.4 R estimated) plus one piece's working set, ``kept * b * chunk``.
+Open settings: ``chunk`` so that a piece takes ``SEQUENCE_CHUNK_SHARE`` of the budget (a
+multiple of ``MIN_SEQUENCE_CHUNK``), ``stride = ceil(sqrt(blocks))``, ``host`` when the kept
+inputs fit 85 % of the host's ``MemAvailable`` (CUDA only), ``slots`` as many as the budget
+leaves (at least 1, at most ``stride - 1``). Without such blocks: every mixer's input plus
+``3 I T`` plus one piece. At the Falcon-Mamba-7B shape (bf16, 64 blocks, 2^19 tokens, 106 GiB
+budget) this gives pieces of 25600 tokens, stride 8, 1 slot, inputs on the host, 102.6 GiB
+(0.20 MiB per token).
+
+**The decision** (:meth:`RecomputePlan.choose`, once per pass, at the first block or mixer
+call, when the number of tokens is known): with ``budget = AUTO_MEMORY_FRACTION * available``
+(CUDA: free device memory plus what torch's caching allocator holds unused; CPU:
+``MemAvailable`` of ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when
+the sum over mixers of what they keep, plus one mixer's working set, fits; else recompute
+when the inputs plus one working set fit; else offload when one working set fits the device
+and the parked inputs 85 % of the host's ``MemAvailable`` (CUDA only, not while a CUDA graph
+is captured); else ``"sequence"`` (where mixers have piece functions or blocks can be
+recomputed; not while a CUDA graph is captured); else recompute. No token-count threshold.
+When the chosen mode's own estimate is over the budget, it warns (``ResourceWarning``) that
+the pass will likely run out of memory. Neither offloading nor ``"sequence"`` applies when
+relevance is read inside a mixer (nor the block recomputation when it is read inside a block).
 """
 
 from __future__ import annotations
@@ -273,7 +303,7 @@ class RecomputePlan:
         host = asked.host if asked.host is not None else hidden.device.type == "cuda" and (kept - 1) * residual <= host_budget
         host = host and host_budget > 0  # never while a CUDA graph is captured (no pinned allocations)
         on_device = 1 if host else kept
-        block = 5 * residual + 3 * mixer_in  # one block's backward: gradients, its input and output, the norm
+        block = 7 * residual + 4 * mixer_in  # one block's backward: gradients, its input and output, the norm
         slots = asked.slots
         if slots is None:
             free = (budget - block - piece) / residual - on_device - 1
