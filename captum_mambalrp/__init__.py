@@ -5,6 +5,7 @@ relevance = MambaLRP(model).attribute(input_ids, target=label)
 """
 
 from .adapters import UnsupportedModelError
+from .adapters.recompute import SequenceChunks
 from .attribution import LayerMambaLRP, MambaLRP
 from .rules import (
     COMPOSITES,
@@ -33,6 +34,7 @@ __all__ = [
     "IdentityActivationRule",
     "LayerMambaLRP",
     "MambaLRP",
+    "SequenceChunks",
     "UnsupportedModelError",
     "composite",
     "__version__",

@@ -199,10 +199,13 @@ class MambaLRP(MambaLRPOptions, LRP):
             ``"triton"`` or ``"mamba_ssm"``.
         recompute: recompute each mixer in the backward pass instead of keeping its
             intermediate tensors (``True``), keep them (``False``), recompute with the mixer
-            inputs parked in pinned host memory (``"offload"``), or ``"auto"``: chosen per pass
-            from the memory the pass would need and the memory free (see
-            :mod:`captum_mambalrp.adapters.recompute` for the estimate). Same relevance; memory
-            per layer drops to the mixer's input (offloaded: none), for one more mixer forward.
+            inputs parked in pinned host memory (``"offload"``), run each mixer in pieces of the
+            sequence with its state carried and recompute the blocks from sparse checkpoints
+            (``"sequence"``, or ``SequenceChunks(chunk=..., stride=..., slots=..., host=...)``
+            for its settings: the longest inputs), or ``"auto"``: chosen per pass from the memory
+            the pass would need and the memory free (see :mod:`captum_mambalrp.adapters.recompute`
+            for the estimate). Same relevance; memory per layer drops to the mixer's input
+            (offloaded: none), for one more mixer forward (``"sequence"``: about three more).
         embedding: the token embedding module when the model has several.
         cuda_graph: on CUDA inputs, record each input signature's pass as a CUDA graph and
             replay it on later calls with that signature (same relevance; removes the launch
