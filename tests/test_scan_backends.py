@@ -409,3 +409,18 @@ def test_fused_gate_table_names_rule_classes():
     rules = composite("mambalrp")
     gate, act = rules.rule_for("x.gate", "gate", None), rules.rule_for("x.gate_act", "activation", None)
     assert (rule_key(gate), rule_key(act)) in GATE_KERNELS
+
+
+def test_auto_prefers_mamba_ssm_ssd_for_low_precision_models(monkeypatch):
+    """``"auto"`` on CUDA: SSD of a float32 model takes the torch chunked form, of a bf16/fp16
+    model mamba-ssm's kernels (when installed); ``ssd_scan`` picks the order from ``model_dtype``."""
+    monkeypatch.setattr(scan, "available_backends", lambda device=None: ["torch", "triton", "mamba_ssm"])
+    assert scan.resolve_backend("auto", "cuda", "ssd") == "torch"
+    assert scan.resolve_backend("auto", "cuda", "ssd_low") == "mamba_ssm"
+    assert scan.resolve_backend("auto", "cpu", "ssd_low") == "torch"
+    seen = []
+    monkeypatch.setattr(scan, "_pick", lambda backend, x, linear, layout, stateful=False: seen.append(layout) or "torch")
+    x, dt, A, B, C, _ = (t.float() for t in ssd_case())
+    for dtype in (torch.float32, torch.bfloat16, None):
+        ssd_scan(x, dt, A, B, C, linear=True, model_dtype=dtype)
+    assert seen == ["ssd", "ssd_low", "ssd"]

@@ -111,7 +111,15 @@ def mamba2_forward(
     grouped = (batch, length, parts.n_groups, parts.d_state)
     dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.reshape(grouped), C.reshape(grouped))
     y = ssd_scan(
-        x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(cd), linear=rules.ssm.ssm_is_linear, backend=rules.backend
+        x.reshape(batch, length, h, p),
+        dt,
+        A,
+        B,
+        C,
+        parts.scan_D(cd),
+        linear=rules.ssm.ssm_is_linear,
+        backend=rules.backend,
+        model_dtype=dtype,
     )
     y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule)
     if parts.d_mlp:

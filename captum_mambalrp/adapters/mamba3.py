@@ -181,7 +181,7 @@ def mamba3_forward(parts: Mamba3Parts, rules: MixerRules, norm_rule: MambaRule, 
     ks = k_in[:, :, None].expand(b, length, R, R, h, n).permute(2, 3, 0, 1, 4, 5).reshape(R * R * b, length, h, n)
     qs = q[:, :, :, None].expand(b, length, R, R, h, n).permute(2, 3, 0, 1, 4, 5).reshape(R * R * b, length, h, n)
     dts = decay.repeat(R * R, 1, 1)
-    y = ssd_scan(xs, dts, A, ks, qs, None, linear=rules.ssm.ssm_is_linear, backend=rules.backend)
+    y = ssd_scan(xs, dts, A, ks, qs, None, linear=rules.ssm.ssm_is_linear, backend=rules.backend, model_dtype=dtype)
     y = y.reshape(R, R, b, length, h, p).sum(1).permute(1, 2, 0, 3, 4)  # [b, l, R', h, p]
     y = y + torch.einsum("blsrh,blrhp->blshp", diag, v) + parts.D.to(cd)[:, None] * v
 

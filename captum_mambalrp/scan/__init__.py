@@ -17,7 +17,8 @@ Backends of the relevance scan (same math, same results to float32 rounding):
   same kernel on the reversed problem (:mod:`.adjoint`);
 - ``"triton"``: our own Triton kernel (CUDA; :mod:`.triton_scan`);
 - ``"auto"``: on CUDA (see ``AUTO_ORDER``), Mamba1: ``mamba_ssm`` if installed, else
-  ``triton``; Mamba2 (SSD): ``torch`` (the chunked matrix form); elsewhere ``torch``.
+  ``triton``; Mamba2 (SSD): ``torch`` (the chunked matrix form) for float32 models,
+  ``mamba_ssm`` first for bf16/fp16 models (``ssd_scan(..., model_dtype=)``); elsewhere ``torch``.
 
 Which backend actually ran is recorded: :func:`record_backends` collects the counts of a
 block of code (benchmarks and tests read it).
@@ -63,12 +64,20 @@ def available_backends(device: Union[str, torch.device, None] = None) -> List[st
 # backend's chunked matrix form runs on the GPU's matrix pipelines and beats our step-by-step
 # Triton kernel (64 x 128 states per head); mamba-ssm's SSD kernels autotune for minutes on
 # first use and run float32 dots in TF32 unless TRITON_F32_DEFAULT=ieee.
-AUTO_ORDER = {"mamba1": ("mamba_ssm", "triton", "torch"), "ssd": ("torch", "triton", "mamba_ssm")}
+# For a bf16/fp16 model ("ssd_low") mamba-ssm's SSD kernels come first: their TF32 dots round far
+# less than the model's own activations, and at the hybrids' shapes they take Nemotron-H-8B (13
+# layers, L 8192) from 3.20x to 2.66x the forward (docs/benchmarks.md).
+AUTO_ORDER = {
+    "mamba1": ("mamba_ssm", "triton", "torch"),
+    "ssd": ("torch", "triton", "mamba_ssm"),
+    "ssd_low": ("mamba_ssm", "torch", "triton"),
+}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def resolve_backend(backend: str, device: Union[str, torch.device, None] = None, layout: str = "mamba1") -> str:
-    """The concrete backend ``backend`` means on ``device`` for ``layout`` ("mamba1" or
-    "ssd"); raises if it cannot run there."""
+    """The concrete backend ``backend`` means on ``device`` for ``layout`` ("mamba1", "ssd", or
+    "ssd_low": SSD for a bf16/fp16 model); raises if it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
     if device is None:
@@ -212,10 +221,13 @@ def ssd_scan(
     *,
     linear: bool = True,
     backend: str = "auto",
+    model_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Mamba2: ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``, ``B, C [b, l, g, n]``,
-    ``D [h]`` or ``[h, p]`` -> ``[b, l, h, p]`` in float32 (float64 for float64 x)."""
-    name = _pick(backend, x, linear, "ssd")
+    ``D [h]`` or ``[h, p]`` -> ``[b, l, h, p]`` in float32 (float64 for float64 x).
+    ``model_dtype``: the model's own dtype (the inputs are in the compute dtype); for bf16/fp16
+    models ``"auto"`` on CUDA prefers mamba-ssm's SSD kernels (``AUTO_ORDER["ssd_low"]``)."""
+    name = _pick(backend, x, linear, "ssd_low" if model_dtype in LOW_PRECISION else "ssd")
     if name != "torch":
         return _kernel("ssd", name)(x, dt, A, B, C, D)
     if linear:  # the chunked matrix form, its adjoint by the same function reversed
