@@ -166,9 +166,18 @@ def recompute_option(a: argparse.Namespace) -> Any:
     return {"true": True, "false": False}.get(value, value)
 
 
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Memory:
-    """Peak memory of a block of code over what was allocated before it (CUDA; on the CPU, for
-    the script's smoke test, nothing is measured)."""
+    """Peak memory of a block of code over what was allocated before it: CUDA, the caching
+    allocator's peak; on the CPU (Linux), the peak resident set size over the resident size at
+    the start (glibc may keep freed blocks: an upper bound)."""
 
     def __init__(self) -> None:
         self.cuda = DEVICE == "cuda"
@@ -176,13 +185,20 @@ class Memory:
     def start(self) -> int:
         gc.collect()
         if not self.cuda:
-            return 0
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets the peak resident set size
+            except OSError:
+                return -1
+            return _proc_status("VmRSS")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
 
     def peak(self, base: int) -> float:
-        return (torch.cuda.max_memory_allocated() - base) if self.cuda else float("nan")
+        if self.cuda:
+            return float(torch.cuda.max_memory_allocated() - base)
+        return float(_proc_status("VmHWM") - base) if base >= 0 else float("nan")
 
 
 def emit(row: Dict[str, Any], out: str) -> None:
