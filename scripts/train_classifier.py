@@ -11,10 +11,11 @@
 ``--arch mamba`` trains the paper's classifier (``MambaForLastTokenClassification``: a
 ``MambaModel`` and ``lm_head = Linear(hidden, 6)``). ``--arch mamba2`` (``Mamba2ForCausalLM``) and
 ``--arch hybrid`` (``BambaForCausalLM``: Mamba2 layers with attention at ``--attn-layers``) are
-language models whose vocabulary holds one token per class (``[sadness]``, ...): trained with
-the cross-entropy of the class token at the last real token, they classify by predicting it,
-and ``config.id2label`` maps those token ids to the class names, so ``compare`` and MambaLRP
-explain them like the classifier (the explained class is the predicted token).
+language models whose vocabulary holds one token per class (``[sadness]``, ..., at ids 0..5,
+:func:`class_tokenizer`): trained with the cross-entropy of the class token at the last real
+token, they classify by predicting it, and ``config.id2label = {0: "sadness", ...}`` names
+those ids, so ``compare`` and MambaLRP explain them like the classifier (the explained class is
+the predicted token, logits 0..5 the class scores).
 
 Writes a transformers folder (config, weights, tokenizer) and ``metrics.json``: validation and
 test accuracy (over the six classes), the seed, the exact command, the torch and transformers
@@ -42,12 +43,22 @@ from captum_mambalrp.models.classifier import MambaForLastTokenClassification, l
 from captum_mambalrp.models.tokenizer import build_word_tokenizer  # noqa: E402
 
 #: shapes of the deep models (Mamba-130M: d_model 768, 24 layers, state 16, expand 2; Mamba2-130M:
-#: state 128, head_dim 64; the hybrid: the Mamba2 shape with attention in every sixth layer)
+#: state 128, head_dim 64; the hybrid: the Mamba2 shape with attention in every sixth layer). ``chunk``
+#: is the SSD chunk of transformers' torch path: 64 instead of 256 pads a short text less (same function)
 PRESETS: Dict[str, Dict[str, object]] = {
     "mamba-130m": dict(arch="mamba", hidden=768, layers=24, state=16, expand=2),
-    "mamba2-130m": dict(arch="mamba2", hidden=768, layers=24, state=128, expand=2, head_dim=64, groups=1),
+    "mamba2-130m": dict(arch="mamba2", hidden=768, layers=24, state=128, expand=2, head_dim=64, groups=1, chunk=64),
     "hybrid-130m": dict(
-        arch="hybrid", hidden=768, layers=24, state=128, expand=2, head_dim=64, groups=1, attn_layers="5,11,17,23", attn_heads=12
+        arch="hybrid",
+        hidden=768,
+        layers=24,
+        state=128,
+        expand=2,
+        head_dim=64,
+        groups=1,
+        attn_layers="5,11,17,23",
+        attn_heads=12,
+        chunk=64,
     ),
 }
 
@@ -91,6 +102,31 @@ def accuracy(model, texts, labels, tokenizer, device, max_len, class_ids) -> flo
     return correct / len(texts)
 
 
+def class_tokenizer(tokenizer):
+    """The word tokenizer with one token per class (``[sadness]``, ...) at ids 0..5 and every
+    other token moved up by six: the language model's logits 0..5 are then the class scores,
+    and ``config.id2label = {0: "sadness", ...}`` names them as for a classifier (the
+    evaluation maps label names to indices through it). The class tokens are never produced
+    from text (the pre-tokenizer splits off the brackets).
+
+    >>> from captum_mambalrp.models.tokenizer import build_word_tokenizer
+    >>> tok = class_tokenizer(build_word_tokenizer(["i feel sad", "i feel sad"]))
+    >>> tok.convert_tokens_to_ids(["[sadness]", "[surprise]", "[PAD]"]), tok("feel")["input_ids"] == [tok.get_vocab()["feel"]]
+    ([0, 5, 6], True)
+    """
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    names = [f"[{name}]" for name in EMOTION_LABELS]
+    vocab = {t: i + len(names) for t, i in tokenizer.get_vocab().items()}
+    vocab.update({t: i for i, t in enumerate(names)})
+    core = tokenizer.backend_tokenizer
+    core.model = models.WordLevel(vocab=vocab, unk_token=tokenizer.unk_token)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=tokenizer.pad_token, unk_token=tokenizer.unk_token, padding_side="right"
+    )
+
+
 def build_model(args, tokenizer) -> tuple:
     """The model and, for a language model, the class token ids."""
     common = dict(pad_token_id=tokenizer.pad_token_id, use_cache=False, tie_word_embeddings=False)
@@ -109,8 +145,9 @@ def build_model(args, tokenizer) -> tuple:
             **common,
         )
         return MambaForLastTokenClassification(config), None
-    tokenizer.add_tokens([f"[{name}]" for name in EMOTION_LABELS], special_tokens=True)
     class_ids = tokenizer.convert_tokens_to_ids([f"[{name}]" for name in EMOTION_LABELS])
+    if class_ids != list(range(len(EMOTION_LABELS))):
+        raise ValueError("a language-model classifier needs the class tokens at ids 0..5 (class_tokenizer)")
     labels = dict(id2label={t: n for t, n in zip(class_ids, EMOTION_LABELS)}, label2id=dict(zip(EMOTION_LABELS, class_ids)))
     inner = args.expand * args.hidden
     if inner % args.head_dim:
@@ -127,6 +164,7 @@ def build_model(args, tokenizer) -> tuple:
             head_dim=args.head_dim,
             num_heads=inner // args.head_dim,
             n_groups=args.groups,
+            **({"chunk_size": args.chunk} if args.chunk else {}),
             **labels,
             **common,
         )
@@ -149,10 +187,47 @@ def build_model(args, tokenizer) -> tuple:
         mamba_d_head=args.head_dim,
         mamba_n_groups=args.groups,
         mamba_d_state=args.state,
+        **({"mamba_chunk_size": args.chunk} if args.chunk else {}),
         **labels,
         **common,
     )
     return BambaForCausalLM(config), torch.tensor(class_ids)
+
+
+def budget_lr(step: int, total: int, warmup: float = 0.1) -> float:
+    """The learning-rate factor of a ``--time-budget`` run: linear warm-up over ``warmup`` of
+    ``total`` steps, then a cosine down to zero at ``total``.
+
+    >>> budget_lr(0, 100), budget_lr(10, 100), round(budget_lr(55, 100), 3), budget_lr(100, 100)
+    (0.1, 1.0, 0.5, 0.0)
+    """
+    import math
+
+    w = max(1, int(warmup * total))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+
+def fit_steps(done: int, seconds: float, budget: float) -> int:
+    """How many steps fit into ``budget`` seconds when ``done`` took ``seconds`` (the first
+    steps, with their warm-up, make this a slight underestimate).
+
+    >>> fit_steps(20, 2.0, 60)
+    600
+    """
+    return max(done, int(budget * done / max(seconds, 1e-9)))
+
+
+def fused_path_unusable(arch: str) -> bool:
+    """Would transformers' Mamba1 in train mode call mamba-ssm's fused ``mamba_inner_fn``, which
+    needs causal-conv1d, without it? (mamba-ssm installed, causal-conv1d not.) Mamba has no
+    dropout, so such a run trains in eval mode: transformers then takes mamba-ssm's
+    ``selective_scan_fn`` (same function, same gradients)."""
+    import importlib.util
+
+    found = importlib.util.find_spec
+    return arch == "mamba" and found("mamba_ssm") is not None and found("causal_conv1d") is None
 
 
 def git_commit() -> Optional[str]:
@@ -178,8 +253,16 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--attn-layers", default=None, help="hybrid: comma list of attention layer indices (default: the last)")
     p.add_argument("--attn-heads", type=int, default=None, help="hybrid: attention heads (default 4)")
     p.add_argument("--mlp", type=int, default=0, help="hybrid: MLP width (default 2 x d_model)")
+    p.add_argument("--chunk", type=int, default=None, help="Mamba2/hybrid: SSD chunk size (default: transformers' 256)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="seconds of training: after 20 steps the step count is cut to what fits (the learning-rate "
+        "schedule, warm-up then cosine, follows the cut); 0: the epochs (one-cycle schedule)",
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-freq", type=int, default=2)
@@ -188,7 +271,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU); weights stay float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    defaults = dict(arch="mamba", hidden=128, layers=2, state=16, expand=2, head_dim=32, groups=1, attn_layers=None, attn_heads=4)
+    defaults = dict(
+        arch="mamba", hidden=128, layers=2, state=16, expand=2, head_dim=32, groups=1, attn_layers=None, attn_heads=4, chunk=0
+    )
     preset = PRESETS.get(args.preset or "", {})
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -211,6 +296,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     val = read_emotion(os.path.join(args.data, "val.txt"))
     test = read_emotion(os.path.join(args.data, "test.txt"))
     tokenizer = build_word_tokenizer(train[0], args.min_freq)
+    if args.arch != "mamba":
+        tokenizer = class_tokenizer(tokenizer)
     model, class_ids = build_model(args, tokenizer)
     model = model.to(args.device)
     class_ids = None if class_ids is None else class_ids.to(args.device)
@@ -219,11 +306,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     per_epoch = (len(train[0]) + args.batch - 1) // args.batch
     steps = args.epochs * per_epoch if not args.max_steps else min(args.max_steps, args.epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
+    plan = {"steps": steps}  # the step count the schedule follows (cut by --time-budget)
+    if args.time_budget:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: budget_lr(s, plan["steps"]))
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp)
     best, best_state, start, step = -1.0, None, time.time(), 0
+    train_mode = not fused_path_unusable(args.arch)
+    if not train_mode:
+        print("mamba-ssm without causal-conv1d: training in eval mode (no dropout in Mamba; selective_scan_fn)", flush=True)
     for epoch in range(args.epochs):
-        model.train()
+        model.train(train_mode)
         total, seen = 0.0, 0
         for ids, mask, y in batches(*train, tokenizer, args.batch, True, args.max_len, rng):
             with autocast:
@@ -234,6 +328,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
             opt.step()
             sched.step()
             total, seen, step = total + float(loss.detach()) * len(y), seen + len(y), step + 1
+            if args.time_budget and step == 20:
+                plan["steps"] = steps = min(steps, fit_steps(step, time.time() - start, args.time_budget))
+                print(f"--time-budget {args.time_budget:.0f}s: {steps} steps", flush=True)
             if step >= steps:
                 break
         acc = accuracy(model, *val, tokenizer, args.device, args.max_len, class_ids)
@@ -264,6 +361,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "train_mode": "train" if train_mode else "eval (mamba-ssm without causal-conv1d; Mamba has no dropout)",
         "args": {k: v for k, v in vars(args).items() if k != "data"},
     }
     with open(os.path.join(args.out, "metrics.json"), "w") as f:

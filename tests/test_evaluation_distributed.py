@@ -91,3 +91,11 @@ def test_a_run_with_a_dead_rank_resumes_to_the_same_study(tiny, single, tmp_path
     again = torchrun(study_args(ckpt, data, out) + ["--no-progress"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert records(out) == records(single) and summary(out) == summary(single) and table(out) == table(single)
+
+
+def test_ranks_that_share_a_gpu_meet_over_gloo():
+    """NCCL refuses two ranks on one GPU: more local ranks than GPUs (or a CPU model) use gloo."""
+    from captum_mambalrp.evaluation.distributed import backend_for
+
+    assert backend_for("cuda", 2, 2) == "nccl" and backend_for("cuda", 1, 8) == "nccl"
+    assert backend_for("cuda", 3, 1) == "gloo" and backend_for("cpu", 1, 0) == "gloo"

@@ -210,3 +210,30 @@ def test_the_models_modes_come_back_after_a_study(tiny, tmp_path):
     Study(model, tokenizer, texts, labels, config, str(tmp_path / "s")).run(progress=False, figures=False)
     assert {name: m.training for name, m in model.named_modules()} == before
     assert model.training and not frozen.training
+
+
+def test_gpu_options_and_a_partial_summary_of_the_finished_examples(tiny, tmp_path):
+    """scripts/run_emotion_study.py: the batching options land in config.json; --finalize-partial
+    summarizes only the examples every method finished (a study stopped by a time limit)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "run_emotion_study.py")
+    spec = importlib.util.spec_from_file_location("run_emotion_study", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ckpt, data = tiny
+    out = str(tmp_path / "s")
+    args = ["--model", ckpt, "--data", data, "--methods", "mambalrp,feature_ablation,random", "--n", "6", "--batch-size", "2"]
+    args += ["--out", out, "--no-figures", "--no-progress", "--perturbations-per-eval", "3", "--model-forward"]
+    assert script.main(args) == 0
+    saved = json.load(open(os.path.join(out, "config.json")))["identity"]
+    assert saved["options"]["perturbations_per_eval"] == 3 and saved["package_scan"] is False
+    rows = read_jsonl(os.path.join(out, "results.jsonl"))
+    kept = [r for r in rows if not (r["method"] == "random" and r["batch"] == 0)]  # as if stopped before it
+    with open(os.path.join(out, "results.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in kept))
+    complete = script.complete_examples(out, ["mambalrp", "feature_ablation", "random"])
+    assert len(complete) == 4 and not {r["index"] for r in rows if r["batch"] == 0} & set(complete)
+    assert script.main(args + ["--finalize-partial"]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["n_examples"] == 4 and summary["meta"]["partial"] == "4 examples"

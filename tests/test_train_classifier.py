@@ -67,3 +67,25 @@ def test_presets_are_the_deep_shapes(script):
     assert (args.arch, args.hidden, args.layers, args.state, args.expand) == ("mamba", 768, 24, 16, 2)
     args = script.parse(["--data", "d", "--out", "o", "--preset", "hybrid-130m", "--layers", "12", "--attn-layers", "5"])
     assert (args.arch, args.layers, args.attn_layers, args.head_dim) == ("hybrid", 12, "5", 64)
+
+
+def test_language_model_classes_are_tokens_0_to_5_and_name_the_logits(script):
+    from captum_mambalrp.attribution.targets import class_names
+    from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+    tok = script.class_tokenizer(build_word_tokenizer([t for t, _ in LINES], 1))
+    assert tok.convert_tokens_to_ids([f"[{n}]" for n in script.EMOTION_LABELS]) == list(range(6))
+    assert tok.pad_token_id == 6 and tok.unk_token_id == 7 and tok("i feel sad")["input_ids"][0] >= 8
+    args = script.parse(["--data", "x", "--out", "x", "--arch", "mamba2", "--hidden", "16", "--layers", "1", "--state", "4"])
+    args.head_dim, args.chunk = 8, 16
+    model, class_ids = script.build_model(args, tok)
+    assert class_ids.tolist() == list(range(6)) and class_names(model) == list(script.EMOTION_LABELS)
+    assert model.config.chunk_size == 16
+
+
+def test_time_budget_cuts_the_run_to_what_fits(script, data, tmp_path):
+    out = str(tmp_path / "budget")
+    tiny = ["--hidden", "16", "--layers", "1", "--state", "4", "--min-freq", "1", "--batch", "2"]
+    metrics = script.main(["--data", data, "--out", out, "--epochs", "30", "--time-budget", "1e-6", "--seed", "1"] + tiny)
+    assert metrics["steps"] == 20  # the budget is spent: the run stops where the count was fitted
+    assert script.budget_lr(0, 100) == 0.1 and script.budget_lr(100, 100) == 0.0

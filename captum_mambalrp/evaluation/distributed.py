@@ -2,8 +2,8 @@
 
 Nothing of our own schedules work: ``torchrun`` starts the processes and sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_from_env` joins the process group (gloo on
-the CPU, NCCL on GPUs). A :class:`~.study.Study` then takes the batches ``rank, rank + N,
-...`` of its length-sorted batch list (the same list, the same seeds per batch as a
+the CPU and for ranks that share a GPU, NCCL on GPUs of their own). A :class:`~.study.Study`
+then takes the batches ``rank, rank + N, ...`` of its length-sorted batch list (the same list, the same seeds per batch as a
 one-process run, so the same numbers), writes its records to ``results.rank<r>.jsonl`` (and
 ``examples``, ``layers``) as each (method, batch) finishes, and rank 0 writes the summary
 from the union of all files once every rank is done. A rank that dies leaves its finished
@@ -61,19 +61,31 @@ def launched() -> bool:
 
 
 def local_device(device: str) -> str:
-    """``cuda`` becomes ``cuda:<LOCAL_RANK>`` under ``torchrun`` (one GPU per process).
+    """``cuda`` becomes ``cuda:<LOCAL_RANK>`` under ``torchrun`` (one GPU per process; with more
+    processes than GPUs, ``cuda:<LOCAL_RANK mod GPUs>``: several ranks share a GPU).
 
     >>> local_device("cpu")
     'cpu'
     """
     if device == "cuda" and launched():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(torch.cuda.device_count(), 1)}"
     return device
+
+
+def backend_for(device_type: str, local_world: int, n_devices: int) -> str:
+    """The process group's backend: NCCL when every local rank has a GPU of its own, gloo for
+    CPU models and for ranks that share a GPU (NCCL refuses two ranks on one device; a study's
+    ranks only meet at barriers, which gloo does on the CPU).
+
+    >>> backend_for("cuda", 4, 4), backend_for("cuda", 4, 1), backend_for("cpu", 2, 0)
+    ('nccl', 'gloo', 'gloo')
+    """
+    return "nccl" if device_type == "cuda" and local_world <= n_devices else "gloo"
 
 
 def init_from_env(device: torch.device) -> Shard:
     """Join the process group that ``torchrun`` describes (gloo for a CPU model, NCCL for a
-    CUDA one), once; one process without ``torchrun``.
+    CUDA one, gloo where ranks share a GPU: :func:`backend_for`), once; one process without ``torchrun``.
 
     Returns:
         This process's :class:`Shard`.
@@ -82,10 +94,14 @@ def init_from_env(device: torch.device) -> Shard:
         return Shard(dist.get_rank(), dist.get_world_size())
     if not launched():
         return Shard()
-    if device.type == "cuda":
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    n_devices = torch.cuda.device_count() if device.type == "cuda" else 0
+    if backend_for(device.type, local_world, n_devices) == "nccl":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("gloo")
     return Shard(dist.get_rank(), dist.get_world_size())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -209,10 +210,13 @@ class Study:
         by_batch: Dict[int, List[str]] = {}
         for b, m in todo:
             by_batch.setdefault(b, []).append(m)
+        # this rank's batches in a seeded random order (the numbers do not depend on it): a run
+        # stopped early (a time limit) holds examples of every length, not the shortest ones
+        order = sorted(mine)
+        random.Random(self.config.seed).shuffle(order)
         with package_forward(self.model, self.config.package_scan):
-            for b, batch in enumerate(batches):
-                if b not in mine:
-                    continue
+            for b in order:
+                batch = batches[b]
                 need_layers = layer_todo and any(i not in done_layers for i in batch)
                 if b not in by_batch and not need_layers and all(i in done_examples for i in batch):
                     continue

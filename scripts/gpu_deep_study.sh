@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Issue 15 on one GPU in one call: train the three deep Emotion classifiers (Mamba-130M shape,
+# Mamba2-130M shape, a Bamba hybrid), run the faithfulness study on all 2000 test examples for
+# each, the reference x replacement table for the Mamba1 model, and the long-range test
+# (2K-16K tokens), all within BUDGET seconds, writing small results as they finish.
+#
+#   bash scripts/gpu_deep_study.sh            # on the H200 (uses .gpusite/site.tar.xz, .gpudata/)
+#   bash scripts/gpu_deep_study.sh --smoke    # on the CPU: tiny models, a few examples (seconds)
+#
+# Weights and full study folders stay in $RUNS (default runs/deep, git-ignored); a second call
+# on the same machine skips finished training and resumes the studies. Small results are packed
+# into $OUT/deep_results.tgz (rewritten every PACK_EVERY seconds and at the end), with
+# $OUT/timeline.txt. Every process ends by its deadline; a study stopped by it is summarized over
+# the examples that every method finished (run_emotion_study.py --finalize-partial).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+OUT=${OUT:-$ROOT/runs/gpu-deep-out}
+RUNS=${RUNS:-$ROOT/runs/deep}
+BUDGET=${BUDGET:-540}           # seconds from start to the last packed result
+TRAIN_S=${TRAIN_S:-110}         # seconds of training per model (the three train side by side)
+STUDY_END=${STUDY_END:-$((BUDGET - 75))}   # every study and long-range process stops here
+PACK_EVERY=${PACK_EVERY:-45}
+T0=$(date +%s)
+mkdir -p "$OUT" "$RUNS"
+el() { echo $(($(date +%s) - T0)); }
+log() { echo "[$(el)s] $*" | tee -a "$OUT/timeline.txt"; }
+left() { local s=$((STUDY_END - $(el))); [ $s -lt 1 ] && s=1; echo $s; }
+
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export TRITON_CACHE_DIR=/tmp/tc TRITON_CACHE_AUTOTUNING=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+if [ $SMOKE = 1 ]; then
+    DEV=cpu
+    DATA=${DATA:-$ROOT/../shared/data/emotion}
+    [ -d "$DATA" ] || DATA=/work/shared/data/emotion
+    PY_BASE=$ROOT PY_SSM=$ROOT
+    N=24 TABLE_N=16
+    TINY=(--hidden 32 --layers 2 --state 4 --head-dim 8 --attn-heads 2 --attn-layers 1 --max-steps 20 --batch 16)
+    LENGTHS=64,128 LONG_NEEDLES=2 LONG_HYBRID_EXTRA=""
+else
+    DEV=cuda
+    DATA=${DATA:-$ROOT/.gpudata/emotion}
+    if [ ! -d /tmp/site/captum ]; then
+        mkdir -p /tmp/site && tar -xJf .gpusite/site.tar.xz -C /tmp/site
+        # mamba-ssm apart: the Mamba1 model uses its selective_scan_fn (a CUDA kernel, no
+        # autotuning; train_classifier.py trains in eval mode, as mamba_inner_fn needs the absent
+        # causal-conv1d); Mamba2 and the hybrid run transformers' torch path (its SSD Triton
+        # kernels would autotune for minutes)
+        mkdir -p /tmp/site_ssm && mv /tmp/site/mamba_ssm* /tmp/site/selective_scan_cuda* /tmp/site_ssm/
+    fi
+    [ -f .gpudata/tc.tgz ] && mkdir -p /tmp/tc && tar -xzf .gpudata/tc.tgz -C /tmp/tc 2>/dev/null
+    PY_BASE=/tmp/site:$ROOT PY_SSM=/tmp/site:/tmp/site_ssm:$ROOT
+    N=0 TABLE_N=${TABLE_N:-400}
+    TINY=(--epochs 40 --time-budget "$TRAIN_S" --batch 32)
+    LENGTHS=2048,4096,8192,16384 LONG_NEEDLES=8 LONG_HYBRID_EXTRA=16384
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+fi
+log "start: smoke=$SMOKE device=$DEV data=$DATA budget=${BUDGET}s study_end=${STUDY_END}s"
+
+MODELS=(mamba-130m mamba2-130m hybrid-130m)
+declare -A PYP=([mamba-130m]=$PY_SSM [mamba2-130m]=$PY_BASE [hybrid-130m]=$PY_BASE)
+LRP_SET=mambalrp,gxi,lrp_ln,no_activation_rule,no_ssm_rule,no_gate_rule,no_norm_rule,saliency
+REF_SET=integrated_gradients,smoothgrad,feature_ablation,kernelshap
+declare -A ATT=([mamba-130m]=mamba_attr,implicit_attr [mamba2-130m]=implicit_attn,implicit_attr [hybrid-130m]=)
+# the baselines' settings on the GPU (recorded in each study's config.json)
+SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --reference matched
+          --perturbations-per-eval 128 --model-forward --tf32 --no-progress --device "$DEV" --data "$DATA")
+# per model: ranks on the one GPU, rows per gradient pass (transformers' torch SSD path keeps
+# about 10 MB per token for the backward pass, mamba-ssm's Mamba1 kernel about 1.5) and the
+# memory cap of each rank (a share of the GPU; longrange runs uncapped beside them)
+declare -A RANKS=([mamba-130m]=3 [mamba2-130m]=2 [hybrid-130m]=2)
+declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch 40 --smoothgrad-per-pass 2 --memory-fraction 0.06"
+                     [mamba2-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1"
+                     [hybrid-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1")
+[ $SMOKE = 1 ] && RANKS=([mamba-130m]=2 [mamba2-130m]=2 [hybrid-130m]=2)
+
+pack() {  # small results, one archive per model (atomic: a timeout never leaves half a file)
+    local m
+    for m in "${MODELS[@]}"; do
+        [ -d "$RUNS/$m" ] || continue
+        (cd "$RUNS" && tar czf "$OUT/$m.tmp" --exclude='*.jsonl' --exclude='*.safetensors' --exclude='*.bin' \
+            --exclude='tokenizer*' --exclude='special_tokens_map.json' --exclude='progress.rank*' --exclude='*.tmp' \
+            --exclude='vocab*' "$m" 2>/dev/null) && mv "$OUT/$m.tmp" "$OUT/$m.tgz"
+    done
+}
+(while sleep "$PACK_EVERY"; do pack; done) &
+PACKER=$!
+
+train() {  # $1 model name: trains unless runs/<name>/model has a finished model
+    local name=$1 dir=$RUNS/$1
+    mkdir -p "$dir"
+    if [ -f "$dir/model/metrics.json" ]; then log "$name: trained already"; return 0; fi
+    log "$name: training"
+    PYTHONPATH=${PYP[$name]} python3 scripts/train_classifier.py --data "$DATA" --preset "$name" --device "$DEV" --amp \
+        --lr 1e-3 --seed 0 --out "$dir/model" "${TINY[@]}" >"$dir/train.log" 2>&1
+    local rc=$?
+    log "$name: training rc=$rc $(grep -h 'test acc' "$dir/train.log" | tail -1)"
+    return $rc
+}
+
+study() {  # $1 model: the study on all test examples, sharded over NPROC ranks on the one GPU
+    local name=$1 dir=$RUNS/$1 methods="$LRP_SET,$REF_SET,${ATT[$1]:+${ATT[$1]},}random"
+    local args=(--model "$dir/model" --examples "$N" --methods "$methods" --out "$dir/study" "${SETTINGS[@]}")
+    local batching=(${BATCHING[$name]})
+    [ $SMOKE = 1 ] && batching=("${batching[@]:0:6}")  # no memory cap on the CPU
+    log "$name: study ($methods)"
+    echo "torchrun --standalone --nproc_per_node ${RANKS[$name]} scripts/run_emotion_study.py ${args[*]} ${batching[*]}" >"$dir/study.cmd"
+    PYTHONPATH=${PYP[$name]} timeout "$(left)" torchrun --standalone --nproc_per_node "${RANKS[$name]}" \
+        scripts/run_emotion_study.py "${args[@]}" "${batching[@]}" >"$dir/study.log" 2>&1
+    local rc=$?
+    log "$name: study rc=$rc"
+    if [ $rc -ne 0 ] || [ ! -f "$dir/study/summary.json" ]; then
+        PYTHONPATH=${PYP[$name]} python3 scripts/run_emotion_study.py "${args[@]/$DEV/cpu}" "${batching[@]:0:6}" --finalize-partial \
+            >>"$dir/study.log" 2>&1
+        log "$name: partial summary rc=$? ($(grep -h 'summary of' "$dir/study.log" | tail -1))"
+    fi
+}
+
+table() {  # $1 replacement: the Mamba1 reference x replacement table, one process per replacement
+    local name=mamba-130m dir=$RUNS/mamba-130m kind=$1
+    local args=(--model "$dir/model" --examples "$TABLE_N" --methods "mambalrp,gxi,lrp_ln,saliency,implicit_attr,random,$REF_SET"
+                --out "$dir/table" --reference-table --references zero,mean,token:1 --replacements "$kind" "${SETTINGS[@]}")
+    local batching=(--batch-size 32 --ig-internal-batch 40 --smoothgrad-per-pass 2)
+    [ $SMOKE = 0 ] && batching+=(--memory-fraction 0.05)
+    echo "python3 scripts/run_emotion_study.py ${args[*]} --no-figures ${batching[*]}" >"$dir/table-$kind.cmd"
+    PYTHONPATH=$PY_SSM timeout "$(left)" python3 scripts/run_emotion_study.py "${args[@]}" --no-figures "${batching[@]}" \
+        >"$dir/table-$kind.log" 2>&1
+    log "$name: table $kind rc=$?"
+}
+
+table_finish() {  # the table over whatever the three replacement studies finished
+    local dir=$RUNS/mamba-130m
+    PYTHONPATH=$PY_SSM python3 scripts/run_emotion_study.py --model "$dir/model" --examples "$TABLE_N" \
+        --methods "mambalrp,gxi,lrp_ln,saliency,implicit_attr,random,$REF_SET" --out "$dir/table" --reference-table \
+        --references zero,mean,token:1 --replacements token,zero,mean "${SETTINGS[@]/$DEV/cpu}" --batch-size 32 \
+        --ig-internal-batch 40 --smoothgrad-per-pass 2 --finalize-partial \
+        >"$dir/table-finish.log" 2>&1
+    log "mamba-130m: table finished rc=$? ($(grep -ch 'summary of' "$dir/table-finish.log") replacements)"
+}
+
+longrange() {  # $1 model: needle in a haystack of [UNK] tokens at 2K-16K tokens
+    local name=$1 dir=$RUNS/$1 lengths=$LENGTHS
+    [ "$name" = hybrid-130m ] && [ -n "$LONG_HYBRID_EXTRA" ] && lengths=${LENGTHS%,"$LONG_HYBRID_EXTRA"}
+    local args=(longrange --model "$dir/model" --data "$DATA" --split test --needles "$LONG_NEEDLES" --n-distances 6
+                --filler token --batch-size 1 --recompute on --device "$DEV" --out "$dir/longrange")
+    echo "python3 -m captum_mambalrp ${args[*]} --lengths $lengths" >"$dir/longrange.cmd"
+    PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m captum_mambalrp "${args[@]}" --lengths "$lengths" \
+        >"$dir/longrange.log" 2>&1
+    log "$name: longrange ($lengths) rc=$?"
+    if [ "$name" = hybrid-130m ] && [ -n "$LONG_HYBRID_EXTRA" ]; then  # attention at 16K may not fit: its own try
+        PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m captum_mambalrp "${args[@]}" --lengths "$LENGTHS" \
+            >>"$dir/longrange.log" 2>&1
+        log "$name: longrange ($LENGTHS) rc=$?"
+    fi
+}
+
+pipeline() {  # $1 model: train, then its study and long range side by side
+    local name=$1
+    train "$name" || return 1
+    longrange "$name" &
+    local lr=$!
+    study "$name"
+    wait $lr
+}
+
+PIDS=()
+for m in "${MODELS[@]}"; do
+    pipeline "$m" &
+    PIDS+=($!)
+done
+# the Mamba1 table once its model exists
+(
+    while [ ! -f "$RUNS/mamba-130m/model/metrics.json" ] && [ "$(el)" -lt "$STUDY_END" ]; do sleep 2; done
+    if [ -f "$RUNS/mamba-130m/model/metrics.json" ]; then
+        for k in token zero mean; do table $k & done
+        wait
+        table_finish
+    fi
+) &
+PIDS+=($!)
+wait "${PIDS[@]}"
+kill $PACKER 2>/dev/null
+for m in "${MODELS[@]}"; do  # the logs' tails beside the results
+    for f in "$RUNS/$m"/*.log; do [ -f "$f" ] && tail -n 40 "$f" >"${f%.log}.tail.txt"; done
+done
+nvidia-smi >"$OUT/nvidia-smi-end.txt" 2>&1
+log "done"
+pack
+ls -la "$OUT"
