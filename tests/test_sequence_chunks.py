@@ -89,12 +89,16 @@ def test_every_recompute_mode_agrees_and_mamba2_falls_back():
     assert _rel(MambaLRP(m2, recompute=SequenceChunks(chunk=4, stride=2)).attribute(ids, target=2), kept) < 1e-5
 
 
-def test_relevance_read_inside_a_mixer_keeps_the_graph():
+@pytest.mark.parametrize("where", ["mixer.out_proj", "norm", "block"])
+def test_relevance_read_inside_a_layer(where):
+    """Read inside a mixer: the mixers are recomputed whole (they keep a graph); inside a block
+    (its norm): no block recomputation; at a block's output: the chain restarts after it."""
     model = make_lm("falcon", seed=3, num_hidden_layers=3)
     ids = ids_for(1, 20)
-    layer = model.backbone.layers[1].mixer.out_proj
+    block = model.backbone.layers[1]
+    layer = {"mixer.out_proj": block.mixer.out_proj, "norm": block.norm, "block": block}[where]
     kept = LayerMambaLRP(model, layer, recompute=False).attribute(ids, target=2)
-    seq = LayerMambaLRP(model, layer, recompute=SequenceChunks(chunk=3)).attribute(ids, target=2)
+    seq = LayerMambaLRP(model, layer, recompute=SequenceChunks(chunk=3, stride=2)).attribute(ids, target=2)
     assert kept.abs().sum() > 0
     torch.testing.assert_close(kept, seq, atol=1e-6, rtol=1e-5)
 

@@ -293,7 +293,8 @@ class RecomputePlan:
             chunk = int(SEQUENCE_CHUNK_SHARE * budget / max(piece_per_token, 1.0))
             chunk = max(MIN_SEQUENCE_CHUNK, chunk // MIN_SEQUENCE_CHUNK * MIN_SEQUENCE_CHUNK)
         chunk = min(chunk, max(length, 1))
-        piece = piece_per_token * chunk
+        # one piece's working set; mixers without a piece function work on the whole sequence
+        piece = piece_per_token * (chunk if self.pieces else length)
         n = self.chain_blocks
         if n == 0:  # no chain: every mixer keeps its input; one mixer's backward works on pieces
             sequence = sum(p["input"] for p in per) * tokens + 3 * mixer_in + piece
