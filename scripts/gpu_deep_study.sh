@@ -38,7 +38,7 @@ if [ $SMOKE = 1 ]; then
     PY_BASE=$ROOT PY_SSM=$ROOT
     N=24 TABLE_N=16
     TINY=(--hidden 32 --layers 2 --state 4 --head-dim 8 --attn-heads 2 --attn-layers 1 --max-steps 20 --batch 16)
-    LENGTHS=64,128 LONG_NEEDLES=2 LONG_HYBRID_EXTRA=""
+    LENGTHS=64,128 LONG_NEEDLES=2
 else
     DEV=cuda
     DATA=${DATA:-$ROOT/.gpudata/emotion}
@@ -54,7 +54,7 @@ else
     PY_BASE=/tmp/site:$ROOT PY_SSM=/tmp/site:/tmp/site_ssm:$ROOT
     N=0 TABLE_N=${TABLE_N:-400}
     TINY=(--epochs 40 --time-budget "$TRAIN_S" --batch 32)
-    LENGTHS=2048,4096,8192,16384 LONG_NEEDLES=8 LONG_HYBRID_EXTRA=16384
+    LENGTHS=2048,4096,8192,16384 LONG_NEEDLES=8
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 fi
 log "start: smoke=$SMOKE device=$DEV data=$DATA budget=${BUDGET}s study_end=${STUDY_END}s"
@@ -140,20 +140,19 @@ table_finish() {  # the table over whatever the three replacement studies finish
     log "mamba-130m: table finished rc=$? ($(grep -ch 'summary of' "$dir/table-finish.log") replacements)"
 }
 
-longrange() {  # $1 model: needle in a haystack of [UNK] tokens at 2K-16K tokens
-    local name=$1 dir=$RUNS/$1 lengths=$LENGTHS
-    [ "$name" = hybrid-130m ] && [ -n "$LONG_HYBRID_EXTRA" ] && lengths=${LENGTHS%,"$LONG_HYBRID_EXTRA"}
+lr_run() {  # $1 model, $2 lengths: the long-range test (resumes: a run with more lengths adds them)
+    local name=$1 dir=$RUNS/$1
     local args=(longrange --model "$dir/model" --data "$DATA" --split test --needles "$LONG_NEEDLES" --n-distances 6
-                --filler token --batch-size 1 --recompute on --device "$DEV" --out "$dir/longrange")
-    echo "python3 -m captum_mambalrp ${args[*]} --lengths $lengths" >"$dir/longrange.cmd"
-    PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m captum_mambalrp "${args[@]}" --lengths "$lengths" \
-        >"$dir/longrange.log" 2>&1
-    log "$name: longrange ($lengths) rc=$?"
-    if [ "$name" = hybrid-130m ] && [ -n "$LONG_HYBRID_EXTRA" ]; then  # attention at 16K may not fit: its own try
-        PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m captum_mambalrp "${args[@]}" --lengths "$LENGTHS" \
-            >>"$dir/longrange.log" 2>&1
-        log "$name: longrange ($LENGTHS) rc=$?"
-    fi
+                --filler token --batch-size 1 --recompute on --device "$DEV" --out "$dir/longrange" --lengths "$2")
+    echo "python3 -m captum_mambalrp ${args[*]}" >>"$dir/longrange.cmd"
+    PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m captum_mambalrp "${args[@]}" >>"$dir/longrange.log" 2>&1
+    log "$name: longrange ($2) rc=$?"
+}
+
+longrange() {  # $1 model: needle in a haystack of [UNK] tokens, 2K-8K tokens, then 16K added
+    lr_run "$1" "${LENGTHS%,*}"   # each stage writes its summary: a time limit keeps the finished lengths
+    # the hybrid's attention at 16K (eager, fp32) needs tens of GB: it runs after its study (pipeline)
+    [ "$1" != hybrid-130m ] && lr_run "$1" "$LENGTHS"
 }
 
 pipeline() {  # $1 model: train, then its study and long range side by side
@@ -163,6 +162,7 @@ pipeline() {  # $1 model: train, then its study and long range side by side
     local lr=$!
     study "$name"
     wait $lr
+    [ "$name" = hybrid-130m ] && [ "$(left)" -gt 30 ] && lr_run "$name" "$LENGTHS"
 }
 
 PIDS=()
