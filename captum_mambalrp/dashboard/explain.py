@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attribution import LayerMambaLRP, MambaLRP, find_embedding
+from ..attribution.targets import class_names
 from ..evaluation.analysis import find_blocks
 from ..evaluation.methods import MethodOptions
 from ..evaluation.perturbation import reference_token_id
@@ -104,6 +105,9 @@ class Explainer:
             return None
         if isinstance(target, str) and target in self.labels:
             return target
+        names = class_names(self.model)  # a language model's class tokens named by config.id2label
+        if isinstance(target, str) and names and target in names:
+            return names.index(target)
         if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < self.n_classes:
             return target
         raise InputError(f"Unknown target {str(target)[:40]!r}: pick one of the model's classes.")
