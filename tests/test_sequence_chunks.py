@@ -60,9 +60,12 @@ def test_same_relevance_float32(arch):
         assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("arch", ["mamba", "falcon"])
+@pytest.mark.parametrize("arch", ["mamba", "falcon", "mamba2"])
 def test_same_relevance_float64_and_conserved(arch):
-    backbone = zero_biases(make_lm(arch, seed=3, num_hidden_layers=4, residual_in_fp32=False)).backbone
+    if arch == "mamba2":
+        backbone = make_mamba2(num_hidden_layers=3, residual_in_fp32=False).backbone
+    else:
+        backbone = zero_biases(make_lm(arch, seed=3, num_hidden_layers=4, residual_in_fp32=False)).backbone
     model = LastTokenClassifier(backbone).double()  # float64 logits (transformers' LM heads return float32)
     ids, mask = _left_padded(23)
     kept, delta = MambaLRP(model, recompute=False).attribute(ids, target=1, attention_mask=mask, return_convergence_delta=True)
@@ -76,17 +79,16 @@ def test_same_relevance_float64_and_conserved(arch):
         assert d2.abs().max() < 1e-10 * scale and delta.abs().max() < 1e-10 * scale
 
 
-def test_every_recompute_mode_agrees_and_mamba2_falls_back():
-    """Keep, recompute, offload and sequence agree (Mamba1); Mamba2's mixers have no piece
-    function yet: "sequence" recomputes them whole inside the recomputed blocks, same relevance."""
-    model = make_lm("mamba", seed=5, num_hidden_layers=3)
+def test_every_recompute_mode_agrees_mamba1_and_mamba2():
+    """Keep, recompute, offload and sequence agree, for Mamba1 and Mamba2 (groups, left padding)."""
     ids = ids_for(2, 21)
-    results = [MambaLRP(model, recompute=m).attribute(ids, target=2) for m in (False, True, "offload", SequenceChunks(chunk=4))]
-    for r in results[1:]:
-        assert _rel(r, results[0]) < 1e-5
-    m2 = make_mamba2(num_hidden_layers=3)
-    kept = MambaLRP(m2, recompute=False).attribute(ids, target=2)
-    assert _rel(MambaLRP(m2, recompute=SequenceChunks(chunk=4, stride=2)).attribute(ids, target=2), kept) < 1e-5
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :6] = 0
+    for model in (make_lm("mamba", seed=5, num_hidden_layers=3), make_mamba2(num_hidden_layers=3)):
+        modes = (False, True, "offload", SequenceChunks(chunk=4, stride=2), SequenceChunks(chunk=1))
+        results = [MambaLRP(model, recompute=m).attribute(ids, target=2, attention_mask=mask) for m in modes]
+        for mode, r in zip(modes[1:], results[1:]):
+            assert _rel(r, results[0]) < 1e-5, mode
 
 
 @pytest.mark.parametrize("where", ["mixer.out_proj", "norm", "block"])
@@ -242,7 +244,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     interpreter._patch_lang_tensor = patched
-    from captum_mambalrp.scan import selective_scan, selective_scan_state, triton_scan
+    from captum_mambalrp.scan import selective_scan, selective_scan_state, ssd_scan, ssd_scan_state, triton_scan
     triton_scan.BLOCK_T = 4
     torch.manual_seed(0)
     b, d, n, L = 2, 5, 3, 11
@@ -263,6 +265,21 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     assert torch.allclose(out["torch"][0], whole, atol=1e-5)
     for a, b in zip(out["torch"], out["triton"]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    # SSD layout: 4 heads of 3 channels in 2 groups, state 5
+    x, dt, A = torch.randn(2, L, 4, 3), torch.rand(2, L, 4), -torch.rand(4)
+    B, C, D = torch.randn(2, L, 2, 5), torch.randn(2, L, 2, 5), torch.randn(4)
+    g = torch.randn(2, L, 4, 3)
+    for backend in ("torch", "triton"):
+        xr = x.clone().requires_grad_(True)
+        ys, h = [], None
+        for s, e in [(0, 5), (5, 6), (6, 11)]:
+            y, h = ssd_scan_state(xr[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, h, backend=backend)
+            ys.append(y)
+        loss = (torch.cat(ys, 1) * g).sum() + (0.3 * h).sum()
+        out[backend] = (torch.cat(ys, 1).detach(), h.detach(), torch.autograd.grad(loss, xr)[0])
+    assert torch.allclose(out["torch"][0], ssd_scan(x, dt, A, B, C, D, backend="torch"), atol=1e-5)
+    for a, b in zip(out["torch"], out["triton"]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
     print("ok")
     """
 )
@@ -272,7 +289,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 def test_triton_scan_carries_the_state_in_the_interpreter():
     """Our Triton kernel from a carried state (forward) and from the last state's gradient
     (adjoint, giving the start state's gradient), pieces of 5, 1 and 5 steps against the torch
-    backend, in Triton's interpreter on the CPU."""
+    backend, Mamba1 and SSD (groups) layouts, in Triton's interpreter on the CPU."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-c", INTERPRETER_SCRIPT]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..rules.composites import Composite
 from .base import Adapter, Component, register
-from .mamba2 import GatedNorm, Mamba2Parts, mamba2_forward, mamba2_rules
+from .mamba2 import GatedNorm, Mamba2Parts, mamba2_forward, mamba2_piece, mamba2_rules
 from .patching import Patcher
 
 # keyword arguments of packed (varlen) batches: several sequences in one row
@@ -93,6 +93,10 @@ class HFMamba2Adapter(Adapter):
             reject_packed(kwargs)
             return mamba2_forward(parts, rules, norm_rule, hidden_states, attention_mask)
 
+        def piece(hidden, attention_mask, state, carry):  # recompute="sequence": one piece of the sequence
+            return mamba2_piece(parts, rules, norm_rule, hidden, attention_mask, state, carry)
+
+        forward.sequence_piece = piece  # type: ignore[attr-defined]
         patcher.replace_forward(module, forward)
         return components
 

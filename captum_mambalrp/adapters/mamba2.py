@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..rules.base import NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
-from ..scan import compute_dtype, ssd_scan
+from ..scan import compute_dtype, ssd_scan, ssd_scan_state
 from .base import Component
 from .common import MixerRules, mask_padding, mixer_rules, rules_as_components
 from .norms import grouped_rms_norm
@@ -95,6 +95,22 @@ def mamba2_forward(
     parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule, hidden: Tensor, attention_mask: Optional[Tensor] = None
 ) -> Tensor:
     """The Mamba2 mixer on ``hidden [b, l, d_model]`` with MambaLRP's rules applied."""
+    return mamba2_piece(parts, rules, norm_rule, hidden, attention_mask)[0]
+
+
+def mamba2_piece(
+    parts: Mamba2Parts,
+    rules: MixerRules,
+    norm_rule: MambaRule,
+    hidden: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    state: Optional[Tuple[Tensor, Tensor]] = None,
+    carry: bool = False,
+) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """:func:`mamba2_forward` on one piece of a sequence (``recompute="sequence"``): ``state`` =
+    ``(conv [b, d_ssm + 2 g n, k-1], ssm [b, h, p, n])``, the conv's last inputs (model dtype) and
+    the scan's state (compute dtype) that the previous piece left (``None``: the sequence starts
+    here); with ``carry=True`` the piece returns its own for the next one, else ``None``."""
     batch, length, _ = hidden.shape
     dtype = hidden.dtype
     h, p, gn = parts.n_heads, parts.head_dim, parts.n_groups * parts.d_state
@@ -103,29 +119,37 @@ def mamba2_forward(
     # the compute dtype (float32; float64 for a float64 model) from the conv's output on: the scan,
     # dt and the rule factors (a bf16 model's activations are rounded once, where out_proj reads them)
     cd = compute_dtype(dtype)
-    xBC = rules.conv_act.activation(parts.conv1d(xBC.transpose(1, 2))[..., :length].to(cd), parts.act)
+    xBC_in = xBC.transpose(1, 2)
+    if state is None:
+        conv = parts.conv1d(xBC_in)[..., :length]
+    else:  # the conv's window reaches k - 1 steps into the previous piece
+        xBC_in = torch.cat([state[0], xBC_in], dim=-1)
+        pad = int(parts.conv1d.padding[0])
+        conv = parts.conv1d(xBC_in)[..., pad : pad + length]
+    xBC = rules.conv_act.activation(conv.to(cd), parts.act)
     xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
     x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
     dt = F.softplus(dt.to(cd) + parts.dt_bias.to(cd)).clamp(parts.dt_limit[0], parts.dt_limit[1])
     A = -torch.exp(parts.A_log.to(cd))
     grouped = (batch, length, parts.n_groups, parts.d_state)
     dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.reshape(grouped), C.reshape(grouped))
-    y = ssd_scan(
-        x.reshape(batch, length, h, p),
-        dt,
-        A,
-        B,
-        C,
-        parts.scan_D(cd),
-        linear=rules.ssm.ssm_is_linear,
-        backend=rules.backend,
-        model_dtype=dtype,
-    )
+    scan_args = (x.reshape(batch, length, h, p), dt, A, B, C, parts.scan_D(cd))
+    linear, backend = rules.ssm.ssm_is_linear, rules.backend
+    new_state: Optional[Tuple[Tensor, Tensor]] = None
+    if state is None and not carry:
+        y = ssd_scan(*scan_args, linear=linear, backend=backend)
+    else:
+        y, h_last = ssd_scan_state(*scan_args, None if state is None else state[1], linear=linear, backend=backend)
+        if carry:
+            k = int(parts.conv1d.kernel_size[0])
+            if xBC_in.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start
+                xBC_in = F.pad(xBC_in, (k - 1 - xBC_in.shape[-1], 0))
+            new_state = (xBC_in[..., xBC_in.shape[-1] - (k - 1) :], h_last)
     y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule)
     if parts.d_mlp:
         mlp = rules.gate.gate(x0.to(cd), rules.gate_act.activation(z0.to(cd), parts.act))
         y = torch.cat([mlp, y], dim=-1)
-    return parts.out_proj(y.to(dtype))
+    return parts.out_proj(y.to(dtype)), new_state
 
 
 def mamba2_rules(

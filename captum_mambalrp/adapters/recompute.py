@@ -14,14 +14,16 @@ Modes (``MambaLRP(model, recompute=...)``):
   tokens, carrying its state from piece to piece (Mamba1: the conv's last ``k - 1`` inputs and
   the scan's state ``h``); the backward pass runs the pieces in reverse, each again from its
   input and start state, and hands the gradient of the start state to the piece before
-  (:class:`_SequencePieces`): one piece's working set instead of the sequence's. (b) The
+  (:class:`_SequencePieces`): one piece's working set instead of the sequence's (Mamba2: the
+  conv's last inputs of x, B, C and the SSD state ``[b, h, p, n]``). (b) The
   blocks around the mixers (transformers' ``MambaBlock``, ``FalconMambaBlock``,
   ``Mamba2Block``) run without a graph; the forward pass keeps the input of every
   ``stride``-th block (in pinned host memory on CUDA when the host holds them), and the
   backward pass recomputes each block's input from the nearest kept one (:class:`_Chain`).
   Relevance is unchanged (to rounding): it is the same modified gradient, the rules act per
-  token and the carried state is exact. Mixers without a piece function (Mamba2 and the
-  hybrids' for now, mamba-ssm's) are recomputed whole inside the recomputed blocks;
+  token and the carried state is exact. Mixers without a piece function (transformers'
+  hybrids' and mamba-ssm's for now; transformers' Mamba, FalconMamba and Mamba2 have one) are
+  recomputed whole inside the recomputed blocks;
 - ``"auto"`` (default): chosen per pass from the memory it would need and the memory free,
   by :class:`RecomputePlan`.
 

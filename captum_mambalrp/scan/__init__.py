@@ -134,10 +134,12 @@ def _pick(backend: str, x: Tensor, linear: bool, layout: str, stateful: bool = F
         # the differentiable ablation needs every gradient; the GPU kernels compute in float32,
         # a float64 model's scan stays float64 (torch backend)
         name = "torch"
-    if stateful and name == "mamba_ssm":
-        # mamba-ssm's Mamba1 kernel takes no initial state: a piece of a sequence (recompute=
-        # "sequence") runs on our Triton kernel, which does (mamba-ssm needs triton: installed)
-        name = "triton" if "triton" in available_backends(x.device) else "torch"
+    if stateful and name == "mamba_ssm" or (stateful and layout == "ssd" and name == "torch" and backend == "auto"):
+        # a piece of a sequence (recompute="sequence") starts from a carried state: mamba-ssm's
+        # Mamba1 kernel takes none (and its SSD kernels' reversed adjoint would need one at the end),
+        # the torch backend's SSD matrix form neither (its stateful path is the step-by-step scan):
+        # our Triton kernel, where it runs (mamba-ssm needs triton: installed with it)
+        name = "triton" if "triton" in available_backends(x.device) and x.dtype != torch.float64 and linear else "torch"
     _note(name)
     return name
 
@@ -195,7 +197,7 @@ def selective_scan_state(
     """
     name = _pick(backend, x, linear, "mamba1", stateful=True)
     if name == "triton":
-        return _kernel_state(x, delta, A, B, C, D, h0)
+        return _kernel_state("mamba1", x, delta, A, B, C, D, h0)
     Bc, Cc = B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)
     args = (x, delta, A[:, None, :], Bc, Cc, None if D is None else D[:, None])
     if linear:
@@ -206,9 +208,60 @@ def selective_scan_state(
 
 
 def _kernel_state(
-    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor]
+    layout: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    return importlib.import_module(f"{__name__}.triton_scan").selective_scan_state(x, delta, A, B, C, D, h0)
+    module = importlib.import_module(f"{__name__}.triton_scan")
+    return getattr(module, "selective_scan_state" if layout == "mamba1" else "ssd_scan_state")(x, dt, A, B, C, D, h0)
+
+
+def ssd_scan_state(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    h0: Optional[Tensor] = None,
+    *,
+    linear: bool = True,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """:func:`ssd_scan` on a piece of a longer sequence (``recompute="sequence"``): ``h0
+    [b, h, p, n]`` is the state before its first step (``None``: zero); returns ``(y, h_last)``.
+    Backends: triton (``"auto"`` on CUDA) and torch (the step-by-step canonical scan, not the
+    chunked matrix form); mamba-ssm's SSD kernels run as triton.
+
+    Returns:
+        ``(y [b, l, h, p], h_last [b, h, p, n])`` in float32 (float64 for float64 x).
+
+    >>> x, dt, A = torch.randn(1, 6, 2, 3), torch.rand(1, 6, 2), -torch.rand(2)
+    >>> B, C = torch.randn(1, 6, 1, 4), torch.randn(1, 6, 1, 4)
+    >>> y1, h = ssd_scan_state(x[:, :4], dt[:, :4], A, B[:, :4], C[:, :4], backend="torch")
+    >>> y2, _ = ssd_scan_state(x[:, 4:], dt[:, 4:], A, B[:, 4:], C[:, 4:], None, h, backend="torch")
+    >>> torch.allclose(torch.cat([y1, y2], 1), ssd_scan(x, dt, A, B, C, backend="torch"), atol=1e-5)
+    True
+    """
+    name = _pick(backend, x, linear, "ssd", stateful=True)
+    if name == "triton":
+        return _kernel_state("ssd", x, dt, A, B, C, D, h0)
+    b, length, heads, p = x.shape
+    groups = B.shape[2]
+    hg = heads // groups  # the canonical layout of ssd_scan's differentiable path
+    xc = x.reshape(b, length, groups, hg, p).permute(0, 2, 3, 4, 1)  # [b, g, hg, p, l]
+    dtc = dt.reshape(b, length, groups, hg).permute(0, 2, 3, 1).unsqueeze(3)  # [b, g, hg, 1, l]
+    Bc = B.permute(0, 2, 1, 3)[:, :, None, None]  # [b, g, 1, 1, l, n]
+    Cc = C.permute(0, 2, 1, 3)[:, :, None, None]
+    Ac = A.reshape(groups, hg, 1, 1, 1)
+    Dc = None if D is None else D.reshape(groups, hg, -1, 1)
+    hc = None if h0 is None else h0.reshape(b, groups, hg, p, h0.shape[-1])
+    args = (xc, dtc, Ac, Bc, Cc, Dc)
+    if linear:
+        y, h = relevance_scan_state(*args, h0=hc)
+    else:
+        last: List[Tensor] = []
+        y = scan_forward(*args, h0=hc, state=last)
+        h = last[0]
+    return y.permute(0, 4, 1, 2, 3).reshape(b, length, heads, p), h.reshape(b, heads, p, h.shape[-1])
 
 
 def ssd_scan(
@@ -259,4 +312,5 @@ __all__ = [
     "selective_scan",
     "selective_scan_state",
     "ssd_scan",
+    "ssd_scan_state",
 ]

@@ -329,31 +329,37 @@ def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return _TritonRelevanceScan.apply(x, delta.detach(), A.detach().float(), B.detach(), C.detach(), Dc, "mamba1")
 
 
+def _state_shape(x: Tensor, A: Tensor, B: Tensor, layout: str) -> Tuple[int, ...]:
+    """The carried state's shape: Mamba1 ``[b, d, n]``; SSD ``[b, h, p, n]`` (both ``[b, channels, n]`` in memory)."""
+    if layout == "mamba1":
+        return (x.shape[0], x.shape[1], A.shape[1])
+    return (x.shape[0], x.shape[2], x.shape[3], B.shape[3])
+
+
 class _TritonRelevanceScanState(torch.autograd.Function):
-    """:class:`_TritonRelevanceScan` for a piece of a sequence (Mamba1 layout): from the carried
-    state ``h0 [b, d, n]`` (float32), also returning the last state; the backward pass starts
+    """:class:`_TritonRelevanceScan` for a piece of a sequence: from the carried state ``h0``
+    (float32, see :func:`_state_shape`), also returning the last state; the backward pass starts
     the adjoint from the last state's gradient and returns the gradient for ``h0`` (the kernel's
     final state in reverse, ``exp(dt_0 A) u_0``)."""
 
     @staticmethod
-    def forward(ctx, x, h0, dt, A, B, C, D):  # type: ignore[override]
+    def forward(ctx, x, h0, dt, A, B, C, D, layout):  # type: ignore[override]
         ctx.save_for_backward(dt, A, B, C, D)
-        ctx.x_dtype, ctx.has_h0 = x.dtype, h0 is not None
-        b, d, _ = x.shape
-        h_last = torch.empty(b, d, A.shape[1], device=x.device, dtype=torch.float32)
+        shape = _state_shape(x, A, B, layout)
+        ctx.x_dtype, ctx.has_h0, ctx.layout, ctx.x_shape, ctx.state_shape = x.dtype, h0 is not None, layout, x.shape, shape
+        h_last = torch.empty(shape, device=x.device, dtype=torch.float32)
         h_in = None if h0 is None else h0.detach().float().contiguous()
-        y = _mamba1(x, dt, A, B, C, D, reverse=False, h0=h_in, h_out=h_last)
+        y = _LAYOUTS[layout](x, dt, A, B, C, D, reverse=False, h0=h_in, h_out=h_last)
         return y, h_last
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):  # type: ignore[override]
         dt, A, B, C, D = ctx.saved_tensors
-        b, d, _ = dt.shape
-        grad_h0 = torch.empty(b, d, A.shape[1], device=dt.device, dtype=torch.float32) if ctx.has_h0 else None
-        g = torch.zeros_like(dt, dtype=torch.float32) if grad_y is None else grad_y
+        grad_h0 = torch.empty(ctx.state_shape, device=dt.device, dtype=torch.float32) if ctx.has_h0 else None
+        g = torch.zeros(ctx.x_shape, device=dt.device, dtype=torch.float32) if grad_y is None else grad_y
         gh = None if grad_h is None else grad_h.float().contiguous()
-        grad_x = _mamba1(g, dt, A, C, B, D, reverse=True, h0=gh, h_out=grad_h0)
-        return grad_x.to(ctx.x_dtype), grad_h0, None, None, None, None, None
+        grad_x = _LAYOUTS[ctx.layout](g, dt, A, C, B, D, reverse=True, h0=gh, h_out=grad_h0)
+        return grad_x.to(ctx.x_dtype), grad_h0, None, None, None, None, None, None
 
 
 def selective_scan_state(
@@ -362,7 +368,17 @@ def selective_scan_state(
     """Mamba1 layout on a piece of a sequence: ``(y, h_last)`` from the state ``h0 [b, d, n]``
     (``None``: zero), float32 (see :func:`captum_mambalrp.scan.selective_scan`)."""
     Dc = None if D is None else D.detach().float().contiguous()
-    return _TritonRelevanceScanState.apply(x, h0, delta.detach(), A.detach().float(), B.detach(), C.detach(), Dc)
+    return _TritonRelevanceScanState.apply(x, h0, delta.detach(), A.detach().float(), B.detach(), C.detach(), Dc, "mamba1")
+
+
+def ssd_scan_state(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """SSD layout on a piece of a sequence: ``(y, h_last)`` from the state ``h0 [b, h, p, n]``
+    (``None``: zero), float32 (see :func:`captum_mambalrp.scan.ssd_scan_state`)."""
+    heads, p = x.shape[2], x.shape[3]
+    Dc = _channel_D(D, heads, p)
+    return _TritonRelevanceScanState.apply(x, h0, dt.detach(), A.detach().float(), B.detach(), C.detach(), Dc, "ssd")
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
