@@ -61,7 +61,9 @@ log "start: smoke=$SMOKE device=$DEV data=$DATA budget=${BUDGET}s study_end=${ST
 
 MODELS=(mamba-130m mamba2-130m hybrid-130m)
 declare -A PYP=([mamba-130m]=$PY_SSM [mamba2-130m]=$PY_BASE [hybrid-130m]=$PY_BASE)
-LRP_SET=mambalrp,gxi,lrp_ln,no_activation_rule,no_ssm_rule,no_gate_rule,no_norm_rule,saliency
+# the LRP variants: all four ablations on Mamba1; on the slower Mamba2/hybrid torch path only the SSM rule's
+declare -A LRP_SET=([mamba-130m]=mambalrp,gxi,lrp_ln,no_activation_rule,no_ssm_rule,no_gate_rule,no_norm_rule,saliency
+                    [mamba2-130m]=mambalrp,gxi,lrp_ln,no_ssm_rule,saliency [hybrid-130m]=mambalrp,gxi,lrp_ln,no_ssm_rule,saliency)
 REF_SET=integrated_gradients,smoothgrad,feature_ablation,kernelshap
 declare -A ATT=([mamba-130m]=mamba_attr,implicit_attr [mamba2-130m]=implicit_attn,implicit_attr [hybrid-130m]=)
 # the baselines' settings on the GPU (recorded in each study's config.json)
@@ -70,7 +72,7 @@ SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --refer
 # per model: ranks on the one GPU, rows per gradient pass (transformers' torch SSD path keeps
 # about 10 MB per token for the backward pass, mamba-ssm's Mamba1 kernel about 1.5) and the
 # memory cap of each rank (a share of the GPU; longrange runs uncapped beside them)
-declare -A RANKS=([mamba-130m]=3 [mamba2-130m]=2 [hybrid-130m]=2)
+declare -A RANKS=([mamba-130m]=3 [mamba2-130m]=3 [hybrid-130m]=3)
 declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch 40 --smoothgrad-per-pass 2 --memory-fraction 0.06"
                      [mamba2-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1"
                      [hybrid-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1")
@@ -101,7 +103,7 @@ train() {  # $1 model name: trains unless runs/<name>/model has a finished model
 }
 
 study() {  # $1 model: the study on all test examples, sharded over NPROC ranks on the one GPU
-    local name=$1 dir=$RUNS/$1 methods="$LRP_SET,$REF_SET,${ATT[$1]:+${ATT[$1]},}random"
+    local name=$1 dir=$RUNS/$1 methods="${LRP_SET[$1]},$REF_SET,${ATT[$1]:+${ATT[$1]},}random"
     local args=(--model "$dir/model" --examples "$N" --methods "$methods" --out "$dir/study" "${SETTINGS[@]}")
     local batching=(${BATCHING[$name]})
     [ $SMOKE = 1 ] && batching=("${batching[@]:0:6}")  # no memory cap on the CPU
