@@ -109,7 +109,7 @@ study() {  # $1 model: the study on all test examples, sharded over NPROC ranks 
     [ $SMOKE = 1 ] && batching=("${batching[@]:0:6}")  # no memory cap on the CPU
     log "$name: study ($methods)"
     echo "torchrun --standalone --nproc_per_node ${RANKS[$name]} scripts/run_emotion_study.py ${args[*]} ${batching[*]}" >"$dir/study.cmd"
-    PYTHONPATH=${PYP[$name]} timeout "$(left)" torchrun --standalone --nproc_per_node "${RANKS[$name]}" \
+    PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m torch.distributed.run --standalone --nproc_per_node "${RANKS[$name]}" \
         scripts/run_emotion_study.py "${args[@]}" "${batching[@]}" >"$dir/study.log" 2>&1
     local rc=$?
     log "$name: study rc=$rc"
