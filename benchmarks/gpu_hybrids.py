@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="fewer layers than the shape has (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--recompute", default="auto")
+    parser.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the N kernels with the most GPU time in each pass")
     args = parser.parse_args()
@@ -140,7 +141,7 @@ def main() -> None:
         t_fwd = cuda_time(lambda: model(ids, use_cache=False), args.repeats)
     print(f"forward: {t_fwd * 1e3:.1f} ms", flush=True)
 
-    lrp = MambaLRP(model, recompute=args.recompute)
+    lrp = MambaLRP(model, recompute=args.recompute, backend=args.backend)
     target = int(torch.randint(0, config.vocab_size, (1,)))
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
