@@ -23,6 +23,7 @@ BUDGET=${BUDGET:-540}           # seconds from start to the last packed result
 TRAIN_S=${TRAIN_S:-110}         # seconds of training per model (the three train side by side)
 STUDY_END=${STUDY_END:-$((BUDGET - 75))}   # every study and long-range process stops here
 PACK_EVERY=${PACK_EVERY:-45}
+# a short pilot: BUDGET=140 TRAIN_S=45 STUDY_END=115 TABLE=0 PACK_EVERY=20 bash scripts/gpu_deep_study.sh
 T0=$(date +%s)
 mkdir -p "$OUT" "$RUNS"
 el() { echo $(($(date +%s) - T0)); }
@@ -172,8 +173,8 @@ for m in "${MODELS[@]}"; do
     pipeline "$m" &
     PIDS+=($!)
 done
-# the Mamba1 table once its model exists
-(
+# the Mamba1 table once its model exists (TABLE=0: none)
+[ "${TABLE:-1}" != 0 ] && (
     while [ ! -f "$RUNS/mamba-130m/model/metrics.json" ] && [ "$(el)" -lt "$STUDY_END" ]; do sleep 2; done
     if [ -f "$RUNS/mamba-130m/model/metrics.json" ]; then
         for k in token zero mean; do table $k & done
