@@ -9,6 +9,7 @@ Runnable in parts, one shape / length per invocation (each well under 10 minutes
     python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --recompute sequence      # goal 2, mode forced
     python benchmarks/gpu_scale.py throughput --shape falcon7b --batch 16 --length 4096          # goal 4
     python benchmarks/gpu_scale.py precision --arch mamba2 --layers 16 --d-model 1024 --length 4096  # goal 3
+    python benchmarks/gpu_scale.py check --shape falcon7b --length 10000     # "sequence" == keep, on a reduced shape
 
 Models: random weights made directly on the GPU in the dtype (transformers' initialisation),
 a 2-class head at the last token, batch 1 (throughput: the batch given), ids random.
@@ -281,6 +282,28 @@ def part_time(a: argparse.Namespace) -> None:
     emit(row, a.out)
 
 
+def part_check(a: argparse.Namespace) -> None:
+    """recompute="sequence" against keeping everything on a reduced copy of the shape (pieces
+    that do not divide the length): relevance relative L2 and the scan backends that ran."""
+    from captum_mambalrp import MambaLRP, SequenceChunks
+    from captum_mambalrp.scan import record_backends
+
+    dtype = getattr(torch, a.dtype)
+    model = build(a.shape, dtype, a.layers or 4, a.hidden or 512)
+    ids = torch.randint(0, 1000, (a.batch, a.length), device=DEVICE)
+    kept = MambaLRP(model, recompute=False).attribute(ids, target=1)
+    row: Dict[str, Any] = dict(part="check", shape=a.shape, dtype=a.dtype, length=a.length, layers=a.layers or 4)
+    chunk = a.chunk or max(1, a.length // 3 + 1)
+    with record_backends() as used:
+        seq = MambaLRP(model, recompute=SequenceChunks(chunk=chunk, stride=a.stride or 2, slots=a.slots or 1)).attribute(
+            ids, target=1
+        )
+    row["chunk"] = chunk
+    row["rel_l2_vs_keep"] = float((seq - kept).norm() / kept.norm())
+    row["backends"] = dict(used)
+    emit(row, a.out)
+
+
 def part_precision(a: argparse.Namespace) -> None:
     from precision import measure
 
@@ -293,7 +316,7 @@ def part_precision(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["time", "throughput", "precision"])
+    p.add_argument("part", choices=["time", "throughput", "precision", "check"])
     p.add_argument("--shape", default="falcon7b", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--length", type=int, default=4096)
@@ -317,6 +340,8 @@ def main() -> None:
     if a.part == "precision":
         a.shape_for_precision = a.shape
         part_precision(a)
+    elif a.part == "check":
+        part_check(a)
     else:
         part_time(a)
 
