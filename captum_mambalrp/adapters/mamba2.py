@@ -137,7 +137,7 @@ def mamba2_piece(
     linear, backend = rules.ssm.ssm_is_linear, rules.backend
     new_state: Optional[Tuple[Tensor, Tensor]] = None
     if state is None and not carry:
-        y = ssd_scan(*scan_args, linear=linear, backend=backend)
+        y = ssd_scan(*scan_args, linear=linear, backend=backend, model_dtype=dtype)
     else:
         y, h_last = ssd_scan_state(*scan_args, None if state is None else state[1], linear=linear, backend=backend)
         if carry:
