@@ -36,7 +36,7 @@ if [ $SMOKE = 1 ]; then
     DEV=cpu
     DATA=${DATA:-$ROOT/../shared/data/emotion}
     [ -d "$DATA" ] || DATA=/work/shared/data/emotion
-    PY_BASE=$ROOT PY_SSM=$ROOT
+    PY_BASE=${SITE:+$SITE:}$ROOT PY_SSM=${SITE:+$SITE:}$ROOT   # SITE: a trimmed site to test with
     N=24 TABLE_N=16
     TINY=(--hidden 32 --layers 2 --state 4 --head-dim 8 --attn-heads 2 --attn-layers 1 --max-steps 20 --batch 16)
     LENGTHS=64,128 LONG_NEEDLES=2
@@ -51,6 +51,17 @@ else
         # kernels would autotune for minutes)
         mkdir -p /tmp/site_ssm && mv /tmp/site/mamba_ssm* /tmp/site/selective_scan_cuda* /tmp/site_ssm/
     fi
+    # the carried transformers (models trimmed) lacks models/encoder_decoder, which AutoTokenizer
+    # imports (the first pilot failed there): transformers 5.24's copy from .gpudata/transformers_models/,
+    # else the machine's own transformers' (5.17; only its config class is imported)
+    for d in .gpudata/transformers_models/*/; do
+        [ -d "$d" ] && [ ! -d "/tmp/site/transformers/models/$(basename "$d")" ] && cp -r "$d" /tmp/site/transformers/models/
+    done
+    if [ ! -d /tmp/site/transformers/models/encoder_decoder ]; then
+        own=$(cd / && python3 -c "import os, transformers; print(os.path.dirname(transformers.__file__))")
+        cp -r "$own/models/encoder_decoder" /tmp/site/transformers/models/
+    fi
+    PYTHONPATH=/tmp/site python3 -c "from transformers import AutoTokenizer" || { log "AutoTokenizer does not import"; exit 1; }
     [ -f .gpudata/tc.tgz ] && mkdir -p /tmp/tc && tar -xzf .gpudata/tc.tgz -C /tmp/tc 2>/dev/null
     PY_BASE=/tmp/site:$ROOT PY_SSM=/tmp/site:/tmp/site_ssm:$ROOT
     N=0 TABLE_N=${TABLE_N:-400}
