@@ -20,10 +20,13 @@ SMOKE=0
 OUT=${OUT:-$ROOT/runs/gpu-deep-out}
 RUNS=${RUNS:-$ROOT/runs/deep}
 BUDGET=${BUDGET:-540}           # seconds from start to the last packed result
-TRAIN_S=${TRAIN_S:-110}         # seconds of training per model (the three train side by side)
+TRAIN_S=${TRAIN_S:-240}         # seconds of training per model (the three train side by side)
+TRAIN_BATCH=${TRAIN_BATCH:-128} TRAIN_LR=${TRAIN_LR:-1e-3}   # launch-bound steps: a large batch trains more per second
 STUDY_END=${STUDY_END:-$((BUDGET - 75))}   # every study and long-range process stops here
 PACK_EVERY=${PACK_EVERY:-45}
-# a short pilot: BUDGET=140 TRAIN_S=45 STUDY_END=115 TABLE=0 PACK_EVERY=20 bash scripts/gpu_deep_study.sh
+# the H200 pilot of 2026-12-01: BUDGET=140 TRAIN_S=45 STUDY_END=115 TABLE=0 PACK_EVERY=20 TRAIN_BATCH=32
+# A full run needs two calls on one machine (the second right after the first, while it is warm: it
+# skips the training and resumes the studies): see docs/results.md, "Deeper models".
 T0=$(date +%s)
 mkdir -p "$OUT" "$RUNS"
 el() { echo $(($(date +%s) - T0)); }
@@ -65,7 +68,7 @@ else
     [ -f .gpudata/tc.tgz ] && mkdir -p /tmp/tc && tar -xzf .gpudata/tc.tgz -C /tmp/tc 2>/dev/null
     PY_BASE=/tmp/site:$ROOT PY_SSM=/tmp/site:/tmp/site_ssm:$ROOT
     N=0 TABLE_N=${TABLE_N:-400}
-    TINY=(--epochs 40 --time-budget "$TRAIN_S" --batch 32)
+    TINY=(--epochs 60 --time-budget "$TRAIN_S" --batch "$TRAIN_BATCH")
     LENGTHS=2048,4096,8192,16384 LONG_NEEDLES=8
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 fi
@@ -108,7 +111,7 @@ train() {  # $1 model name: trains unless runs/<name>/model has a finished model
     if [ -f "$dir/model/metrics.json" ]; then log "$name: trained already"; return 0; fi
     log "$name: training"
     PYTHONPATH=${PYP[$name]} python3 scripts/train_classifier.py --data "$DATA" --preset "$name" --device "$DEV" --amp \
-        --lr 1e-3 --seed 0 --out "$dir/model" "${TINY[@]}" >"$dir/train.log" 2>&1
+        --lr "$TRAIN_LR" --seed 0 --out "$dir/model" "${TINY[@]}" >"$dir/train.log" 2>&1
     local rc=$?
     log "$name: training rc=$rc $(grep -h 'test acc' "$dir/train.log" | tail -1)"
     return $rc
