@@ -28,6 +28,7 @@ SETTINGS = [
     SequenceChunks(chunk=1, stride=2, slots=1),
     SequenceChunks(chunk=16, stride=3, slots=2),
     SequenceChunks(chunk=64, stride=5, slots=1),
+    SequenceChunks(chunk=9, stride=2, slots=1, host=True),  # kept block inputs copied to host memory
     "sequence",
 ]
 

@@ -306,7 +306,9 @@ class RecomputePlan:
         stride = asked.stride or max(1, math.ceil(math.sqrt(n)))
         kept = math.ceil(n / stride)  # forward checkpoints (the first is the chain's own input)
         host = asked.host if asked.host is not None else hidden.device.type == "cuda" and (kept - 1) * residual <= host_budget
-        host = host and host_budget > 0  # never while a CUDA graph is captured (no pinned allocations)
+        cuda = hidden.device.type == "cuda"
+        if cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            host = False  # no pinned host allocations inside a CUDA graph's capture
         on_device = 1 if host else kept
         block = 4 * residual + 4 * mixer_in  # one block's backward: gradients, its input and output, the norm
         slots = asked.slots
@@ -476,9 +478,9 @@ class _Chain:
             self.start = position
             self.kept[position] = hidden
         elif (position - self.start) % self.stride == 0:
-            if self.host and hidden.is_cuda:
-                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-                self.parked[position] = (host.copy_(hidden.detach(), non_blocking=True), hidden.device)
+            if self.host:  # a copy in (pinned, for CUDA) host memory
+                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+                self.parked[position] = (host.copy_(hidden.detach(), non_blocking=hidden.is_cuda), hidden.device)
             else:
                 self.kept[position] = hidden
         out = _ChainLink.apply(hidden, self, position)
@@ -499,7 +501,7 @@ class _Chain:
             x = self.kept[start]
         else:
             host, device = self.parked[start]
-            x = host.to(device, non_blocking=True)
+            x = host.to(device, non_blocking=device.type == "cuda", copy=True)
         step = max(1, math.ceil((position - start) / self.slots))
         with torch.no_grad():
             for p in range(start, position):
