@@ -308,3 +308,48 @@ def test_mamba_ssm_backend_falls_back_for_pieces(monkeypatch):
     with scan.record_backends() as used:
         name = scan._pick("mamba_ssm", x, True, "mamba1", stateful=True)
     assert name in ("triton", "torch") and used[name] == 1 and used["mamba_ssm"] == 0
+
+
+def test_backward_on_another_thread_still_runs_in_pieces(monkeypatch):
+    """On CUDA the autograd engine runs the backward pass on its device thread, where the pass's
+    plan (a context variable) is not set: the recomputed blocks must still run their mixers in
+    pieces (not whole, through torch's checkpoint). Simulated here by running each block's
+    backward on a fresh thread."""
+    import threading
+
+    original = rc._ChainLink.backward
+
+    def on_a_thread(ctx, grad):
+        out = {}
+
+        def work():
+            try:
+                out["value"] = original(ctx, grad)
+            except BaseException as e:  # pragma: no cover - re-raised below
+                out["error"] = e
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    whole = []
+    real_checkpoint = rc.checkpoint
+    monkeypatch.setattr(rc._ChainLink, "backward", staticmethod(on_a_thread))
+    monkeypatch.setattr(rc, "checkpoint", lambda *a, **k: whole.append(1) or real_checkpoint(*a, **k))
+    model = make_lm("falcon", seed=2, num_hidden_layers=3)
+    ids = ids_for(1, 64)
+    kept = MambaLRP(model, recompute=False).attribute(ids, target=1)
+    # "auto" with a budget below recomputation's need: the mode and the pieces' size live in the plan
+    monkeypatch.setattr(rc, "MIN_SEQUENCE_CHUNK", 4)
+    budget = 0.999 * _needed(model, ids)["recompute"]
+    monkeypatch.setattr(rc, "available_memory", lambda device: budget / rc.AUTO_MEMORY_FRACTION)
+    pieces = []
+    real_in_pieces = rc.in_pieces
+    monkeypatch.setattr(rc, "in_pieces", lambda *a: pieces.append(torch.is_grad_enabled()) or real_in_pieces(*a))
+    seq = MambaLRP(model).attribute(ids, target=1)
+    assert _rel(seq, kept) < 1e-5
+    assert not whole  # no mixer was recomputed whole
+    assert pieces.count(True) == 3  # each block's mixer, run with a graph in the block's backward pass

@@ -460,7 +460,8 @@ class _Chain:
     the nearest kept one, keeping every ``ceil(distance / slots)``-th input of that stretch for
     the blocks before it."""
 
-    def __init__(self, settings: SequenceChunks) -> None:
+    def __init__(self, settings: SequenceChunks, plan: Optional[RecomputePlan] = None) -> None:
+        self.plan = plan
         self.stride = settings.stride or 1
         self.slots = max(1, settings.slots or 1)
         self.host = bool(settings.host)
@@ -491,7 +492,12 @@ class _Chain:
         call = self.calls[position]
         assert call is not None, "a block of the chain ran its backward pass twice"
         forward, args, kwargs = call
-        return forward(hidden, *args, **kwargs)
+        if self.plan is None or _PLAN.get() is self.plan:
+            return forward(hidden, *args, **kwargs)
+        # the backward pass may run on another thread (CUDA: the autograd engine's device
+        # thread), where the pass's plan is not set: the block's mixers read it
+        with planned(self.plan):
+            return forward(hidden, *args, **kwargs)
 
     def input_of(self, position: int) -> Tensor:
         """Block ``position``'s input: kept, or recomputed from the nearest kept one before it."""
@@ -548,7 +554,7 @@ def chained(forward: Callable[..., Tensor], plan: RecomputePlan) -> Callable[...
         if plan.choose(hidden_states) != SEQUENCE or plan.sequence is None:
             return forward(hidden_states, *args, **kwargs)
         if plan.chain is None:
-            plan.chain = _Chain(plan.sequence)
+            plan.chain = _Chain(plan.sequence, plan)
         return plan.chain.link(forward, hidden_states, args, kwargs)
 
     return run
