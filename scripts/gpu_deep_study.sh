@@ -5,11 +5,12 @@
 # (2K-16K tokens), all within BUDGET seconds, writing small results as they finish.
 #
 #   bash scripts/gpu_deep_study.sh            # on the H200 (uses .gpusite/site.tar.xz, .gpudata/)
-#   bash scripts/gpu_deep_study.sh --smoke    # on the CPU: tiny models, a few examples (seconds)
+#   bash scripts/gpu_deep_study.sh --smoke    # on the CPU: tiny models, a few examples (minutes)
+#   ONLY=mamba-130m bash scripts/gpu_deep_study.sh   # one model (TABLE=0: without the reference table)
 #
 # Weights and full study folders stay in $RUNS (default runs/deep, git-ignored); a second call
 # on the same machine skips finished training and resumes the studies. Small results are packed
-# into $OUT/deep_results.tgz (rewritten every PACK_EVERY seconds and at the end), with
+# into $OUT/<model>.tgz (rewritten every PACK_EVERY seconds and at the end), with
 # $OUT/timeline.txt. Every process ends by its deadline; a study stopped by it is summarized over
 # the examples that every method finished (run_emotion_study.py --finalize-partial).
 set -u
@@ -74,7 +75,7 @@ else
 fi
 log "start: smoke=$SMOKE device=$DEV data=$DATA budget=${BUDGET}s study_end=${STUDY_END}s"
 
-MODELS=(mamba-130m mamba2-130m hybrid-130m)
+read -r -a MODELS <<<"${ONLY:-mamba-130m mamba2-130m hybrid-130m}"   # ONLY="mamba-130m": one model
 declare -A PYP=([mamba-130m]=$PY_SSM [mamba2-130m]=$PY_BASE [hybrid-130m]=$PY_BASE)
 # the LRP variants: all four ablations on Mamba1; on the slower Mamba2/hybrid torch path only the SSM rule's
 declare -A LRP_SET=([mamba-130m]=mambalrp,gxi,lrp_ln,no_activation_rule,no_ssm_rule,no_gate_rule,no_norm_rule,saliency
@@ -188,7 +189,7 @@ for m in "${MODELS[@]}"; do
     PIDS+=($!)
 done
 # the Mamba1 table once its model exists (TABLE=0: none)
-[ "${TABLE:-1}" != 0 ] && (
+[ "${TABLE:-1}" != 0 ] && [[ " ${MODELS[*]} " == *" mamba-130m "* ]] && (
     while [ ! -f "$RUNS/mamba-130m/model/metrics.json" ] && [ "$(el)" -lt "$STUDY_END" ]; do sleep 2; done
     if [ -f "$RUNS/mamba-130m/model/metrics.json" ]; then
         for k in token zero mean; do table $k & done
