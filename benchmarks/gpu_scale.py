@@ -8,7 +8,7 @@ Runnable in parts, one shape / length per invocation (each well under 10 minutes
     python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --skip-forward-repeats  # goal 2 (auto)
     python benchmarks/gpu_scale.py time --shape falcon7b --length 524288 --recompute sequence      # goal 2, mode forced
     python benchmarks/gpu_scale.py throughput --shape falcon7b --batch 16 --length 4096          # goal 4
-    python benchmarks/gpu_scale.py precision --arch mamba2 --layers 16 --d-model 1024 --length 4096  # goal 3
+    python benchmarks/gpu_scale.py precision --shape mamba2_2p7b --layers 16 --hidden 1024 --length 4096  # goal 3
     python benchmarks/gpu_scale.py check --shape falcon7b --length 10000     # "sequence" == keep, on a reduced shape
 
 Models: random weights made directly on the GPU in the dtype (transformers' initialisation),
