@@ -156,3 +156,20 @@ def test_study_with_distance_profile_and_layers_on_mamba2_and_a_hybrid(arch, mam
     assert "distance" in summary["figures"] and (tmp_path / arch / "distance_profile.png").stat().st_size > 1000
     profile = summary["distance_profiles"]["MambaLRP"]
     assert profile["count"][0] == 4 and len(profile["mean"]) == max(len(tok(t)["input_ids"]) for t in TEXTS)
+
+
+def test_hidden_attention_refuses_a_hybrid_naming_its_attention_layer():
+    """A hybrid also mixes tokens in attention layers: the rollout of its Mamba layers would leave
+    them out, so hidden/implicit attention refuse it in one line naming the layer; the model comes
+    back unchanged."""
+    from test_hybrids import build
+
+    model = build("bamba", seed=3)
+    ids = torch.randint(1, 60, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(ValueError, match=r"attention layers \(model\.layers\.1\.self_attn: BambaAttention\)"):
+        scan_records(model, ids, None, with_gradient=True)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

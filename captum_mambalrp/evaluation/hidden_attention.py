@@ -149,18 +149,30 @@ class _GateProbe(GradientRule):
         return out
 
 
-def _mixer_convs(model: nn.Module) -> Tuple[List[nn.Conv1d], List[nn.Module]]:
-    """The model's Mamba mixers and the depthwise convolutions inside them, in module order."""
-    from .analysis import _mamba_mixers
+def _mixer_convs(model: nn.Module) -> Tuple[List[nn.Conv1d], List[nn.Module], List[str]]:
+    """The model's Mamba mixers (the modules an adapter takes over with a selective scan), the
+    depthwise convolutions inside them, in module order, and the mixers' names.
 
-    names = _mamba_mixers(model)
+    Raises:
+        ValueError: the model also mixes tokens with attention layers (a hybrid): a rollout over
+            its Mamba layers alone would leave their mixing out.
+    """
+    layout = install_rules(model, composite("gradient"), require_layer=False)
+    layout.patcher.restore()
+    if layout.attention:
+        name = layout.attention[0]
+        raise ValueError(
+            f"hidden and implicit attention roll out Mamba layers only, and {type(model).__name__} also mixes tokens in "
+            f"attention layers ({name}: {type(model.get_submodule(name)).__name__}): use MambaLRP or a Captum baseline"
+        )
+    names = list(layout.mixers)
     mixers = [model.get_submodule(n) for n in names]
     convs = []
     for name, module in model.named_modules():
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         if isinstance(module, nn.Conv1d) and parent in names:
             convs.append(module)
-    return convs, mixers
+    return convs, mixers, names
 
 
 def _to_channels(t: Tensor, kind: str, d: int) -> Tensor:
@@ -195,14 +207,14 @@ def scan_records(
     Raises:
         RuntimeError: the model's mixers could not be read (not Mamba1/Mamba2 mixers, or a
             Mamba2 mixer with mamba-ssm's extra gated MLP).
+        ValueError: a hybrid with attention layers (see :func:`_mixer_convs`).
     """
     rec = _Recorder()
-    probes = composite(
-        "gradient",
-        {"*.conv_act": _ConvActProbe(rec), "*.ssm": _SSMProbe(rec), "*.gate": _GateProbe(rec), "*.gate_act": _GateActProbe(rec)},
-    )
+    convs, mixers, names = _mixer_convs(model)
+    # probes on the mixers' own components only (an MLP's gate is not a scan's gate)
+    parts = {"conv_act": _ConvActProbe(rec), "ssm": _SSMProbe(rec), "gate": _GateProbe(rec), "gate_act": _GateActProbe(rec)}
+    probes = composite("gradient", {f"{name}.{part}": rule for name in names for part, rule in parts.items()})
     patcher = Patcher()
-    convs, mixers = _mixer_convs(model)
     try:
         install_rules(model, probes, patcher=patcher)
         for conv in convs:
