@@ -509,3 +509,26 @@ def test_error_mid_attribution_leaves_the_model_unchanged():
     with pytest.raises(ValueError, match="packed"):
         MambaLRP(model, composite="conservative").attribute(ids, target=1, seq_idx=torch.zeros(1, 6, dtype=torch.int32))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sequence_pieces_give_the_same_relevance(family, monkeypatch):
+    """``recompute="sequence"``: each hybrid's SSM mixers run in pieces of the sequence (state
+    carried, pieces that do not divide the length), with the same relevance as ``recompute=False``
+    for left-padded batches; the pieces did run."""
+    from captum_mambalrp.adapters import recompute as rc
+    from captum_mambalrp.adapters.recompute import SequenceChunks
+
+    model = build(family, seed=21)
+    ids, mask = left_padded(3, 23, [0, 4, 15], seed=2)
+    ids = ids % model.config.vocab_size
+    kept = MambaLRP(model, composite="conservative", recompute=False).attribute(ids, target=3, attention_mask=mask)
+    calls = []
+    real = rc.in_pieces
+    monkeypatch.setattr(rc, "in_pieces", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    again = MambaLRP(model, composite="conservative", recompute=SequenceChunks(chunk=5, stride=2)).attribute(
+        ids, target=3, attention_mask=mask
+    )
+    assert calls and set(calls) == {5}, calls
+    assert ((again - kept).norm() / kept.norm()).item() < 1e-5
+    assert (again[mask == 0] == 0).all()

@@ -39,8 +39,8 @@ from ..rules.composites import Composite
 from .base import Adapter, Component, register
 from .common import mixer_rules, rules_as_components
 from .hf_mamba2 import hf_mamba2_parts, reject_packed
-from .mamba1 import hf_mamba1_parts, mamba1_forward
-from .mamba2 import mamba2_forward, mamba2_rules
+from .mamba1 import Mamba1State, hf_mamba1_parts, mamba1_forward, mamba1_piece
+from .mamba2 import mamba2_forward, mamba2_piece, mamba2_rules
 from .norms import norm_epsilon, rms_norm
 from .patching import Patcher
 
@@ -80,6 +80,26 @@ def check_padding_mask(attention_mask: Optional[Tensor], where: str) -> Optional
             "pass the model a 0/1 attention_mask of shape [batch, length]"
         )
     return attention_mask
+
+
+def piece_accepts(module: Any, where: str) -> Callable[[Dict[str, Any]], bool]:
+    """Which calls of a hybrid's mixer may run in pieces of the sequence (``recompute="sequence"``):
+    the layer's own keyword arguments pass through (the mixer reads only the mask); a filled cache
+    and packed sequences are refused as the forward refuses them.
+
+    Returns:
+        ``accepts(kwargs) -> bool``.
+
+    Raises:
+        ValueError: (from ``accepts``) a filled cache or packed sequences.
+    """
+
+    def accepts(kwargs: Dict[str, Any]) -> bool:
+        reject_packed(kwargs)
+        reject_cache_state(kwargs.get("cache", kwargs.get("cache_params")), getattr(module, "layer_idx", None), where)
+        return True
+
+    return accepts
 
 
 def reject_cache_state(cache: Any, layer_idx: Optional[int], where: str) -> None:
@@ -132,6 +152,13 @@ class HFJambaMixerAdapter(Adapter):
             reject_cache_state(cache, getattr(module, "layer_idx", None), name)
             return mamba1_forward(parts, rules, hidden_states, check_padding_mask(attention_mask, name))
 
+        def piece(hidden, attention_mask, state, carry):  # recompute="sequence": one piece of the sequence
+            mask = check_padding_mask(attention_mask, name)
+            out, new = mamba1_piece(parts, rules, hidden, mask, None if state is None else Mamba1State(*state), carry)
+            return out, None if new is None else new.tensors()
+
+        forward.sequence_piece = piece  # type: ignore[attr-defined]
+        forward.sequence_piece_accepts = piece_accepts(module, name)  # type: ignore[attr-defined]
         patcher.replace_forward(module, forward)
         return components
 
@@ -179,6 +206,11 @@ class HFHybridMamba2Adapter(Adapter):
             reject_cache_state(cache, getattr(module, "layer_idx", None), name)
             return mamba2_forward(parts, rules, norm_rule, hidden_states, check_padding_mask(attention_mask, name))
 
+        def piece(hidden, attention_mask, state, carry):  # recompute="sequence": one piece of the sequence
+            return mamba2_piece(parts, rules, norm_rule, hidden, check_padding_mask(attention_mask, name), state, carry)
+
+        forward.sequence_piece = piece  # type: ignore[attr-defined]
+        forward.sequence_piece_accepts = piece_accepts(module, name)  # type: ignore[attr-defined]
         patcher.replace_forward(module, forward)
         return components
 

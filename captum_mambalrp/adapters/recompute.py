@@ -21,8 +21,8 @@ Modes (``MambaLRP(model, recompute=...)``):
   ``stride``-th block (in pinned host memory on CUDA when the host holds them), and the
   backward pass recomputes each block's input from the nearest kept one (:class:`_Chain`).
   Relevance is unchanged (to rounding): it is the same modified gradient, the rules act per
-  token and the carried state is exact. Mixers without a piece function (transformers'
-  hybrids' and mamba-ssm's for now; transformers' Mamba, FalconMamba and Mamba2 have one) are
+  token and the carried state is exact. Mixers without a piece function (mamba-ssm's for
+  now; transformers' Mamba, FalconMamba, Mamba2 and the hybrids' SSM mixers have one) are
   recomputed whole inside the recomputed blocks;
 - ``"auto"`` (default): chosen per pass from the memory it would need and the memory free,
   by :class:`RecomputePlan`.
@@ -371,6 +371,15 @@ def offloaded(forward: Callable[..., Tensor], hidden_states: Tensor, *args, **kw
 Piece = Callable[[Tensor, Optional[Tensor], Optional[Tuple[Tensor, ...]], bool], Tuple[Tensor, Optional[Tuple[Tensor, ...]]]]
 
 
+#: the keyword arguments a mixer without its own ``sequence_piece_accepts`` may be called with
+#: and still run in pieces (a cache only when ``None``); any other recomputes it whole
+PIECE_KWARGS = frozenset({"attention_mask", "cache", "cache_params", "cache_position"})
+
+
+def _plain_call(kwargs: Dict[str, Any]) -> bool:
+    return set(kwargs) <= PIECE_KWARGS and kwargs.get("cache") is None and kwargs.get("cache_params") is None
+
+
 def _bounds(length: int, chunk: int) -> List[Tuple[int, int]]:
     return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
 
@@ -571,6 +580,9 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
     copies of its input, offloaded).
     """
     piece: Optional[Piece] = getattr(forward, "sequence_piece", None)
+    # an adapter may say which calls its pieces take (``forward.sequence_piece_accepts(kwargs)``,
+    # raising where its forward would); else only a mask and an empty cache slot
+    accepts: Optional[Callable[[Dict[str, Any]], bool]] = getattr(forward, "sequence_piece_accepts", None)
 
     def run(hidden_states: Tensor, *args, **kwargs) -> Tensor:
         mode: Any = recompute
@@ -585,11 +597,10 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
                 mode = tokens > RECOMPUTE_AUTO_TOKENS.get(hidden_states.device.type, RECOMPUTE_AUTO_TOKENS["cpu"])
         if is_sequence(mode):
             settings = plan.sequence if plan is not None else (recompute if isinstance(recompute, SequenceChunks) else None)
-            if piece is not None and not args and set(kwargs) <= {"attention_mask", "cache", "cache_params", "cache_position"}:
+            if piece is not None and not args and (accepts(kwargs) if accepts is not None else _plain_call(kwargs)):
                 chunk = (settings.chunk if settings is not None else None) or DEFAULT_SEQUENCE_CHUNK
-                if kwargs.get("cache") is None and kwargs.get("cache_params") is None:
-                    return in_pieces(piece, hidden_states, kwargs.get("attention_mask"), chunk)
-            mode = True  # no piece function (or a cache): recompute the whole mixer
+                return in_pieces(piece, hidden_states, kwargs.get("attention_mask"), chunk)
+            mode = True  # no piece function (or a call it cannot take): recompute the whole mixer
         if not torch.is_grad_enabled() or mode is False:
             return forward(hidden_states, *args, **kwargs)
         if mode == "offload":
