@@ -420,3 +420,23 @@ def test_decoding_cache_and_packed_batches_are_refused():
         MambaLRP(model).attribute(ids, target=1, inference_params=object())
     with pytest.raises(ValueError, match="packed"):
         MambaLRP(model).attribute(ids, target=1, seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2", "hybrid"])
+def test_sequence_pieces_give_the_same_relevance(layer, monkeypatch):
+    """``recompute="sequence"``: mamba-ssm's ``Mamba`` and ``Mamba2`` run in pieces of the sequence
+    (state carried; pieces that do not divide the length), in a plain and a hybrid LM, with the
+    same relevance as keeping everything; the pieces did run."""
+    from captum_mambalrp.adapters import recompute as rc
+    from captum_mambalrp.adapters.recompute import SequenceChunks
+
+    model = make_ssm_hybrid(seed=9) if layer == "hybrid" else make_ssm_lm(layer, seed=9)
+    ids = ids_for(2, 23, seed=9)
+    name = "conservative" if layer == "hybrid" else "mambalrp"
+    kept = MambaLRP(model, composite=name, recompute=False).attribute(ids, target=(-1, 5))
+    calls = []
+    real = rc.in_pieces
+    monkeypatch.setattr(rc, "in_pieces", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    again = MambaLRP(model, composite=name, recompute=SequenceChunks(chunk=5)).attribute(ids, target=(-1, 5))
+    assert calls and set(calls) == {5}, calls
+    assert ((again - kept).norm() / kept.norm()).item() < 1e-5

@@ -35,8 +35,8 @@ from .base import Adapter, Component, find_adapter, register
 from .common import mixer_rules, rules_as_components
 from .hf_mamba2 import reject_packed
 from .install import UnsupportedModelError
-from .mamba1 import Mamba1Parts, mamba1_forward
-from .mamba2 import GatedNorm, Mamba2Parts, mamba2_forward, mamba2_rules
+from .mamba1 import Mamba1Parts, Mamba1State, mamba1_forward, mamba1_piece
+from .mamba2 import GatedNorm, Mamba2Parts, mamba2_forward, mamba2_piece, mamba2_rules
 from .mlp import MLPParts, mlp_forward
 from .patching import Patcher
 
@@ -114,6 +114,16 @@ class MambaSSM1Adapter(Adapter):
             reject_inference_params(inference_params)
             return mamba1_forward(parts, rules, hidden_states)
 
+        def piece(hidden, attention_mask, state, carry):  # recompute="sequence": one piece of the sequence
+            out, new = mamba1_piece(parts, rules, hidden, attention_mask, None if state is None else Mamba1State(*state), carry)
+            return out, None if new is None else new.tensors()
+
+        def accepts(kwargs: Dict[str, Any]) -> bool:  # which calls run in pieces (a decoding cache is refused)
+            reject_inference_params(kwargs.get("inference_params"))
+            return True
+
+        forward.sequence_piece = piece  # type: ignore[attr-defined]
+        forward.sequence_piece_accepts = accepts  # type: ignore[attr-defined]
         patcher.replace_forward(module, forward)
         return rules_as_components(name, rules)
 
@@ -152,6 +162,16 @@ class MambaSSM2Adapter(Adapter):
             out = mamba2_forward(parts, rules, norm_rule, u.reshape(-1, seqlen, u.shape[-1]))
             return out.reshape(-1, out.shape[-1])
 
+        def piece(hidden, attention_mask, state, carry):  # recompute="sequence": one piece of the sequence
+            return mamba2_piece(parts, rules, norm_rule, hidden, attention_mask, state, carry)
+
+        def accepts(kwargs: Dict[str, Any]) -> bool:  # [b, l, d] calls run in pieces; (b * l, d) rows whole
+            reject_inference_params(kwargs.get("inference_params"))
+            reject_packed({k: kwargs.get(k) for k in ("seq_idx", "cu_seqlens")})
+            return kwargs.get("seqlen") is None
+
+        forward.sequence_piece = piece  # type: ignore[attr-defined]
+        forward.sequence_piece_accepts = accepts  # type: ignore[attr-defined]
         patcher.replace_forward(module, forward)
         return components
 

@@ -21,9 +21,9 @@ Modes (``MambaLRP(model, recompute=...)``):
   ``stride``-th block (in pinned host memory on CUDA when the host holds them), and the
   backward pass recomputes each block's input from the nearest kept one (:class:`_Chain`).
   Relevance is unchanged (to rounding): it is the same modified gradient, the rules act per
-  token and the carried state is exact. Mixers without a piece function (mamba-ssm's for
-  now; transformers' Mamba, FalconMamba, Mamba2 and the hybrids' SSM mixers have one) are
-  recomputed whole inside the recomputed blocks;
+  token and the carried state is exact. Mixers without a piece function (Mamba3, Vision
+  Mamba's; transformers' Mamba, FalconMamba, Mamba2, the hybrids' SSM mixers and mamba-ssm's
+  ``Mamba`` and ``Mamba2`` have one) are recomputed whole inside the recomputed blocks;
 - ``"auto"`` (default): chosen per pass from the memory it would need and the memory free,
   by :class:`RecomputePlan`.
 
