@@ -82,13 +82,21 @@ def class_logits(model, ids, mask, class_ids: Optional[torch.Tensor]) -> torch.T
     return last if class_ids is None else last[:, class_ids]
 
 
-def lm_loss(model, ids, mask, y, class_ids: Optional[torch.Tensor]) -> torch.Tensor:
+def lm_loss(model, ids, mask, y, class_ids: Optional[torch.Tensor], every_position: bool = False) -> torch.Tensor:
     """Cross-entropy of the class at the last real token (over the whole vocabulary for a
-    language model, so that its prediction is a class token)."""
+    language model, so that its prediction is a class token). ``every_position``: the mean over
+    every real token instead (each prefix labelled with its text's class; the model is still read
+    at the last token), a denser training signal for deep models trained from scratch."""
     logits = model(input_ids=ids, attention_mask=mask).logits
     b, length = logits.shape[:2]
-    last = logits[torch.arange(b, device=logits.device), last_real_index(mask, b, length, logits.device)].float()
     target = y if class_ids is None else class_ids[y]
+    if every_position:
+        per_token = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), target.repeat_interleave(length), reduction="none"
+        ).view(b, length)
+        real = mask.to(per_token.dtype)
+        return ((per_token * real).sum(1) / real.sum(1).clamp_min(1)).mean()
+    last = logits[torch.arange(b, device=logits.device), last_real_index(mask, b, length, logits.device)].float()
     return torch.nn.functional.cross_entropy(last, target)
 
 
@@ -130,6 +138,8 @@ def class_tokenizer(tokenizer):
 def build_model(args, tokenizer) -> tuple:
     """The model and, for a language model, the class token ids."""
     common = dict(pad_token_id=tokenizer.pad_token_id, use_cache=False, tie_word_embeddings=False)
+    if args.rescale_residual:  # out_proj scaled by 1/sqrt(layers) at init (GPT-2's rule; transformers' flag)
+        common["rescale_prenorm_residual"] = True
     if args.arch == "mamba":
         from transformers import MambaConfig
 
@@ -270,6 +280,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU); weights stay float32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--every-position",
+        action="store_true",
+        help="train on the class at every real token (each prefix), not only the last; the model is still read at the last",
+    )
+    p.add_argument("--rescale-residual", action="store_true", help="Mamba1/Mamba2: out_proj scaled by 1/sqrt(layers) at init")
+    p.add_argument("--eval-every", type=int, default=0, help="also print the validation accuracy every N steps (0: per epoch)")
     args = p.parse_args(argv)
     defaults = dict(
         arch="mamba", hidden=128, layers=2, state=16, expand=2, head_dim=32, groups=1, attn_layers=None, attn_heads=4, chunk=0
@@ -321,7 +338,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         total, seen = 0.0, 0
         for ids, mask, y in batches(*train, tokenizer, args.batch, True, args.max_len, rng):
             with autocast:
-                loss = lm_loss(model, ids.to(args.device), mask.to(args.device), y.to(args.device), class_ids)
+                loss = lm_loss(
+                    model, ids.to(args.device), mask.to(args.device), y.to(args.device), class_ids, args.every_position
+                )
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -331,6 +350,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
             if args.time_budget and step == 20:
                 plan["steps"] = steps = min(steps, fit_steps(step, time.time() - start, args.time_budget))
                 print(f"--time-budget {args.time_budget:.0f}s: {steps} steps", flush=True)
+            if args.eval_every and step % args.eval_every == 0:
+                acc = accuracy(model, *val, tokenizer, args.device, args.max_len, class_ids)
+                model.train(train_mode)
+                took = time.time() - start
+                print(f"step {step}: loss {float(loss.detach()):.4f}  val acc {acc:.4f}  ({took:.0f}s)", flush=True)
             if step >= steps:
                 break
         acc = accuracy(model, *val, tokenizer, args.device, args.max_len, class_ids)

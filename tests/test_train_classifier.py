@@ -89,3 +89,51 @@ def test_time_budget_cuts_the_run_to_what_fits(script, data, tmp_path):
     metrics = script.main(["--data", data, "--out", out, "--epochs", "30", "--time-budget", "1e-6", "--seed", "1"] + tiny)
     assert metrics["steps"] == 20  # the budget is spent: the run stops where the count was fitted
     assert script.budget_lr(0, 100) == 0.1 and script.budget_lr(100, 100) == 0.0
+
+
+def test_every_position_loss_is_the_mean_over_real_tokens_of_each_prefix(script):
+    """``--every-position``: each real token's cross-entropy against its text's class, averaged per
+    text over its real tokens, then over texts (padding left out); the last-token loss otherwise."""
+
+    class Fixed(torch.nn.Module):  # logits chosen by hand: [B, L, V]
+        def __init__(self, logits):
+            super().__init__()
+            self.out = logits
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": self.out})()
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 9)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    y = torch.tensor([2, 0])
+    class_ids = torch.tensor([3, 4, 5])
+    model, ids = Fixed(logits), torch.zeros(2, 4, dtype=torch.long)
+    by_hand = []
+    for b, n in enumerate(mask.sum(1).tolist()):
+        tokens = [-torch.log_softmax(logits[b, t], -1)[class_ids[y[b]]] for t in range(n)]
+        by_hand.append(sum(tokens) / n)
+    every = script.lm_loss(model, ids, mask, y, class_ids, every_position=True)
+    assert torch.allclose(every, torch.stack(by_hand).mean(), atol=1e-6)
+    last = script.lm_loss(model, ids, mask, y, class_ids)
+    by_hand_last = torch.stack([-torch.log_softmax(logits[0, 2], -1)[5], -torch.log_softmax(logits[1, 3], -1)[3]]).mean()
+    assert torch.allclose(last, by_hand_last, atol=1e-6) and not torch.allclose(every, last)
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_rescale_residual_scales_out_proj_at_init(script, arch):
+    from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer([t for t, _ in LINES], 1)
+    if arch != "mamba":
+        tok = script.class_tokenizer(tok)
+    stds = []
+    for extra in ([], ["--rescale-residual"]):
+        shape = ["--arch", arch, "--hidden", "64", "--layers", "16", "--state", "4"]
+        args = script.parse(["--data", "x", "--out", "x"] + shape + extra)
+        args.head_dim = 16
+        torch.manual_seed(0)
+        model, _ = script.build_model(args, tok)
+        assert model.config.rescale_prenorm_residual == bool(extra)
+        stds.append(torch.stack([m.mixer.out_proj.weight.std() for m in model.modules() if hasattr(m, "mixer")]).mean())
+    assert stds[1] < 0.5 * stds[0]  # 1/sqrt(16) = 0.25 of the plain init

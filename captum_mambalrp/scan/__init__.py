@@ -5,7 +5,8 @@
 
 ``linear=True`` treats the parameters as constants (MambaLRP; memory-lean backward that
 computes the gradient for x only), ``linear=False`` is differentiable in everything (the
-plain-gradient ablation; always the torch backend).
+plain-gradient ablation; always the torch backend: Mamba1 the canonical scan, Mamba2 the
+chunked matrix form out of place, ``ssd_chunked(..., differentiable=True)``).
 
 Backends of the relevance scan (same math, same results to float32 rounding):
 
@@ -285,17 +286,8 @@ def ssd_scan(
         return _kernel("ssd", name)(x, dt, A, B, C, D)
     if linear:  # the chunked matrix form, its adjoint by the same function reversed
         return relevance_scan_from(ssd_chunked, "ssd", x, dt, A, B, C, D)
-    b, length, heads, p = x.shape
-    groups = B.shape[2]
-    hg = heads // groups  # heads per group share B and C: broadcast, never repeated
-    xc = x.reshape(b, length, groups, hg, p).permute(0, 2, 3, 4, 1)  # [b, g, hg, p, l]
-    dtc = dt.reshape(b, length, groups, hg).permute(0, 2, 3, 1).unsqueeze(3)  # [b, g, hg, 1, l]
-    Bc = B.permute(0, 2, 1, 3)[:, :, None, None]  # [b, g, 1, 1, l, n]
-    Cc = C.permute(0, 2, 1, 3)[:, :, None, None]
-    Ac = A.reshape(groups, hg, 1, 1, 1)
-    Dc = None if D is None else D.reshape(groups, hg, -1, 1)
-    y = scan_forward(xc, dtc, Ac, Bc, Cc, Dc)  # [b, g, hg, p, l], differentiable in everything
-    return y.permute(0, 4, 1, 2, 3).reshape(b, length, heads, p)
+    # differentiable in everything: the same form out of place, under autograd
+    return ssd_chunked(x, dt, A, B, C, D, differentiable=True)
 
 
 __all__ = [

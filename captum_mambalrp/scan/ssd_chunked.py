@@ -15,8 +15,12 @@ The products are batched matrix products (``torch.einsum``) laid out so that no 
 tensor is permuted in memory; everything is float32 (float64 for float64 inputs). Within a chunk ``s_i - s_j`` is a
 difference of sums of at most ``T`` steps, as in mamba-ssm's kernels.
 
-Used forward-only: its gradient for x is the same function on the reversed problem
-(:mod:`.adjoint`), so nothing is kept for the backward pass but dt, A, B, C, D.
+Used forward-only for a relevance pass: its gradient for x is the same function on the reversed
+problem (:mod:`.adjoint`), so nothing is kept for the backward pass but dt, A, B, C, D. With
+``differentiable=True`` the same products run out of place, so that autograd differentiates them
+in every input (the rules that keep the SSM's parameters in the graph: Gradient x Input, the
+SSM-rule ablation): saved tensors of ``O(b l h (p + T))`` instead of the step-by-step scan's
+``O(b l h p n)``.
 """
 
 from __future__ import annotations
@@ -64,10 +68,29 @@ def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
     return u
 
 
-def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None, chunk: int = CHUNK) -> Tensor:
+def decay_scan(u: Tensor, decay: Tensor) -> Tensor:
+    """:func:`decay_scan_` out of place, step by step along axis 1 (for autograd; the chunk ends
+    of :func:`ssd_chunked` are few: one per ``CHUNK`` steps)."""
+    out = [u[:, 0]]
+    for t in range(1, u.shape[1]):
+        out.append(torch.addcmul(u[:, t], decay[:, t], out[-1]))
+    return torch.stack(out, 1)
+
+
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    chunk: int = CHUNK,
+    differentiable: bool = False,
+) -> Tensor:
     """The SSD scan, ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``,
     ``B, C [b, l, g, n]``, ``D [h]`` or ``[h, p]`` -> ``y [b, l, h, p]`` in float32 (float64 for
-    float64 inputs)."""
+    float64 inputs). ``differentiable``: no in-place steps, so that autograd can differentiate
+    it in x, dt, A, B, C and D (the relevance pass runs it forward-only, in place)."""
     b, length, heads, p = x.shape
     groups, n = B.shape[2], B.shape[3]
     hg = heads // groups  # heads per group share B and C
@@ -82,19 +105,26 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     Cc = _pad_time(C.to(cd), pad).view(b, nc, chunk, groups, n)
     # within each chunk: y_i = sum_j <C_i, B_j> exp(s_i - s_j) dt_j x_j
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    weights = (s[..., :, None] - s[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
-    weights.mul_(torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)[:, :, :, None])
+    gaps = (s[..., :, None] - s[..., None, :]).masked_fill_(~causal, float("-inf"))
+    cb = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)[:, :, :, None]
+    weights = gaps.exp() * cb if differentiable else gaps.exp_().mul_(cb)
     y = torch.einsum("bcghij,bcjghp->bcghip", weights, xdt)
-    del weights
+    del weights, gaps
     # what each chunk adds to the state at its end, then the state at each chunk's end
     to_end = torch.exp(s[..., -1:] - s).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, j, g, h, 1]
     states = torch.einsum("bcjgn,bcjghp->bcgnhp", Bc, xdt * to_end)
-    decay_scan_(states, torch.exp(s[..., -1])[:, :, :, None, :, None])
+    chunk_decay = torch.exp(s[..., -1])[:, :, :, None, :, None]
+    states = decay_scan(states, chunk_decay) if differentiable else decay_scan_(states, chunk_decay)
     # the state entering chunk c is the end state of chunk c - 1 (chunk 0 starts from zero)
     if nc > 1:
         entering = torch.einsum("bcign,bcgnhp->bcghip", Cc[:, 1:], states[:, :-1])
         y[:, 1:].addcmul_(torch.exp(s[:, 1:])[..., None], entering)
     # back to [b, l, h, p], with D x added in the same pass
+    if differentiable:
+        y = y.permute(0, 1, 4, 2, 3, 5)
+        if D is not None:
+            y = y + D.to(cd).reshape(groups, hg, -1) * _pad_time(x32, pad).view(b, nc, chunk, groups, hg, p)
+        return y.reshape(b, nc * chunk, heads, p)[:, :length]
     out = torch.empty(b, nc * chunk, heads, p, dtype=cd, device=x.device)
     blocked = out.view(b, nc, chunk, groups, hg, p)
     y = y.permute(0, 1, 4, 2, 3, 5)
