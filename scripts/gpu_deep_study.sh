@@ -21,8 +21,10 @@ SMOKE=0
 OUT=${OUT:-$ROOT/runs/gpu-deep-out}
 RUNS=${RUNS:-$ROOT/runs/deep}
 BUDGET=${BUDGET:-540}           # seconds from start to the last packed result
-TRAIN_S=${TRAIN_S:-240}         # seconds of training per model (the three train side by side)
+TRAIN_S=${TRAIN_S:-400}         # seconds of training per model (the three train side by side; the hybrid learned in 400 s)
 TRAIN_BATCH=${TRAIN_BATCH:-128} TRAIN_LR=${TRAIN_LR:-5e-4}   # a large batch: more texts per launch-bound step; 5e-4: the pilot's Mamba1 loss rose at 1e-3
+# (train_classifier.py initializes with std 0.02 since the runs of 2026-12-01, where the pure
+# stacks at transformers' 0.1 did not learn: docs/results.md, "Deeper models")
 STUDY_END=${STUDY_END:-$((BUDGET - 75))}   # every study and long-range process stops here
 PACK_EVERY=${PACK_EVERY:-45}
 # the H200 pilot of 2026-12-01: BUDGET=140 TRAIN_S=45 STUDY_END=115 TABLE=0 PACK_EVERY=20 TRAIN_BATCH=32

@@ -2,7 +2,7 @@
 """Train an Emotion classifier read at the last real token: Mamba1, Mamba2 or a hybrid.
 
     # the embedded default (CPU, 2 layers, 71 min on one core)
-    python scripts/train_classifier.py --data DIR --out captum_mambalrp/default_model --epochs 8 --lr 4e-3
+    python scripts/train_classifier.py --data DIR --out captum_mambalrp/default_model --epochs 8 --lr 4e-3 --init-range 0.1
     # the deep models of issue 15 (a GPU)
     python scripts/train_classifier.py --data DIR --preset mamba-130m --device cuda --amp --out runs/emotion-mamba-130m
     python scripts/train_classifier.py --data DIR --preset mamba2-130m --device cuda --amp --out runs/emotion-mamba2-130m
@@ -138,6 +138,11 @@ def class_tokenizer(tokenizer):
 def build_model(args, tokenizer) -> tuple:
     """The model and, for a language model, the class token ids."""
     common = dict(pad_token_id=tokenizer.pad_token_id, use_cache=False, tie_word_embeddings=False)
+    # the std of the normal init of embeddings and linear layers: transformers' Mamba and Mamba2
+    # configs default to 0.1, which from scratch at 24 layers gives residual streams of RMS ~100
+    # (Mamba1) and a last-token state that depends mostly on the first tokens; 0.02 is Bamba's
+    # default and GPT-2's (docs/results.md, "Deeper models")
+    common["initializer_range"] = args.init_range
     if args.rescale_residual:  # out_proj scaled by 1/sqrt(layers) at init (GPT-2's rule; transformers' flag)
         common["rescale_prenorm_residual"] = True
     if args.arch == "mamba":
@@ -286,6 +291,12 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="train on the class at every real token (each prefix), not only the last; the model is still read at the last",
     )
     p.add_argument("--rescale-residual", action="store_true", help="Mamba1/Mamba2: out_proj scaled by 1/sqrt(layers) at init")
+    p.add_argument(
+        "--init-range",
+        type=float,
+        default=0.02,
+        help="std of the normal init of embeddings and linear layers (transformers' Mamba/Mamba2 default: 0.1)",
+    )
     p.add_argument("--eval-every", type=int, default=0, help="also print the validation accuracy every N steps (0: per epoch)")
     args = p.parse_args(argv)
     defaults = dict(

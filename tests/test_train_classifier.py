@@ -137,3 +137,22 @@ def test_rescale_residual_scales_out_proj_at_init(script, arch):
         assert model.config.rescale_prenorm_residual == bool(extra)
         stds.append(torch.stack([m.mixer.out_proj.weight.std() for m in model.modules() if hasattr(m, "mixer")]).mean())
     assert stds[1] < 0.5 * stds[0]  # 1/sqrt(16) = 0.25 of the plain init
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "hybrid"])
+def test_init_range_sets_the_normal_init_of_embeddings(script, arch):
+    """``--init-range`` (default 0.02, not transformers' 0.1 for Mamba/Mamba2) reaches the config
+    and the embedding's initial std."""
+    from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer([t for t, _ in LINES] * 50, 1)
+    if arch != "mamba":
+        tok = script.class_tokenizer(tok)
+    for extra, std in (([], 0.02), (["--init-range", "0.1"], 0.1)):
+        shape = ["--arch", arch, "--hidden", "256", "--layers", "1", "--state", "4", "--head-dim", "16", "--attn-layers", "0"]
+        args = script.parse(["--data", "x", "--out", "x"] + shape + extra)
+        torch.manual_seed(0)
+        model, _ = script.build_model(args, tok)
+        assert model.config.initializer_range == std
+        got = float(model.get_input_embeddings().weight.std())
+        assert abs(got - std) < 0.2 * std, (extra, got)
