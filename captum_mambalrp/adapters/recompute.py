@@ -35,6 +35,17 @@ fitted with some margin to the peaks measured on the H200 at Mamba-130M shape (M
 with recomputation: the mixer's input, ``d_model * s_model``. The backward pass of one mixer
 needs its kept tensors once more as working set.
 
+What the layers around the mixers keep (attention, MLPs, experts: a hybrid's; every mode keeps
+it, since only mixers are recomputed; :func:`others_bytes_per_token`): per linear layer outside
+the mixers and the output head, ``(in_features + 2.5 * out_features) * s_model``; per fused
+experts weight ``[experts, out, in]``, ``top_k`` times that; on the CPU, where attention runs
+``scaled_dot_product_attention``'s math kernel and keeps its weights, ``heads * length *
+s_compute`` per attention layer. Against the saved tensors of a relevance pass (CPU, float32,
+tiny Nemotron-H, Bamba, Granite-4.0-H, Jamba at d_model 64, 256 tokens, each kept tensor counted
+once), mixer inputs plus this estimate came to 1.08-1.47 times what the pass kept with
+recomputation; without it, to 1/20-1/230. Pure Mamba models have none of these layers
+(their norms are in the mixers' fitted constants).
+
 ``"sequence"`` (:meth:`RecomputePlan._sequence_settings`), for ``T`` tokens in ``b`` rows, with
 ``R = d_model * s_compute`` (a block's input: the residual stream, float32 in a bf16 model with
 ``residual_in_fp32``) and ``I = d_model * s_model``: ``(on_device + slots + 1) * R * T`` for the
@@ -190,6 +201,59 @@ def mixer_bytes_per_token(mixer: nn.Module, dtype: torch.dtype) -> Dict[str, flo
     return {"kept": float(width * (3 * s_model + 2.75 * s_compute)), "input": float(d_model * s_model)}
 
 
+def _top_k(model: nn.Module, experts: nn.Module, n_experts: int) -> int:
+    """Experts each token runs through: the config's ``num_experts_per_tok``, else the experts'
+    own ``top_k``, else all of them (an upper bound)."""
+    for source in (getattr(model, "config", None), experts):
+        k = getattr(source, "num_experts_per_tok", None) or getattr(source, "top_k", None)
+        if isinstance(k, int) and k > 0:
+            return min(k, n_experts)
+    return n_experts
+
+
+def _heads(module: nn.Module) -> int:
+    for source in (module, getattr(module, "config", None)):
+        for attr in ("num_heads", "num_attention_heads", "n_heads"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return 1
+
+
+def others_bytes_per_token(
+    model: nn.Module, mixers: Sequence[nn.Module], attention: Sequence[nn.Module], dtype: torch.dtype
+) -> Tuple[float, float]:
+    """Estimated bytes per token that the layers around the mixers keep for the backward pass
+    (attention, MLPs, experts; see the module docstring), and the attention's bytes per token
+    *per token of length* where its weights are kept (the CPU's math kernel; ``0`` on CUDA is
+    the caller's choice).
+
+    Returns:
+        ``(per_token, per_token_and_length)``.
+
+    >>> m = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 8))
+    >>> others_bytes_per_token(m, [], [], torch.float32)
+    (560.0, 0.0)
+    """
+    s_model = torch.tensor([], dtype=dtype).element_size()
+    s_compute = torch.tensor([], dtype=compute_dtype(dtype)).element_size()
+    inside = {id(m) for mixer in mixers for m in mixer.modules()}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None  # the output head: its logits are not kept
+    per_token = 0.0
+    for module in model.modules():
+        if id(module) in inside or module is head:
+            continue
+        if isinstance(module, nn.Linear):
+            per_token += (module.in_features + 2.5 * module.out_features) * s_model
+        for weight in module.parameters(recurse=False):
+            if weight.dim() == 3:  # fused experts [experts, out, in]
+                n, out, inp = weight.shape
+                per_token += _top_k(model, module, n) * (inp + 2.5 * out) * s_model
+    per_length = float(sum(_heads(a) for a in attention) * s_compute)
+    return float(per_token), per_length
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes a pass on ``device`` may still take: CUDA, free device memory plus what torch's
     caching allocator holds unused; elsewhere ``MemAvailable`` (Linux), else
@@ -233,6 +297,10 @@ class RecomputePlan:
     pieces: bool = False
     sequence: Optional[SequenceChunks] = None
     chain: Optional[_Chain] = None
+    #: bytes per token the layers around the mixers keep whatever the mode, and per token and
+    #: token of length (attention weights kept on the CPU): :func:`others_bytes_per_token`
+    others: float = 0.0
+    others_per_length: float = 0.0
 
     def choose(self, hidden: Tensor) -> Recompute:
         """``False``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
@@ -242,17 +310,28 @@ class RecomputePlan:
         batch, length = hidden.shape[0], hidden.shape[1]
         tokens = batch * length
         per = [mixer_bytes_per_token(m, hidden.dtype) for m in self.mixers] or [mixer_bytes_per_token(nn.Module(), hidden.dtype)]
-        working = max(p["kept"] for p in per) * tokens  # one mixer's tensors during its backward pass
-        keep = sum(p["kept"] for p in per) * tokens + working
-        inputs = sum(p["input"] for p in per) * tokens + working
-        budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
         cuda = hidden.device.type == "cuda"
+        # the layers around the mixers keep theirs in every mode (attention weights: CPU only)
+        fixed = (self.others + (0.0 if cuda else self.others_per_length * length)) * tokens
+        working = max(p["kept"] for p in per) * tokens  # one mixer's tensors during its backward pass
+        keep = sum(p["kept"] for p in per) * tokens + working + fixed
+        inputs = sum(p["input"] for p in per) * tokens + working + fixed
+        working += fixed  # what offloading needs on the device
+        budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
         capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         host_budget = AUTO_MEMORY_FRACTION * available_memory(torch.device("cpu")) if cuda and not capturing else 0.0
         settings, sequence = self._sequence_settings(per, hidden, budget, host_budget)
+        sequence += fixed
         # offload keeps no mixer tensor on the device, the parked inputs (recompute's figure minus
         # one working set) in host memory; its device need is one mixer's working set
-        self.needed = {"keep": keep, "recompute": inputs, "offload": working, "sequence": sequence, "budget": budget}
+        self.needed = {
+            "keep": keep,
+            "recompute": inputs,
+            "offload": working,
+            "sequence": sequence,
+            "others": fixed,
+            "budget": budget,
+        }
         offload_fits = cuda and self.allow_offload and not capturing and working <= budget and inputs - working <= host_budget
         sequence_ok = self.allow_offload and (self.pieces or self.chain_blocks > 0)
         if is_sequence(self.requested):
@@ -620,6 +699,7 @@ def plan_for(
     read_at: Sequence[Optional[nn.Module]] = (),
     budget: Optional[float] = None,
     patcher: Optional[Any] = None,
+    attention_names: Sequence[str] = (),
 ) -> RecomputePlan:
     """The ``"auto"`` plan of one pass over ``model``'s mixers (named as ``Installation.mixers``);
     ``read_at``: the modules where relevance is read (none inside a mixer, or no offloading and
@@ -641,12 +721,16 @@ def plan_for(
         wrapped = getattr(mixer, forward_attribute(mixer), None)
         requested = getattr(wrapped, "recompute_mode", requested)
         pieces = pieces and getattr(wrapped, "sequence_piece", None) is not None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    others, per_length = others_bytes_per_token(model, mixers, [model.get_submodule(n) for n in attention_names], dtype)
     plan = RecomputePlan(
         mixers,
         budget=budget if budget is not None else _env_budget(),
         allow_offload=not any(m is not None and id(m) in inside for m in read_at),
         requested=requested,
         pieces=pieces,
+        others=others,
+        others_per_length=per_length,
     )
     if patcher is None or not (requested == "auto" or is_sequence(requested)) or not plan.allow_offload:
         return plan
