@@ -13,9 +13,12 @@ position explained):
 The forward is the model's own with the fastest kernels it finds (mamba-ssm, causal-conv1d,
 sdpa), no grad; the kernels found are printed. Each time is the median of ``--repeats`` calls
 after one warm-up. The ratio is printed last; ``--profile N`` also prints the N kernels with the
-most GPU time in each pass.
+most GPU time in each pass. ``--estimate`` prints, on any machine and without weights (the
+model built on the ``meta`` device), what ``recompute="auto"`` estimates the pass needs in each
+mode (GiB; ``others``: the attention, MLP and expert layers, kept in every mode).
 
     python3 benchmarks/gpu_hybrids.py --shape nemotron_h_8b --length 8192 --out nemotron.json
+    python3 benchmarks/gpu_hybrids.py --shape granite_4h_tiny --length 8192 --estimate
 """
 
 from __future__ import annotations
@@ -106,6 +109,38 @@ def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def print_estimate(shape: str, layers: int, length: int, device_gib: float = 139.8) -> Dict[str, float]:
+    """``recompute="auto"``'s estimate of one pass over ``length`` tokens in each mode, in GiB,
+    for the shape built on the ``meta`` device (bf16, CUDA), and the mode it would choose on a
+    device of ``device_gib`` (the H200's 139.8 by default) holding only the weights."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from captum_mambalrp.adapters import recompute as rc
+    from captum_mambalrp.adapters.install import install_rules
+    from captum_mambalrp.rules.composites import composite
+
+    config = SHAPES[shape](layers)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    inst = install_rules(model, composite("mambalrp"))
+    try:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        budget = rc.AUTO_MEMORY_FRACTION * (device_gib * 2**30 - weights)
+        plan = rc.plan_for(model, inst.mixers, attention_names=inst.attention, budget=budget)
+        mode = plan.choose(SimpleNamespace(shape=(1, length, config.hidden_size), dtype=torch.bfloat16, device=torch.device("cuda")))
+    finally:
+        inst.patcher.restore()
+    needed = {k: v / 2**30 for k, v in plan.needed.items()}
+    print(
+        f"{shape}, {length} tokens, auto's estimate (GiB): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in needed.items())
+        + f"; on {device_gib} GiB with {weights / 2**30:.1f} GiB of weights auto chooses recompute={mode!r}"
+    )
+    return needed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -116,7 +151,11 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the N kernels with the most GPU time in each pass")
+    parser.add_argument("--estimate", action="store_true", help="print auto's memory estimate per mode (no GPU, no weights)")
     args = parser.parse_args()
+    if args.estimate:
+        print_estimate(args.shape, args.layers, args.length)
+        return
 
     from transformers import AutoModelForCausalLM
 
