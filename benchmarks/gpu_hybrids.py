@@ -129,7 +129,8 @@ def print_estimate(shape: str, layers: int, length: int, device_gib: float = 139
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         budget = rc.AUTO_MEMORY_FRACTION * (device_gib * 2**30 - weights)
         plan = rc.plan_for(model, inst.mixers, attention_names=inst.attention, budget=budget)
-        mode = plan.choose(SimpleNamespace(shape=(1, length, config.hidden_size), dtype=torch.bfloat16, device=torch.device("cuda")))
+        hidden = SimpleNamespace(shape=(1, length, config.hidden_size), dtype=torch.bfloat16, device=torch.device("cuda"))
+        mode = plan.choose(hidden)
     finally:
         inst.patcher.restore()
     needed = {k: v / 2**30 for k, v in plan.needed.items()}
