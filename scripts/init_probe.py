@@ -16,16 +16,17 @@ from transformers import BambaConfig, BambaModel, Mamba2Config, Mamba2Model, Mam
 LENGTH, LAYERS, HIDDEN = 24, 24, 768
 
 
-def probe(model) -> dict:
+def probe(model, length: int = LENGTH) -> dict:
     rms = {}
-    for i in (0, LAYERS // 2 - 1, LAYERS - 1):
+    layers = len(model.layers)
+    for i in (0, layers // 2 - 1, layers - 1):
 
         def keep(module, args, out, i=i):
             out = out[0] if isinstance(out, tuple) else out
             rms[i + 1] = float(out.detach().float().pow(2).mean().sqrt())
 
         model.layers[i].register_forward_hook(keep)
-    ids = torch.randint(10, 100, (1, LENGTH), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(10, 100, (1, length), generator=torch.Generator().manual_seed(1))
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     last = model(inputs_embeds=emb).last_hidden_state[0, -1]
     (grad,) = torch.autograd.grad(last.norm(), emb)
@@ -35,7 +36,7 @@ def probe(model) -> dict:
         embedding_rms=float(emb.pow(2).mean().sqrt()),
         block_rms=rms,
         share_last4=float(share[-4:].sum()),
-        share_first_half=float(share[: LENGTH // 2].sum()),
+        share_first_half=float(share[: length // 2].sum()),
     )
 
 

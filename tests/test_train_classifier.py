@@ -156,3 +156,27 @@ def test_init_range_sets_the_normal_init_of_embeddings(script, arch):
         assert model.config.initializer_range == std
         got = float(model.get_input_embeddings().weight.std())
         assert abs(got - std) < 0.2 * std, (extra, got)
+
+
+def test_transformers_default_init_buries_recent_tokens_at_depth():
+    """Why ``--init-range`` defaults to 0.02 (docs/results.md, "Deeper models"): a 24-layer Mamba1
+    built with transformers' default std 0.1 has a residual stream far larger than its
+    embedding, and its last state hardly depends on the last tokens; at 0.02 it does
+    (``scripts/init_probe.py``, its Mamba1 rows)."""
+    from transformers import MambaConfig, MambaModel
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "init_probe.py")
+    spec = importlib.util.spec_from_file_location("init_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    shares = {}
+    for std in (0.1, 0.02):
+        torch.manual_seed(0)
+        model = MambaModel(
+            MambaConfig(vocab_size=100, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2, initializer_range=std)
+        )
+        result = probe.probe(model)
+        shares[std] = result["share_last4"]
+        if std == 0.1:
+            assert result["block_rms"][1] > 20 * result["embedding_rms"]
+    assert shares[0.1] < 0.1 < 0.3 < shares[0.02], shares
