@@ -262,3 +262,16 @@ def test_hybrid_benchmark_estimate_runs_without_weights(shape, capsys):
     needed = module.print_estimate(shape, 0, 8192)
     assert needed["keep"] > needed["recompute"] > needed["others"] > 0.3 * needed["keep"]
     assert "auto chooses recompute=False" in capsys.readouterr().out  # fits the H200, as measured there
+
+
+def test_pure_models_have_no_other_layers_to_count():
+    """Pure Mamba models, transformers' and mamba-ssm's (whose lm_head is a plain linear layer
+    onto the vocabulary), have nothing outside their mixers but the head: nothing is added."""
+    from test_mamba_ssm import make_ssm_lm
+
+    model = make_lm("mamba", num_hidden_layers=2)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    assert rc.others_bytes_per_token(model, mixers, [], torch.float32) == (0.0, 0.0)
+    ssm = make_ssm_lm("Mamba1")
+    ssm_mixers = [layer.mixer for layer in ssm.backbone.layers]
+    assert rc.others_bytes_per_token(ssm, ssm_mixers, [], torch.float32) == (0.0, 0.0)

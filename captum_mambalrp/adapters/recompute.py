@@ -239,10 +239,12 @@ def others_bytes_per_token(
     s_compute = torch.tensor([], dtype=compute_dtype(dtype)).element_size()
     inside = {id(m) for mixer in mixers for m in mixer.modules()}
     get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None  # the output head: its logits are not kept
+    head = get_head() if callable(get_head) else None
+    # the output head (transformers' get_output_embeddings, or a module named lm_head as
+    # mamba-ssm's) is left out, as by the mixers' fitted constants
     per_token = 0.0
-    for module in model.modules():
-        if id(module) in inside or module is head:
+    for name, module in model.named_modules():
+        if id(module) in inside or module is head or name.rpartition(".")[2] == "lm_head":
             continue
         if isinstance(module, nn.Linear):
             per_token += (module.in_features + 2.5 * module.out_features) * s_model
