@@ -33,7 +33,7 @@ def probe(model, length: int = LENGTH) -> dict:
     share = grad[0].norm(dim=-1)
     share = share / share.sum()
     return dict(
-        embedding_rms=float(emb.pow(2).mean().sqrt()),
+        embedding_rms=float(emb.detach().pow(2).mean().sqrt()),
         block_rms=rms,
         share_last4=float(share[-4:].sum()),
         share_first_half=float(share[: length // 2].sum()),
