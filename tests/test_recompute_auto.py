@@ -179,29 +179,19 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     assert rc.RecomputePlan(mixers, budget=inputs * 0.99, allow_offload=False, pieces=True, chain_blocks=3).choose(hidden) is True
 
 
-def _saved_bytes(model, ids, mode) -> int:
-    """Bytes of the tensors a relevance pass keeps for its backward pass (each counted once)."""
-    seen, total = set(), [0]
+def _memory_estimate():
+    """``benchmarks/memory_estimate.py`` (its hybrid shapes and its saved-bytes count)."""
+    import importlib.util
+    import os
 
-    def pack(t):
-        if torch._C._current_graph_task_id() == -1:  # saved in the forward pass
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-            if key not in seen:
-                seen.add(key)
-                total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        MambaLRP(model, recompute=mode).attribute(ids, target=1)
-    return total[0]
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "memory_estimate.py")
+    spec = importlib.util.spec_from_file_location("memory_estimate_for_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-HYBRID_SHAPES = {  # d_model 64, with the families' MLP / expert / attention proportions
-    "nemotron_h": dict(hidden_size=64, intermediate_size=336, moe_intermediate_size=64, mamba_num_heads=8, mamba_head_dim=16),
-    "bamba": dict(hidden_size=64, intermediate_size=256, mamba_n_heads=8, mamba_d_head=16),
-    "granite": dict(hidden_size=64, intermediate_size=128, mamba_n_heads=8, mamba_d_head=16),
-    "jamba": dict(hidden_size=64, intermediate_size=256),
-}
+HYBRID_SHAPES = _memory_estimate().SHAPES
 
 
 @pytest.mark.parametrize("family", sorted(HYBRID_SHAPES))
@@ -210,18 +200,8 @@ def test_estimate_counts_what_a_hybrids_other_layers_keep(family):
     and experts keep: the estimate (mixer inputs plus :func:`others_bytes_per_token`) lies within
     0.9-1.8 times the bytes measured with saved-tensor hooks (CPU, 256 tokens); the mixers'
     inputs alone would be a small fraction."""
-    from test_hybrids import build, mixers_of
-
-    model = build(family, **HYBRID_SHAPES[family])
-    length = 256
-    ids = torch.randint(1, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    measured = _saved_bytes(model, ids, True) / length
-    mixers = mixers_of(model, family)
-    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
-    assert attention  # every one of these families has attention layers
-    inputs = sum(rc.mixer_bytes_per_token(m, torch.float32)["input"] for m in mixers)
-    others, per_length = rc.others_bytes_per_token(model, mixers, attention, torch.float32)
-    estimate = inputs + others + per_length * length
+    r = _memory_estimate().compare(family)
+    measured, estimate, inputs = r["measured"], r["estimate"], r["inputs"]
     assert 0.9 <= estimate / measured <= 1.8, (family, estimate, measured)
     assert inputs < 0.2 * measured  # what the estimate missed before it counted the other layers
 

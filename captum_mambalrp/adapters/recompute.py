@@ -43,7 +43,7 @@ experts weight ``[experts, out, in]``, ``top_k`` times that; on the CPU, where a
 s_compute`` per attention layer. Against the saved tensors of a relevance pass (CPU, float32,
 tiny Nemotron-H, Bamba, Granite-4.0-H, Jamba at d_model 64, 256 tokens, each kept tensor counted
 once), mixer inputs plus this estimate came to 1.08-1.47 times what the pass kept with
-recomputation; without it, to 1/20-1/230. Pure Mamba models have none of these layers
+recomputation; without it, to 1/20-1/230 (``benchmarks/memory_estimate.py``). Pure Mamba models have none of these layers
 (their norms are in the mixers' fitted constants).
 
 ``"sequence"`` (:meth:`RecomputePlan._sequence_settings`), for ``T`` tokens in ``b`` rows, with
