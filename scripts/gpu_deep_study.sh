@@ -27,6 +27,7 @@ TRAIN_BATCH=${TRAIN_BATCH:-128} TRAIN_LR=${TRAIN_LR:-5e-4}   # a large batch: mo
 # stacks at transformers' 0.1 did not learn: docs/results.md, "Deeper models")
 STUDY_END=${STUDY_END:-$((BUDGET - 75))}   # every study and long-range process stops here
 PACK_EVERY=${PACK_EVERY:-45}
+EVAL_EVERY=${EVAL_EVERY:-150}   # validation accuracy in the training logs every N steps
 # the H200 pilot of 2026-12-01: BUDGET=140 TRAIN_S=45 STUDY_END=115 TABLE=0 PACK_EVERY=20 TRAIN_BATCH=32
 # A full run needs two calls on one machine (the second right after the first, while it is warm: it
 # skips the training and resumes the studies): see docs/results.md, "Deeper models".
@@ -45,7 +46,7 @@ if [ $SMOKE = 1 ]; then
     PY_BASE=${SITE:+$SITE:}$ROOT PY_SSM=${SITE:+$SITE:}$ROOT   # SITE: a trimmed site to test with
     N=24 TABLE_N=16
     TINY=(--hidden 32 --layers 2 --state 4 --head-dim 8 --attn-heads 2 --attn-layers 1 --max-steps 20 --batch 16)
-    LENGTHS=64,128 LONG_NEEDLES=2
+    LENGTHS=64,128 LONG_NEEDLES=2 EVAL_EVERY=10
 else
     DEV=cuda
     DATA=${DATA:-$ROOT/.gpudata/emotion}
@@ -108,16 +109,49 @@ pack() {  # small results, one archive per model (atomic: a timeout never leaves
 (while sleep "$PACK_EVERY"; do pack; done) &
 PACKER=$!
 
+# a second recipe trained beside the first for the pure stacks (which did not learn on
+# 2026-12-01); the study takes the model with the better validation accuracy (ALT=0: one recipe)
+declare -A ALT=([mamba-130m]="--every-position" [mamba2-130m]="--every-position" [hybrid-130m]=)
+[ "${ALT_RECIPES:-1}" = 0 ] && ALT=([mamba-130m]= [mamba2-130m]= [hybrid-130m]=)
+
+train_one() {  # $1 model, $2 folder name under runs/<model>, the rest: extra flags
+    local name=$1 sub=$2 dir=$RUNS/$1
+    shift 2
+    PYTHONPATH=${PYP[$name]} python3 scripts/train_classifier.py --data "$DATA" --preset "$name" --device "$DEV" --amp \
+        --lr "$TRAIN_LR" --seed 0 --out "$dir/$sub" --eval-every "$EVAL_EVERY" "${TINY[@]}" "$@" >"$dir/train-$sub.log" 2>&1
+    local rc=$?
+    log "$name: training $sub ($*) rc=$rc $(grep -h 'test acc' "$dir/train-$sub.log" | tail -1)"
+    return $rc
+}
+
 train() {  # $1 model name: trains unless runs/<name>/model has a finished model
     local name=$1 dir=$RUNS/$1
     mkdir -p "$dir"
     if [ -f "$dir/model/metrics.json" ]; then log "$name: trained already"; return 0; fi
     log "$name: training"
-    PYTHONPATH=${PYP[$name]} python3 scripts/train_classifier.py --data "$DATA" --preset "$name" --device "$DEV" --amp \
-        --lr "$TRAIN_LR" --seed 0 --out "$dir/model" "${TINY[@]}" >"$dir/train.log" 2>&1
-    local rc=$?
-    log "$name: training rc=$rc $(grep -h 'test acc' "$dir/train.log" | tail -1)"
-    return $rc
+    if [ -z "${ALT[$name]}" ]; then
+        train_one "$name" model-a || return 1
+    else
+        local extra=(${ALT[$name]})
+        train_one "$name" model-a & local a=$!
+        train_one "$name" model-b "${extra[@]}" & local b=$!
+        wait $a; wait $b
+    fi
+    # the better validation accuracy wins (a: the default recipe; b: with ${ALT[$name]:-nothing})
+    local best
+    best=$(python3 - "$dir" <<'PY'
+import json, os, sys
+acc = {}
+for sub in ("model-a", "model-b"):
+    f = os.path.join(sys.argv[1], sub, "metrics.json")
+    if os.path.isfile(f):
+        acc[sub] = json.load(open(f))["val_accuracy"]
+print(max(acc, key=acc.get) if acc else "")
+PY
+)
+    [ -n "$best" ] || { log "$name: no recipe finished"; return 1; }
+    ln -sfn "$best" "$dir/model"
+    log "$name: the study uses $best ($(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('val', m['val_accuracy'], 'test', m['test_accuracy'])" "$dir/model/metrics.json"))"
 }
 
 study() {  # $1 model: the study on all test examples, sharded over NPROC ranks on the one GPU

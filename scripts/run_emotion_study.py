@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     if known.memory_fraction and args.device.startswith("cuda") and torch.cuda.is_available():
         from captum_mambalrp.evaluation.distributed import local_device
 
-        torch.cuda.set_per_process_memory_fraction(known.memory_fraction, torch.device(local_device(args.device)))
+        device = torch.device(local_device(args.device))  # 'cuda' alone (one process) has no index
+        torch.cuda.set_per_process_memory_fraction(known.memory_fraction, device.index if device.index is not None else torch.cuda.current_device())
     overwrite, args.overwrite = args.overwrite, True  # built without the settings check: it follows the changes below
     study = build_study(args)
     args.overwrite = study.overwrite = overwrite

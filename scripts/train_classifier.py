@@ -335,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     per_epoch = (len(train[0]) + args.batch - 1) // args.batch
     steps = args.epochs * per_epoch if not args.max_steps else min(args.max_steps, args.epochs * per_epoch)
     plan = {"steps": steps}  # the step count the schedule follows (cut by --time-budget)
-    if args.time_budget:
+    if args.time_budget or steps < 20:  # OneCycleLR needs a warm-up of at least 2 steps (10 %)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: budget_lr(s, plan["steps"]))
     else:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
