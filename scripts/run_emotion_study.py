@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         from captum_mambalrp.evaluation.distributed import local_device
 
         device = torch.device(local_device(args.device))  # 'cuda' alone (one process) has no index
-        torch.cuda.set_per_process_memory_fraction(known.memory_fraction, device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(known.memory_fraction, index)
     overwrite, args.overwrite = args.overwrite, True  # built without the settings check: it follows the changes below
     study = build_study(args)
     args.overwrite = study.overwrite = overwrite
