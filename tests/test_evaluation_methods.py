@@ -93,6 +93,18 @@ def test_weighted_least_squares_is_exact():
     assert torch.allclose(fit(x), y[:, None], atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weighted_least_squares_on_cuda_inputs():
+    """KernelShap hands the fit CUDA tensors on a GPU (the 2026-12-02 H200 study failed here)."""
+    x = torch.randint(0, 2, (30, 4), device="cuda").float()
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0], device="cuda") + 0.7
+    fit = WeightedLeastSquares()
+    fit.fit(DataLoader(TensorDataset(x, y), batch_size=7))
+    assert fit.representation().device == x.device
+    assert torch.allclose(fit(x), y[:, None], atol=1e-4)
+
+
 def test_every_method_on_a_mamba_classifier(classifier, batch):
     ids, mask, target = batch
     for name in METHODS:

@@ -153,3 +153,48 @@ def test_longrange_lengths_shorter_than_a_needle_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=r"lengths \[4\] are shorter than the longest needle"):
         study.run(progress=False)
+
+
+def _summary(lengths, share):
+    curves = [
+        {"length": n, "distance": d, "accuracy": [1.0 - d / n, 0.1], "abs_share": [share, 0.01], "uniform": 1.0 / n}
+        for n in lengths
+        for d in (0, 1, n // 2)
+    ]
+    return {"curves": curves}
+
+
+def test_plot_models_picks_the_longest_common_length_and_refuses_a_missing_one(tmp_path, monkeypatch):
+    import importlib.util
+
+    a, b = _summary([16, 32, 64], 0.8), _summary([16, 32], 0.3)
+    path = LR.plot_models({"a": a, "b": b}, str(tmp_path / "x.png"))
+    assert os.path.getsize(path) > 0
+    drawn = []
+    import matplotlib.axes
+
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, x, *r, **k):
+        drawn.append(list(x))
+        return real_plot(self, x, *r, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    LR.plot_models({"a": a, "b": b}, str(tmp_path / "y.png"))
+    assert [0, 1, 16] in drawn and all(max(x) <= 16 for x in drawn)  # 32 tokens: distances 0, 1, 16
+    with pytest.raises(ValueError, match="length 64 is not in every summary"):
+        LR.plot_models({"a": a, "b": b}, str(tmp_path / "z.png"), length=64)
+    with pytest.raises(ValueError, match="share no length"):
+        LR.plot_models({"a": _summary([8], 0.5), "b": b}, str(tmp_path / "z.png"))
+
+    # the script over longrange folders: LABEL=FOLDER, one line when a folder has no results
+    here = os.path.join(os.path.dirname(__file__), "..", "scripts", "plot_longrange.py")
+    spec = importlib.util.spec_from_file_location("plot_longrange", here)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "longrange.json").write_text(json.dumps(a))
+    assert script.main([f"A={folder}", f"B={folder}", "--out", str(tmp_path / "s.png"), "--length", "64"]).endswith("s.png")
+    with pytest.raises(SystemExit, match="no longrange.json"):
+        script.main([f"A={tmp_path}", "--out", str(tmp_path / "t.png")])

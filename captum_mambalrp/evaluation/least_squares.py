@@ -28,14 +28,16 @@ class WeightedLeastSquares(Model):
         for batch in train_data:
             x, y = batch[0], batch[1]
             w = batch[2] if len(batch) > 2 else torch.ones(x.shape[0])
-            xs.append(x.reshape(x.shape[0], -1).double())
-            ys.append(y.reshape(-1).double())
-            ws.append(w.reshape(-1).double())
+            # solved on the CPU (gelsd is CPU-only; the system is coalitions x tokens, small)
+            xs.append(x.reshape(x.shape[0], -1).detach().cpu().double())
+            ys.append(y.reshape(-1).detach().cpu().double())
+            ws.append(w.reshape(-1).detach().cpu().double())
+        device = batch[0].device
         x, y, w = torch.cat(xs), torch.cat(ys), torch.cat(ws)
         design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
         root = w.clamp(min=0).sqrt()[:, None]
         solution = torch.linalg.lstsq(design * root, y[:, None] * root, driver="gelsd").solution[:, 0]
-        self.coef, self.intercept = solution[:-1].float(), solution[-1].float()
+        self.coef, self.intercept = solution[:-1].float().to(device), solution[-1].float().to(device)
         return {}
 
     def representation(self) -> Tensor:

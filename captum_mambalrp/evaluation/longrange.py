@@ -459,6 +459,59 @@ def plot_curves(summary: dict, path: str) -> str:
     return path
 
 
+def plot_models(summaries: Dict[str, dict], path: str, length: Optional[int] = None) -> str:
+    """Several models' long-range curves at one length, side by side: accuracy and the needle's
+    share of ``|R|`` against distance, one curve per model (``summaries``: label -> a summary
+    as :func:`summarize_rows` returns it or ``longrange.json`` holds it).
+
+    ``length`` defaults to the longest length that every summary has.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: no summaries, or no length common to all of them (or ``length`` missing in one).
+    """
+    if not summaries:
+        raise ValueError("plot_models needs at least one summary")
+    common = set.intersection(*({c["length"] for c in s["curves"]} for s in summaries.values()))
+    if length is None:
+        if not common:
+            raise ValueError("the summaries share no length; pass length= one that each has")
+        length = max(common)
+    elif length not in common:
+        raise ValueError(f"length {length} is not in every summary (common lengths: {sorted(common)})")
+    from matplotlib.ticker import ScalarFormatter
+
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
+    for k, (label, summary) in enumerate(summaries.items()):
+        cs = sorted((c for c in summary["curves"] if c["length"] == length), key=lambda c: c["distance"])
+        x = np.array([c["distance"] for c in cs])
+        for ax, key in zip(axes, ("accuracy", "abs_share")):
+            m = np.array([c[key][0] for c in cs])
+            se = np.nan_to_num(np.array([c[key][1] for c in cs]))
+            line = ax.plot(x, m, "o-", color=f"C{k}", label=label, ms=3)[0]
+            ax.fill_between(x, m - se, m + se, color=line.get_color(), alpha=0.15)
+    axes[1].plot(x, [c["uniform"] for c in cs], ":", color="grey", lw=1, label="uniform share")
+    titles = (f"accuracy (predicts the needle's class), {length} tokens", f"share of |relevance| on the needle, {length} tokens")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("distance of the needle from the end (tokens)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_summary(out_dir: str, summary: dict, rows: Sequence[dict], figures: bool = True) -> dict:
     """Write ``longrange.csv`` (one row per length and distance), ``per_input.csv``,
     ``longrange.json``, ``longrange.md`` and ``longrange.png``; returns the summary."""
