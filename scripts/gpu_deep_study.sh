@@ -82,7 +82,7 @@ read -r -a MODELS <<<"${ONLY:-mamba-130m mamba2-130m hybrid-130m}"   # ONLY="mam
 declare -A PYP=([mamba-130m]=$PY_SSM [mamba2-130m]=$PY_BASE [hybrid-130m]=$PY_BASE)
 # the LRP variants: all four ablations on Mamba1; on the slower Mamba2/hybrid torch path only the SSM rule's
 declare -A LRP_SET=([mamba-130m]=mambalrp,gxi,lrp_ln,no_activation_rule,no_ssm_rule,no_gate_rule,no_norm_rule,saliency
-                    [mamba2-130m]=mambalrp,gxi,lrp_ln,no_ssm_rule,saliency [hybrid-130m]=mambalrp,gxi,lrp_ln,no_ssm_rule,saliency)
+                    [mamba2-130m]=mambalrp,gxi,lrp_ln,no_ssm_rule,saliency [hybrid-130m]=mambalrp,mambalrp_cp,gxi,lrp_ln,no_ssm_rule,saliency)
 REF_SET=integrated_gradients,smoothgrad,feature_ablation,kernelshap
 declare -A ATT=([mamba-130m]=mamba_attr,implicit_attr [mamba2-130m]=implicit_attn,implicit_attr [hybrid-130m]=)
 # the baselines' settings on the GPU (recorded in each study's config.json)

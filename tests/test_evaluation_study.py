@@ -126,7 +126,10 @@ def test_python_api_all_methods_and_interrupted_run(tiny, tmp_path):
     assert summary["methods"]["integrated_gradients"]["forward_rows"][0] >= 4
     assert summary["methods"]["mambalrp"]["forward_rows"][0] == 1
     assert summary["methods"]["random"]["forward_rows"][0] == 0
-    assert set(summary["conservation"]) == {"mambalrp", "gxi"}
+    assert set(summary["conservation"]) == {"mambalrp", "mambalrp_cp", "gxi"}
+    # no attention layer: CP-LRP changes nothing
+    cons = summary["conservation"]
+    assert cons["mambalrp_cp"]["mean_abs_gap"] == pytest.approx(cons["mambalrp"]["mean_abs_gap"], rel=1e-5)
     table = open(os.path.join(out, "summary.md")).read()
     assert "Mamba-Attr" in table and "KernelShap" in table and "± " in table
     # an interruption in the middle of a write: the cut line and what follows are recomputed

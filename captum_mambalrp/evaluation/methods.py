@@ -212,6 +212,13 @@ for _spec in [
     MethodSpec("mambalrp", "MambaLRP", "lrp", _lrp("mambalrp"), "MambaLRP (all rules of the paper)"),
     MethodSpec("gxi", "Gradient x Input", "lrp", _lrp("gradient"), "MambaLRP engine with plain gradients everywhere"),
     MethodSpec("lrp_ln", "LRP (LN-rule)", "lrp", _lrp("ln_only"), "only the norm rule (the paper's LN-rule baseline)"),
+    MethodSpec(
+        "mambalrp_cp",
+        "MambaLRP (CP-LRP attention)",
+        "lrp",
+        _lrp("conservative"),
+        "MambaLRP with the attention weights constant (CP-LRP; conserves); as mambalrp on models without attention",
+    ),
     *[
         MethodSpec(
             f"no_{kind}_rule",

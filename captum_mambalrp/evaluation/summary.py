@@ -91,7 +91,7 @@ def summarize(
         m: ConservationReport(
             _label(m), np.array([r["explained"] for r in by_method[m]]), np.array([r["relevance_sum"] for r in by_method[m]])
         )
-        for m in ("mambalrp", "gxi")
+        for m in ("mambalrp", "mambalrp_cp", "gxi")
         if m in by_method
     }
     profiles = {
