@@ -9,12 +9,13 @@
 #   BUDGET=1500 WATCH=540 bash scripts/gpu_deep_watch.sh     # first call: a pipeline of 1500 s
 #   BUDGET=520 WATCH=540 bash scripts/gpu_deep_watch.sh      # later calls: BUDGET only if it must restart
 #
-# Everything else (TRAIN_S, ONLY, TABLE, ...) is passed through to gpu_deep_study.sh.
+# Everything else (TRAIN_S, ONLY, TABLE, RUNS, ...) is passed through to gpu_deep_study.sh;
+# SMOKE=1 runs its CPU smoke test (tiny models) instead.
 set -u
 cd "$(dirname "$0")/.."
 WATCH=${WATCH:-540}
-PIPE_OUT=$PWD/runs/gpu-deep-out
-PIDFILE=$PWD/runs/deep-pipeline.pid
+PIPE_OUT=${PIPE_OUT:-$PWD/runs/gpu-deep-out}
+PIDFILE=${PIDFILE:-$PWD/runs/deep-pipeline.pid}
 CALL_OUT=${OUT:-$PWD/runs/gpu-deep-call}
 mkdir -p "$PIPE_OUT" "$CALL_OUT" runs
 T0=$SECONDS
@@ -25,7 +26,7 @@ if running; then
     echo "the pipeline of an earlier call still runs (pid $(cat "$PIDFILE")): watching it"
 else
     [ -f "$PIDFILE" ] && echo "the pipeline of an earlier call is gone: resuming it with BUDGET=${BUDGET:-540}"
-    OUT=$PIPE_OUT setsid nohup bash scripts/gpu_deep_study.sh >>runs/gpu-deep-console.txt 2>&1 </dev/null &
+    OUT=$PIPE_OUT setsid nohup bash scripts/gpu_deep_study.sh ${SMOKE:+--smoke} >>runs/gpu-deep-console.txt 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     echo "started the pipeline (pid $!, BUDGET=${BUDGET:-540})"
 fi
@@ -36,7 +37,7 @@ running && echo "still running after ${WATCH}s" || echo "the pipeline ended"
 echo "--- timeline"
 cat "$PIPE_OUT/timeline.txt" 2>/dev/null
 echo "--- training (validation accuracy by step)"
-for f in runs/deep/*/train-*.log; do
+for f in "${RUNS:-runs/deep}"/*/train-*.log; do
     [ -f "$f" ] && echo "$f: $(grep -E '^(step|epoch|best)' "$f" | tail -n 4 | tr '\n' '|')"
 done
 nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu --format=csv,noheader 2>/dev/null
