@@ -124,11 +124,11 @@ def print_estimate(shape: str, layers: int, length: int, device_gib: float = 139
     config = SHAPES[shape](layers)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    inst = install_rules(model, composite("mambalrp"))
+    inst = install_rules(model, composite("mambalrp"), recompute="auto")  # its layers recomputed with the mixers
     try:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         budget = rc.AUTO_MEMORY_FRACTION * (device_gib * 2**30 - weights)
-        plan = rc.plan_for(model, inst.mixers, attention_names=inst.attention, budget=budget)
+        plan = rc.plan_for(model, inst.mixers, attention_names=inst.attention, layer_names=inst.recomputed_layers, budget=budget)
         hidden = SimpleNamespace(shape=(1, length, config.hidden_size), dtype=torch.bfloat16, device=torch.device("cuda"))
         mode = plan.choose(hidden)
     finally:

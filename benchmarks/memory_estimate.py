@@ -1,11 +1,12 @@
 """``recompute="auto"``'s memory estimate against what a relevance pass keeps, on tiny hybrids (CPU).
 
 For each family (the tiny configs of ``tests/test_hybrids.py`` at d_model 64, with the families'
-MLP / expert / attention proportions), one float32 pass over 256 tokens with ``recompute=True``:
-the bytes of the tensors saved for the backward pass (saved-tensor hooks, each tensor counted
-once), against the estimate (the mixers' inputs plus
-:func:`captum_mambalrp.adapters.recompute.others_bytes_per_token`) and against the mixers'
-inputs alone (the estimate before it counted the other layers). Ratios are estimate / measured.
+MLP / expert / attention proportions), one float32 pass over 256 tokens with ``recompute=True``
+(mixers and the attention, MLP and expert layers recomputed): the bytes of the tensors saved for
+the backward pass (saved-tensor hooks, each tensor counted once), against the plan's estimate of
+what the forward pass keeps (mixer and layer inputs; the backward pass's working sets are left
+out, they are not saved tensors), against the mixers' inputs alone, and against the mixers'
+inputs plus what the other layers would keep without recomputation.
 
     python benchmarks/memory_estimate.py
 """
@@ -51,27 +52,44 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, mode) -> int:
 
 
 def compare(family: str, length: int = LENGTH) -> dict:
-    """Measured and estimated bytes per token of one pass with recomputation."""
-    from test_hybrids import build, mixers_of
+    """Measured and estimated bytes per token of one pass with recomputation (``recompute=True``:
+    mixers and the attention, MLP and expert layers recomputed), and what keeping those layers'
+    tensors would add (the estimate before they were recomputed)."""
+    from test_hybrids import build
+
+    from captum_mambalrp.adapters.install import install_rules
+    from captum_mambalrp.rules.composites import Composite
 
     model = build(family, **SHAPES[family])
     ids = torch.randint(1, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     measured = saved_bytes(model, ids, True) / length
-    mixers = mixers_of(model, family)
-    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    inst = install_rules(model, Composite(), recompute=True)  # the names the pass uses
+    try:
+        plan = rc.plan_for(model, inst.mixers, attention_names=inst.attention, layer_names=inst.recomputed_layers)
+        mixers = [model.get_submodule(n) for n in inst.mixers]
+    finally:
+        inst.patcher.restore()
+    hidden = torch.zeros(1, length, model.config.hidden_size)
+    plan.budget = 2.0**50  # any: only the estimate is read
+    plan.choose(hidden)
     inputs = sum(rc.mixer_bytes_per_token(m, torch.float32)["input"] for m in mixers)
-    others, per_length = rc.others_bytes_per_token(model, mixers, attention, torch.float32)
-    return dict(measured=measured, inputs=inputs, estimate=inputs + others + per_length * length)
+    # what the forward pass keeps (the saved tensors counted above): the estimate without the
+    # working sets of one mixer's and one layer's backward pass, which exist during it only
+    working = plan.layer_working + plan.layer_working_per_length * length
+    others = plan.needed["others"] / length - working  # the other layers, recomputed
+    kept = plan.needed["others_kept"] / length  # ... and not
+    return dict(measured=measured, inputs=inputs, estimate=inputs + others, kept_estimate=inputs + kept, working=working)
 
 
 def main() -> None:
-    print("| family | measured B/token | estimate | estimate / measured | mixer inputs only / measured |")
-    print("| :--- | ---: | ---: | ---: | ---: |")
+    header = "| family | measured B/token | estimate | estimate / measured | mixer inputs only / measured"
+    print(header + " | other layers kept / measured |")
+    print("| :--- | ---: | ---: | ---: | ---: | ---: |")
     for family in SHAPES:
         r = compare(family)
         print(
             f"| {family} | {r['measured']:.0f} | {r['estimate']:.0f} | {r['estimate'] / r['measured']:.2f} "
-            f"| 1/{r['measured'] / r['inputs']:.0f} |"
+            f"| 1/{r['measured'] / r['inputs']:.0f} | {r['kept_estimate'] / r['measured']:.1f} |"
         )
 
 

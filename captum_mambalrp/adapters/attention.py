@@ -192,6 +192,7 @@ class AttentionAdapter(Adapter):
     """
 
     label = "transformers attention (" + ", ".join(SUPPORTED_ATTENTION) + ")"
+    recomputed_whole = True
     wraps_children = True
 
     def claims(self, module: nn.Module) -> bool:

@@ -39,6 +39,8 @@ class MixerAdapter(Protocol):
     #: True for block adapters (e.g. mamba-ssm's ``Block``): the block's forward is taken
     #: over, but its children (norm, mixer) are still walked and installed as usual.
     wraps_children: bool
+    #: an attention, MLP or expert layer recomputed whole with the mixers (optional; default False)
+    recomputed_whole: bool
 
     def claims(self, module: nn.Module) -> bool:
         """Is ``module`` a mixer this adapter handles?"""
@@ -65,6 +67,9 @@ class Adapter:
 
     label: str = ""
     wraps_children: bool = False
+    #: an attention, MLP or expert layer (no state): recomputed whole in the backward pass
+    #: whenever the mixers are (``recompute`` not ``False``; :func:`.recompute.recomputing_layer`)
+    recomputed_whole: bool = False
 
     def claims(self, module: nn.Module) -> bool:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from .attention import SUPPORTED_ATTENTION
 from .base import ADAPTERS, Component, find_adapter
 from .norms import is_rmsnorm, norm_forward
 from .patching import Patcher
-from .recompute import Recompute, recomputing
+from .recompute import Recompute, recomputing, recomputing_layer
 
 ACTIVATION_MODULES = (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU)
 PASS_THROUGH = (nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten)
@@ -47,6 +47,8 @@ class Installation:
     mixers: List[str] = field(default_factory=list)
     #: attention layers taken over (their attention runs ``adapters.attention.lrp_attention``)
     attention: List[str] = field(default_factory=list)
+    #: attention, MLP and expert layers recomputed whole with the mixers (``recompute`` not False)
+    recomputed_layers: List[str] = field(default_factory=list)
     #: the composite's override keys that chose a rule (for ``Composite.check_overrides_used``)
     matched_keys: Set[str] = field(default_factory=set)
 
@@ -176,15 +178,21 @@ def install_rules(
         if adapter is not None:
             installed = adapter.install(module, name, composite, inst.patcher, backend)
             inst.components += installed
+            has_ssm = any(c.kind == SSM for c in installed)
             if any(c.kind == ATTENTION for c in installed):
                 inst.attention.append(name)
+            whole = getattr(adapter, "recomputed_whole", False) and not has_ssm
+            if recompute is not False and whole and not _inside(name, set(inst.recomputed_layers)):
+                # an attention layer, an MLP or experts: recomputed whole with the mixers
+                inst.patcher.wrap_forward(module, lambda f: recomputing_layer(f, recompute))
+                inst.recomputed_layers.append(name)
             for part_name, part in adapter.affine_parts(module).items():
                 kind = LINEAR if isinstance(part, nn.Linear) else CONV
                 _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
             if adapter.wraps_children:
                 continue  # a block taken over as a whole: its norm and mixer are installed as reached
             done.add(name)
-            if not any(c.kind == SSM for c in installed):
+            if not has_ssm:
                 continue  # an MLP or a mixture of experts: taken over, not a sequence mixer
             if recompute is not False:
                 inst.patcher.wrap_forward(module, lambda f: recomputing(f, recompute))

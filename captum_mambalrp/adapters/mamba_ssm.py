@@ -258,6 +258,7 @@ class MambaSSMAttentionAdapter(Adapter):
     """
 
     label = "mamba-ssm attention (MHA)"
+    recomputed_whole = True
 
     def claims(self, module: nn.Module) -> bool:
         return is_mamba_ssm_class(module, "MHA", "mamba_ssm.modules.mha")
@@ -325,6 +326,7 @@ class MambaSSMGatedMLPAdapter(Adapter):
     activation, half rule on the product)."""
 
     label = "mamba-ssm GatedMLP"
+    recomputed_whole = True
 
     def claims(self, module: nn.Module) -> bool:
         return is_mamba_ssm_class(module, "GatedMLP", "mamba_ssm.modules.mlp")

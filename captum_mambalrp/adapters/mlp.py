@@ -126,6 +126,7 @@ class MLPAdapter(Adapter):
     """transformers MLPs (``SUPPORTED_MLP``): identity rule on the activation, half rule on the gate."""
 
     label = "transformers MLP (" + ", ".join(SUPPORTED_MLP) + ")"
+    recomputed_whole = True
 
     def claims(self, module: nn.Module) -> bool:
         cls = type(module)

@@ -213,6 +213,7 @@ class ExpertsAdapter(Adapter):
     """Fused experts (3D weights): the rules inside each selected expert."""
 
     label = "transformers MoE experts (" + ", ".join(SUPPORTED_EXPERTS) + ")"
+    recomputed_whole = True
 
     def claims(self, module: nn.Module) -> bool:
         plain_layout = not any(getattr(module, a, False) for a in ("has_bias", "is_transposed", "has_post_expert_norm"))
@@ -246,6 +247,7 @@ class MoEBlockAdapter(Adapter):
     experts, shared MLP and latent projections are installed one by one."""
 
     label = "transformers MoE block (" + ", ".join(SUPPORTED_MOE) + ")"
+    recomputed_whole = True
     wraps_children = True
 
     def claims(self, module: nn.Module) -> bool:

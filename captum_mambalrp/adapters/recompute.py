@@ -1,5 +1,6 @@
 """Recomputing mixers in the backward pass (activation checkpointing), per instance, and how
-``recompute="auto"`` decides from memory.
+``recompute="auto"`` decides from memory. A hybrid's attention, MLP and expert layers are
+recomputed whole whenever the mixers are (any mode but ``False``).
 
 Modes (``MambaLRP(model, recompute=...)``):
 
@@ -35,16 +36,20 @@ fitted with some margin to the peaks measured on the H200 at Mamba-130M shape (M
 with recomputation: the mixer's input, ``d_model * s_model``. The backward pass of one mixer
 needs its kept tensors once more as working set.
 
-What the layers around the mixers keep (attention, MLPs, experts: a hybrid's; every mode keeps
-it, since only mixers are recomputed; :func:`others_bytes_per_token`): per linear layer outside
-the mixers and the output head, ``(in_features + 2.5 * out_features) * s_model``; per fused
-experts weight ``[experts, out, in]``, ``top_k`` times that; on the CPU, where attention runs
-``scaled_dot_product_attention``'s math kernel and keeps its weights, ``heads * length *
-s_compute`` per attention layer. Against the saved tensors of a relevance pass (CPU, float32,
-tiny Nemotron-H, Bamba, Granite-4.0-H, Jamba at d_model 64, 256 tokens, each kept tensor counted
-once), mixer inputs plus this estimate came to 1.08-1.47 times what the pass kept with
-recomputation; without it, to 1/20-1/230 (``benchmarks/memory_estimate.py``). Pure Mamba models have none of these layers
-(their norms are in the mixers' fitted constants).
+What the layers around the mixers keep (attention, MLPs, experts: a hybrid's;
+:func:`others_bytes_per_token`): per linear layer outside the mixers and the output head,
+``(in_features + 2.5 * out_features) * s_model``; per fused experts weight ``[experts, out,
+in]``, ``top_k`` times that; on the CPU, where attention runs ``scaled_dot_product_attention``'s
+math kernel and keeps its weights, ``heads * length * s_compute`` per attention layer. That is
+what they keep with ``recompute=False``. In every other mode they are recomputed whole with the
+mixers (:func:`recomputing_layer`; a layer handed a cache keeps its tensors): each keeps its
+input and its pre-norm's, ``d_model * (s_model + s_compute)``, and the largest one's tensors
+are counted once more as the working set of its backward pass. Against the saved tensors of a
+relevance pass with ``recompute=True`` (CPU, float32, tiny Nemotron-H, Bamba, Granite-4.0-H,
+Jamba at d_model 64, 256 tokens, each kept tensor counted once) the estimate of what the forward
+pass keeps (mixer and layer inputs) is 0.64-0.75 times the measured bytes; keeping the layers'
+tensors would add 5.2-14.6 times them (``benchmarks/memory_estimate.py``). Pure Mamba models
+have none of these layers (their norms are in the mixers' fitted constants).
 
 ``"sequence"`` (:meth:`RecomputePlan._sequence_settings`), for ``T`` tokens in ``b`` rows, with
 ``R = d_model * s_compute`` (a block's input: the residual stream, float32 in a bf16 model with
@@ -303,6 +308,16 @@ class RecomputePlan:
     #: token of length (attention weights kept on the CPU): :func:`others_bytes_per_token`
     others: float = 0.0
     others_per_length: float = 0.0
+    #: with recomputation (every mode but False) the attention, MLP and expert layers that are
+    #: recomputed whole (:func:`recomputing_layer`) keep their inputs only: ``layers`` of them,
+    #: plus, during one's backward pass, the largest one's tensors (``layer_working`` per token,
+    #: ``layer_working_per_length`` per token and token of length on the CPU); what lies outside
+    #: them is kept as without recomputation (``others_outside``, ``others_outside_per_length``)
+    layers: int = 0
+    layer_working: float = 0.0
+    layer_working_per_length: float = 0.0
+    others_outside: float = 0.0
+    others_outside_per_length: float = 0.0
 
     def choose(self, hidden: Tensor) -> Recompute:
         """``False``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
@@ -313,10 +328,22 @@ class RecomputePlan:
         tokens = batch * length
         per = [mixer_bytes_per_token(m, hidden.dtype) for m in self.mixers] or [mixer_bytes_per_token(nn.Module(), hidden.dtype)]
         cuda = hidden.device.type == "cuda"
-        # the layers around the mixers keep theirs in every mode (attention weights: CPU only)
-        fixed = (self.others + (0.0 if cuda else self.others_per_length * length)) * tokens
+        # the layers around the mixers: everything kept without recomputation (attention weights:
+        # CPU only); with it, the recomputed layers' inputs and one layer's working set
+        cpu_length = 0.0 if cuda else float(length)
+        kept_all = (self.others + self.others_per_length * cpu_length) * tokens
+        # a recomputed layer keeps its input, and its pre-norm (outside it) the norm's input
+        s_compute = torch.tensor([], dtype=compute_dtype(hidden.dtype)).element_size()
+        layer_input = hidden.shape[-1] * (torch.tensor([], dtype=hidden.dtype).element_size() + s_compute)
+        fixed = (
+            self.others_outside
+            + self.others_outside_per_length * cpu_length
+            + self.layers * layer_input
+            + self.layer_working
+            + self.layer_working_per_length * cpu_length
+        ) * tokens
         working = max(p["kept"] for p in per) * tokens  # one mixer's tensors during its backward pass
-        keep = sum(p["kept"] for p in per) * tokens + working + fixed
+        keep = sum(p["kept"] for p in per) * tokens + working + kept_all
         inputs = sum(p["input"] for p in per) * tokens + working + fixed
         working += fixed  # what offloading needs on the device
         budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
@@ -332,6 +359,7 @@ class RecomputePlan:
             "offload": working,
             "sequence": sequence,
             "others": fixed,
+            "others_kept": kept_all,
             "budget": budget,
         }
         offload_fits = cuda and self.allow_offload and not capturing and working <= budget and inputs - working <= host_budget
@@ -695,6 +723,53 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
     return run
 
 
+#: the keyword arguments through which a layer receives a cache it writes (not ``cache_position``)
+CACHE_KWARGS = frozenset({"past_key_values", "past_key_value", "layer_past", "cache", "cache_params", "inference_params"})
+
+
+def _with_cache(kwargs: Dict[str, Any]) -> bool:
+    """Is a key/value or state cache passed (``past_key_values``, ``cache_params``, mamba-ssm's
+    ``inference_params`` ...)?"""
+    return any(v is not None and k in CACHE_KWARGS for k, v in kwargs.items())
+
+
+def recomputing_layer(forward: Callable[..., Any], recompute: Recompute) -> Callable[..., Any]:
+    """``forward`` of an attention, MLP or expert layer (a hybrid's), wrapped so that it keeps
+    only its inputs for the backward pass and runs again there (``torch.utils.checkpoint``,
+    non-reentrant) whenever the pass recomputes its mixers: every mode but ``False``. Such a
+    layer has no piece function and no state, and its input (``d_model`` per token) is small
+    beside what it keeps (a squared-ReLU MLP of 21504 channels: about 50 times more), so
+    ``"offload"`` and ``"sequence"`` recompute it whole with its input on the device.
+
+    The rules inside run again in the backward pass; they draw no random numbers and hold no
+    state, so the relevance is the same (to rounding). A call that hands the layer a cache
+    (``use_cache=True``) keeps its tensors: the layer writes the cache as it runs.
+    """
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled() or _with_cache(kwargs):
+            # a layer handed a cache writes it in its forward: running it twice would write twice
+            return forward(*args, **kwargs)
+        mode: Any = recompute
+        if mode == "auto" or is_sequence(mode) or mode == "offload":
+            plan = _PLAN.get()
+            hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()), None)
+            if plan is not None and hidden is not None and hidden.dim() >= 2:
+                # an expert layer may see the tokens flattened ([tokens, d]): the same token count
+                mode = plan.choose(hidden if hidden.dim() == 3 else hidden.reshape(1, -1, hidden.shape[-1]))
+            elif mode == "auto":
+                tokens = hidden.shape[:-1].numel() if hidden is not None else 0
+                mode = tokens > RECOMPUTE_AUTO_TOKENS.get(
+                    hidden.device.type if hidden is not None else "cpu", RECOMPUTE_AUTO_TOKENS["cpu"]
+                )
+        if mode is False:
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+    run.recompute_mode = recompute  # type: ignore[attr-defined]
+    return run
+
+
 def plan_for(
     model: nn.Module,
     mixer_names: List[str],
@@ -702,6 +777,7 @@ def plan_for(
     budget: Optional[float] = None,
     patcher: Optional[Any] = None,
     attention_names: Sequence[str] = (),
+    layer_names: Sequence[str] = (),
 ) -> RecomputePlan:
     """The ``"auto"`` plan of one pass over ``model``'s mixers (named as ``Installation.mixers``);
     ``read_at``: the modules where relevance is read (none inside a mixer, or no offloading and
@@ -724,7 +800,15 @@ def plan_for(
         requested = getattr(wrapped, "recompute_mode", requested)
         pieces = pieces and getattr(wrapped, "sequence_piece", None) is not None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    others, per_length = others_bytes_per_token(model, mixers, [model.get_submodule(n) for n in attention_names], dtype)
+    attention = [model.get_submodule(n) for n in attention_names]
+    layers = [model.get_submodule(n) for n in layer_names]
+    others, per_length = others_bytes_per_token(model, mixers, attention, dtype)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    outside = others_bytes_per_token(model, [*mixers, *layers], [a for a in attention if id(a) not in in_layers], dtype)
+    working, working_per_length = 0.0, 0.0
+    for layer in layers:  # the largest layer's own tensors: what all keep minus what all but it keep
+        rest, rest_per_length = others_bytes_per_token(model, [*mixers, layer], [a for a in attention if a is not layer], dtype)
+        working, working_per_length = max(working, others - rest), max(working_per_length, per_length - rest_per_length)
     plan = RecomputePlan(
         mixers,
         budget=budget if budget is not None else _env_budget(),
@@ -733,6 +817,11 @@ def plan_for(
         pieces=pieces,
         others=others,
         others_per_length=per_length,
+        layers=len(layers),
+        layer_working=working,
+        layer_working_per_length=working_per_length,
+        others_outside=outside[0],
+        others_outside_per_length=outside[1],
     )
     if patcher is None or not (requested == "auto" or is_sequence(requested)) or not plan.allow_offload:
         return plan

@@ -78,7 +78,14 @@ def relevance_pass(
                 c.tensors.append(c.leaf)
             c.install(patcher)
         # how recompute="auto" decides; "sequence" wraps the blocks around the mixers (undone by the patcher)
-        plan = plan_for(model, inst.mixers, [c.module for c in captures], patcher=patcher, attention_names=inst.attention)
+        plan = plan_for(
+            model,
+            inst.mixers,
+            [c.module for c in captures],
+            patcher=patcher,
+            attention_names=inst.attention,
+            layer_names=inst.recomputed_layers,
+        )
         with torch.enable_grad(), planned(plan):
             scores = output_scores(call.run(model))
             explained = select(scores)
