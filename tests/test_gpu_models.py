@@ -107,6 +107,25 @@ def test_gpu_transformers_hybrids_match_cpu_and_conserve(family, backend):
     assert (delta.abs() <= 1e-5 * explained.abs().clamp_min(0.1)).all(), (family, backend, delta, explained)
 
 
+@pytest.mark.parametrize("family", ["nemotron_h", "granite"])
+def test_gpu_hybrid_layers_recomputed_give_the_same_relevance(family):
+    """On CUDA, a hybrid with its attention, MLP and expert layers recomputed with the mixers
+    (``recompute=True``) gives the relevance of keeping everything, and its pass peaks lower."""
+    model = _hf_hybrid(family).cuda()
+    ids, mask = _inputs(length=1024)  # long enough for the activations to set the peak
+    ids, mask = (ids % model.config.vocab_size).cuda(), mask.cuda()
+    peaks, out = {}, {}
+    for mode in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out[mode] = MambaLRP(model, recompute=mode).attribute(ids, target=5, attention_mask=mask)
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-4)
+    assert peaks[True] < peaks[False], peaks
+
+
 def _mamba_ssm_or_skip():
     from mamba_ssm_env import load_mamba_ssm
 
