@@ -287,8 +287,10 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--every-position",
-        action="store_true",
-        help="train on the class at every real token (each prefix), not only the last; the model is still read at the last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train on the class at every real token (each prefix), not only the last; the model is still read at the last "
+        "(default: the last token only)",
     )
     p.add_argument("--rescale-residual", action="store_true", help="Mamba1/Mamba2: out_proj scaled by 1/sqrt(layers) at init")
     p.add_argument(
