@@ -91,7 +91,10 @@ SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --refer
 # per model: ranks on the one GPU, rows per gradient pass (transformers' torch SSD path keeps
 # about 10 MB per token for the backward pass, mamba-ssm's Mamba1 kernel about 1.5) and the
 # memory cap of each rank (a share of the GPU; longrange runs uncapped beside them)
-declare -A RANKS=([mamba-130m]=3 [mamba2-130m]=3 [hybrid-130m]=3)
+# (RANKS_PER_MODEL: fewer processes time-slice the GPU less; on 2026-12-02 about 15 processes
+# shared it and every study process was CPU-bound, spinning at synchronisations)
+R=${RANKS_PER_MODEL:-3}
+declare -A RANKS=([mamba-130m]=$R [mamba2-130m]=$R [hybrid-130m]=$R)
 declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch 40 --smoothgrad-per-pass 2 --memory-fraction 0.06"
                      [mamba2-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1"
                      [hybrid-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1")
