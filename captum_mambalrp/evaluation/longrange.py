@@ -420,6 +420,26 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _band(ax: Any, x: np.ndarray, cs: Sequence[dict], key: str, **style: Any) -> None:
+    """``key``'s mean against ``x`` with a band of one standard error."""
+    m = np.array([c[key][0] for c in cs])
+    se = np.nan_to_num(np.array([c[key][1] for c in cs]))
+    line = ax.plot(x, m, "o-", ms=3, **style)[0]
+    ax.fill_between(x, m - se, m + se, color=line.get_color(), alpha=0.15)
+
+
+def _distance_axes(axes: Sequence[Any], titles: Sequence[str]) -> None:
+    """Distance from the end on a symlog axis, titles, grids."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("distance of the needle from the end (tokens)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+
+
 def plot_curves(summary: dict, path: str) -> str:
     """Accuracy and the needle's share of relevance against distance, one curve per length."""
     from .plots import _pyplot
@@ -433,24 +453,14 @@ def plot_curves(summary: dict, path: str) -> str:
         x = np.array([c["distance"] for c in cs])
         color = cmap(k / max(1, len(lengths) - 1) * 0.85)
         for ax, key in zip(axes, ("accuracy", "abs_share", "signed_share")):
-            m = np.array([c[key][0] for c in cs])
-            se = np.nan_to_num(np.array([c[key][1] for c in cs]))
-            ax.plot(x, m, "o-", color=color, label=f"{length} tokens", ms=3)
-            ax.fill_between(x, m - se, m + se, color=color, alpha=0.15)
+            _band(ax, x, cs, key, color=color, label=f"{length} tokens")
         axes[1].plot(x, [c["uniform"] for c in cs], ":", color=color, lw=1)
     titles = (
         "accuracy (predicts the needle's class)",
         "share of |relevance| on the needle (dotted: uniform)",
         "signed relevance on the needle / sum |R|",
     )
-    from matplotlib.ticker import ScalarFormatter
-
-    for ax, title in zip(axes, titles):
-        ax.set_xscale("symlog", linthresh=1)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("distance of the needle from the end (tokens)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
+    _distance_axes(axes, titles)
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -481,8 +491,6 @@ def plot_models(summaries: Dict[str, dict], path: str, length: Optional[int] = N
         length = max(common)
     elif length not in common:
         raise ValueError(f"length {length} is not in every summary (common lengths: {sorted(common)})")
-    from matplotlib.ticker import ScalarFormatter
-
     from .plots import _pyplot
 
     plt = _pyplot()
@@ -491,18 +499,11 @@ def plot_models(summaries: Dict[str, dict], path: str, length: Optional[int] = N
         cs = sorted((c for c in summary["curves"] if c["length"] == length), key=lambda c: c["distance"])
         x = np.array([c["distance"] for c in cs])
         for ax, key in zip(axes, ("accuracy", "abs_share")):
-            m = np.array([c[key][0] for c in cs])
-            se = np.nan_to_num(np.array([c[key][1] for c in cs]))
-            line = ax.plot(x, m, "o-", color=f"C{k}", label=label, ms=3)[0]
-            ax.fill_between(x, m - se, m + se, color=line.get_color(), alpha=0.15)
+            _band(ax, x, cs, key, color=f"C{k}", label=label)
     axes[1].plot(x, [c["uniform"] for c in cs], ":", color="grey", lw=1, label="uniform share")
     titles = (f"accuracy (predicts the needle's class), {length} tokens", f"share of |relevance| on the needle, {length} tokens")
-    for ax, title in zip(axes, titles):
-        ax.set_xscale("symlog", linthresh=1)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("distance of the needle from the end (tokens)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
+    _distance_axes(axes, titles)
+    for ax in axes:
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
