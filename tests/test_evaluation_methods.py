@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import captum.attr as captum_attr
 import pytest
 import torch
 from captum.attr import Attribution, FeatureAblation, IntegratedGradients, KernelShap, NoiseTunnel
@@ -103,6 +104,48 @@ def test_weighted_least_squares_on_cuda_inputs():
     fit.fit(DataLoader(TensorDataset(x, y), batch_size=7))
     assert fit.representation().device == x.device
     assert torch.allclose(fit(x), y[:, None], atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernelshap_on_cuda_equals_the_cpu(classifier, batch):
+    """KernelShap of a CUDA model (coalitions drawn on the host) equals the CPU model's with the
+    same seed."""
+    import copy
+
+    ids, mask, target = batch
+    torch.manual_seed(7)
+    cpu = build_method("kernelshap", classifier, FAST).attribute(ids, target, mask)
+    model = copy.deepcopy(classifier).cuda()
+    torch.manual_seed(7)
+    gpu = build_method("kernelshap", model, FAST).attribute(ids.cuda(), target.cuda(), mask.cuda())
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_kernelshap_samples_on_the_host_with_the_same_result(classifier, batch, monkeypatch):
+    """``host_sampling``: Captum's KernelShap gets host tensors and a forward that moves each
+    batch to the model's device and back; with the same seed it draws the same coalitions and
+    gives the same attribution as on the device (here the host path is forced on the CPU)."""
+    ids, mask, target = batch
+    direct = build_method("kernelshap", classifier, FAST)
+    assert direct.host_sampling
+    torch.manual_seed(5)
+    expected = direct.attribute(ids, target, mask)
+    hosted = build_method("kernelshap", classifier, FAST)
+    monkeypatch.setattr(hosted, "host", "none")  # every device counts as an accelerator
+    seen = []
+    real = captum_attr.KernelShap.attribute
+
+    def spy(self, inputs, *args, **kwargs):
+        seen.append((type(self.forward_func).__name__, inputs.device.type, kwargs["target"].device.type))
+        return real(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(captum_attr.KernelShap, "attribute", spy)
+    torch.manual_seed(5)
+    got = hosted.attribute(ids, target, mask)
+    assert seen and all(s == ("_OnModelDevice", "cpu", "cpu") for s in seen), seen
+    torch.testing.assert_close(got, expected)
 
 
 def test_every_method_on_a_mamba_classifier(classifier, batch):

@@ -70,6 +70,19 @@ def reduce_first(attr: Tensor, x: Tensor, ref: Tensor) -> Tensor:
     return attr[..., 0]
 
 
+class _OnModelDevice(nn.Module):
+    """``scores`` called on host tensors: the inputs go to the model's device, the scores come
+    back to the host (one copy each way per batch of perturbed inputs)."""
+
+    def __init__(self, scores: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.scores, self.device = scores, device
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        return self.scores(x.to(self.device), mask).cpu()
+
+
 class OnEmbeddings(TokenAttribution):
     """A Captum method over the embeddings ``[B, L, H]``, reduced to one value per token.
 
@@ -77,7 +90,11 @@ class OnEmbeddings(TokenAttribution):
     at every real token (padding keeps its own), is handed to Captum as ``baselines`` when
     ``baselines`` is set, and is given to ``reduce``. ``per_example`` runs each example alone
     at its real length with one feature per token (all hidden units of a token perturbed
-    together), so no evaluation is spent on padding.
+    together), so no evaluation is spent on padding. ``host_sampling`` (perturbation methods):
+    on an accelerator, Captum's per-sample work (drawing a coalition, its weight, building the
+    perturbed input) runs on the host and only the batched forward on the device. Captum's
+    KernelShap otherwise synchronises the device at every coalition (``.item()`` on a device
+    tensor), which is what its cost was on a shared GPU; the samples and the result are the same.
     """
 
     def __init__(
@@ -88,16 +105,23 @@ class OnEmbeddings(TokenAttribution):
         reference: Optional[Reference] = None,
         baselines: bool = False,
         per_example: bool = False,
+        host_sampling: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model)
         self.scores = LastTokenScores(model)
+        self.make = make
         self.method = make(self.scores)
         self.reduce = reduce
         self.reference = reference
         self.baselines = baselines
         self.per_example = per_example
+        self.host_sampling = host_sampling
         self.kwargs = kwargs
+        self._host_methods: Dict[torch.device, Attribution] = {}
+
+    #: the host's device type (a test sets another to take the host path on the CPU)
+    host = "cpu"
 
     @property
     def reference_name(self) -> str:
@@ -123,9 +147,17 @@ class OnEmbeddings(TokenAttribution):
     def _run(self, x: Tensor, ref: Tensor, target: Tensor, mask: Tensor, extra: Dict[str, Any]) -> Tensor:
         if self.baselines:
             extra = {**extra, "baselines": ref}
+        method, device = self.method, x.device
+        if self.host_sampling and device.type != self.host:
+            if device not in self._host_methods:
+                self._host_methods[device] = self.make(_OnModelDevice(self.scores, device))
+            method = self._host_methods[device]
+            x, target, mask = x.cpu(), target.cpu(), mask.cpu()
+            extra = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in extra.items()}
         with warnings.catch_warnings():  # Captum notes that it set requires_grad itself
             warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
-            return self.method.attribute(x, target=target, additional_forward_args=(mask,), **self.kwargs, **extra)
+            attr = method.attribute(x, target=target, additional_forward_args=(mask,), **self.kwargs, **extra)
+        return attr.to(device)
 
 
 class LRPMethod(TokenAttribution):
@@ -203,6 +235,7 @@ def _kernel_shap(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
         opts.reference_for("token"),
         baselines=True,
         per_example=True,
+        host_sampling=True,
         n_samples=opts.kernelshap_samples,
         perturbations_per_eval=opts.perturbations_per_eval,
     )
