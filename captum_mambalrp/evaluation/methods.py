@@ -94,7 +94,7 @@ class OnEmbeddings(TokenAttribution):
     on an accelerator, Captum's per-sample work (drawing a coalition, its weight, building the
     perturbed input) runs on the host and only the batched forward on the device. Captum's
     KernelShap otherwise synchronises the device at every coalition (``.item()`` on a device
-    tensor), which is what its cost was on a shared GPU; the samples and the result are the same.
+    tensor); the samples and the result are the same.
     """
 
     def __init__(
