@@ -108,40 +108,42 @@ def test_weighted_least_squares_on_cuda_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kernelshap_on_cuda_equals_the_cpu(classifier, batch):
-    """KernelShap of a CUDA model (coalitions drawn on the host) equals the CPU model's with the
-    same seed."""
+@pytest.mark.parametrize("name", ["kernelshap", "feature_ablation"])
+def test_perturbation_methods_on_cuda_equal_the_cpu(classifier, batch, name):
+    """KernelShap and occlusion of a CUDA model (perturbations built on the host) equal the CPU
+    model's with the same seed."""
     import copy
 
     ids, mask, target = batch
     torch.manual_seed(7)
-    cpu = build_method("kernelshap", classifier, FAST).attribute(ids, target, mask)
+    cpu = build_method(name, classifier, FAST).attribute(ids, target, mask)
     model = copy.deepcopy(classifier).cuda()
     torch.manual_seed(7)
-    gpu = build_method("kernelshap", model, FAST).attribute(ids.cuda(), target.cuda(), mask.cuda())
+    gpu = build_method(name, model, FAST).attribute(ids.cuda(), target.cuda(), mask.cuda())
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
 
 
-def test_kernelshap_samples_on_the_host_with_the_same_result(classifier, batch, monkeypatch):
-    """``host_sampling``: Captum's KernelShap gets host tensors and a forward that moves each
-    batch to the model's device and back; with the same seed it draws the same coalitions and
-    gives the same attribution as on the device (here the host path is forced on the CPU)."""
+@pytest.mark.parametrize("name, cls", [("kernelshap", captum_attr.KernelShap), ("feature_ablation", captum_attr.FeatureAblation)])
+def test_perturbations_built_on_the_host_give_the_same_result(classifier, batch, monkeypatch, name, cls):
+    """``host_sampling``: Captum's KernelShap and occlusion get host tensors and a forward that
+    moves each batch to the model's device and back; with the same seed they draw the same
+    coalitions and give the same attribution as on the device (the host path forced on the CPU)."""
     ids, mask, target = batch
-    direct = build_method("kernelshap", classifier, FAST)
+    direct = build_method(name, classifier, FAST)
     assert direct.host_sampling
     torch.manual_seed(5)
     expected = direct.attribute(ids, target, mask)
-    hosted = build_method("kernelshap", classifier, FAST)
+    hosted = build_method(name, classifier, FAST)
     monkeypatch.setattr(hosted, "host", "none")  # every device counts as an accelerator
     seen = []
-    real = captum_attr.KernelShap.attribute
+    real = cls.attribute
 
     def spy(self, inputs, *args, **kwargs):
         seen.append((type(self.forward_func).__name__, inputs.device.type, kwargs["target"].device.type))
         return real(self, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(captum_attr.KernelShap, "attribute", spy)
+    monkeypatch.setattr(cls, "attribute", spy)
     torch.manual_seed(5)
     got = hosted.attribute(ids, target, mask)
     assert seen and all(s == ("_OnModelDevice", "cpu", "cpu") for s in seen), seen

@@ -321,6 +321,7 @@ for _spec in [
             o.reference_for("token"),
             baselines=True,
             per_example=True,
+            host_sampling=True,
             perturbations_per_eval=o.perturbations_per_eval,
         ),
         "captum FeatureAblation, each token replaced by the reference (default: the reference token)",
