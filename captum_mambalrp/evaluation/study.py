@@ -68,6 +68,17 @@ def select_examples(n_total: int, n: Optional[int], seed: int) -> List[int]:
     return order if n is None else order[: min(n, n_total)]
 
 
+def _host(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The tensors on the CPU, detached (one copy each)."""
+    return tuple(t.detach().cpu() for t in tensors)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _method_seed(seed: int, batch: int, method: str) -> int:
     return (seed * 1_000_003 + batch * 10_007 + zlib.crc32(method.encode())) % (2**31)
 
@@ -263,6 +274,7 @@ class Study:
         return target, scores[torch.arange(len(target), device=scores.device), target]
 
     def _example_rows(self, batch, ids, mask, target, explained) -> List[dict]:
+        ids, mask, target, explained = _host(ids, mask, target, explained)  # one copy, not one sync per value
         rows = []
         for k, i in enumerate(batch):
             real = ids[k][mask[k].bool()].tolist()
@@ -291,16 +303,22 @@ class Study:
     def _evaluate(self, name, method, b, batch, ids, mask, target, explained) -> List[dict]:
         torch.manual_seed(_method_seed(self.config.seed, b, name))
         with ForwardCounter(self.model) as counter:
+            _synchronize(ids.device)
             start, cpu = time.perf_counter(), time.process_time()
             relevance = method.attribute(ids, target, mask)
+            _synchronize(ids.device)  # the time of the work, not of queueing it
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         generator = torch.Generator().manual_seed(self.config.seed + b)
         curves = perturbation_curves(self.model, ids, mask, relevance, target, self.config.perturbation, CURVES, generator)
         scores = flipping_scores(curves, self.config.perturbation)
+        # everything read below comes to the host at once (per value it would be one device sync each)
+        relevance, mask, target, explained = _host(relevance.detach().double(), mask, target, explained)
+        curves = dict(zip(curves, _host(*curves.values())))
+        scores = dict(zip(scores, _host(*scores.values())))
         n = len(batch)
         rows = []
         for k, i in enumerate(batch):
-            r = relevance[k][mask[k].bool()].double().cpu()
+            r = relevance[k][mask[k].bool()]
             rows.append(
                 {
                     "method": name,
@@ -325,6 +343,8 @@ class Study:
 
     def _layer_rows(self, batch, ids, mask, target) -> List[dict]:
         lr = layer_relevance(self.model, ids, mask, target.tolist())
+        explained, mask = _host(lr.explained, mask)
+        layers = _host(*lr.relevance)
         rows = []
         for k, i in enumerate(batch):
             real = mask[k].bool()
@@ -332,8 +352,8 @@ class Study:
                 {
                     "index": i,
                     "names": lr.names,
-                    "explained": float(lr.explained[k]),
-                    "relevance": [[float(v) for v in layer[k][real]] for layer in lr.relevance],
+                    "explained": float(explained[k]),
+                    "relevance": [[float(v) for v in layer[k][real]] for layer in layers],
                 }
             )
         return rows
