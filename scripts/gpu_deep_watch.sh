@@ -40,6 +40,10 @@ echo "--- training (validation accuracy by step)"
 for f in "${RUNS:-runs/deep}"/*/train-*.log; do
     [ -f "$f" ] && echo "$f: $(grep -E '^(step|epoch|best)' "$f" | tail -n 4 | tr '\n' '|')"
 done
+echo "--- studies: method x example items done by the running study processes (all ranks), for the rate"
+for d in "${RUNS:-runs/deep}"/*/study "${RUNS:-runs/deep}"/*/table/replacement-*; do
+    [ -d "$d" ] && echo "$d: $(awk '{s += $1} END {print s + 0}' "$d"/progress.rank* 2>/dev/null) at ${SECONDS}s"
+done
 nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu --format=csv,noheader 2>/dev/null
 # at most 8 files come back: the per-model archives, the timeline, the console's tail
 cp "$PIPE_OUT"/*.tgz "$CALL_OUT"/ 2>/dev/null
