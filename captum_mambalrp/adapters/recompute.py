@@ -678,6 +678,12 @@ def chained(forward: Callable[..., Tensor], plan: RecomputePlan) -> Callable[...
     return run
 
 
+def _many_tokens(hidden: Tensor) -> bool:
+    """``"auto"`` outside a planned pass: more tokens than :data:`RECOMPUTE_AUTO_TOKENS` allows
+    on ``hidden``'s device (``hidden [..., d]``)."""
+    return hidden.shape[:-1].numel() > RECOMPUTE_AUTO_TOKENS.get(hidden.device.type, RECOMPUTE_AUTO_TOKENS["cpu"])
+
+
 def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callable[..., Tensor]:
     """``forward`` wrapped so that, when ``recompute`` applies, it keeps only its inputs
     for the backward pass and runs again there (``torch.utils.checkpoint``, non-reentrant),
@@ -702,8 +708,7 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
             if plan is not None:
                 mode = plan.choose(hidden_states)
             elif mode == "auto":
-                tokens = hidden_states.shape[0] * hidden_states.shape[1]
-                mode = tokens > RECOMPUTE_AUTO_TOKENS.get(hidden_states.device.type, RECOMPUTE_AUTO_TOKENS["cpu"])
+                mode = _many_tokens(hidden_states)
         if is_sequence(mode):
             settings = plan.sequence if plan is not None else (recompute if isinstance(recompute, SequenceChunks) else None)
             if piece is not None and not args and (accepts(kwargs) if accepts is not None else _plain_call(kwargs)):
@@ -758,10 +763,7 @@ def recomputing_layer(forward: Callable[..., Any], recompute: Recompute) -> Call
                 # an expert layer may see the tokens flattened ([tokens, d]): the same token count
                 mode = plan.choose(hidden if hidden.dim() == 3 else hidden.reshape(1, -1, hidden.shape[-1]))
             elif mode == "auto":
-                tokens = hidden.shape[:-1].numel() if hidden is not None else 0
-                mode = tokens > RECOMPUTE_AUTO_TOKENS.get(
-                    hidden.device.type if hidden is not None else "cpu", RECOMPUTE_AUTO_TOKENS["cpu"]
-                )
+                mode = hidden is not None and _many_tokens(hidden)
         if mode is False:
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)

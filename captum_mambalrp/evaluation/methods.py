@@ -97,6 +97,9 @@ class OnEmbeddings(TokenAttribution):
     tensor); the samples and the result are the same.
     """
 
+    #: the host's device type (a test sets another to take the host path on the CPU)
+    host = "cpu"
+
     def __init__(
         self,
         model: nn.Module,
@@ -119,9 +122,6 @@ class OnEmbeddings(TokenAttribution):
         self.host_sampling = host_sampling
         self.kwargs = kwargs
         self._host_methods: Dict[torch.device, Attribution] = {}
-
-    #: the host's device type (a test sets another to take the host path on the CPU)
-    host = "cpu"
 
     @property
     def reference_name(self) -> str:
