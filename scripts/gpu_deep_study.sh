@@ -93,11 +93,14 @@ SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --refer
 # memory cap of each rank (a share of the GPU; longrange runs uncapped beside them)
 # (RANKS_PER_MODEL: fewer processes time-slice the GPU less; on 2026-12-02 about 15 processes
 # shared it and every study process was CPU-bound, spinning at synchronisations)
-R=${RANKS_PER_MODEL:-3}
+R=${RANKS_PER_MODEL:-1}
 declare -A RANKS=([mamba-130m]=$R [mamba2-130m]=$R [hybrid-130m]=$R)
-declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch 40 --smoothgrad-per-pass 2 --memory-fraction 0.06"
-                     [mamba2-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1"
-                     [hybrid-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction 0.1")
+# (one rank per model by default: Mamba1 then takes 160 rows per IG and SmoothGrad pass, about
+# 15 GB at 64 tokens; each rank's memory cap is 0.2 / R of the GPU)
+MEM=$(awk "BEGIN {print 0.2 / $R}")
+declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch $((160 / R)) --smoothgrad-per-pass $(((5 + R - 1) / R)) --memory-fraction $MEM"
+                     [mamba2-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction $MEM"
+                     [hybrid-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction $MEM")
 [ $SMOKE = 1 ] && RANKS=([mamba-130m]=2 [mamba2-130m]=2 [hybrid-130m]=2)
 
 pack() {  # small results, one archive per model (atomic: a timeout never leaves half a file)
@@ -166,6 +169,7 @@ study() {  # $1 model: the study on all test examples, sharded over NPROC ranks 
     local args=(--model "$dir/model" --examples "$N" --methods "$methods" --out "$dir/study" "${SETTINGS[@]}")
     local batching=(${BATCHING[$name]})
     [ $SMOKE = 1 ] && batching=("${batching[@]:0:6}")  # no memory cap on the CPU
+    rm -f "$dir/study.finished"
     log "$name: study ($methods)"
     echo "torchrun --standalone --nproc_per_node ${RANKS[$name]} scripts/run_emotion_study.py ${args[*]} ${batching[*]}" >"$dir/study.cmd"
     PYTHONPATH=${PYP[$name]} timeout "$(left)" python3 -m torch.distributed.run --standalone --nproc_per_node "${RANKS[$name]}" \
@@ -216,13 +220,15 @@ longrange() {  # $1 model: needle in a haystack of [UNK] tokens, 2K-8K tokens, t
     [ "$1" != hybrid-130m ] && lr_run "$1" "$LENGTHS"
 }
 
-pipeline() {  # $1 model: train, then its study and long range side by side
+pipeline() {  # $1 model: train, its study, then (LONGRANGE=0: not) its long range
+    # one after the other: on 2026-12-02 the study, the long range and the table side by side (about
+    # 15 processes on the GPU) ran every study process at a fraction of its speed
     local name=$1
     train "$name" || return 1
-    longrange "$name" &
-    local lr=$!
     study "$name"
-    wait $lr
+    touch "$RUNS/$name/study.finished"
+    [ "${LONGRANGE:-1}" = 0 ] && return 0
+    longrange "$name"
     [ "$name" = hybrid-130m ] && [ "$(left)" -gt 30 ] && lr_run "$name" "$LENGTHS"
 }
 
@@ -231,10 +237,10 @@ for m in "${MODELS[@]}"; do
     pipeline "$m" &
     PIDS+=($!)
 done
-# the Mamba1 table once its model exists (TABLE=0: none)
+# the Mamba1 table once its study has ended (TABLE=0: none)
 [ "${TABLE:-1}" != 0 ] && [[ " ${MODELS[*]} " == *" mamba-130m "* ]] && (
-    while [ ! -f "$RUNS/mamba-130m/model/metrics.json" ] && [ "$(el)" -lt "$STUDY_END" ]; do sleep 2; done
-    if [ -f "$RUNS/mamba-130m/model/metrics.json" ]; then
+    while [ ! -f "$RUNS/mamba-130m/study.finished" ] && [ "$(el)" -lt "$STUDY_END" ]; do sleep 2; done
+    if [ -f "$RUNS/mamba-130m/study.finished" ]; then
         for k in token zero mean; do table $k & done
         wait
         table_finish
