@@ -87,10 +87,17 @@ REF_SET=integrated_gradients,smoothgrad,feature_ablation,kernelshap
 declare -A ATT=([mamba-130m]=mamba_attr,implicit_attr [mamba2-130m]=implicit_attn,implicit_attr [hybrid-130m]=)
 # the baselines' settings on the GPU (recorded in each study's config.json)
 SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --reference matched
-          --perturbations-per-eval 128 --model-forward --tf32 --no-progress --device "$DEV" --data "$DATA")
-# per model: ranks on the one GPU, rows per gradient pass (transformers' torch SSD path keeps
-# about 10 MB per token for the backward pass, mamba-ssm's Mamba1 kernel about 1.5) and the
-# memory cap of each rank (a share of the GPU; longrange runs uncapped beside them)
+          --perturbations-per-eval 128 --tf32 --no-progress --device "$DEV" --data "$DATA")
+# which forward the methods and curves run (the same function either way): Mamba1 the model's own
+# (mamba-ssm's selective_scan_fn); Mamba2 and the hybrid the package's scan with plain-gradient
+# rules, since transformers' torch SSD path materialises a (chunk x chunk x heads x state) product
+# per chunk: on the CPU (6 layers of d_model 768, 64 x 32 tokens) it took 8.8x the package's time
+# for a forward and backward pass and 1.7x its saved memory (docs/results.md, "Deeper models")
+declare -A FORWARD=([mamba-130m]=--model-forward [mamba2-130m]= [hybrid-130m]=)
+# per model: ranks on the one GPU, rows per gradient pass (the package's Mamba2 scan saves about
+# 0.15 MB per token and layer for the backward pass, 3.6 MB at 24 layers; transformers' torch SSD
+# path 0.26; mamba-ssm's Mamba1 kernel about 1.5 MB per token in all) and the memory cap of each
+# rank (a share of the GPU; longrange runs uncapped beside them)
 # (RANKS_PER_MODEL: fewer processes time-slice the GPU less; on 2026-12-02 about 15 processes
 # shared it and every study process was CPU-bound, spinning at synchronisations)
 R=${RANKS_PER_MODEL:-1}
@@ -99,8 +106,8 @@ declare -A RANKS=([mamba-130m]=$R [mamba2-130m]=$R [hybrid-130m]=$R)
 # 15 GB at 64 tokens; each rank's memory cap is 0.2 / R of the GPU)
 MEM=$(awk "BEGIN {print 0.2 / $R}")
 declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch $((160 / R)) --smoothgrad-per-pass $(((5 + R - 1) / R)) --memory-fraction $MEM"
-                     [mamba2-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction $MEM"
-                     [hybrid-130m]="--batch-size 16 --ig-internal-batch 16 --smoothgrad-per-pass 1 --memory-fraction $MEM")
+                     [mamba2-130m]="--batch-size 32 --ig-internal-batch $((64 / R)) --smoothgrad-per-pass $(((2 + R - 1) / R)) --memory-fraction $MEM"
+                     [hybrid-130m]="--batch-size 32 --ig-internal-batch $((64 / R)) --smoothgrad-per-pass $(((2 + R - 1) / R)) --memory-fraction $MEM")
 [ $SMOKE = 1 ] && RANKS=([mamba-130m]=2 [mamba2-130m]=2 [hybrid-130m]=2)
 
 pack() {  # small results, one archive per model (atomic: a timeout never leaves half a file)
@@ -166,7 +173,7 @@ PY
 
 study() {  # $1 model: the study on all test examples, sharded over NPROC ranks on the one GPU
     local name=$1 dir=$RUNS/$1 methods="${LRP_SET[$1]},$REF_SET,${ATT[$1]:+${ATT[$1]},}random"
-    local args=(--model "$dir/model" --examples "$N" --methods "$methods" --out "$dir/study" "${SETTINGS[@]}")
+    local args=(--model "$dir/model" --examples "$N" --methods "$methods" --out "$dir/study" "${SETTINGS[@]}" ${FORWARD[$name]})
     local batching=(${BATCHING[$name]})
     [ $SMOKE = 1 ] && batching=("${batching[@]:0:6}")  # no memory cap on the CPU
     rm -f "$dir/study.finished"
@@ -186,7 +193,7 @@ study() {  # $1 model: the study on all test examples, sharded over NPROC ranks 
 table() {  # $1 replacement: the Mamba1 reference x replacement table, one process per replacement
     local name=mamba-130m dir=$RUNS/mamba-130m kind=$1
     local args=(--model "$dir/model" --examples "$TABLE_N" --methods "mambalrp,gxi,lrp_ln,saliency,implicit_attr,random,$REF_SET"
-                --out "$dir/table" --reference-table --references zero,mean,token:1 --replacements "$kind" "${SETTINGS[@]}")
+                --out "$dir/table" --reference-table --references zero,mean,token:1 --replacements "$kind" "${SETTINGS[@]}" --model-forward)
     local batching=(--batch-size 32 --ig-internal-batch 40 --smoothgrad-per-pass 2)
     [ $SMOKE = 0 ] && batching+=(--memory-fraction 0.05)
     echo "python3 scripts/run_emotion_study.py ${args[*]} --no-figures ${batching[*]}" >"$dir/table-$kind.cmd"
@@ -199,7 +206,7 @@ table_finish() {  # the table over whatever the three replacement studies finish
     local dir=$RUNS/mamba-130m
     PYTHONPATH=$PY_SSM python3 scripts/run_emotion_study.py --model "$dir/model" --examples "$TABLE_N" \
         --methods "mambalrp,gxi,lrp_ln,saliency,implicit_attr,random,$REF_SET" --out "$dir/table" --reference-table \
-        --references zero,mean,token:1 --replacements token,zero,mean "${SETTINGS[@]/$DEV/cpu}" --batch-size 32 \
+        --references zero,mean,token:1 --replacements token,zero,mean "${SETTINGS[@]/$DEV/cpu}" --model-forward --batch-size 32 \
         --ig-internal-batch 40 --smoothgrad-per-pass 2 --finalize-partial \
         >"$dir/table-finish.log" 2>&1
     log "mamba-130m: table finished rc=$? ($(grep -ch 'summary of' "$dir/table-finish.log") replacements)"

@@ -33,7 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -224,14 +224,30 @@ def budget_lr(step: int, total: int, warmup: float = 0.1) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
 
 
-def fit_steps(done: int, seconds: float, budget: float) -> int:
-    """How many steps fit into ``budget`` seconds when ``done`` took ``seconds`` (the first
-    steps, with their warm-up, make this a slight underestimate).
+def fit_steps(done: int, seconds: float, budget: float, elapsed: Optional[float] = None) -> int:
+    """How many steps fit into ``budget`` seconds when ``done`` steps took ``seconds`` of
+    training and ``elapsed`` seconds have passed in all (training and validation; default
+    ``seconds``).
 
-    >>> fit_steps(20, 2.0, 60)
-    600
+    >>> fit_steps(20, 2.0, 60), fit_steps(100, 10.0, 60, elapsed=20.0)
+    (600, 500)
     """
-    return max(done, int(budget * done / max(seconds, 1e-9)))
+    elapsed = seconds if elapsed is None else elapsed
+    return max(done, done + int((budget - elapsed) * done / max(seconds, 1e-9)))
+
+
+def refit_points(first: int = 20) -> Iterator[int]:
+    """Steps at which a ``--time-budget`` run re-fits its step count: 20, 40, 80, ... (the first
+    steps are slow, with warm-up and, with several runs on one GPU, their start-up side by side;
+    on 2026-12-02 a fit at step 20 alone ended a hybrid's 360 s run after 254 s).
+
+    >>> import itertools; list(itertools.islice(refit_points(), 4))
+    [20, 40, 80, 160]
+    """
+    step = first
+    while True:
+        yield step
+        step *= 2
 
 
 def fused_path_unusable(arch: str) -> bool:
@@ -343,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp)
     best, best_state, start, step = -1.0, None, time.time(), 0
+    can_run, validating, refits = steps, 0.0, refit_points()  # validating: seconds spent on validation
+    refit = next(refits)
     train_mode = not fused_path_unusable(args.arch)
     if not train_mode:
         print("mamba-ssm without causal-conv1d: training in eval mode (no dropout in Mamba; selective_scan_fn)", flush=True)
@@ -360,17 +378,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
             opt.step()
             sched.step()
             total, seen, step = total + float(loss.detach()) * len(y), seen + len(y), step + 1
-            if args.time_budget and step == 20:
-                plan["steps"] = steps = min(steps, fit_steps(step, time.time() - start, args.time_budget))
-                print(f"--time-budget {args.time_budget:.0f}s: {steps} steps", flush=True)
+            if args.time_budget and step == refit and (step == 20 or step < 0.3 * steps):
+                # re-fitted while the schedule is early (its warm-up is the first 10 %)
+                elapsed = time.time() - start
+                plan["steps"] = steps = min(can_run, fit_steps(step, elapsed - validating, args.time_budget, elapsed))
+                print(f"--time-budget {args.time_budget:.0f}s: {steps} steps (fitted at step {step})", flush=True)
+                refit = next(refits)
             if args.eval_every and step % args.eval_every == 0:
+                t_val = time.time()
                 acc = accuracy(model, *val, tokenizer, args.device, args.max_len, class_ids)
                 model.train(train_mode)
+                validating += time.time() - t_val
                 took = time.time() - start
                 print(f"step {step}: loss {float(loss.detach()):.4f}  val acc {acc:.4f}  ({took:.0f}s)", flush=True)
             if step >= steps:
                 break
+        t_val = time.time()
         acc = accuracy(model, *val, tokenizer, args.device, args.max_len, class_ids)
+        validating += time.time() - t_val
         loss_mean = total / max(seen, 1)
         print(f"epoch {epoch + 1}: train loss {loss_mean:.4f}  val acc {acc:.4f}  ({time.time() - start:.0f}s)", flush=True)
         if acc > best:
