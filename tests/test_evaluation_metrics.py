@@ -79,14 +79,56 @@ def test_true_contributions_give_the_best_order():
     assert reverse == pytest.approx(-best)
 
 
-def test_one_batched_forward_per_step_for_all_curves():
-    model = TokenSum(W)
-    ids = torch.tensor([[1, 2, 3, 4], [3, 3, 1, 0], [2, 1, 4, 4]])
-    config = Perturbation(0.1)
+class SeenInputs(TokenSum):
+    """TokenSum squashed (so that scores do not add up) that records every input row it sees."""
+
+    def __init__(self, weights) -> None:
+        super().__init__(weights)
+        self.seen: list = []
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        self.seen += [tuple(row.flatten().tolist()) for row in inputs_embeds]
+        return torch.tanh(super().forward(input_ids, attention_mask, inputs_embeds))
+
+
+def step_by_step_curves(model, ids, relevance, target, config, generator=None):
+    """The curves one step at a time, all four at each step (the definition, unbatched)."""
+    from captum_mambalrp.evaluation.perturbation import CURVES, replacement_vector
+
+    real = torch.ones_like(ids, dtype=torch.bool)
+    ranks = {True: removal_ranks(relevance, real, True, generator), False: removal_ranks(relevance, real, False, generator)}
+    counts = removed_counts(real.sum(1), config)
+    embeds = model.get_input_embeddings()(ids)
+    fill = replacement_vector(model.get_input_embeddings(), config)
+    out = {c: torch.empty(len(ids), config.steps + 1, dtype=torch.float64) for c in CURVES}
+    for k in range(config.steps + 1):
+        for c in CURVES:
+            first = ranks[c.startswith("morf")] < counts[k][:, None]
+            swap = first if not c.endswith("_insert") else real & ~first
+            x = torch.where(swap[..., None], fill, embeds)
+            out[c][:, k] = model(inputs_embeds=x)[torch.arange(len(ids)), target].double()
+    return out
+
+
+def test_each_distinct_input_is_forwarded_once():
+    torch.manual_seed(0)
+    weights = torch.randn(51).tolist()
+    ids = torch.arange(1, 51).reshape(5, 10)  # every token distinct: rows differ between examples
+    relevance, target = torch.randn(5, 10), torch.tensor([0, 1, 0, 1, 1])
+    config = Perturbation(0.1, "token", 0)
+    model = SeenInputs(weights)
     with ForwardCounter(model) as fc:
-        perturbation_curves(model, ids, None, torch.rand(3, 4), torch.zeros(3, dtype=torch.long), config)
-    assert fc.count.calls == config.steps + 1 == 11
-    assert fc.count.rows == 11 * 4 * 3
+        curves = perturbation_curves(model, ids, None, relevance, target, config, generator=torch.Generator().manual_seed(3))
+    # each example's inputs are forwarded once (only the fully replaced input is the same for
+    # all five examples): fewer rows than 4 curves x 11 steps
+    assert len(model.seen) == fc.count.rows == len(set(model.seen)) + 4 < 4 * 11 * 5
+    assert fc.count.calls == -(-fc.count.rows // (4 * 5))  # rows per forward: 4 curves x the batch
+    reference = step_by_step_curves(SeenInputs(weights), ids, relevance, target, config, torch.Generator().manual_seed(3))
+    for name, curve in reference.items():
+        assert torch.allclose(curves[name], curve, atol=1e-6), name
+    # the insertion curves revisit the deletion curves' inputs in reverse (10 tokens: whole
+    # tokens per step, so no count rounds half-way)
+    assert torch.allclose(curves["morf_insert"], curves["lerf"].flip(-1), atol=1e-6)
 
 
 def test_padding_is_ignored():

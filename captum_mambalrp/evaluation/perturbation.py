@@ -13,8 +13,12 @@ and the score of the paper is :math:`\Delta A^F = A(\text{LeRF}) - A(\text{MoRF}
 *Insertion* starts from all real tokens replaced and puts them back in the same orders;
 :math:`\Delta A^I = A_{ins}(\text{MoRF}) - A_{ins}(\text{LeRF})`.
 
-Every curve step is one batched forward: all examples and all requested curves at once,
-so a batch costs ``K + 1`` forwards, not one per token. A removed token becomes a
+Each distinct perturbed input is forwarded once, in batches of all examples: every curve
+starts or ends at the unperturbed and at the fully replaced input, and an insertion curve
+visits its deletion twin's inputs in reverse (inserting the most relevant ``j`` tokens keeps
+what removing the least relevant ``n - j`` keeps, up to tied relevance and counts rounded
+half-way), so the four curves of ``K + 1`` points cost about ``2K`` forwarded rows per
+example, not ``4(K + 1)`` (fewer for texts of fewer than ``K`` tokens). A removed token becomes a
 neutral token (``"token"``, by default the tokenizer's unknown token), a zero embedding
 (``"zero"``) or the mean of the embedding matrix (``"mean"``); all three act on the
 embeddings, so the model is fed ``inputs_embeds`` and the length never changes.
@@ -143,9 +147,14 @@ def perturbation_curves(
     curves: Sequence[str] = CURVES,
     generator: Optional[torch.Generator] = None,
     embedding: Optional[nn.Embedding] = None,
+    rows_per_forward: Optional[int] = None,
 ) -> Dict[str, Tensor]:
     """Explained logit along each curve: ``{name: [B, K + 1]}`` (float64), for ``curves``
-    among ``"morf"``, ``"lerf"`` (deletion) and ``"morf_insert"``, ``"lerf_insert"``."""
+    among ``"morf"``, ``"lerf"`` (deletion) and ``"morf_insert"``, ``"lerf_insert"``.
+
+    Each distinct perturbed input (per example) is forwarded once, ``rows_per_forward`` rows
+    per forward (default: ``len(curves)`` x the batch).
+    """
     config = config or Perturbation()
     unknown = [c for c in curves if c not in CURVES]
     if unknown:
@@ -160,21 +169,29 @@ def perturbation_curves(
     embeds = embedding(input_ids)
     fill = replacement_vector(embedding, config).to(embeds.dtype)
     scorer = LastTokenScores(model)
-    n, batch = len(curves), input_ids.shape[0]
-    rows = torch.arange(n * batch, device=input_ids.device)
-    classes = target.to(input_ids.device).repeat(n)
-    out = torch.empty(n, batch, config.steps + 1, dtype=torch.float64)
-    for k in range(config.steps + 1):
+    n, batch, length = len(curves), input_ids.shape[0], input_ids.shape[1]
+    steps = config.steps + 1
+    swap = torch.empty(steps, n, batch, length, dtype=torch.bool, device=input_ids.device)  # replaced positions
+    for k in range(steps):
         m = counts[k][:, None]
-        replaced = []
-        for name in curves:
+        for c, name in enumerate(curves):
             first = ranks[name.startswith("morf")] < m
-            replaced.append(first if not name.endswith("_insert") else real & ~first)
-        swap = torch.cat(replaced)[..., None]
-        x = torch.where(swap, fill, embeds.repeat(n, 1, 1))
-        scores = scorer(x, mask.repeat(n, 1))
-        out[:, :, k] = scores[rows, classes].double().reshape(n, batch).cpu()
-    return {name: out[i] for i, name in enumerate(curves)}
+            swap[k, c] = first if not name.endswith("_insert") else real & ~first
+    # one row per (example, replaced positions): the example's index, then its mask
+    example = torch.arange(batch, device=input_ids.device).expand(steps, n, batch)
+    keys = torch.cat([example.reshape(-1, 1), swap.reshape(-1, length).long()], dim=1)
+    distinct, which = torch.unique(keys, dim=0, return_inverse=True)
+    rows = distinct[:, 0]
+    classes = target.to(input_ids.device)[rows]
+    scores = torch.empty(len(distinct), dtype=torch.float64)
+    chunk = rows_per_forward or n * batch
+    for start in range(0, len(distinct), chunk):
+        part = slice(start, start + chunk)
+        x = torch.where(distinct[part, 1:].bool()[..., None], fill, embeds[rows[part]])
+        got = scorer(x, mask[rows[part]])
+        scores[part] = got[torch.arange(len(x), device=got.device), classes[part]].double().cpu()
+    out = scores[which.cpu()].reshape(steps, n, batch).permute(1, 2, 0)
+    return {name: out[i].contiguous() for i, name in enumerate(curves)}
 
 
 def area(curve: Tensor, grid: Tensor) -> Tensor:
