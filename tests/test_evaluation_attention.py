@@ -107,14 +107,63 @@ def test_implicit_attention_maps_the_conv_input_to_the_gated_output(arch, mamba1
             assert torch.allclose(gated, (r.y * r.gate)[:, sl], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["attn_rollout", "mamba_attr", "implicit_attn", "implicit_attr"])
+@pytest.mark.parametrize("name", ["attn_rollout", "mamba_attr", "gw_rollout", "implicit_attn", "implicit_attr"])
 def test_attention_methods_on_mamba2_with_padding(name, mamba2):
     ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     rel = build_method(name, mamba2).attribute(ids, torch.tensor([0, 2]), mask)
     assert rel.shape == ids.shape and torch.isfinite(rel).all() and (rel[1, 5:] == 0).all()
-    assert (rel[:, :5] > 0).all()  # a row of a product of row-stochastic maps with the identity
+    if name == "mamba_attr":  # its gradient weights are min-max normalised: the weakest token gets 0
+        assert (rel[:, :5] >= 0).all() and (rel[0, 6] > 0) and (rel[1, 4] > 0)
+    else:
+        assert (rel[:, :5] > 0).all()  # a row of a product of row-stochastic maps with the identity
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_mamba_attr_follows_the_authors_recipe(arch, mamba1, mamba2):
+    """Mamba-Attr as Ali et al.'s ``generate_mamba_attr`` computes it, step by step: per layer the
+    positive hidden attention min-max normalised and averaged over channels, times the min-max
+    normalised ``max_h (dS/dstream)^+`` of each source token, the stream gradient taken here at
+    the embeddings (layer 0's input) and at each layer's output (the next one's input); ``I + M``,
+    row-normalised, multiplied from ``start_layer`` on; the explained position's row."""
+    from captum_mambalrp.evaluation.hidden_attention import HiddenAttentionAttribution, hidden_attention
+
+    model = mamba1 if arch == "mamba1" else mamba2
+    ids = torch.randint(1, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([1])
+    records, _ = scan_records(model, ids, None, target)
+    embeds = model.backbone.get_input_embeddings()(ids).detach().requires_grad_(True)
+    streams = [embeds]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o: streams.append(o[0] if isinstance(o, tuple) else o))
+        for layer in model.backbone.layers
+    ]
+    try:
+        logit = model(inputs_embeds=embeds)[0, -1, 1]
+    finally:
+        for h in hooks:
+            h.remove()
+    for h in streams[1:]:
+        h.retain_grad()
+    logit.backward()
+    for start in (0, 1):
+        joint = torch.eye(9)
+        for k in range(start, len(records)):
+            r = records[k]
+            if arch == "mamba1":
+                alpha = hidden_attention(r.delta, r.A, r.B, r.C)[0]  # [d, t, s]
+            else:
+                alpha = torch.cat([a for _, a in iter_channel_attention(r, 64)], 1)[0]
+            a = alpha.clamp(min=0)
+            a = (a - a.min()) / (a.max() - a.min())
+            g = streams[k].grad[0].clamp(min=0).max(dim=1).values
+            g = (g - g.min()) / (g.max() - g.min())
+            m = a.mean(0) * g[None, :] + torch.eye(9)
+            joint = (m / m.sum(-1, keepdim=True)) @ joint
+        got = HiddenAttentionAttribution(model, mamba_attr=True, start_layer=start).attribute(ids, target)
+        assert torch.allclose(got[0], joint[-1], atol=1e-5), start
+    model.zero_grad()
 
 
 TEXTS = ["i feel happy and loved today", "so sad and alone tonight", "what a scary night", "i am angry at the world"]

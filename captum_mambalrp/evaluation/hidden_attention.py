@@ -48,6 +48,7 @@ gate, and forward hooks on the mixers' convolutions (input, output, kernel).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
@@ -75,6 +76,9 @@ class ScanRecord:
     For the implicit attention: ``D [d]``; ``conv_in``, ``conv_pre [b, d, l]`` (the conv's input
     and output of the scan channels), ``conv_weight [d, k]``; ``gate [b, d, l]`` (``silu(z)``) and
     ``grad_out`` (the gradient at the gated output ``y * gate``).
+
+    For Mamba-Attr: ``grad_stream [b, l, h]``, the gradient of the explained score at the
+    residual stream entering the mixer's block (Ali et al.'s ``get_gradients``).
     """
 
     x: Tensor
@@ -91,6 +95,7 @@ class ScanRecord:
     conv_weight: Optional[Tensor] = None
     gate: Optional[Tensor] = None
     grad_out: Optional[Tensor] = None
+    grad_stream: Optional[Tensor] = None
 
     @property
     def channels(self) -> int:
@@ -191,6 +196,17 @@ def _channel_D(mixer: nn.Module, d: int) -> Optional[Tensor]:
     return D.detach().float().reshape(-1).repeat_interleave(d // D.numel())
 
 
+def _record_stream(store: List[Tensor]):
+    """A forward pre-hook keeping a block's input hidden states (positional or keyword)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, Tensor) and hidden.requires_grad:
+            store.append(hidden)
+
+    return hook
+
+
 def scan_records(
     model: nn.Module,
     input_ids: Tensor,
@@ -210,6 +226,7 @@ def scan_records(
         ValueError: a hybrid with attention layers (see :func:`_mixer_convs`).
     """
     rec = _Recorder()
+    stream: List[Tensor] = []
     convs, mixers, names = _mixer_convs(model)
     # probes on the mixers' own components only (an MLP's gate is not a scan's gate)
     parts = {"conv_act": _ConvActProbe(rec), "ssm": _SSMProbe(rec), "gate": _GateProbe(rec), "gate_act": _GateActProbe(rec)}
@@ -224,15 +241,20 @@ def scan_records(
             raise ValueError("cannot find the model's token embedding (get_input_embeddings())")
         if with_gradient:
             patcher.add_handle(embedding.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+            for name in names:  # the residual stream entering each mixer's block
+                block = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                patcher.add_handle(block.register_forward_pre_hook(_record_stream(stream), with_kwargs=True))
         with torch.set_grad_enabled(with_gradient):
             scores = LastTokenScores(model)(input_ids, attention_mask)
             if target is None:
                 target = scores.argmax(-1)
             target = target.to(scores.device)
-            grads: List[Optional[Tensor]] = [None] * (2 * len(rec.y))
+            grads: List[Optional[Tensor]] = [None] * (3 * len(rec.y))
             if with_gradient:
                 explained = scores[torch.arange(scores.shape[0], device=scores.device), target]
-                grads = list(torch.autograd.grad(explained.sum(), rec.y + rec.out, allow_unused=True))
+                streams = stream if len(stream) == len(rec.y) else []
+                grads = list(torch.autograd.grad(explained.sum(), rec.y + rec.out + streams, allow_unused=True))
+                grads += [None] * (3 * len(rec.y) - len(grads))
     finally:
         patcher.restore()
     n = len(rec.y)
@@ -268,6 +290,7 @@ def scan_records(
                 conv_weight=None if conv_w is None else conv_w.detach().float()[:d, 0],
                 gate=chan(rec.gate[k]),
                 grad_out=chan(grads[n + k]),
+                grad_stream=None if grads[2 * n + k] is None else grads[2 * n + k].detach().float(),
             )
         )
     return records, target
@@ -358,14 +381,41 @@ def layer_map(record: ScanRecord, gradient_weighted: bool, chunk: int = 32, impl
     return total / d
 
 
-def rollout(maps: List[Tensor]) -> Tensor:
+def mamba_attr_map(record: ScanRecord, real: Tensor, chunk: int = 32) -> Tensor:
+    r"""One layer's map ``[b, l, l]`` as in Ali et al.'s code (``generate_mamba_attr``):
+    ``mean_d alpha^+ / max alpha^+`` (per example, over every channel), each column ``s``
+    weighted by ``g_s = max_h (\partial S / \partial r_{s,h})^+``, min-max normalised over the
+    real tokens, with ``r`` the residual stream entering the block.
+
+    Raises:
+        ValueError: the record lacks ``grad_stream`` (scan_records without gradients).
+    """
+    if record.grad_stream is None:
+        raise ValueError("Mamba-Attr needs the gradient at each block's input: scan_records(..., with_gradient=True)")
+    b, d, length = record.x.shape
+    total = torch.zeros(b, length, length, device=record.x.device)
+    top = torch.zeros(b, device=record.x.device)
+    for _, alpha in iter_channel_attention(record, chunk):
+        positive = alpha.clamp(min=0)
+        total += positive.sum(1)
+        top = torch.maximum(top, positive.flatten(1).max(dim=1).values)
+    attention = total / d / top.clamp_min(1e-30)[:, None, None]
+    g = record.grad_stream.clamp(min=0).max(dim=-1).values  # [b, l]
+    low = g.masked_fill(~real, math.inf).min(dim=1, keepdim=True).values
+    high = g.masked_fill(~real, -math.inf).max(dim=1, keepdim=True).values
+    g = ((g - low) / (high - low).clamp_min(1e-30)).masked_fill(~real, 0.0)
+    return attention * g[:, None, :]
+
+
+def rollout(maps: List[Tensor], rescale: bool = True) -> Tensor:
     """``R = M~_L ... M~_1`` with ``M~ = rownorm(I + M / max(M))`` per example: each
     layer's non-negative map is scaled to a maximum of 1 (the authors' code min-max
-    normalises it) so that the residual identity does not swamp it."""
+    normalises it) so that the residual identity does not swamp it; ``rescale=False``
+    adds the maps as they are (Mamba-Attr's, already in ``[0, 1]``)."""
     eye = torch.eye(maps[0].shape[-1], device=maps[0].device).expand_as(maps[0])
     joint: Optional[Tensor] = None
     for m in maps:
-        top = m.flatten(1).max(dim=1).values.clamp_min(1e-30)[:, None, None]
+        top = m.flatten(1).max(dim=1).values.clamp_min(1e-30)[:, None, None] if rescale else 1.0
         step = eye + m / top
         step = step / step.sum(-1, keepdim=True)
         joint = step if joint is None else step @ joint
@@ -374,24 +424,53 @@ def rollout(maps: List[Tensor]) -> Tensor:
     return joint
 
 
+def mamba_attr_start(layers: int) -> int:
+    """The first layer of Mamba-Attr's rollout: Ali et al. roll out layers 15-23 of their
+    24-layer models (``start_layer=15``); other depths keep the same share.
+
+    >>> mamba_attr_start(24), mamba_attr_start(2)
+    (15, 1)
+    """
+    return (15 * layers) // 24
+
+
 class HiddenAttentionAttribution(TokenAttribution):
     """Token relevance from Mamba's hidden attention (Mamba1 or Mamba2): the explained
     position's row of the attention rollout (``gradient_weighted=False``, class-agnostic) or of
-    Mamba-Attr; with ``implicit=True``, of the implicit attention of Zimerman et al. (2025)."""
+    the gradient-weighted rollout (``mean_d (grad_alpha (.) alpha)^+``); with
+    ``implicit=True``, of the implicit attention of Zimerman et al. (2025); with
+    ``mamba_attr=True``, Ali et al.'s Mamba-Attr as their code computes it
+    (:func:`mamba_attr_map`, rolled out from layer ``start_layer``, default
+    :func:`mamba_attr_start`)."""
 
     def __init__(
-        self, model: nn.Module, gradient_weighted: bool = False, chunk_channels: int = 32, implicit: bool = False
+        self,
+        model: nn.Module,
+        gradient_weighted: bool = False,
+        chunk_channels: int = 32,
+        implicit: bool = False,
+        mamba_attr: bool = False,
+        start_layer: Optional[int] = None,
     ) -> None:
         super().__init__(model)
-        self.gradient_weighted = gradient_weighted
+        self.gradient_weighted = gradient_weighted or mamba_attr
         self.chunk = chunk_channels
         self.implicit = implicit
+        self.mamba_attr = mamba_attr
+        self.start_layer = start_layer
 
     def _attribute(self, inputs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         records, _ = scan_records(self.model, inputs, mask, target, with_gradient=self.gradient_weighted)
         real = mask.bool()
         pair = (real[:, :, None] & real[:, None, :]).float()
-        maps = [layer_map(r, self.gradient_weighted, self.chunk, self.implicit) * pair for r in records]
-        joint = rollout(maps)
+        if self.mamba_attr:
+            start = mamba_attr_start(len(records)) if self.start_layer is None else self.start_layer
+            maps = [mamba_attr_map(r, real, self.chunk) * pair for r in records[start:]]
+            if not maps:
+                raise ValueError(f"start_layer {start} leaves none of the model's {len(records)} Mamba layers to roll out")
+            joint = rollout(maps, rescale=False)
+        else:
+            maps = [layer_map(r, self.gradient_weighted, self.chunk, self.implicit) * pair for r in records]
+            joint = rollout(maps)
         last = last_positions(real, inputs.shape[0], inputs.shape[1], inputs.device)
         return joint[torch.arange(inputs.shape[0], device=inputs.device), last]

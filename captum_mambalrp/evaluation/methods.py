@@ -215,9 +215,11 @@ def _lrp(composite: str) -> Callable[[nn.Module, MethodOptions], TokenAttributio
     return lambda model, opts: LRPMethod(model, composite)
 
 
-def _hidden_attention(gradient_weighted: bool, implicit: bool = False) -> Callable[[nn.Module, MethodOptions], TokenAttribution]:
+def _hidden_attention(
+    gradient_weighted: bool, implicit: bool = False, mamba_attr: bool = False
+) -> Callable[[nn.Module, MethodOptions], TokenAttribution]:
     def build(model: nn.Module, opts: MethodOptions) -> TokenAttribution:
-        return HiddenAttentionAttribution(model, gradient_weighted, opts.chunk_channels, implicit)
+        return HiddenAttentionAttribution(model, gradient_weighted, opts.chunk_channels, implicit, mamba_attr)
 
     return build
 
@@ -344,10 +346,19 @@ for _spec in [
     ),
     MethodSpec(
         "mamba_attr",
-        "Mamba-Attr (grad. rollout)",
+        "Mamba-Attr",
+        "attention",
+        _hidden_attention(True, mamba_attr=True),
+        "Mamba-Attr as Ali et al.'s code computes it: positive hidden attention weighted by the stream "
+        "gradient per source token, rolled out over the last 3/8 of the layers (Ali et al. 2024)",
+    ),
+    MethodSpec(
+        "gw_rollout",
+        "Gradient-weighted rollout",
         "attention",
         _hidden_attention(True),
-        "gradient-weighted rollout of the hidden attention (Ali et al. 2024)",
+        "rollout over all layers of mean_d (grad_alpha * alpha)^+, the exact gradient at the hidden attention "
+        "(this package's Mamba-Attr until 2026-12-02)",
     ),
     MethodSpec(
         "implicit_attn",
@@ -371,7 +382,7 @@ GROUPS: Dict[str, List[str]] = {
     "lrp": ["mambalrp", "gxi", "lrp_ln"],
     "ablations": [f"no_{k}_rule" for k in ("activation", "ssm", "gate", "norm")],
     "captum": ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "feature_ablation", "kernelshap"],
-    "attention": ["attn_rollout", "mamba_attr", "implicit_attn", "implicit_attr"],
+    "attention": ["attn_rollout", "mamba_attr", "gw_rollout", "implicit_attn", "implicit_attr"],
 }
 
 
