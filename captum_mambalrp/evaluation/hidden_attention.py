@@ -274,6 +274,7 @@ def scan_records(
             return None if t is None else _to_channels(t.detach().float(), kind, d)
 
         conv_in, conv_w = rec.conv[k] if len(rec.conv) == n else (None, None)
+        g_stream = grads[2 * n + k]
         records.append(
             ScanRecord(
                 x=_to_channels(rec.x[k].detach().float(), kind, d) * keep,
@@ -290,7 +291,7 @@ def scan_records(
                 conv_weight=None if conv_w is None else conv_w.detach().float()[:d, 0],
                 gate=chan(rec.gate[k]),
                 grad_out=chan(grads[n + k]),
-                grad_stream=None if grads[2 * n + k] is None else grads[2 * n + k].detach().float(),
+                grad_stream=None if g_stream is None else g_stream.detach().float(),
             )
         )
     return records, target
