@@ -240,3 +240,50 @@ def test_gpu_options_and_a_partial_summary_of_the_finished_examples(tiny, tmp_pa
     assert script.main(args + ["--finalize-partial"]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["n_examples"] == 4 and summary["meta"]["partial"] == "4 examples"
+
+
+class _OutOfMemoryAbove:
+    """A method that runs out of device memory on more than ``rows`` examples at once."""
+
+    def __init__(self, inner, rows: int) -> None:
+        self.inner, self.rows, self.calls = inner, rows, []
+
+    def attribute(self, ids, target, mask):
+        self.calls.append(len(ids))
+        if len(ids) > self.rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self.inner.attribute(ids, target, mask)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_batch_out_of_device_memory_runs_in_halves(tiny, tmp_path, monkeypatch):
+    import captum_mambalrp.evaluation.study as study_module
+
+    ckpt, data = tiny
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    texts, labels, _ = load_split(data, "test")
+    config = StudyConfig(methods=["mambalrp"], n_examples=5, batch_size=5, perturbation=Perturbation(0.5), layer_analysis=False)
+    whole = Study(model, tokenizer, texts, labels, config, str(tmp_path / "whole")).run(progress=False, figures=False)
+    real_build, wrapped = study_module.build_method, []
+
+    def build(name, model, options):
+        wrapped.append(_OutOfMemoryAbove(real_build(name, model, options), rows=1))
+        return wrapped[-1]
+
+    monkeypatch.setattr(study_module, "build_method", build)
+    with pytest.warns(ResourceWarning, match="out of device memory on 5 examples"):
+        split = Study(model, tokenizer, texts, labels, config, str(tmp_path / "split")).run(progress=False, figures=False)
+    # 5 -> 2 + 3 -> 1 + 1 and 1 + 2 -> 1 + 1: every example ends up alone, none lost or repeated
+    assert sorted(wrapped[0].calls) == [1, 1, 1, 1, 1, 2, 2, 3, 5]
+    records = read_jsonl(str(tmp_path / "split" / "results.jsonl"))
+    assert sorted(r["index"] for r in records) == sorted(
+        r["index"] for r in read_jsonl(str(tmp_path / "whole" / "results.jsonl"))
+    )
+    assert split["methods"]["mambalrp"]["dAF"] == pytest.approx(whole["methods"]["mambalrp"]["dAF"], abs=1e-5)
+    # one example that does not fit is an error, not a loop
+    wrapped.clear()
+    monkeypatch.setattr(study_module, "build_method", lambda n, m, o: _OutOfMemoryAbove(real_build(n, m, o), rows=0))
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(ResourceWarning):
+        Study(model, tokenizer, texts, labels, config, str(tmp_path / "none")).run(progress=False, figures=False)

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -241,11 +242,11 @@ class Study:
                         built[m] = build_method(m, self.model, self.config.options)
                     missing = [i for i in batch if (m, i) not in done_results]
                     if len(missing) == len(batch):
-                        self.results.append(self._evaluate(m, built[m], b, batch, ids, mask, target, explained))
+                        self.results.append(self._evaluate_fitting(m, built[m], b, batch, ids, mask, target, explained))
                     else:  # a study grown from a smaller one: only what is missing
                         sub_ids, sub_mask = self._encode(missing)
                         self.results.append(
-                            self._evaluate(m, built[m], b, missing, sub_ids, sub_mask, *self._predict(sub_ids, sub_mask))
+                            self._evaluate_fitting(m, built[m], b, missing, sub_ids, sub_mask, *self._predict(sub_ids, sub_mask))
                         )
                     count, items = count + len(missing), items + 1
                     if self.shard.world > 1:
@@ -299,6 +300,31 @@ class Study:
             return f"{name} {self.tokenizer.convert_ids_to_tokens(int(tid))}"
         except Exception:  # a tokenizer without that id or method: the id alone
             return name
+
+    def _evaluate_fitting(self, name, method, b, batch, ids, mask, target, explained) -> List[dict]:
+        """:meth:`_evaluate`, and on running out of device memory the same in two halves of the
+        batch (recursively, down to one example): a long GPU study then loses speed, not its
+        run. Each half is seeded as the batch was, so random methods (SmoothGrad's noise,
+        KernelShap's coalitions, Random) draw other samples than one batch would."""
+        try:
+            return self._evaluate(name, method, b, batch, ids, mask, target, explained)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        warnings.warn(
+            f"{name}: out of device memory on {len(batch)} examples; running them in halves "
+            "(lower --batch-size, --ig-internal-batch or --smoothgrad-per-pass to avoid it)",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        parts = (slice(0, half), slice(half, len(batch)))
+        return [
+            row
+            for part in parts
+            for row in self._evaluate_fitting(name, method, b, batch[part], ids[part], mask[part], target[part], explained[part])
+        ]
 
     def _evaluate(self, name, method, b, batch, ids, mask, target, explained) -> List[dict]:
         torch.manual_seed(_method_seed(self.config.seed, b, name))
