@@ -91,8 +91,9 @@ SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --refer
 # which forward the methods and curves run (the same function either way): Mamba1 the model's own
 # (mamba-ssm's selective_scan_fn); Mamba2 and the hybrid the package's scan with plain-gradient
 # rules, since transformers' torch SSD path materialises a (chunk x chunk x heads x state) product
-# per chunk: on the CPU (6 layers of d_model 768, 64 x 32 tokens) it took 8.8x the package's time
-# for a forward and backward pass and 1.7x its saved memory (docs/results.md, "Deeper models")
+# per chunk and pads texts to the chunk: on the CPU (6 layers of d_model 768) a forward and
+# backward pass took 7.7x the package's time at 64 x 32 tokens, 1.3x at 16 x 64, and saved 1.7x
+# its bytes (benchmarks/study_forward.py; docs/results.md, "Deeper models")
 declare -A FORWARD=([mamba-130m]=--model-forward [mamba2-130m]= [hybrid-130m]=)
 # per model: ranks on the one GPU, rows per gradient pass (the package's Mamba2 scan saves about
 # 0.15 MB per token and layer for the backward pass, 3.6 MB at 24 layers; transformers' torch SSD
