@@ -105,12 +105,29 @@ def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.T
             return None
 
 
+def block_outputs(model: torch.nn.Module, run) -> List[torch.Tensor]:
+    """Every backbone block's output (float64 copies) while ``run()`` runs ``model``."""
+    got: List[torch.Tensor] = []
+
+    def hook(module, args, out):
+        got.append((out[0] if isinstance(out, tuple) else out).detach().double().clone())
+
+    handles = [layer.register_forward_hook(hook) for layer in model.backbone.layers]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 def per_token(r: torch.Tensor) -> torch.Tensor:
     return r[0].sum(-1) if r.dim() == 3 else r[0]
 
 
-def measure(model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: int) -> Dict[str, Any]:
+def measure(model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: int, per_layer: bool = False) -> Dict[str, Any]:
     target = 1
+    blocks64 = block_outputs(model64, lambda: MambaLRP(model64).attribute(ids, target=target)) if per_layer else []
     r64, d64 = MambaLRP(model64).attribute(ids, target=target, return_convergence_delta=True)
     truth_score = float((r64.sum() - d64.sum()).item())
     truth_rel = per_token(r64)
@@ -135,6 +152,11 @@ def measure(model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: i
             f"mambalrp_top{k}_common": topk_common(per_token(r), truth_rel, k),
             "mambalrp_conservation": float(delta.abs().max() / max(abs(score), 1e-12)),
         }
+        if per_layer:  # each block's output against the float64 truth: transformers' forward / MambaLRP's pass
+            ours = block_outputs(model, lambda m=model: MambaLRP(m).attribute(ids, target=target))
+            with torch.no_grad():
+                theirs = block_outputs(model, lambda m=model: m(ids))
+            row["blocks_relL2"] = [[rel(t, b64), rel(o, b64)] for t, o, b64 in zip(theirs, ours, blocks64)]
         row["goal3_score"] = row["mambalrp_score_err"] <= row["transformers_score_err"]
         ref = row["transformers_hidden_relL2"]
         row["goal3_relevance"] = None if ref is None else row["mambalrp_relevance_relL2"] <= ref
@@ -157,6 +179,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out")
+    p.add_argument("--per-layer", action="store_true", help="also every block's output error: transformers' / MambaLRP's")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -164,7 +187,7 @@ def main() -> None:
     for seed in a.seeds:
         model = build(a.arch, a.layers, a.d_model, seed, a.head_dim, a.state).to(a.device)
         ids = torch.randint(0, 1024, (1, a.length), generator=torch.Generator().manual_seed(seed)).to(a.device)
-        res = measure(model, ids, a.dtypes.split(","), a.topk)
+        res = measure(model, ids, a.dtypes.split(","), a.topk, a.per_layer)
         res.update(arch=a.arch, layers=a.layers, d_model=a.d_model, length=a.length, seed=seed, device=a.device)
         rows.append(res)
         for name in a.dtypes.split(","):
@@ -178,6 +201,9 @@ def main() -> None:
                 f"relevance {'met' if r['goal3_relevance'] else 'MISSED'}",
                 flush=True,
             )
+            if a.per_layer:
+                blocks = " ".join(f"{i}: {t:.1e} / {o:.1e}" for i, (t, o) in enumerate(r["blocks_relL2"]))
+                print(f"  block outputs, rel. L2 to float64 (transformers / MambaLRP): {blocks}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
