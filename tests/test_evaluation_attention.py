@@ -196,7 +196,8 @@ def test_study_with_distance_profile_and_layers_on_mamba2_and_a_hybrid(arch, mam
             mamba_chunk_size=4,
         )
         torch.manual_seed(0)
-        model, methods, blocks = BambaForCausalLM(cfg).eval(), ["mambalrp", "saliency"], ["model.layers.0", "model.layers.1"]
+        model, blocks = BambaForCausalLM(cfg).eval(), ["model.layers.0", "model.layers.1"]
+        methods = ["mambalrp", "mambalrp_cp", "saliency"]
     else:
         model, methods, blocks = mamba2, ["mambalrp", "implicit_attn"], ["backbone.layers.0", "backbone.layers.1"]
     config = StudyConfig(methods=methods, n_examples=4, batch_size=4, perturbation=Perturbation(0.5))
@@ -205,6 +206,13 @@ def test_study_with_distance_profile_and_layers_on_mamba2_and_a_hybrid(arch, mam
     assert "distance" in summary["figures"] and (tmp_path / arch / "distance_profile.png").stat().st_size > 1000
     profile = summary["distance_profiles"]["MambaLRP"]
     assert profile["count"][0] == 4 and len(profile["mean"]) == max(len(tok(t)["input_ids"]) for t in TEXTS)
+    layers = summary["layers"]
+    if arch == "bamba":  # with mambalrp_cp among the methods, CP-LRP's profile beside MambaLRP's
+        assert len(layers["mean_sum_per_layer_cp"]) == 3
+        assert max(layers["median_rel_gap_per_layer_cp"]) < 1e-4  # no biases at init: CP-LRP conserves everywhere
+        assert "CP-LRP" in (tmp_path / arch / "summary.md").read_text()
+    else:
+        assert "mean_sum_per_layer_cp" not in layers
 
 
 def test_hidden_attention_refuses_a_hybrid_naming_its_attention_layer():

@@ -368,20 +368,26 @@ class Study:
         return rows
 
     def _layer_rows(self, batch, ids, mask, target) -> List[dict]:
+        """MambaLRP's relevance at the embedding and after every block; with ``mambalrp_cp``
+        among the methods also CP-LRP's (``relevance_cp``), whose attention layers conserve."""
         lr = layer_relevance(self.model, ids, mask, target.tolist())
+        cp = None
+        if "mambalrp_cp" in self.config.methods:
+            cp = _host(*layer_relevance(self.model, ids, mask, target.tolist(), "conservative").relevance)
         explained, mask = _host(lr.explained, mask)
         layers = _host(*lr.relevance)
         rows = []
         for k, i in enumerate(batch):
             real = mask[k].bool()
-            rows.append(
-                {
-                    "index": i,
-                    "names": lr.names,
-                    "explained": float(explained[k]),
-                    "relevance": [[float(v) for v in layer[k][real]] for layer in layers],
-                }
-            )
+            row = {
+                "index": i,
+                "names": lr.names,
+                "explained": float(explained[k]),
+                "relevance": [[float(v) for v in layer[k][real]] for layer in layers],
+            }
+            if cp is not None:
+                row["relevance_cp"] = [[float(v) for v in layer[k][real]] for layer in cp]
+            rows.append(row)
         return rows
 
     # ---- summarising ---------------------------------------------------------------------

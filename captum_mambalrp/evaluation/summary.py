@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -136,16 +136,18 @@ def _write_csv(path: str, by_method: Dict[str, List[dict]]) -> None:
 
 
 def _layer_summary(rows: List[dict]) -> dict:
+    """Mean relevance sum and median relative gap to the explained logit per layer (MambaLRP's;
+    CP-LRP's too, ``*_cp``, when every row has it)."""
     names = rows[0]["names"]
-    sums = np.array([[sum(layer) for layer in r["relevance"]] for r in rows]).T
     explained = np.array([r["explained"] for r in rows])
-    rel = np.abs(sums - explained[None]) / np.maximum(np.abs(explained[None]), 1e-12)
-    return {
-        "names": names,
-        "median_rel_gap_per_layer": np.median(rel, axis=1).tolist(),
-        "mean_sum_per_layer": sums.mean(1).tolist(),
-        "mean_explained": float(explained.mean()),
-    }
+    out: Dict[str, Any] = {"names": names, "mean_explained": float(explained.mean())}
+    keys = [("relevance", "")] + ([("relevance_cp", "_cp")] if all("relevance_cp" in r for r in rows) else [])
+    for key, suffix in keys:
+        sums = np.array([[sum(layer) for layer in r[key]] for r in rows]).T
+        rel = np.abs(sums - explained[None]) / np.maximum(np.abs(explained[None]), 1e-12)
+        out[f"median_rel_gap_per_layer{suffix}"] = np.median(rel, axis=1).tolist()
+        out[f"mean_sum_per_layer{suffix}"] = sums.mean(1).tolist()
+    return out
 
 
 def _figures(out_dir, by_method, perturbation, conservation, profiles, layer_rows, table) -> Dict[str, str]:
@@ -261,16 +263,17 @@ def summary_markdown(summary: dict) -> str:
         lines.append("")
     if summary.get("layers"):
         lay = summary["layers"]
+        header = ["layer", "mean ΣR", "median relative gap to the logit"]
+        columns = [lay["mean_sum_per_layer"], lay["median_rel_gap_per_layer"]]
+        if "mean_sum_per_layer_cp" in lay:
+            header += ["mean ΣR, CP-LRP", "median relative gap, CP-LRP"]
+            columns += [lay["mean_sum_per_layer_cp"], lay["median_rel_gap_per_layer_cp"]]
         rows = [
-            [n, f"{s:.4f}", f"{g:.4g}"]
-            for n, s, g in zip(lay["names"], lay["mean_sum_per_layer"], lay["median_rel_gap_per_layer"])
+            [n] + [f"{v:.4f}" if j % 2 == 0 else f"{v:.4g}" for j, v in enumerate(vals)]
+            for n, *vals in zip(lay["names"], *columns)
         ]
-        lines += [
-            "## Relevance per layer (MambaLRP)",
-            "",
-            markdown_table(["layer", "mean ΣR", "median relative gap to the logit"], rows),
-            "",
-        ]
+        title = "MambaLRP, and MambaLRP with CP-LRP attention" if "mean_sum_per_layer_cp" in lay else "MambaLRP"
+        lines += [f"## Relevance per layer ({title})", "", markdown_table(header, rows), ""]
     lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in summary.get("figures", {}).items()]
     if summary.get("figures_skipped"):
         lines.append(f"No figures: {summary['figures_skipped']}.")
