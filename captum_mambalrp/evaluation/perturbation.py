@@ -147,13 +147,12 @@ def perturbation_curves(
     curves: Sequence[str] = CURVES,
     generator: Optional[torch.Generator] = None,
     embedding: Optional[nn.Embedding] = None,
-    rows_per_forward: Optional[int] = None,
 ) -> Dict[str, Tensor]:
     """Explained logit along each curve: ``{name: [B, K + 1]}`` (float64), for ``curves``
     among ``"morf"``, ``"lerf"`` (deletion) and ``"morf_insert"``, ``"lerf_insert"``.
 
-    Each distinct perturbed input (per example) is forwarded once, ``rows_per_forward`` rows
-    per forward (default: ``len(curves)`` x the batch).
+    Each distinct perturbed input (per example) is forwarded once, ``len(curves)`` x the batch
+    rows per forward (as many as one step of all curves).
     """
     config = config or Perturbation()
     unknown = [c for c in curves if c not in CURVES]
@@ -184,7 +183,7 @@ def perturbation_curves(
     rows = distinct[:, 0]
     classes = target.to(input_ids.device)[rows]
     scores = torch.empty(len(distinct), dtype=torch.float64)
-    chunk = rows_per_forward or n * batch
+    chunk = n * batch
     for start in range(0, len(distinct), chunk):
         part = slice(start, start + chunk)
         x = torch.where(distinct[part, 1:].bool()[..., None], fill, embeds[rows[part]])
