@@ -84,7 +84,7 @@ declare -A PYP=([mamba-130m]=$PY_SSM [mamba2-130m]=$PY_BASE [hybrid-130m]=$PY_BA
 declare -A LRP_SET=([mamba-130m]=mambalrp,gxi,lrp_ln,no_activation_rule,no_ssm_rule,no_gate_rule,no_norm_rule,saliency
                     [mamba2-130m]=mambalrp,gxi,lrp_ln,no_ssm_rule,saliency [hybrid-130m]=mambalrp,mambalrp_cp,gxi,lrp_ln,no_ssm_rule,saliency)
 REF_SET=integrated_gradients,smoothgrad,feature_ablation,kernelshap
-declare -A ATT=([mamba-130m]=mamba_attr,implicit_attr [mamba2-130m]=implicit_attn,implicit_attr [hybrid-130m]=)
+declare -A ATT=([mamba-130m]=mamba_attr,gw_rollout,implicit_attr [mamba2-130m]=implicit_attn,implicit_attr [hybrid-130m]=)
 # the baselines' settings on the GPU (recorded in each study's config.json)
 SETTINGS=(--ig-steps 20 --smoothgrad-samples 10 --kernelshap-samples 100 --reference matched
           --perturbations-per-eval 128 --tf32 --no-progress --device "$DEV" --data "$DATA")
