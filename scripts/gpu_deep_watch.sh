@@ -40,9 +40,14 @@ echo "--- training (validation accuracy by step)"
 for f in "${RUNS:-runs/deep}"/*/train-*.log; do
     [ -f "$f" ] && echo "$f: $(grep -E '^(step|epoch|best)' "$f" | tail -n 4 | tr '\n' '|')"
 done
-echo "--- studies: method x example items done by the running study processes (all ranks), for the rate"
+echo "--- studies: progress, for the rate"
 for d in "${RUNS:-runs/deep}"/*/study "${RUNS:-runs/deep}"/*/table/replacement-*; do
-    [ -d "$d" ] && echo "$d: $(awk '{s += $1} END {print s + 0}' "$d"/progress.rank* 2>/dev/null) at ${SECONDS}s"
+    [ -d "$d" ] || continue
+    if ls "$d"/progress.rank* >/dev/null 2>&1; then   # sharded: the ranks' counters
+        echo "$d: $(awk '{s += $1} END {print s + 0}' "$d"/progress.rank*) at ${SECONDS}s"
+    else   # one process: (method, batch) records written and examples started
+        echo "$d: $(cat "$d"/results*.jsonl 2>/dev/null | wc -l) method x example records, $(cat "$d"/examples*.jsonl 2>/dev/null | wc -l) examples at ${SECONDS}s"
+    fi
 done
 nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu --format=csv,noheader 2>/dev/null
 # at most 8 files come back: the per-model archives, the timeline, the console's tail
