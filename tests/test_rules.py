@@ -160,6 +160,72 @@ def test_ssm_rule_matches_explicit_linear_map():
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("held", [[], ["B", "C"], ["delta", "C"], ["delta", "B"], ["delta", "B", "C"]])
+def test_ssm_rule_pieces_match_a_step_by_step_scan(held):
+    """ConstantSSMRule(held): the input relevance is gradient x input through a scan whose
+    delta, B, C depend on x and of which exactly ``held`` are detached, computed here by an
+    explicit recurrence (delta = softplus(x W), B = x W_B, C = x W_C, as in a Mamba1 mixer)."""
+    b, d, n, l = 1, 3, 2, 7
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(b, d, l, dtype=torch.float64, generator=gen)
+    W, WB, WC = (torch.randn(d, k, dtype=torch.float64, generator=gen) for k in (d, n, n))
+    A = -torch.rand(d, n, dtype=torch.float64, generator=gen)
+    D = torch.randn(d, dtype=torch.float64, generator=gen)
+    r_out = torch.randn(b, d, l, dtype=torch.float64, generator=gen)
+
+    def params(t):  # [b, d, l] -> delta [b, d, l], B and C [b, n, l]
+        u = t.transpose(1, 2)
+        return F.softplus(u @ W).transpose(1, 2), (u @ WB).transpose(1, 2), (u @ WC).transpose(1, 2)
+
+    def explicit(t):
+        delta, B_, C_ = (p.detach() if name in held else p for name, p in zip(("delta", "B", "C"), params(t)))
+        h = torch.zeros(b, d, n, dtype=torch.float64)
+        ys = []
+        for s in range(l):
+            h = torch.exp(delta[:, :, s, None] * A) * h + (delta[:, :, s] * t[:, :, s])[..., None] * B_[:, None, :, s]
+            ys.append((h * C_[:, None, :, s]).sum(-1) + D * t[:, :, s])
+        return torch.stack(ys, -1)
+
+    rule = ConstantSSMRule(held)
+
+    def package(t):
+        delta, B_, C_ = params(t)
+        dl, a, bb, cc = rule.ssm_constants(delta, A, B_, C_)
+        return selective_scan(t, dl, a, bb, cc, D, linear=rule.ssm_is_linear).double()
+
+    assert torch.allclose(package(x), explicit(x), atol=1e-10)
+    got, want = relevance_through(package, x, r_out), relevance_through(explicit, x, r_out)
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
+    assert rule.ssm_is_linear == (len(held) == 3)
+    if len(held) == 3:  # only the full rule conserves
+        assert torch.allclose(got.sum(), r_out.sum())
+
+
+def test_ssm_rule_rejects_unknown_parameters():
+    with pytest.raises(ValueError, match=r"unknown scan parameters \['dt'\]; choose among"):
+        ConstantSSMRule(["dt", "B"])
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_ssm_rule_piece_ablations_lie_between_the_rule_and_its_absence(arch):
+    """No piece held constant is the no_ssm_rule ablation, all three is MambaLRP; each
+    one-piece ablation (no_ssm_rule_delta / _b / _c) differs from both."""
+    model = zero_biases(make_lm(arch, seed=8, num_hidden_layers=2))
+    with torch.no_grad():  # larger projections make delta, B and C depend strongly on x
+        for name, p in model.named_parameters():
+            if "x_proj" in name or "in_proj" in name:
+                p.mul_(3)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(7))
+    full = MambaLRP(model).attribute(ids, target=4)
+    none = MambaLRP(model, composite="no_ssm_rule").attribute(ids, target=4)
+    assert torch.allclose(MambaLRP(model, rules={"ssm": ConstantSSMRule([])}).attribute(ids, target=4), none)
+    assert torch.allclose(MambaLRP(model, rules={"ssm": ConstantSSMRule()}).attribute(ids, target=4), full)
+    for piece in ("delta", "b", "c"):
+        part = MambaLRP(model, composite=f"no_ssm_rule_{piece}").attribute(ids, target=4)
+        assert (part - full).abs().max() > 1e-3 * full.abs().max(), piece
+        assert (part - none).abs().max() > 1e-3 * full.abs().max(), piece
+
+
 def test_captum_rules_are_accepted_and_mapped():
     assert isinstance(as_mamba_rule(CaptumEpsilonRule(1e-3)), EpsilonRule)
     assert as_mamba_rule(CaptumEpsilonRule(1e-3)).epsilon == 1e-3

@@ -264,6 +264,16 @@ for _spec in [
         )
         for kind in ("activation", "ssm", "gate", "norm")
     ],
+    *[
+        MethodSpec(
+            f"no_ssm_rule_{piece.lower()}",
+            f"MambaLRP, {piece} not constant",
+            "ablation",
+            _lrp(f"no_ssm_rule_{piece.lower()}"),
+            f"MambaLRP with the SSM's {piece} in the gradient (the other scan parameters constant)",
+        )
+        for piece in ("delta", "B", "C")
+    ],
     MethodSpec(
         "saliency",
         "Saliency",

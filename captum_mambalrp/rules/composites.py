@@ -112,6 +112,9 @@ COMPOSITES = {
     "no_ssm_rule": lambda: _without(SSM),
     "no_gate_rule": lambda: _without(GATE),
     "no_norm_rule": lambda: _without(NORM),
+    "no_ssm_rule_delta": lambda: {**_mambalrp(), SSM: ConstantSSMRule(["B", "C"])},
+    "no_ssm_rule_b": lambda: {**_mambalrp(), SSM: ConstantSSMRule(["delta", "C"])},
+    "no_ssm_rule_c": lambda: {**_mambalrp(), SSM: ConstantSSMRule(["delta", "B"])},
     "no_attention_rule": lambda: _without(ATTENTION),
     "no_router_rule": lambda: _without(ROUTER),
 }
