@@ -14,6 +14,13 @@ Goal 3: MambaLRP's errors <= transformers' (score vs logit; relevance vs hidden 
 
     python benchmarks/precision.py --arch mamba2 --layers 16 --d-model 256 --length 512
     python benchmarks/precision.py --arch mamba2 --device cuda --layers 16 --d-model 1024 --length 4096 --out p.json
+    python benchmarks/precision.py --arch mamba1 --layers 8 --d-model 64 --state 16 --length 64 --seeds $(seq 0 15) \
+        --dtypes bfloat16 --split   # how much of each error is the rounded weights, how much the arithmetic
+
+``--split`` separates the two sources of a bf16 error: the model with its weights rounded to bf16
+is another function (its exact relevance and hidden states, computed in float64, already differ
+from the truth), and the bf16 arithmetic adds its own error (against that rounded model in
+float64). Only the second is the pass's to lower.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import mamba1_classifier, mamba2_classifier  # noqa: E402
 
 from captum_mambalrp import MambaLRP  # noqa: E402
+from captum_mambalrp.evaluation.analysis import layer_relevance  # noqa: E402
 
 
 def build(arch: str, layers: int, d_model: int, seed: int, head_dim: int, state: int) -> torch.nn.Module:
@@ -125,7 +133,9 @@ def per_token(r: torch.Tensor) -> torch.Tensor:
     return r[0].sum(-1) if r.dim() == 3 else r[0]
 
 
-def measure(model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: int, per_layer: bool = False) -> Dict[str, Any]:
+def measure(
+    model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: int, per_layer: bool = False, split: bool = False
+) -> Dict[str, Any]:
     target = 1
     blocks64 = block_outputs(model64, lambda: MambaLRP(model64).attribute(ids, target=target)) if per_layer else []
     r64, d64 = MambaLRP(model64).attribute(ids, target=target, return_convergence_delta=True)
@@ -152,6 +162,16 @@ def measure(model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: i
             f"mambalrp_top{k}_common": topk_common(per_token(r), truth_rel, k),
             "mambalrp_conservation": float(delta.abs().max() / max(abs(score), 1e-12)),
         }
+        if split:  # the error in two parts, through the model with rounded weights computed in float64
+            rounded = copy.deepcopy(model64).to(dtype).to(torch.float64)
+            r_w = per_token(MambaLRP(rounded).attribute(ids, target=target))
+            h_w = hidden_states(rounded, ids)
+            row["weights_relL2"] = [rel(h_w, truth_hidden), rel(r_w, truth_rel)]  # rounded weights, exact arithmetic
+            row["arithmetic_relL2"] = [rel(hid, h_w), rel(per_token(r), r_w)]  # dtype arithmetic, same weights
+            # the arithmetic's error of the relevance per token at the embedding and after each block
+            exact, low = (layer_relevance(m, ids, None, [target]) for m in (rounded, model))
+            row["arithmetic_layers"] = {n: rel(a[0], b[0]) for n, a, b in zip(low.names, low.relevance, exact.relevance)}
+            del rounded
         if per_layer:  # each block's output against the float64 truth: transformers' forward / MambaLRP's pass
             ours = block_outputs(model, lambda m=model: MambaLRP(m).attribute(ids, target=target))
             with torch.no_grad():
@@ -180,6 +200,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out")
     p.add_argument("--per-layer", action="store_true", help="also every block's output error: transformers' / MambaLRP's")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="split each error (hidden states / relevance) into the weights' rounding to the dtype (computed in "
+        "float64) and the dtype's arithmetic (against the rounded model in float64); means over the seeds at the end",
+    )
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -187,7 +213,7 @@ def main() -> None:
     for seed in a.seeds:
         model = build(a.arch, a.layers, a.d_model, seed, a.head_dim, a.state).to(a.device)
         ids = torch.randint(0, 1024, (1, a.length), generator=torch.Generator().manual_seed(seed)).to(a.device)
-        res = measure(model, ids, a.dtypes.split(","), a.topk, a.per_layer)
+        res = measure(model, ids, a.dtypes.split(","), a.topk, a.per_layer, a.split)
         res.update(arch=a.arch, layers=a.layers, d_model=a.d_model, length=a.length, seed=seed, device=a.device)
         rows.append(res)
         for name in a.dtypes.split(","):
@@ -204,6 +230,20 @@ def main() -> None:
             if a.per_layer:
                 blocks = " ".join(f"{i}: {t:.1e} / {o:.1e}" for i, (t, o) in enumerate(r["blocks_relL2"]))
                 print(f"  block outputs, rel. L2 to float64 (transformers / MambaLRP): {blocks}", flush=True)
+            if a.split:
+                (wh, wr), (ah, ar) = r["weights_relL2"], r["arithmetic_relL2"]
+                print(f"  rounded weights: hidden {wh:.2e} / relevance {wr:.2e}; arithmetic: hidden {ah:.2e} / relevance {ar:.2e}")
+    if a.split:
+        for name in a.dtypes.split(","):
+            layers = rows[0][name]["arithmetic_layers"]
+            means = {n: sum(r[name]["arithmetic_layers"][n] for r in rows) / len(rows) for n in layers}
+            print(f"{name}, the arithmetic's relevance error by layer (mean): " + " ".join(f"{n} {v:.1e}" for n, v in means.items()))
+            mean = torch.tensor([[*r[name]["weights_relL2"], *r[name]["arithmetic_relL2"]] for r in rows]).mean(0).tolist()
+            total = torch.tensor([[r[name]["transformers_hidden_relL2"], r[name]["mambalrp_relevance_relL2"]] for r in rows]).mean(0)
+            print(
+                f"{name}, mean over {len(rows)} seeds (hidden states / relevance): total {total[0]:.2e} / {total[1]:.2e}; "
+                f"rounded weights alone {mean[0]:.2e} / {mean[1]:.2e}; arithmetic alone {mean[2]:.2e} / {mean[3]:.2e}"
+            )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
