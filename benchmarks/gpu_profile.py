@@ -5,6 +5,11 @@ transformers forward, the summed GPU kernel time of each (the gap to the wall ti
 launch and Python overhead), and the kernels that take the most GPU time::
 
     python3 benchmarks/gpu_profile.py --arch mamba1 --lengths 2048 16384 --backends auto triton
+    python3 benchmarks/gpu_profile.py --shape falcon7b --dtype bfloat16 --layers 8 --lengths 4096 --tf32
+
+``--shape`` takes a shape of ``gpu_scale.py`` (the 7B-class ones of issue 14), built on the GPU
+with random weights, optionally with fewer ``--layers`` (the per-layer work is the same);
+``--device cpu`` runs a smoke test of the script (CPU kernels only).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -24,26 +29,63 @@ from common import mamba1_classifier, mamba2_classifier  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def wall(fn: Callable[[], Any], repeats: int = 3) -> float:
     fn()
     times: List[float] = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
+#: kernel name patterns, first match wins: what a kernel does, for the summary line
+KINDS = (
+    ("matmul", ("gemm", "cutlass", "cublas", "nvjet", "sm90_", "sm100_", "xmma")),
+    ("scan", ("scan", "ssd", "chunk_state", "state_passing", "bmm_chunk")),
+    ("conv", ("conv",)),
+    ("copy / cast", ("copy", "cast", "to_copy", "memcpy", "memset", "fill")),
+    ("reduction", ("reduce", "norm", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton_poi")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in lower for k in keys)), "other")
+
+
 def kernel_table(fn: Callable[[], Any], rows: int) -> str:
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
-        torch.cuda.synchronize()
+        sync()
+    if not cuda:  # smoke test: the CPU operators instead
+        kernels = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        total = sum(e.self_cpu_time_total for e in kernels) / 1e3
+        lines = [f"  CPU operator time {total:.1f} ms in {sum(e.count for e in kernels)} calls"]
+        for e in sorted(kernels, key=lambda e: -e.self_cpu_time_total)[:rows]:
+            lines.append(f"  {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+        return "\n".join(lines)
     kernels = [e for e in prof.key_averages() if "CUDA" in str(getattr(e, "device_type", ""))]
     total = sum(e.self_device_time_total for e in kernels) / 1e3
     launches = sum(e.count for e in kernels)
     lines = [f"  GPU kernel time {total:.1f} ms in {launches} launches"]
+    kinds: Dict[str, List[float]] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kinds.setdefault(kind, [0.0, 0])
+        kinds[kind][0] += e.self_device_time_total / 1e3
+        kinds[kind][1] += e.count
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1][0])
+    lines.append("  by kind: " + ", ".join(f"{k} {t:.1f} ms ({n}x)" for k, (t, n) in ranked))
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
         lines.append(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
     return "\n".join(lines)
@@ -55,17 +97,33 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[2048, 16384])
     p.add_argument("--backends", nargs="*", default=["auto"])
     p.add_argument("--rows", type=int, default=14)
+    p.add_argument("--shape", default=None, help="a shape of gpu_scale.py (falcon7b, mamba2_2p7b, ...) instead of --arch")
+    p.add_argument("--dtype", default="float32", help="with --shape: the model's dtype")
+    p.add_argument("--layers", type=int, default=0, help="with --shape: fewer layers (0: the shape's)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products (off by default)")
+    p.add_argument("--device", default="cuda")
     args = p.parse_args()
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     from captum_mambalrp import MambaLRP, scan
 
-    dev = torch.device("cuda")
-    for arch in args.arch:
-        model = (mamba1_classifier() if arch == "mamba1" else mamba2_classifier()).to(dev)
+    dev = torch.device(args.device)
+    if args.shape:
+        os.environ["GPU_SCALE_DEVICE"] = args.device
+        import gpu_scale
+
+        gpu_scale.DEVICE = args.device
+        models: Dict[str, Callable[[], torch.nn.Module]] = {
+            args.shape: lambda: gpu_scale.build(args.shape, getattr(torch, args.dtype), args.layers)
+        }
+    else:
+        models = {arch: (mamba1_classifier if arch == "mamba1" else mamba2_classifier) for arch in args.arch}
+    for arch, make in models.items():
+        model = make().to(dev)
+        vocab = model.get_input_embeddings().num_embeddings
         for length in args.lengths:
-            ids = torch.randint(0, 50280, (1, length), device=dev)
+            ids = torch.randint(0, vocab, (1, length), device=dev)
             with torch.no_grad():
                 t_fwd = wall(lambda model=model, ids=ids: model(ids), repeats=5)
                 print(f"\n== {arch} L={length} transformers forward: {t_fwd * 1e3:.1f} ms", flush=True)
