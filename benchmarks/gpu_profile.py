@@ -121,7 +121,7 @@ def main() -> None:
         models = {arch: (mamba1_classifier if arch == "mamba1" else mamba2_classifier) for arch in args.arch}
     for arch, make in models.items():
         model = make().to(dev)
-        vocab = model.get_input_embeddings().num_embeddings
+        vocab = int(model.get_input_embeddings().weight.shape[0])
         for length in args.lengths:
             ids = torch.randint(0, vocab, (1, length), device=dev)
             with torch.no_grad():
