@@ -45,7 +45,7 @@ for d in "${RUNS:-runs/deep}"/*/study "${RUNS:-runs/deep}"/*/table/replacement-*
     [ -d "$d" ] || continue
     if ls "$d"/progress.rank* >/dev/null 2>&1; then   # sharded: the ranks' counters
         echo "$d: $(awk '{s += $1} END {print s + 0}' "$d"/progress.rank*) at ${SECONDS}s"
-    else   # one process: (method, batch) records written and examples started
+    else   # one process: (method, example) records written and examples started
         echo "$d: $(cat "$d"/results*.jsonl 2>/dev/null | wc -l) method x example records, $(cat "$d"/examples*.jsonl 2>/dev/null | wc -l) examples at ${SECONDS}s"
     fi
 done
