@@ -199,7 +199,8 @@ def test_study_with_distance_profile_and_layers_on_mamba2_and_a_hybrid(arch, mam
         model, blocks = BambaForCausalLM(cfg).eval(), ["model.layers.0", "model.layers.1"]
         methods = ["mambalrp", "mambalrp_cp", "saliency"]
     else:
-        model, methods, blocks = mamba2, ["mambalrp", "implicit_attn"], ["backbone.layers.0", "backbone.layers.1"]
+        # mambalrp_cp on a model without attention: CP-LRP is MambaLRP, no second per-layer pass
+        model, methods, blocks = mamba2, ["mambalrp", "mambalrp_cp", "implicit_attn"], ["backbone.layers.0", "backbone.layers.1"]
     config = StudyConfig(methods=methods, n_examples=4, batch_size=4, perturbation=Perturbation(0.5))
     summary = Study(model, tok, TEXTS, None, config, str(tmp_path / arch)).run(progress=False)
     assert summary["layers"]["names"] == ["embedding", *blocks]

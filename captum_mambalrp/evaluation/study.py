@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attribution.mamba_lrp import MambaLRP
+from ..rules.base import ATTENTION
 from .analysis import layer_relevance
 from .distributed import Shard, barrier, fail_point, init_from_env, launched, progress_path, read_count, wait_for_all, write_count
 from .methods import MethodOptions, build_method, reference_of, resolve_methods
@@ -111,6 +113,7 @@ class Study:
         self.overwrite = overwrite
         self._saved_methods = self._check_config()
         self.indices = select_examples(len(self.texts), config.n_examples, config.seed)
+        self._attention: Optional[bool] = None  # whether the model has attention layers (see _has_attention)
 
     # ---- set-up and resuming -------------------------------------------------------------
     def _open_records(self) -> None:
@@ -367,12 +370,22 @@ class Study:
             )
         return rows
 
+    def _has_attention(self) -> bool:
+        """Whether the model has attention layers (a dry rule installation, once per study)."""
+        if self._attention is None:
+            lrp = MambaLRP(self.model)
+            lrp.rule_table()
+            installed = lrp.last_installation
+            self._attention = installed is not None and any(c.kind == ATTENTION for c in installed.components)
+        return self._attention
+
     def _layer_rows(self, batch, ids, mask, target) -> List[dict]:
         """MambaLRP's relevance at the embedding and after every block; with ``mambalrp_cp``
-        among the methods also CP-LRP's (``relevance_cp``), whose attention layers conserve."""
+        among the methods and attention layers in the model also CP-LRP's (``relevance_cp``),
+        whose attention layers conserve (without attention layers CP-LRP is MambaLRP)."""
         lr = layer_relevance(self.model, ids, mask, target.tolist())
         cp = None
-        if "mambalrp_cp" in self.config.methods:
+        if "mambalrp_cp" in self.config.methods and self._has_attention():
             cp = _host(*layer_relevance(self.model, ids, mask, target.tolist(), "conservative").relevance)
         explained, mask = _host(lr.explained, mask)
         layers = _host(*lr.relevance)
