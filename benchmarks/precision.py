@@ -232,14 +232,18 @@ def main() -> None:
                 print(f"  block outputs, rel. L2 to float64 (transformers / MambaLRP): {blocks}", flush=True)
             if a.split:
                 (wh, wr), (ah, ar) = r["weights_relL2"], r["arithmetic_relL2"]
-                print(f"  rounded weights: hidden {wh:.2e} / relevance {wr:.2e}; arithmetic: hidden {ah:.2e} / relevance {ar:.2e}")
+                print(
+                    f"  rounded weights: hidden {wh:.2e} / relevance {wr:.2e}; arithmetic: hidden {ah:.2e} / relevance {ar:.2e}"
+                )
     if a.split:
         for name in a.dtypes.split(","):
             layers = rows[0][name]["arithmetic_layers"]
             means = {n: sum(r[name]["arithmetic_layers"][n] for r in rows) / len(rows) for n in layers}
-            print(f"{name}, the arithmetic's relevance error by layer (mean): " + " ".join(f"{n} {v:.1e}" for n, v in means.items()))
+            by_layer = " ".join(f"{n} {v:.1e}" for n, v in means.items())
+            print(f"{name}, the arithmetic's relevance error by layer (mean): {by_layer}")
             mean = torch.tensor([[*r[name]["weights_relL2"], *r[name]["arithmetic_relL2"]] for r in rows]).mean(0).tolist()
-            total = torch.tensor([[r[name]["transformers_hidden_relL2"], r[name]["mambalrp_relevance_relL2"]] for r in rows]).mean(0)
+            totals = [[r[name]["transformers_hidden_relL2"], r[name]["mambalrp_relevance_relL2"]] for r in rows]
+            total = torch.tensor(totals).mean(0)
             print(
                 f"{name}, mean over {len(rows)} seeds (hidden states / relevance): total {total[0]:.2e} / {total[1]:.2e}; "
                 f"rounded weights alone {mean[0]:.2e} / {mean[1]:.2e}; arithmetic alone {mean[2]:.2e} / {mean[3]:.2e}"
