@@ -147,7 +147,8 @@ class Study:
     def prepare(self) -> None:
         """Create the folder and write ``config.json``. A fresh study (no ``config.json`` yet, or
         ``overwrite``) first discards records left there; only once: a later :meth:`run` of
-        this object resumes. Under torchrun only rank 0 writes (the others wait for it)."""
+        this object resumes. Under torchrun only rank 0 writes; :meth:`run` makes the other ranks wait
+        for it (a barrier) before they write their progress counters."""
         if not self.shard.is_main:
             self.folder.fresh = False
             return
@@ -196,6 +197,7 @@ class Study:
         self.shard = init_from_env(self.device)
         self._open_records()
         self.prepare()
+        barrier(self.shard)  # rank 0 has discarded a fresh study's stale files (progress counters too) before any rank writes
         if self.shard.world > 1:  # this run's count starts at zero (a file may remain from a run that died)
             os.makedirs(self.out, exist_ok=True)
             write_count(progress_path(self.out, self.shard), 0)
