@@ -107,7 +107,7 @@ declare -A RANKS=([mamba-130m]=$R [mamba2-130m]=$R [hybrid-130m]=$R)
 # 15 GB at 64 tokens; Mamba2 and the hybrid 32 rows, about 9 GB at 64 tokens (the hybrid's
 # 24 layers save about 4.3 MB per token through the package's scan, measured on the CPU); each
 # rank's memory cap is 0.28 / R of the GPU; in run 2 the three studies used 28-31 GB together)
-MEM=$(awk "BEGIN {print 0.28 / $R}")
+MEM=$(awk "BEGIN {print ${MEM_SHARE:-0.28} / $R}")   # MEM_SHARE: the GPU share of one model's ranks together
 declare -A BATCHING=([mamba-130m]="--batch-size 32 --ig-internal-batch $((160 / R)) --smoothgrad-per-pass $(((5 + R - 1) / R)) --memory-fraction $MEM"
                      [mamba2-130m]="--batch-size 32 --ig-internal-batch $((32 / R)) --smoothgrad-per-pass 1 --memory-fraction $MEM"
                      [hybrid-130m]="--batch-size 32 --ig-internal-batch $((32 / R)) --smoothgrad-per-pass 1 --memory-fraction $MEM")
