@@ -6,10 +6,13 @@ launch and Python overhead), and the kernels that take the most GPU time::
 
     python3 benchmarks/gpu_profile.py --arch mamba1 --lengths 2048 16384 --backends auto triton
     python3 benchmarks/gpu_profile.py --shape falcon7b --dtype bfloat16 --layers 8 --lengths 4096 --tf32
+    python3 benchmarks/gpu_profile.py --shape falcon7b --dtype bfloat16 --layers 8 --lengths 32768 --tf32 --conv-kernel both
 
 ``--shape`` takes a shape of ``gpu_scale.py`` (the 7B-class ones of issue 14), built on the GPU
 with random weights, optionally with fewer ``--layers`` (the per-layer work is the same);
-``--device cpu`` runs a smoke test of the script (CPU kernels only).
+``--conv-kernel both`` times the attribution without and with the depthwise conv kernel
+(``CAPTUM_MAMBALRP_CONV_KERNEL``) in one run; ``--device cpu`` runs a smoke test of the script
+(CPU kernels only).
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="with --shape: the model's dtype")
     p.add_argument("--layers", type=int, default=0, help="with --shape: fewer layers (0: the shape's)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products (off by default)")
+    p.add_argument(
+        "--conv-kernel",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the depthwise conv through kernels.conv (CAPTUM_MAMBALRP_CONV_KERNEL=1); both: each, in one run",
+    )
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
     if not args.tf32:
@@ -132,16 +141,19 @@ def main() -> None:
                 t_fwd = wall(lambda model=model, ids=ids: model(ids), repeats=5)
                 print(f"\n== {arch} L={length} transformers forward: {t_fwd * 1e3:.1f} ms", flush=True)
                 print(kernel_table(lambda model=model, ids=ids: model(ids), args.rows), flush=True)
+            conv_settings = {"off": ["0"], "on": ["1"], "both": ["0", "1"]}[args.conv_kernel]
             for backend in args.backends:
-                lrp = MambaLRP(model, backend=backend)
-                with scan.record_backends() as used:
-                    t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
-                print(
-                    f"\n== {arch} L={length} MambaLRP backend={backend} ({dict(used)}): {t * 1e3:.1f} ms, "
-                    f"ratio to forward {t / t_fwd:.2f}",
-                    flush=True,
-                )
-                print(kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows), flush=True)
+                for conv in conv_settings:
+                    os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = conv
+                    lrp = MambaLRP(model, backend=backend)
+                    with scan.record_backends() as used:
+                        t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
+                    print(
+                        f"\n== {arch} L={length} MambaLRP backend={backend} conv kernel={conv} ({dict(used)}): "
+                        f"{t * 1e3:.1f} ms, ratio to forward {t / t_fwd:.2f}",
+                        flush=True,
+                    )
+                    print(kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows), flush=True)
             del ids
             torch.cuda.empty_cache()
         del model

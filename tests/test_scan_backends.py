@@ -274,6 +274,51 @@ FUSED_SCRIPT = textwrap.dedent(
         y_rev = torch.randn_like(g)
         got, want = adjoint.finish(y_rev, g, dt, D, layout), adjoint.finish_torch(y_rev, g, dt, D, layout)
         assert (got - want).abs().max() <= 1e-6 * want.abs().max(), layout
+
+    # the depthwise causal conv: value and input gradient against nn.Conv1d's, kernel sizes 2-4,
+    # with and without bias, contiguous and transposed-view inputs (the mixers' layout), several
+    # tiles and ragged last ones; bf16 to its rounding
+    from captum_mambalrp.kernels import conv, dispatch
+    conv.BLOCK_C, conv.BLOCK_T = 4, 8
+    assert not dispatch.conv_applies(torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).requires_grad_(False), torch.ones(1, 6, 5))
+    os.environ[dispatch.CONV_KERNEL_ENV] = "1"  # opt-in until timed on a GPU
+    for k in (2, 3, 4):
+        for bias in (True, False):
+            for transposed in (False, True):
+                m = torch.nn.Conv1d(6, 6, k, groups=6, padding=k - 1, bias=bias).requires_grad_(False)
+                x = torch.randn(2, 13, 12).transpose(1, 2)[:, :6] if transposed else torch.randn(2, 6, 13)
+                x.requires_grad_(True)
+                assert dispatch.conv_applies(m, x) and not unfused(lambda: dispatch.conv_applies(m, x))
+                out, ref = conv.depthwise_causal_conv(m, x), m(x)
+                assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-6 * ref.abs().max(), (k, bias)
+                g = torch.randn_like(ref)
+                (got,), (want,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g)
+                assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (k, bias, transposed)
+                assert got.stride(1) == 1 if transposed else got.is_contiguous()
+    m = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).bfloat16().requires_grad_(False)
+    x = torch.randn(1, 6, 11).bfloat16()
+    want = m.float()(x.float())
+    assert ((conv.depthwise_causal_conv(m.bfloat16(), x).float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+    for other in (torch.nn.Conv1d(6, 6, 4, groups=6, padding=0), torch.nn.Conv1d(6, 6, 4, groups=3, padding=3),
+                  torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)):  # not causal / not depthwise / weights trained
+        assert not dispatch.conv_applies(other.requires_grad_(other.padding == (3,) and other.groups == 6), torch.ones(1, 6, 5))
+
+    # a whole MambaLRP pass with every fused kernel (conv, gate, epsilon, reversed scan's steps
+    # do not run on the torch backend) equals the one with none, and leaves the model as it was
+    from transformers import MambaConfig, MambaForCausalLM
+    from captum_mambalrp import MambaLRP
+    torch.manual_seed(1)
+    model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, state_size=4, expand=2)).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    calls = []
+    kernel = conv.depthwise_causal_conv
+    conv.depthwise_causal_conv = lambda m, x: calls.append(m) or kernel(m, x)
+    fused = MambaLRP(model).attribute(ids, target=5)
+    assert len(calls) == 2  # each layer's conv through the kernel
+    plain = unfused(lambda: MambaLRP(model).attribute(ids, target=5))
+    assert len(calls) == 2
+    assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert all("forward" not in m.__dict__ for m in model.modules())
     print("ok")
     """
 )
@@ -281,9 +326,10 @@ FUSED_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_fused_kernels_in_interpreter():
-    """The fused element-wise kernels (LRP-epsilon's backward factor, the default gate, the
-    steps around the reversed scan) equal their torch definitions, run by Triton's
-    interpreter on the CPU (float32 to rounding; bf16 to its rounding)."""
+    """The fused kernels (LRP-epsilon's backward factor, the default gate, the steps around the
+    reversed scan, the depthwise causal conv) equal their torch definitions, and a whole pass with
+    them equals one without, run by Triton's interpreter on the CPU (float32 to rounding; bf16 to
+    its rounding)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True, timeout=300, cwd=root, env=env)
@@ -308,6 +354,39 @@ def test_cuda_backend_matches_sequential(backend, layout):
         check_against_sequential(selective_scan, sequential_mamba1, mamba1_case(d=70, n=16, l=300), backend, device="cuda")
     else:
         check_against_sequential(ssd_scan, sequential_ssd, ssd_case(l=300, heads=4, p=16, n=32, groups=2), backend, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
+    """On CUDA the depthwise causal conv kernel gives nn.Conv1d's value and input gradient (the
+    mixers' transposed-view input, lengths over several tiles), and a whole MambaLRP pass with it
+    equals the pass with every fused kernel off."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from captum_mambalrp import MambaLRP
+    from captum_mambalrp.kernels import conv
+
+    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_KERNEL", "1")
+    torch.manual_seed(0)
+    m = torch.nn.Conv1d(96, 96, 4, groups=96, padding=3).cuda().to(dtype).requires_grad_(False)
+    x = torch.randn(2, 300, 192, device="cuda", dtype=dtype).transpose(1, 2)[:, :96].requires_grad_(True)
+    out, ref = conv.depthwise_causal_conv(m, x), m(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out - ref).float().abs().max() <= tol * ref.float().abs().max()
+    g = torch.randn_like(ref)
+    (got,), (want,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g)
+    assert (got - want).float().abs().max() <= tol * want.float().abs().max()
+
+    cfg = FalconMambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    model = FalconMambaForCausalLM(cfg).cuda().eval()
+    ids = torch.randint(0, 64, (2, 200), device="cuda")
+    fused = MambaLRP(model).attribute(ids, target=3)
+    monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
+    monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_KERNEL")
+    plain = MambaLRP(model).attribute(ids, target=3)
+    assert (fused - plain).abs().max() <= 1e-4 * plain.abs().max()
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
+from ..kernels.dispatch import conv_forward
 from ..rules.activation import SILU_CLASSES
 from ..rules.base import ACTIVATION, ATTENTION, CONV, LINEAR, NORM, SSM, GradientRule
 from ..rules.composites import Composite
@@ -60,6 +61,9 @@ class Installation:
 def _hook_affine(module: nn.Module, name: str, kind: str, composite: Composite, inst: Installation) -> None:
     rule = composite.rule_for(name, kind, module)
     inst.components.append(Component(name, kind, rule))
+    if kind == CONV and isinstance(module, nn.Conv1d) and module.groups == module.in_channels > 1:
+        # a depthwise conv: its value by our kernel where one applies (kernels.dispatch.conv_forward)
+        inst.patcher.replace_forward(module, conv_forward(module, inst.patcher.inner_forward(module)))
     if isinstance(rule, GradientRule):
         return
     inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.linear(m, args[0], out)))

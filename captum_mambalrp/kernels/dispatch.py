@@ -11,9 +11,10 @@ rule class.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import fused_kernels_enabled
 
@@ -74,3 +75,50 @@ def fused_gate(
     if entry is None or not entry[0](act_rule, y, z, act_is_silu):
         return None
     return entry[1](y, z, transposed_out)
+
+
+#: the environment variable that turns the depthwise conv kernel on ("1"; off by default)
+CONV_KERNEL_ENV = "CAPTUM_MAMBALRP_CONV_KERNEL"
+
+
+def conv_applies(module: nn.Module, x: Tensor) -> bool:
+    """May ``kernels.conv`` compute ``module(x)``? A depthwise ``nn.Conv1d`` with causal padding
+    (``K - 1``, zeros), stride and dilation 1, constant weight and bias, on a 3-d input of its
+    dtype where the fused kernels run (CUDA, or Triton's interpreter; ``CAPTUM_MAMBALRP_FUSED``),
+    and only with ``CAPTUM_MAMBALRP_CONV_KERNEL=1`` in the environment: the kernel is checked in
+    Triton's interpreter but not yet timed on a GPU (docs/benchmarks.md), so it is opt-in.
+
+    >>> import torch
+    >>> conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3).requires_grad_(False)
+    >>> conv_applies(conv, torch.ones(1, 4, 5))  # a CPU tensor, outside the interpreter
+    False
+    """
+    if os.environ.get(CONV_KERNEL_ENV, "0") != "1" or not isinstance(module, nn.Conv1d) or x.dim() != 3:
+        return False
+    d, k, bias = module.in_channels, module.kernel_size[0], module.bias
+    return (
+        module.groups == d == module.out_channels == x.shape[1]
+        and module.stride == (1,)
+        and module.dilation == (1,)
+        and module.padding == (k - 1,)
+        and module.padding_mode == "zeros"
+        and x.dtype == module.weight.dtype
+        and not module.weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+        and fused_kernels_enabled(x, module.weight)
+    )
+
+
+def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A forward for ``module`` (a mixer's conv) that computes its value by ``kernels.conv``
+    where :func:`conv_applies`, else by ``own_forward``; installed reversibly by the adapters'
+    installation (``Patcher.replace_forward``), so the module's hooks (its LRP rule) still run."""
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs or not conv_applies(module, x):
+            return own_forward(x, *args, **kwargs)
+        from . import conv
+
+        return conv.depthwise_causal_conv(module, x)
+
+    return forward
