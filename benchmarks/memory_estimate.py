@@ -9,6 +9,14 @@ out, they are not saved tensors), against the mixers' inputs alone, and against 
 inputs plus what the other layers would keep without recomputation.
 
     python benchmarks/memory_estimate.py
+
+``--pure`` instead measures what one pure Mamba1 (FalconMamba) and Mamba2 mixer keeps per token
+without recomputation, by memory (each storage counted once, so that views of one tensor, as the
+gate's input is of ``in_proj``'s output, count once), in float32 and bf16, with the fused kernels
+on and off; run it under ``TRITON_INTERPRET=1`` so that the fused kernels (CUDA's path) run on the
+CPU::
+
+    TRITON_INTERPRET=1 python benchmarks/memory_estimate.py --pure
 """
 
 from __future__ import annotations
@@ -81,7 +89,55 @@ def compare(family: str, length: int = LENGTH) -> dict:
     return dict(measured=measured, inputs=inputs, estimate=inputs + others, kept_estimate=inputs + kept, working=working)
 
 
+def storage_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the storages one relevance pass (``recompute=False``) keeps for its backward
+    pass, each storage counted once whatever views of it are saved."""
+    seen: dict = {}
+
+    def pack(t):
+        if torch._C._current_graph_task_id() == -1:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        MambaLRP(model, recompute=False).attribute(ids, target=1)
+    return sum(seen.values())
+
+
+def pure(length: int = 64, layers: int = 2) -> None:
+    """Bytes per token and mixer a pure Mamba1 / Mamba2 pass keeps (see the module docstring)."""
+    import transformers
+
+    configs = {
+        "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM, dict(state_size=16)),
+        "mamba2": (
+            transformers.Mamba2Config,
+            transformers.Mamba2ForCausalLM,
+            dict(state_size=16, head_dim=16, num_heads=16, n_groups=1, chunk_size=16),
+        ),
+    }
+    print("| model | d_inner | dtype | fused kernels | kept B / token / mixer | per inner channel |")
+    print("| :--- | ---: | :--- | :--- | ---: | ---: |")
+    for name, (config_cls, model_cls, extra) in configs.items():
+        config = config_cls(vocab_size=64, hidden_size=128, num_hidden_layers=layers, expand=2, **extra)
+        d_inner = 2 * config.hidden_size
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = model_cls(config).to(dtype).eval()
+            ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0))
+            for fused in ("1", "0"):
+                os.environ["CAPTUM_MAMBALRP_FUSED"] = fused
+                per = storage_bytes(model, ids) / length / layers
+                on = "on" if fused == "1" else "off"
+                print(f"| {name} | {d_inner} | {str(dtype)[6:]} | {on} | {per:.0f} | {per / d_inner:.1f} |")
+    os.environ.pop("CAPTUM_MAMBALRP_FUSED", None)
+
+
 def main() -> None:
+    if "--pure" in sys.argv[1:]:
+        pure()
+        return
     header = "| family | measured B/token | estimate | estimate / measured | mixer inputs only / measured"
     print(header + " | other layers kept / measured |")
     print("| :--- | ---: | ---: | ---: | ---: | ---: |")

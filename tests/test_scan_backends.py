@@ -261,6 +261,41 @@ FUSED_SCRIPT = textwrap.dedent(
         for a, b in zip(torch.autograd.grad(out, (y, z), gy), torch.autograd.grad(ref, (y, z), gy, retain_graph=True)):
             assert (a - b).abs().max() <= 1e-6 * b.abs().max()
 
+    # a bf16 model's gate input z beside the float32 scan output y: the kernel reads z as it is,
+    # keeps it (no float32 copy) and returns its gradient in bf16, as the upcast z.to(float32) would
+    y = torch.randn(2, 37, 70, requires_grad=True)
+    zb = torch.randn(2, 70, 37).bfloat16().transpose(1, 2).requires_grad_(True)
+    out = gate_with_activation(HalfGateRule(), IdentityActivationRule(), y, zb, F.silu, True)
+    assert "HalfSiluGate" in type(out.grad_fn).__name__
+    kept = out.grad_fn.saved_tensors[1]
+    assert kept.dtype == torch.bfloat16 and kept.untyped_storage().data_ptr() == zb.untyped_storage().data_ptr()
+    ref = unfused(lambda: gate_with_activation(HalfGateRule(), IdentityActivationRule(), y, zb, F.silu, True))
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+    (dy, dz), (dy_ref, dz_ref) = torch.autograd.grad(out, (y, zb), gy), torch.autograd.grad(ref, (y, zb), gy)
+    assert dz.dtype == dz_ref.dtype == torch.bfloat16
+    assert (dy - dy_ref).abs().max() <= 1e-6 * dy_ref.abs().max()
+    assert ((dz.float() - dz_ref.float()).abs() <= 2 ** -7 * dz_ref.float().abs() + 1e-30).all()
+
+    # the identity rule on SiLU of a bf16 conv output (a strided slice), computed in float32: the
+    # kernel keeps the bf16 input itself (shared with what the conv's rule keeps), not a float32 factor
+    from captum_mambalrp.rules.activation import activation_in
+    conv_out = torch.randn(2, 70, 40).bfloat16().requires_grad_(True)
+    xb = conv_out[..., :37]
+    act = activation_in(IdentityActivationRule(), xb, F.silu, torch.float32)
+    assert act.dtype == torch.float32 and "IdentitySiluUpcast" in type(act.grad_fn).__name__
+    kept = act.grad_fn.saved_tensors[0]
+    assert kept.dtype == torch.bfloat16 and kept.untyped_storage().data_ptr() == conv_out.untyped_storage().data_ptr()
+    ref = unfused(lambda: activation_in(IdentityActivationRule(), xb, F.silu, torch.float32))
+    assert "IdentitySiluUpcast" not in type(ref.grad_fn).__name__
+    assert (act - ref).abs().max() <= 1e-6 * ref.abs().max()
+    g = torch.randn(2, 70, 37)
+    (got,), (want,) = torch.autograd.grad(act, conv_out, g), torch.autograd.grad(ref, conv_out, g)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-30).all()
+    x32 = torch.randn(1, 3, 4, requires_grad=True)  # a float32 input: the rule's own torch code
+    act32 = activation_in(IdentityActivationRule(), x32, F.silu, torch.float32)
+    assert "IdentitySiluUpcast" not in type(act32.grad_fn).__name__
+
     # the steps around the reversed scan, both layouts, D per channel / head / (head, p), none
     cases = [("mamba1", torch.randn(2, 6, 23), torch.rand(2, 6, 23), torch.randn(6)),
              ("ssd", torch.randn(2, 19, 4, 3), torch.rand(2, 19, 4), torch.randn(4)),
@@ -319,6 +354,11 @@ FUSED_SCRIPT = textwrap.dedent(
     assert len(calls) == 2
     assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
     assert all("forward" not in m.__dict__ for m in model.modules())
+    # the same model in bf16: every fused kernel (the bf16-input gate and SiLU among them) against none
+    model = model.bfloat16()
+    fused = MambaLRP(model).attribute(ids, target=5)
+    plain = unfused(lambda: MambaLRP(model).attribute(ids, target=5))
+    assert fused.dtype == plain.dtype and (fused - plain).abs().max() <= 2e-2 * plain.abs().max()
     print("ok")
     """
 )
@@ -362,7 +402,8 @@ def test_cuda_backend_matches_sequential(backend, layout):
 def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     """On CUDA the depthwise causal conv kernel gives nn.Conv1d's value and input gradient (the
     mixers' transposed-view input, lengths over several tiles), and a whole MambaLRP pass with it
-    equals the pass with every fused kernel off."""
+    and the other fused kernels (for bf16: the bf16-input gate and SiLU) equals the pass with
+    every fused kernel off."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
     from captum_mambalrp import MambaLRP
@@ -380,13 +421,13 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     assert (got - want).float().abs().max() <= tol * want.float().abs().max()
 
     cfg = FalconMambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
-    model = FalconMambaForCausalLM(cfg).cuda().eval()
+    model = FalconMambaForCausalLM(cfg).cuda().to(dtype).eval()
     ids = torch.randint(0, 64, (2, 200), device="cuda")
     fused = MambaLRP(model).attribute(ids, target=3)
     monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
     monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_KERNEL")
     plain = MambaLRP(model).attribute(ids, target=3)
-    assert (fused - plain).abs().max() <= 1e-4 * plain.abs().max()
+    assert (fused - plain).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * plain.abs().max()
 
 
 @pytest.mark.gpu
@@ -473,8 +514,9 @@ def test_long_sequence_memory_stays_linear():
 
 
 def test_fused_gate_table_names_rule_classes():
-    """The dispatch table keys rule types by qualified name (kernels/ never imports rules/): each
-    key names an existing rule class, and the default composite's gate pair is in the table."""
+    """The dispatch tables key rule types by qualified name (kernels/ never imports rules/): each
+    key names an existing rule class, and the default composite's gate pair and conv activation
+    rule are in the tables."""
     import importlib
 
     from captum_mambalrp.kernels.dispatch import GATE_KERNELS, rule_key
@@ -488,6 +530,12 @@ def test_fused_gate_table_names_rule_classes():
     rules = composite("mambalrp")
     gate, act = rules.rule_for("x.gate", "gate", None), rules.rule_for("x.gate_act", "activation", None)
     assert (rule_key(gate), rule_key(act)) in GATE_KERNELS
+    from captum_mambalrp.kernels.dispatch import ACTIVATION_KERNELS
+
+    for name in ACTIVATION_KERNELS:  # the same for the activation table, and the conv's SiLU rule
+        module, _, cls = name.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), cls), MambaRule), name
+    assert rule_key(rules.rule_for("x.conv_act", "activation", None)) in ACTIVATION_KERNELS
 
 
 def test_auto_prefers_mamba_ssm_ssd_for_low_precision_models(monkeypatch):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..rules.activation import activation_in
 from ..rules.gate import gate_with_activation
 from ..scan import compute_dtype, selective_scan, selective_scan_state
 from .common import MixerRules, mask_padding
@@ -93,7 +94,7 @@ def mamba1_piece(
         x_seen = torch.cat([state.conv, x], dim=-1)
         pad = int(parts.conv1d.padding[0])
         conv = parts.conv1d(x_seen)[..., pad : pad + length]
-    x = rules.conv_act.activation(conv.to(cd), parts.act)
+    x = activation_in(rules.conv_act, conv, parts.act, cd)
     x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
     dt, B, C = torch.split(parts.x_proj(x.to(dtype)), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
@@ -115,7 +116,7 @@ def mamba1_piece(
             if x_seen.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start
                 x_seen = F.pad(x_seen, (k - 1 - x_seen.shape[-1], 0))
             new_state = Mamba1State(x_seen[..., x_seen.shape[-1] - (k - 1) :], h)
-    y = gate_with_activation(rules.gate, rules.gate_act, y, z.to(cd), parts.gate_fn or parts.act, transposed_out=True)
+    y = gate_with_activation(rules.gate, rules.gate_act, y, z, parts.gate_fn or parts.act, transposed_out=True)
     return parts.out_proj(y.transpose(1, 2).to(dtype)), new_state
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..rules.activation import activation_in
 from ..rules.base import NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
 from ..scan import compute_dtype, ssd_scan, ssd_scan_state
@@ -126,7 +127,7 @@ def mamba2_piece(
         xBC_in = torch.cat([state[0], xBC_in], dim=-1)
         pad = int(parts.conv1d.padding[0])
         conv = parts.conv1d(xBC_in)[..., pad : pad + length]
-    xBC = rules.conv_act.activation(conv.to(cd), parts.act)
+    xBC = activation_in(rules.conv_act, conv, parts.act, cd)
     xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
     x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
     dt = F.softplus(dt.to(cd) + parts.dt_bias.to(cd)).clamp(parts.dt_limit[0], parts.dt_limit[1])

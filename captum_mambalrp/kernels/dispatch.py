@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from . import fused_kernels_enabled
@@ -28,13 +29,16 @@ def rule_key(rule: object) -> str:
     return f"{type(rule).__module__}.{type(rule).__qualname__}"
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _half_silu_applies(act_rule: object, y: Tensor, z: Tensor, act_is_silu: bool) -> bool:
     return (
         getattr(act_rule, "epsilon", None) is None
         and act_is_silu
         and y.dim() == 3
         and y.shape == z.shape
-        and y.dtype == z.dtype
+        and (y.dtype == z.dtype or (y.dtype == torch.float32 and z.dtype in LOW_PRECISION))
         and fused_kernels_enabled(y, z)
     )
 
@@ -53,6 +57,48 @@ GATE_KERNELS: Dict[Tuple[str, str], GateEntry] = {
         _half_silu_kernel,
     ),
 }
+
+
+#: ``applies(act_rule, x, act_is_silu, dtype)`` and ``kernel(x, dtype)``
+ActivationEntry = Tuple[Callable[[object, Tensor, bool, torch.dtype], bool], Callable[[Tensor, torch.dtype], Tensor]]
+
+
+def _identity_silu_upcast_applies(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torch.dtype) -> bool:
+    return (
+        getattr(act_rule, "epsilon", None) is None
+        and act_is_silu
+        and x.dim() == 3
+        and x.dtype in LOW_PRECISION
+        and dtype == torch.float32
+        and fused_kernels_enabled(x)
+    )
+
+
+def _identity_silu_upcast_kernel(x: Tensor, dtype: torch.dtype) -> Tensor:
+    from . import elementwise
+
+    return elementwise.identity_silu_upcast(x, dtype)
+
+
+#: ``activation rule type -> (applies, kernel)``: the rule on ``act(x.to(dtype))`` from a
+#: lower-precision ``x`` (the conv output of a bf16 model), keeping ``x`` for the backward pass
+ACTIVATION_KERNELS: Dict[str, ActivationEntry] = {
+    "captum_mambalrp.rules.activation.IdentityActivationRule": (_identity_silu_upcast_applies, _identity_silu_upcast_kernel),
+}
+
+
+def fused_activation(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torch.dtype) -> Optional[Tensor]:
+    """``act_rule.activation(x.to(dtype), act)`` by a fused kernel, or ``None`` when no kernel
+    is listed for this rule type or its conditions do not hold here.
+
+    >>> from captum_mambalrp.rules import GradientRule
+    >>> fused_activation(GradientRule(), torch.ones(1, 2, 2).bfloat16(), True, torch.float32) is None
+    True
+    """
+    entry = ACTIVATION_KERNELS.get(rule_key(act_rule))
+    if entry is None or not entry[0](act_rule, x, act_is_silu, dtype):
+        return None
+    return entry[1](x, dtype)
 
 
 def fused_gate(

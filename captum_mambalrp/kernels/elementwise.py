@@ -3,7 +3,9 @@ interpreter). Each computes in float32 what its torch definition computes:
 
 - :func:`epsilon_scaled`: ``grad * |z| / (|z| + eps)`` (``rules/linear.py``);
 - :func:`half_silu_gate`: ``y * silu(z)`` with the half and identity rules, forward and
-  backward (``rules/gate.py``);
+  backward (``rules/gate.py``; ``z`` may be bf16 / fp16 beside a float32 ``y``);
+- :func:`identity_silu_upcast`: the identity rule on ``silu(x.to(float32))`` of a bf16 / fp16
+  ``x``, keeping ``x`` rather than a float32 factor (``rules/activation.py``);
 - :func:`reversed_prepare`, :func:`reversed_finish`: the steps around the reversed adjoint
   scan (``scan/adjoint.py``).
 """
@@ -148,6 +150,67 @@ def half_silu_gate(y: Tensor, z: Tensor, transposed_out: bool = False) -> Tensor
     """The default gate on ``[b, r, c]`` tensors of one dtype, any strides; ``transposed_out``
     stores the result ``[b, c, r]``-contiguous (the layout the next linear layer reads)."""
     return _HalfSiluGate.apply(y, z, transposed_out)
+
+
+# ---------------------------------------------------------------- SiLU of a low-precision input
+
+
+def _silu_up_forward_kernel(
+    x_ptr, out_ptr, rows, cols, sx0, sx1, sx2, so0, so1, so2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    b = tl.program_id(2).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    r, c = r.to(tl.int64)[:, None], c.to(tl.int64)[None, :]
+    x = tl.load(x_ptr + b * sx0 + r * sx1 + c * sx2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * so0 + r * so1 + c * so2, (x * tl.sigmoid(x)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _silu_up_backward_kernel(
+    g_ptr, x_ptr, dx_ptr, rows, cols, sg0, sg1, sg2, sx0, sx1, sx2, sd0, sd1, sd2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    b = tl.program_id(2).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    r, c = r.to(tl.int64)[:, None], c.to(tl.int64)[None, :]
+    g = tl.load(g_ptr + b * sg0 + r * sg1 + c * sg2, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sx0 + r * sx1 + c * sx2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + b * sd0 + r * sd1 + c * sd2, (g * tl.sigmoid(x)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class _IdentitySiluUpcast(torch.autograd.Function):
+    """Forward ``x * sigmoid(x)`` computed and returned in ``dtype`` from ``x`` as it is; backward
+    ``g * sigmoid(x)`` rounded to ``x``'s dtype (the identity rule on SiLU after an upcast of x).
+    Keeps ``x`` itself for the backward pass, not a factor in ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        b, r, c = x.shape
+        out = torch.empty(b, r, c, device=x.device, dtype=dtype)
+        jit(_silu_up_forward_kernel)[_gate_grid(x.shape)](
+            x, out, r, c, *x.stride(), *out.stride(), BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        b, r, c = x.shape
+        dx = torch.empty(b, r, c, device=x.device, dtype=x.dtype)
+        jit(_silu_up_backward_kernel)[_gate_grid(x.shape)](
+            grad, x, dx, r, c, *grad.stride(), *x.stride(), *dx.stride(),
+            BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4,
+        )  # fmt: skip
+        return dx, None
+
+
+def identity_silu_upcast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The identity rule on ``silu(x.to(dtype))`` for a ``[b, r, c]`` tensor of a lower precision
+    (any strides), in one pass each way; the result is ``[b, r, c]``-contiguous in ``dtype``."""
+    return _IdentitySiluUpcast.apply(x, dtype)
 
 
 # ---------------------------------------------------------------- around the reversed adjoint scan

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..kernels.dispatch import fused_activation
 from .base import ACTIVATION, MambaRule, stabilize
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (ACT2FN["silu"])
@@ -57,3 +58,16 @@ class IdentityActivationRule(MambaRule):
         out = fn(x)
         x_s = stabilize(x, 1e-6 if self.epsilon is None else self.epsilon)
         return x_s * (out / x_s).detach()
+
+
+def activation_in(rule: MambaRule, x: Tensor, fn: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Tensor:
+    """``rule.activation(x.to(dtype), fn)``: an activation computed in ``dtype`` (the compute
+    dtype) on an input that may be of a lower precision (a bf16 model's conv output). Where a
+    fused kernel computes the same from ``x`` as it is (``kernels.dispatch.ACTIVATION_KERNELS``;
+    on CUDA, the identity rule on SiLU), it runs instead and keeps ``x`` for the backward pass,
+    not a factor in ``dtype`` (half the bytes for bf16, and none when ``x`` is kept anyway)."""
+    if x.dtype != dtype:
+        fused = fused_activation(rule, x, is_silu(fn), dtype)
+        if fused is not None:
+            return fused
+    return rule.activation(x.to(dtype), fn)

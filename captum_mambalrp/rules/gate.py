@@ -37,9 +37,12 @@ def gate_with_activation(
     act: Callable[[Tensor], Tensor],
     transposed_out: bool = False,
 ) -> Tensor:
-    """``gate_rule.gate(y, act_rule.activation(z, act))``. Where a fused kernel computes the
-    same math for this pair of rule types (``kernels.dispatch.GATE_KERNELS``; on CUDA,
-    MambaLRP's default pair), it runs instead; ``transposed_out`` then stores its
-    ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear layer reads."""
+    """``gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act))``: ``z`` may come in a lower
+    precision than ``y`` (a bf16 model's gate input beside the float32 scan output; the upcast is
+    exact). Where a fused kernel computes the same math for this pair of rule types
+    (``kernels.dispatch.GATE_KERNELS``; on CUDA, MambaLRP's default pair), it runs instead, reads
+    ``z`` as it is and keeps it (not a float32 copy) for the backward pass; ``transposed_out``
+    then stores its ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear
+    layer reads."""
     fused = fused_gate(gate_rule, act_rule, y, z, is_silu(act), transposed_out)
-    return fused if fused is not None else gate_rule.gate(y, act_rule.activation(z, act))
+    return fused if fused is not None else gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act))
