@@ -384,15 +384,19 @@ def layer_map(record: ScanRecord, gradient_weighted: bool, chunk: int = 32, impl
 
 def mamba_attr_map(record: ScanRecord, real: Tensor, chunk: int = 32) -> Tensor:
     r"""One layer's map ``[b, l, l]`` as in Ali et al.'s code (``generate_mamba_attr``):
-    ``mean_d alpha^+ / max alpha^+`` (per example, over every channel), each column ``s``
-    weighted by ``g_s = max_h (\partial S / \partial r_{s,h})^+``, min-max normalised over the
-    real tokens, with ``r`` the residual stream entering the block.
+    :func:`mamba_attr_attention` (``mean_d alpha^+ / max alpha^+``) with each column ``s``
+    weighted by :func:`mamba_attr_weights` (``g_s``).
 
     Raises:
         ValueError: the record lacks ``grad_stream`` (scan_records without gradients).
     """
-    if record.grad_stream is None:
-        raise ValueError("Mamba-Attr needs the gradient at each block's input: scan_records(..., with_gradient=True)")
+    weights = mamba_attr_weights(record, real)
+    return mamba_attr_attention(record, chunk) * weights[:, None, :]
+
+
+def mamba_attr_attention(record: ScanRecord, chunk: int = 32) -> Tensor:
+    """Mamba-Attr's attention part ``[b, l, l]``: ``mean_d alpha^+ / max alpha^+`` (the maximum
+    per example, over every channel)."""
     b, d, length = record.x.shape
     total = torch.zeros(b, length, length, device=record.x.device)
     top = torch.zeros(b, device=record.x.device)
@@ -400,12 +404,23 @@ def mamba_attr_map(record: ScanRecord, real: Tensor, chunk: int = 32) -> Tensor:
         positive = alpha.clamp(min=0)
         total += positive.sum(1)
         top = torch.maximum(top, positive.flatten(1).max(dim=1).values)
-    attention = total / d / top.clamp_min(1e-30)[:, None, None]
+    return total / d / top.clamp_min(1e-30)[:, None, None]
+
+
+def mamba_attr_weights(record: ScanRecord, real: Tensor) -> Tensor:
+    r"""Mamba-Attr's column weights ``[b, l]``: ``g_s = max_h (\partial S / \partial r_{s,h})^+``
+    with ``r`` the residual stream entering the block, min-max normalised over the real tokens
+    (0 on padding).
+
+    Raises:
+        ValueError: the record lacks ``grad_stream`` (scan_records without gradients).
+    """
+    if record.grad_stream is None:
+        raise ValueError("Mamba-Attr needs the gradient at each block's input: scan_records(..., with_gradient=True)")
     g = record.grad_stream.clamp(min=0).max(dim=-1).values  # [b, l]
     low = g.masked_fill(~real, math.inf).min(dim=1, keepdim=True).values
     high = g.masked_fill(~real, -math.inf).max(dim=1, keepdim=True).values
-    g = ((g - low) / (high - low).clamp_min(1e-30)).masked_fill(~real, 0.0)
-    return attention * g[:, None, :]
+    return ((g - low) / (high - low).clamp_min(1e-30)).masked_fill(~real, 0.0)
 
 
 def rollout(maps: List[Tensor], rescale: bool = True) -> Tensor:
