@@ -326,7 +326,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="bfloat16,float32", help="precision part: dtypes compared with float64")
     p.add_argument("--no-tf32", action="store_true")
-    p.add_argument("--recompute", default="auto", choices=["auto", "true", "false", "offload", "sequence"])
+    p.add_argument("--recompute", default="auto", choices=["auto", "true", "false", "projection", "offload", "sequence"])
     p.add_argument("--chunk", type=int, default=None, help="sequence: tokens per piece (default: from the budget)")
     p.add_argument("--stride", type=int, default=None, help="sequence: keep every stride-th block input")
     p.add_argument("--slots", type=int, default=None, help="sequence: block inputs kept while recomputing a stretch")

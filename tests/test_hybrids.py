@@ -387,8 +387,9 @@ def test_recompute_and_a_fresh_cache_give_the_same_relevance(family):
     ids, mask = left_padded(2, 9, [0, 3], seed=7)
     plain = MambaLRP(model, composite="conservative").attribute(ids, target=2, attention_mask=mask)
     recomputed = MambaLRP(model, composite="conservative", recompute=True).attribute(ids, target=2, attention_mask=mask)
+    projection = MambaLRP(model, composite="conservative", recompute="projection").attribute(ids, target=2, attention_mask=mask)
     cached = MambaLRP(model, composite="conservative").attribute(ids, target=2, attention_mask=mask, use_cache=True)
-    assert torch.equal(plain, recomputed)
+    assert torch.equal(plain, recomputed) and torch.equal(plain, projection)
     assert torch.allclose(plain, cached, atol=1e-7)
 
 

@@ -29,25 +29,29 @@ def _modes_seen(model, ids, monkeypatch, budget):
     return set(seen), relevance
 
 
-def _thresholds(model, ids):
-    """Bytes needed to keep everything / to recompute, by the documented estimate."""
+def _thresholds(model, ids, projection=False):
+    """Bytes needed to keep everything / to recompute (and, with ``projection``, to recompute
+    keeping the input projections), by the documented estimate."""
     mixers = [layer.mixer for layer in model.backbone.layers]
     tokens = ids.numel()
     dtype = next(model.parameters()).dtype
     per = [rc.mixer_bytes_per_token(m, dtype) for m in mixers]
     working = max(p["kept"] for p in per) * tokens
-    return sum(p["kept"] for p in per) * tokens + working, sum(p["input"] for p in per) * tokens + working
+    need = [sum(p[k] for p in per) * tokens + working for k in ("kept", "input", "projection")]
+    return tuple(need) if projection else tuple(need[:2])
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
 def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     model = make_lm("mamba", num_hidden_layers=3) if arch == "mamba" else make_mamba2(num_hidden_layers=3)
     ids = ids_for(2, 17)
-    keep, recompute = _thresholds(model, ids)
-    assert recompute < keep
+    keep, recompute, projection = _thresholds(model, ids, projection=True)
+    assert recompute < projection < keep
     modes, kept = _modes_seen(model, ids, monkeypatch, budget=keep * 1.001)
     assert modes == {False}
-    modes, again = _modes_seen(model, ids, monkeypatch, budget=keep * 0.999)
+    modes, kept_projection = _modes_seen(model, ids, monkeypatch, budget=keep * 0.999)
+    assert modes == {"projection"}
+    modes, again = _modes_seen(model, ids, monkeypatch, budget=projection * 0.999)
     assert modes == {True}
     modes, below = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
     # on the CPU the host memory is the budget: nothing to offload to; pieces of the sequence and
@@ -55,6 +59,7 @@ def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     assert modes == {"sequence"}
     with pytest.warns(ResourceWarning, match="expect to run out of memory"):
         _modes_seen(model, ids, monkeypatch, budget=1.0)
+    torch.testing.assert_close(kept, kept_projection, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kept, below, atol=1e-6, rtol=1e-5)
 
@@ -66,8 +71,9 @@ def test_auto_scales_with_tokens(monkeypatch):
     keep_short, _ = _thresholds(model, short)
     assert _modes_seen(model, short, monkeypatch, budget=keep_short * 1.5)[0] == {False}
     assert _modes_seen(model, long, monkeypatch, budget=keep_short * 1.5)[0] <= {True, "sequence"}
-    _, recompute_long = _thresholds(model, long)
+    _, recompute_long, projection_long = _thresholds(model, long, projection=True)
     assert _modes_seen(model, long, monkeypatch, budget=recompute_long * 1.01)[0] == {True}
+    assert _modes_seen(model, long, monkeypatch, budget=projection_long * 1.01)[0] == {"projection"}
 
 
 def test_estimate_counts_dtype():
@@ -75,23 +81,61 @@ def test_estimate_counts_dtype():
     mixer = model.backbone.layers[0].mixer
     f32, bf16, f64 = (rc.mixer_bytes_per_token(mixer, d) for d in (torch.float32, torch.bfloat16, torch.float64))
     width, d_model = mixer.in_proj.out_features, mixer.in_proj.in_features
-    assert f32 == {"kept": width * (3 * 4 + 2.75 * 4), "input": d_model * 4}
-    assert bf16 == {"kept": width * (3 * 2 + 2.75 * 4), "input": d_model * 2}
+    assert f32 == {"kept": width * (3 * 4 + 2.75 * 4), "input": d_model * 4, "projection": (d_model + width) * 4}
+    assert bf16 == {"kept": width * (3 * 2 + 2.75 * 4), "input": d_model * 2, "projection": (d_model + width) * 2}
     assert f64["kept"] == 2 * f32["kept"]
 
 
 @pytest.mark.parametrize("arch", ["mamba", "falcon", "mamba2"])
 def test_every_memory_saving_path_gives_the_same_relevance(arch):
-    """Keep, recompute, offload (the offload path runs on the CPU too: the input is parked in
-    host memory), and the env-var budget that forces auto to recompute."""
+    """Keep, recompute, recompute keeping the input projections, offload (the offload path runs
+    on the CPU too: the input is parked in host memory), and the env-var budget that forces auto
+    to recompute."""
     model = make_mamba2(num_hidden_layers=3) if arch == "mamba2" else make_lm(arch, seed=13, num_hidden_layers=3)
     ids = ids_for(2, 30)
     before = snapshot(model)
     kept = MambaLRP(model, recompute=False).attribute(ids, target=4)
-    for mode in (True, "offload"):
+    for mode in (True, "projection", "offload"):
         again = MambaLRP(model, recompute=mode).attribute(ids, target=4)
         torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mamba2"])
+def test_projection_mode_skips_the_input_projection_in_the_recomputation(arch):
+    """``recompute="projection"`` runs each mixer's in_proj product once, as keeping does (the
+    recomputation reads its saved output), where ``recompute=True`` runs it twice; the other
+    matrix products run as often as with ``True``; the relevance is the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    class Widths(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widths = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                self.widths.append(args[-1].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    # a vocabulary of another size than in_proj's output, so that only in_proj's product has its width
+    if arch == "mamba2":
+        model = make_mamba2(num_hidden_layers=2, vocab_size=80)
+    else:
+        model = make_lm(arch, seed=5, num_hidden_layers=2, vocab_size=80)
+    width = model.backbone.layers[0].mixer.in_proj.out_features
+    ids = ids_for(2, 24)
+    runs = {}
+    for mode in (False, True, "projection"):
+        with Widths() as seen:
+            relevance = MambaLRP(model, recompute=mode).attribute(ids, target=4)
+        runs[mode] = (seen.widths.count(width), len(seen.widths) - seen.widths.count(width), relevance)
+    layers = len(model.backbone.layers)
+    assert runs[False][0] == runs["projection"][0] == layers and runs[True][0] == 2 * layers
+    assert runs["projection"][1] == runs[True][1]  # the other products as with True
+    torch.testing.assert_close(runs["projection"][2], runs[False][2], atol=1e-6, rtol=1e-5)
 
 
 def test_offload_keeps_no_mixer_tensors_for_backward():
@@ -116,7 +160,7 @@ def test_offload_keeps_no_mixer_tensors_for_backward():
 
 
 def test_bad_mode_is_named():
-    with pytest.raises(ValueError, match="recompute must be True, False, 'auto', 'offload', 'sequence' or a SequenceChunks"):
+    with pytest.raises(ValueError, match="recompute must be True, False, 'auto', 'projection', 'offload', 'sequence' or a Seq"):
         MambaLRP(make_lm("mamba"), recompute="sometimes")
 
 
@@ -157,8 +201,10 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     def mode(budget):
         return rc.RecomputePlan(mixers, budget=budget).choose(hidden)
 
+    projection = sum(p["projection"] for p in per) * tokens + working
     assert mode(keep * 1.01) is False
-    assert mode(keep * 0.99) is True
+    assert mode(keep * 0.99) == "projection"
+    assert mode(projection * 0.99) is True
     assert mode(inputs * 1.01) is True
     assert mode(inputs * 0.99) == "offload"
     host["cpu"] = (inputs - working) * 0.99 / rc.AUTO_MEMORY_FRACTION

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Dict, List, Optional, Set, Tuple
 
 from torch import nn
@@ -67,6 +68,12 @@ def _hook_affine(module: nn.Module, name: str, kind: str, composite: Composite, 
     if isinstance(rule, GradientRule):
         return
     inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.linear(m, args[0], out)))
+
+
+def _in_proj(mixer: nn.Module) -> Optional[nn.Linear]:
+    """The mixer's input projection (``in_proj``), whose output ``recompute="projection"`` keeps."""
+    proj = getattr(mixer, "in_proj", None)
+    return proj if isinstance(proj, nn.Linear) else None
 
 
 def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: Installation) -> None:
@@ -199,7 +206,7 @@ def install_rules(
             if not has_ssm:
                 continue  # an MLP or a mixture of experts: taken over, not a sequence mixer
             if recompute is not False:
-                inst.patcher.wrap_forward(module, lambda f: recomputing(f, recompute))
+                inst.patcher.wrap_forward(module, partial(recomputing, recompute=recompute, projection=_in_proj(module)))
             inst.mixers.append(name)
             continue
         own_rule = getattr(module, "rule", None)

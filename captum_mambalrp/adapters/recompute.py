@@ -7,6 +7,10 @@ Modes (``MambaLRP(model, recompute=...)``):
 - ``False``: every mixer keeps its intermediate tensors for the backward pass (fastest);
 - ``True``: each mixer keeps only its input and runs again in the backward pass
   (``torch.utils.checkpoint``, non-reentrant): one more mixer forward per layer;
+- ``"projection"``: as ``True``, and each mixer also keeps the output of its input projection
+  (``in_proj``, the model's dtype), so the recomputation skips that matrix product, about two
+  thirds of a Mamba mixer's (torch's selective activation checkpointing: the first product of
+  ``in_proj``'s width in the mixer is saved, every other operation recomputed);
 - ``"offload"``: as ``True``, and the kept input waits in pinned host memory, copied back
   when the backward pass reaches the mixer (GPU memory: one mixer's working set plus the
   residual stream, not one input per layer);
@@ -72,8 +76,9 @@ budget) this gives pieces of 25600 tokens, stride 8, 1 slot, inputs on the host,
 call, when the number of tokens is known): with ``budget = AUTO_MEMORY_FRACTION * available``
 (CUDA: free device memory plus what torch's caching allocator holds unused; CPU:
 ``MemAvailable`` of ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when
-the sum over mixers of what they keep, plus one mixer's working set, fits; else recompute
-when the inputs plus one working set fit; else offload when one working set fits the device
+the sum over mixers of what they keep, plus one mixer's working set, fits; else
+``"projection"`` when the inputs and projections plus one working set fit (not while a CUDA
+graph is captured); else recompute when the inputs plus one working set fit; else offload when one working set fits the device
 and the parked inputs 85 % of the host's ``MemAvailable`` (CUDA only, not while a CUDA graph
 is captured); else ``"sequence"`` (where mixers have piece functions or blocks can be
 recomputed; not while a CUDA graph is captured); else recompute. No token-count threshold.
@@ -95,13 +100,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..scan.precision import compute_dtype
 
 #: the mode that runs mixers in pieces of the sequence and recomputes blocks from sparse checkpoints
 SEQUENCE = "sequence"
-MODES = (True, False, "auto", "offload", SEQUENCE)
+#: the mode that recomputes the mixers but keeps their input projections' outputs
+PROJECTION = "projection"
+MODES = (True, False, "auto", PROJECTION, "offload", SEQUENCE)
 #: share of the available memory that ``"auto"`` plans to use
 AUTO_MEMORY_FRACTION = 0.85
 #: host memory assumed available when it cannot be read
@@ -171,28 +178,31 @@ def check_recompute(recompute: Recompute) -> Recompute:
         ``recompute``.
 
     Raises:
-        ValueError: not one of ``True``, ``False``, ``"auto"``, ``"offload"``, ``"sequence"``
-            or a :class:`SequenceChunks`.
+        ValueError: not one of ``True``, ``False``, ``"auto"``, ``"projection"``, ``"offload"``,
+            ``"sequence"`` or a :class:`SequenceChunks`.
     """
     if isinstance(recompute, SequenceChunks):
         return recompute
     if not any(recompute is m if isinstance(m, bool) else recompute == m for m in MODES):
         raise ValueError(
-            f"recompute must be True, False, 'auto', 'offload', 'sequence' or a SequenceChunks(...); got {recompute!r}"
+            "recompute must be True, False, 'auto', 'projection', 'offload', 'sequence' or a SequenceChunks(...); "
+            f"got {recompute!r}"
         )
     return recompute
 
 
 def mixer_bytes_per_token(mixer: nn.Module, dtype: torch.dtype) -> Dict[str, float]:
     """Estimated bytes per token a mixer keeps for the backward pass: ``"kept"`` without
-    recomputation, ``"input"`` with it (see the module docstring for the constants).
+    recomputation, ``"input"`` with it, ``"projection"`` with it in ``"projection"`` mode (its
+    input and its ``in_proj`` output; infinite for a mixer without an ``in_proj`` linear layer,
+    where the mode saves nothing); see the module docstring for the constants.
 
     Returns:
-        ``{"kept": ..., "input": ...}`` (bytes per token).
+        ``{"kept": ..., "input": ..., "projection": ...}`` (bytes per token).
 
     >>> m = nn.Module(); m.in_proj = nn.Linear(8, 32)
     >>> mixer_bytes_per_token(m, torch.float32)
-    {'kept': 736.0, 'input': 32.0}
+    {'kept': 736.0, 'input': 32.0, 'projection': 160.0}
     """
     s_model = torch.tensor([], dtype=dtype).element_size()
     s_compute = torch.tensor([], dtype=compute_dtype(dtype)).element_size()
@@ -203,7 +213,8 @@ def mixer_bytes_per_token(mixer: nn.Module, dtype: torch.dtype) -> Dict[str, flo
         linears = [m for m in mixer.modules() if isinstance(m, nn.Linear)]
         width = max((m.out_features for m in linears), default=0)
         d_model = max((m.in_features for m in linears), default=0)
-    return {"kept": float(width * (3 * s_model + 2.75 * s_compute)), "input": float(d_model * s_model)}
+    projection = float((d_model + width) * s_model) if isinstance(proj, nn.Linear) else math.inf
+    return {"kept": float(width * (3 * s_model + 2.75 * s_compute)), "input": float(d_model * s_model), "projection": projection}
 
 
 def _top_k(model: nn.Module, experts: nn.Module, n_experts: int) -> int:
@@ -320,7 +331,7 @@ class RecomputePlan:
     others_outside_per_length: float = 0.0
 
     def choose(self, hidden: Tensor) -> Recompute:
-        """``False``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
+        """``False``, ``"projection"``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
         blocks) see ``hidden [b, l, d]`` (decided at the first call of a pass, then kept)."""
         if self.mode is not None:
             return self.mode
@@ -345,6 +356,7 @@ class RecomputePlan:
         working = max(p["kept"] for p in per) * tokens  # one mixer's tensors during its backward pass
         keep = sum(p["kept"] for p in per) * tokens + working + kept_all
         inputs = sum(p["input"] for p in per) * tokens + working + fixed
+        projection = sum(p["projection"] for p in per) * tokens + working + fixed
         working += fixed  # what offloading needs on the device
         budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
         capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -355,6 +367,7 @@ class RecomputePlan:
         # one working set) in host memory; its device need is one mixer's working set
         self.needed = {
             "keep": keep,
+            "projection": projection,
             "recompute": inputs,
             "offload": working,
             "sequence": sequence,
@@ -368,6 +381,8 @@ class RecomputePlan:
             self.mode = SEQUENCE if self.allow_offload else True
         elif keep <= budget:
             self.mode = False
+        elif projection <= budget and not capturing:
+            self.mode = PROJECTION
         elif inputs <= budget:
             self.mode = True
         elif offload_fits:
@@ -378,7 +393,7 @@ class RecomputePlan:
             self.mode = True
         if self.mode == SEQUENCE:
             self.sequence = settings
-        need = {False: keep, True: inputs, "offload": working, SEQUENCE: sequence}[self.mode]  # type: ignore[index]
+        need = {False: keep, True: inputs, PROJECTION: projection, "offload": working, SEQUENCE: sequence}[self.mode]  # type: ignore[index]
         if need > budget:
             warnings.warn(
                 f"MambaLRP: {tokens} tokens need about {need / 2**30:.1f} GiB (estimate, recompute={self.mode!r}), "
@@ -684,10 +699,13 @@ def _many_tokens(hidden: Tensor) -> bool:
     return hidden.shape[:-1].numel() > RECOMPUTE_AUTO_TOKENS.get(hidden.device.type, RECOMPUTE_AUTO_TOKENS["cpu"])
 
 
-def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callable[..., Tensor]:
+def recomputing(
+    forward: Callable[..., Tensor], recompute: Recompute, projection: Optional[nn.Module] = None
+) -> Callable[..., Tensor]:
     """``forward`` wrapped so that, when ``recompute`` applies, it keeps only its inputs
     for the backward pass and runs again there (``torch.utils.checkpoint``, non-reentrant),
-    parks them in host memory (``"offload"``), or runs in pieces of the sequence
+    also keeps the output of ``projection`` (the mixer's ``in_proj``; ``"projection"``, else as
+    ``True``), parks them in host memory (``"offload"``), or runs in pieces of the sequence
     (``"sequence"``, when ``forward.sequence_piece`` exists; else as ``True``).
 
     Memory kept per mixer drops from all its intermediate tensors to its input (to nothing on
@@ -719,13 +737,37 @@ def recomputing(forward: Callable[..., Tensor], recompute: Recompute) -> Callabl
             return forward(hidden_states, *args, **kwargs)
         if mode == "offload":
             return offloaded(forward, hidden_states, *args, **kwargs)
+        context: Dict[str, Any] = {}
+        width = getattr(projection, "out_features", None)
+        capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+        if mode == PROJECTION and isinstance(width, int) and not capturing:
+            context["context_fn"] = lambda: _keep_projection(width)
         # mixers draw no random numbers: no RNG state to keep (and none to read while a
         # CUDA graph is being captured)
-        return checkpoint(forward, hidden_states, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        return checkpoint(forward, hidden_states, *args, use_reentrant=False, preserve_rng_state=False, **context, **kwargs)
 
     run.recompute_mode = recompute  # type: ignore[attr-defined]
     run.sequence_piece = piece  # type: ignore[attr-defined]
     return run
+
+
+_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+def _keep_projection(width: int) -> Tuple[Any, Any]:
+    """Selective checkpointing contexts that save the first matrix product of ``width`` output
+    features (a mixer's ``in_proj``: its input goes through nothing else of that width first)
+    and recompute everything else; the forward pass and the recomputation count separately, so
+    both mark the same product."""
+    marked = {False: False, True: False}
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if not marked[ctx.is_recompute] and op in _PRODUCTS and args[-1].shape[-1] == width:
+            marked[ctx.is_recompute] = True
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 #: the keyword arguments through which a layer receives a cache it writes (not ``cache_position``)

@@ -198,8 +198,9 @@ class MambaLRP(MambaLRPOptions, LRP):
             Triton kernel; for Mamba2 the torch backend's chunked SSD; CPU: torch), ``"torch"``,
             ``"triton"`` or ``"mamba_ssm"``.
         recompute: recompute each mixer in the backward pass instead of keeping its
-            intermediate tensors (``True``), keep them (``False``), recompute with the mixer
-            inputs parked in pinned host memory (``"offload"``), run each mixer in pieces of the
+            intermediate tensors (``True``), keep them (``False``), recompute but keep each mixer's
+            ``in_proj`` output so that the recomputation skips that product (``"projection"``),
+            recompute with the mixer inputs parked in pinned host memory (``"offload"``), run each mixer in pieces of the
             sequence with its state carried and recompute the blocks from sparse checkpoints
             (``"sequence"``, or ``SequenceChunks(chunk=..., stride=..., slots=..., host=...)``
             for its settings: the longest inputs), or ``"auto"``: chosen per pass from the memory
