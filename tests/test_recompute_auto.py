@@ -181,6 +181,23 @@ def test_offload_with_relevance_read_inside_a_mixer_keeps_the_graph():
     assert rc.plan_for(model, ["backbone.layers.0.mixer"], read_at=[model.backbone.embeddings]).allow_offload
 
 
+@pytest.mark.parametrize("part", ["in_proj", "conv1d", "out_proj"])
+def test_relevance_read_inside_a_recomputed_mixer(part):
+    """A module inside a mixer that the backward pass recomputes (``True``, ``"projection"``) runs
+    twice; relevance is read at its forward-pass call, as when the mixer keeps its tensors (the
+    recomputed call used to be captured too, and the pass failed with an IndexError)."""
+    from captum_mambalrp import LayerMambaLRP
+
+    model = make_lm("mamba", seed=3, num_hidden_layers=2)
+    ids = ids_for(1, 20)
+    layer = getattr(model.backbone.layers[1].mixer, part)
+    kept = LayerMambaLRP(model, layer, recompute=False).attribute(ids, target=2)
+    assert kept.abs().sum() > 0
+    for mode in (True, "projection"):
+        again = LayerMambaLRP(model, layer, recompute=mode).attribute(ids, target=2)
+        torch.testing.assert_close(again, kept, atol=1e-6, rtol=1e-5)
+
+
 def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypatch):
     """The CUDA branch of the decision (a stand-in for a CUDA tensor: only its shape, dtype and
     device are read): keep, recompute, offload as the device budget shrinks, and recompute when

@@ -33,12 +33,15 @@ class Capture:
     tensors: List[Tensor] = field(default_factory=list)
 
     def _grab(self, value: Any) -> Any:
-        """Make ``value`` (a tensor or a tuple holding tensors) part of the graph and keep it."""
+        """Make ``value`` (a tensor or a tuple holding tensors) part of the graph and keep it.
+        A module inside a recomputed mixer runs again in the backward pass: that call makes the
+        same graph node but is not kept (the forward pass's tensor is the one read)."""
         if isinstance(value, Tensor):
             # a fresh graph node: gradients reaching it come only from where the module's
             # output is used next, never from uses of the same tensor inside the module
             value = value.view_as(value) if value.requires_grad else value.detach().requires_grad_(True)
-            self.tensors.append(value)
+            if torch._C._current_graph_task_id() == -1:  # not a recomputation inside the backward pass
+                self.tensors.append(value)
             return value
         if isinstance(value, tuple):
             return tuple(self._grab(v) if isinstance(v, Tensor) and v.is_floating_point() else v for v in value)
