@@ -17,6 +17,12 @@ on and off; run it under ``TRITON_INTERPRET=1`` so that the fused kernels (CUDA'
 CPU::
 
     TRITON_INTERPRET=1 python benchmarks/memory_estimate.py --pure
+
+``--modes`` measures the peak memory of one pass per ``recompute`` mode (``False``,
+``"projection"``, ``True``) on a tiny FalconMamba (d_model 64, 4 layers, 2048 tokens, float32):
+the largest sum of live allocations in torch's profiler's memory records, per token and layer::
+
+    python benchmarks/memory_estimate.py --modes
 """
 
 from __future__ import annotations
@@ -134,9 +140,38 @@ def pure(length: int = 64, layers: int = 2) -> None:
     os.environ.pop("CAPTUM_MAMBALRP_FUSED", None)
 
 
+def peak_bytes(model: torch.nn.Module, ids: torch.Tensor, mode) -> int:
+    """The peak of live CPU allocations during one pass (torch's profiler's memory records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        MambaLRP(model, recompute=mode).attribute(ids, target=1)
+    records = sorted((r.start_ns(), r.nbytes()) for r in prof.profiler.kineto_results.events() if r.name() == "[memory]")
+    live = top = 0
+    for _, n in records:
+        live += n
+        top = max(top, live)
+    return top
+
+
+def modes(length: int = 2048, layers: int = 4) -> None:
+    """Peak bytes per token and layer of each recompute mode (see the module docstring)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FalconMambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=layers, state_size=8, expand=2)
+    model = transformers.FalconMambaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0))
+    for mode in (False, "projection", True):
+        print(f"recompute={mode!r}: {peak_bytes(model, ids, mode) / length / layers:.0f} B per token and layer at the peak")
+
+
 def main() -> None:
     if "--pure" in sys.argv[1:]:
         pure()
+        return
+    if "--modes" in sys.argv[1:]:
+        modes()
         return
     header = "| family | measured B/token | estimate | estimate / measured | mixer inputs only / measured"
     print(header + " | other layers kept / measured |")
