@@ -222,6 +222,7 @@ def part_time(a: argparse.Namespace) -> None:
     row: Dict[str, Any] = dict(part=a.part, shape=a.shape, dtype=a.dtype, batch=a.batch, length=a.length, tokens=tokens)
     row["weights_gib"] = weights / 2**30
     row["recompute"] = a.recompute if a.recompute != "sequence" else str(recompute_option(a))
+    row["conv_kernel"] = os.environ.get("CAPTUM_MAMBALRP_CONV_KERNEL", "default")
 
     def forward():
         with torch.no_grad():
@@ -333,8 +334,16 @@ def main() -> None:
     p.add_argument("--host", choices=["yes", "no"], default=None, help="sequence: kept block inputs in pinned host memory")
     p.add_argument("--skip-forward-repeats", action="store_true", help="time the forward once, without a warm-up")
     p.add_argument("--skip-forward", action="store_true", help="do not time the forward")
+    p.add_argument(
+        "--conv-kernel",
+        choices=["default", "on", "off"],
+        default="default",
+        help="the depthwise conv through kernels.conv: on/off sets CAPTUM_MAMBALRP_CONV_KERNEL",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args()
+    if a.conv_kernel != "default":
+        os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = "1" if a.conv_kernel == "on" else "0"
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
     torch.backends.cudnn.allow_tf32 = not a.no_tf32
     if a.part == "precision":
