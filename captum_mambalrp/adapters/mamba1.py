@@ -82,8 +82,9 @@ def mamba1_piece(
     one after the other give the whole sequence's output (the conv reads the carried inputs
     where it would read the previous piece's; the scan starts from the carried state)."""
     dtype, length = hidden.dtype, hidden.shape[1]
-    xz = parts.in_proj(mask_padding(hidden, attention_mask)).transpose(1, 2)
-    x, z = xz.chunk(2, dim=1)
+    # split before the transpose: the split's backward then writes in_proj's output gradient
+    # [b, l, 2d]-contiguous, the layout in_proj's rule reads (no transposing copy of it)
+    x, z = (t.transpose(1, 2) for t in parts.in_proj(mask_padding(hidden, attention_mask)).chunk(2, dim=-1))
     # the compute dtype (float32; float64 for a float64 model) from the conv's output on: the scan,
     # dt and the rule factors; a bf16 model's activations are rounded once, where x_proj reads them
     cd = compute_dtype(dtype)
