@@ -247,6 +247,11 @@ FUSED_SCRIPT = textwrap.dedent(
     assert got.dtype == torch.bfloat16
     want = unfused(lambda: epsilon_scaled(gb.float(), zb.float(), 1e-9))
     assert ((got.float() - want).abs() <= 2 ** -7 * want.abs()).all()
+    # permuted tensors of equal strides (read in place) and of different strides (copied)
+    gt, zt = torch.randn(3, 40, 50).transpose(1, 2), torch.randn(3, 40, 50).transpose(1, 2)
+    for zz in (zt, zt.contiguous()):
+        got = epsilon_scaled(gt, zz, 1e-3)
+        assert torch.equal(got, unfused(lambda: epsilon_scaled(gt, zz, 1e-3)))
 
     # the default gate, output and both gradients, strided inputs, both output layouts,
     # against the rule objects composed (HalfGateRule on IdentityActivationRule(SiLU))

@@ -31,10 +31,23 @@ def _epsilon_scaled_kernel(grad_ptr, z_ptr, out_ptr, n, epsilon, BLOCK: tl.const
     tl.store(out_ptr + offs, (g * ratio).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _dense(t: Tensor) -> bool:
+    """Does ``t`` fill one block of memory, in some order of its dimensions (a permuted
+    contiguous tensor)?"""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
 def epsilon_scaled(grad: Tensor, z: Tensor, epsilon: float) -> Tensor:
     """``grad * |z| / (|z| + epsilon)`` in one pass, returned in ``grad``'s dtype."""
-    grad, z = grad.contiguous(), z.contiguous()
-    out = torch.empty_like(grad)
+    if not (grad.stride() == z.stride() and grad.shape == z.shape and _dense(grad)):
+        grad, z = grad.contiguous(), z.contiguous()
+    out = torch.empty_like(grad)  # grad's strides: one flat pass over the memory of all three
     n, block = grad.numel(), 2048
     jit(_epsilon_scaled_kernel)[(triton.cdiv(n, block),)](grad, z, out, n, float(epsilon), BLOCK=block, num_warps=8)
     return out
