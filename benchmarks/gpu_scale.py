@@ -223,6 +223,7 @@ def part_time(a: argparse.Namespace) -> None:
     row["weights_gib"] = weights / 2**30
     row["recompute"] = a.recompute if a.recompute != "sequence" else str(recompute_option(a))
     row["conv_kernel"] = os.environ.get("CAPTUM_MAMBALRP_CONV_KERNEL", "default")
+    row["scan_inputs"] = os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default")
 
     def forward():
         with torch.no_grad():
@@ -312,6 +313,7 @@ def part_precision(a: argparse.Namespace) -> None:
     ids = torch.randint(0, 1000, (1, a.length), device=DEVICE)
     res = measure(model, ids, a.dtypes.split(","), 10)
     res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
+    res["scan_inputs"] = os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default")
     emit(res, a.out)
 
 
@@ -340,8 +342,16 @@ def main() -> None:
         default="default",
         help="the depthwise conv through kernels.conv: on/off sets CAPTUM_MAMBALRP_CONV_KERNEL",
     )
+    p.add_argument(
+        "--scan-inputs",
+        choices=["default", "model", "compute"],
+        default="default",
+        help="a bf16 model's scan inputs: rounded to its dtype or not (sets CAPTUM_MAMBALRP_SCAN_INPUTS)",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args()
+    if a.scan_inputs != "default":
+        os.environ["CAPTUM_MAMBALRP_SCAN_INPUTS"] = a.scan_inputs
     if a.conv_kernel != "default":
         os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = "1" if a.conv_kernel == "on" else "0"
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32

@@ -217,6 +217,54 @@ def test_reversed_adjoint_is_the_input_gradient(layout):
     assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("layout", ["mamba1", "ssd"])
+def test_scan_inputs_in_the_model_dtype(layout, monkeypatch):
+    """CAPTUM_MAMBALRP_SCAN_INPUTS=model: a bf16 model's relevance scan reads x, dt, B, C rounded
+    to bf16. A kernel that reads and writes bf16 as mamba-ssm's does (emulated: the torch scan on
+    the upcast inputs, its output rounded), run through ``relevance_scan_from(kernel_dtype=)``,
+    equals the torch backend's rounded form in value and in the input gradient, which is the
+    float32 adjoint of the rounded problem (not rounded itself); "compute" leaves the scan as it
+    was, and a float32 model is never rounded."""
+    from captum_mambalrp.scan import adjoint
+
+    case = mamba1_case(d=6, n=4, l=23) if layout == "mamba1" else ssd_case(l=21, heads=4, p=3, n=5, groups=2)
+    x, dt, A, B, C, D = (t.float() for t in case)
+    inner = _torch_forward(layout)
+    reads = []
+
+    def bf16_kernel(x, dt, A, B, C, D):
+        reads.append((x.dtype, dt.dtype, B.dtype, C.dtype))
+        return inner(x.float(), dt.float(), A, B.float(), C.float(), D).to(x.dtype)
+
+    fn = selective_scan if layout == "mamba1" else ssd_scan
+    g = rand(*x.shape, seed=9).float()
+    monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "model")
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1 = adjoint.relevance_scan_from(bf16_kernel, layout, x1, dt, A, B, C, D, torch.bfloat16)
+    y2 = fn(x2, dt, A, B, C, D, backend="torch", model_dtype=torch.bfloat16)
+    assert reads == [(torch.bfloat16,) * 4] and y1.dtype == y2.dtype == torch.float32
+    assert torch.equal(y1, y1.bfloat16().float())  # the kernel's bf16 output, upcast
+    assert (y1 - y2).abs().max() <= 2**-8 * y2.abs().max()
+    (d1,), (d2,) = torch.autograd.grad(y1, x1, g), torch.autograd.grad(y2, x2, g)
+    assert reads[1] == (torch.float32,) * 4  # the reversed adjoint in float32
+    assert not torch.equal(d1, d1.bfloat16().float())  # the gradient is not rounded
+    assert (d1 - d2).abs().max() <= 1e-5 * d2.abs().max()
+    # against the float32 scan of the rounded problem, written out
+    xr = x.bfloat16().float().requires_grad_(True)
+    ref = fn(xr, dt.bfloat16().float(), A, B.bfloat16().float(), C.bfloat16().float(), D, backend="torch")
+    assert (y2 - ref).abs().max() <= 2**-8 * ref.abs().max()
+    (dref,) = torch.autograd.grad(ref, xr, g)
+    assert (d2 - dref).abs().max() <= 1e-5 * dref.abs().max()
+    # "compute" and float32 models: not rounded
+    assert scan.rounded_inputs(torch.float32) is None and scan.rounded_inputs(torch.bfloat16) is torch.bfloat16
+    monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "compute")
+    assert scan.rounded_inputs(torch.bfloat16) is None
+    assert torch.equal(fn(x, dt, A, B, C, D, backend="torch", model_dtype=torch.bfloat16), fn(x, dt, A, B, C, D, backend="torch"))
+    monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "fast")
+    with pytest.raises(ValueError, match="CAPTUM_MAMBALRP_SCAN_INPUTS='fast': set it to 'model' or 'compute'"):
+        scan.rounded_inputs(torch.bfloat16)
+
+
 FUSED_SCRIPT = textwrap.dedent(
     """
     import os
@@ -320,8 +368,12 @@ FUSED_SCRIPT = textwrap.dedent(
     # tiles and ragged last ones; bf16 to its rounding
     from captum_mambalrp.kernels import conv, dispatch
     conv.BLOCK_C, conv.BLOCK_T = 4, 8
-    assert not dispatch.conv_applies(torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).requires_grad_(False), torch.ones(1, 6, 5))
-    os.environ[dispatch.CONV_KERNEL_ENV] = "1"  # opt-in until timed on a GPU
+    probe = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).requires_grad_(False)
+    os.environ[dispatch.CONV_KERNEL_ENV] = "0"  # turned off: torch's convolution
+    assert not dispatch.conv_applies(probe, torch.ones(1, 6, 5))
+    del os.environ[dispatch.CONV_KERNEL_ENV]  # on by default
+    assert dispatch.conv_applies(probe, torch.ones(1, 6, 5))
+    assert not dispatch.conv_applies(probe.requires_grad_(True), torch.ones(1, 6, 5))  # trained weights
     for k in (2, 3, 4):
         for bias in (True, False):
             for transposed in (False, True):
@@ -414,7 +466,7 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     from captum_mambalrp import MambaLRP
     from captum_mambalrp.kernels import conv
 
-    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_KERNEL", "1")
+    monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_KERNEL", raising=False)  # on by default
     torch.manual_seed(0)
     m = torch.nn.Conv1d(96, 96, 4, groups=96, padding=3).cuda().to(dtype).requires_grad_(False)
     x = torch.randn(2, 300, 192, device="cuda", dtype=dtype).transpose(1, 2)[:, :96].requires_grad_(True)
@@ -430,7 +482,7 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     ids = torch.randint(0, 64, (2, 200), device="cuda")
     fused = MambaLRP(model).attribute(ids, target=3)
     monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
-    monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_KERNEL")
+    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_KERNEL", "0")
     plain = MambaLRP(model).attribute(ids, target=3)
     assert (fused - plain).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * plain.abs().max()
 
@@ -556,3 +608,39 @@ def test_auto_prefers_mamba_ssm_ssd_for_low_precision_models(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16, None):
         ssd_scan(x, dt, A, B, C, linear=True, model_dtype=dtype)
     assert seen == ["ssd", "ssd_low", "ssd"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["falcon_mamba", "mamba2"])
+def test_cuda_scan_inputs_in_the_model_dtype(arch, monkeypatch):
+    """A bf16 model on CUDA with CAPTUM_MAMBALRP_SCAN_INPUTS=model: mamba-ssm's kernels reading
+    bf16 give the torch backend's rounded form (to bf16 rounding of the kernels' outputs), and the
+    relevance stays near the "compute" pass's."""
+    if "mamba_ssm" not in scan.available_backends("cuda"):
+        pytest.skip("mamba_ssm not installed")
+    import transformers
+
+    from captum_mambalrp import MambaLRP
+
+    torch.manual_seed(0)
+    if arch == "falcon_mamba":
+        cfg = transformers.FalconMambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+        model = transformers.FalconMambaForCausalLM(cfg)
+    else:
+        cfg = transformers.Mamba2Config(
+            vocab_size=64, hidden_size=64, num_hidden_layers=2, expand=2, state_size=16, head_dim=16, num_heads=8, n_groups=1
+        )
+        model = transformers.Mamba2ForCausalLM(cfg)
+    model = model.cuda().bfloat16().eval()
+    ids = torch.randint(0, 64, (2, 300), device="cuda")
+    monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "model")
+    with scan.record_backends() as used:
+        fast = MambaLRP(model, backend="mamba_ssm").attribute(ids, target=3)
+    assert used["mamba_ssm"] == 2
+    torch_form = MambaLRP(model, backend="torch").attribute(ids, target=3)
+    monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "compute")
+    compute = MambaLRP(model, backend="mamba_ssm").attribute(ids, target=3)
+    scale = compute.float().abs().max()
+    assert (fast - torch_form).float().abs().max() <= 3e-2 * scale
+    assert (fast - compute).float().abs().max() <= 1e-1 * scale

@@ -109,9 +109,10 @@ def mamba1_piece(
     linear, backend = rules.ssm.ssm_is_linear, rules.backend
     new_state: Optional[Mamba1State] = None
     if state is None and not carry:
-        y = selective_scan(*scan_args, linear=linear, backend=backend)
+        y = selective_scan(*scan_args, linear=linear, backend=backend, model_dtype=dtype)
     else:
-        y, h = selective_scan_state(*scan_args, None if state is None else state.ssm, linear=linear, backend=backend)
+        h0 = None if state is None else state.ssm
+        y, h = selective_scan_state(*scan_args, h0, linear=linear, backend=backend, model_dtype=dtype)
         if carry:
             k = int(parts.conv1d.kernel_size[0])
             if x_seen.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start

@@ -140,7 +140,8 @@ def mamba2_piece(
     if state is None and not carry:
         y = ssd_scan(*scan_args, linear=linear, backend=backend, model_dtype=dtype)
     else:
-        y, h_last = ssd_scan_state(*scan_args, None if state is None else state[1], linear=linear, backend=backend)
+        h0 = None if state is None else state[1]
+        y, h_last = ssd_scan_state(*scan_args, h0, linear=linear, backend=backend, model_dtype=dtype)
         if carry:
             k = int(parts.conv1d.kernel_size[0])
             if xBC_in.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start

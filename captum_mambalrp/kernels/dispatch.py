@@ -123,7 +123,7 @@ def fused_gate(
     return entry[1](y, z, transposed_out)
 
 
-#: the environment variable that turns the depthwise conv kernel on ("1"; off by default)
+#: the environment variable that turns the depthwise conv kernel off ("0"; on by default)
 CONV_KERNEL_ENV = "CAPTUM_MAMBALRP_CONV_KERNEL"
 
 
@@ -131,15 +131,15 @@ def conv_applies(module: nn.Module, x: Tensor) -> bool:
     """May ``kernels.conv`` compute ``module(x)``? A depthwise ``nn.Conv1d`` with causal padding
     (``K - 1``, zeros), stride and dilation 1, constant weight and bias, on a 3-d input of its
     dtype where the fused kernels run (CUDA, or Triton's interpreter; ``CAPTUM_MAMBALRP_FUSED``),
-    and only with ``CAPTUM_MAMBALRP_CONV_KERNEL=1`` in the environment: the kernel is checked in
-    Triton's interpreter but not yet timed on a GPU (docs/benchmarks.md), so it is opt-in.
+    unless ``CAPTUM_MAMBALRP_CONV_KERNEL=0`` is in the environment (torch's convolution then; on the
+    H200 the kernel took a Falcon-Mamba-7B pass from 3.15x to 2.68x the forward, docs/benchmarks.md).
 
     >>> import torch
     >>> conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3).requires_grad_(False)
     >>> conv_applies(conv, torch.ones(1, 4, 5))  # a CPU tensor, outside the interpreter
     False
     """
-    if os.environ.get(CONV_KERNEL_ENV, "0") != "1" or not isinstance(module, nn.Conv1d) or x.dim() != 3:
+    if os.environ.get(CONV_KERNEL_ENV, "1") == "0" or not isinstance(module, nn.Conv1d) or x.dim() != 3:
         return False
     d, k, bias = module.in_channels, module.kernel_size[0], module.bias
     return (

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from collections import Counter
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -122,6 +123,47 @@ def record_backends() -> Iterator[Counter]:
         del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is rec)]
 
 
+#: how a bf16 / fp16 model's relevance scan reads x, dt, B and C: ``"model"`` rounded to the
+#: model's dtype, as the model's own scan kernel reads them; ``"compute"`` as the pass computes
+#: them (float32). Either way the scan accumulates and its backward pass runs in float32.
+SCAN_INPUTS_ENV = "CAPTUM_MAMBALRP_SCAN_INPUTS"
+SCAN_INPUTS_DEFAULT = "compute"
+
+
+def rounded_inputs(model_dtype: Optional[torch.dtype], linear: bool = True) -> Optional[torch.dtype]:
+    """The dtype a relevance scan's inputs are rounded to (``CAPTUM_MAMBALRP_SCAN_INPUTS``), or
+    ``None``: not rounded (float32 / float64 models, the differentiable ablation, ``"compute"``).
+
+    >>> rounded_inputs(torch.float32), rounded_inputs(torch.bfloat16, linear=False)
+    (None, None)
+    """
+    value = os.environ.get(SCAN_INPUTS_ENV, SCAN_INPUTS_DEFAULT)
+    if value not in ("model", "compute"):
+        raise ValueError(f"{SCAN_INPUTS_ENV}={value!r}: set it to 'model' or 'compute'")
+    return model_dtype if linear and value == "model" and model_dtype in LOW_PRECISION else None
+
+
+def _round_through(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t``'s value rounded to ``dtype`` (kept in ``t``'s dtype), its gradient passed unrounded."""
+    rounded = t.detach().to(dtype).to(t.dtype)
+    return t + (rounded - t.detach()) if t.requires_grad else rounded
+
+
+def _rounded_scan(
+    fn: Callable[..., Any], low: Optional[torch.dtype], x: Tensor, dt: Tensor, B: Tensor, C: Tensor, *rest: Any
+) -> Any:
+    """``fn(x, dt, A, B, C, ...)`` on inputs rounded to ``low`` and with its output (the first, for
+    a pair) rounded to ``low``: the torch and Triton backends' form of mamba-ssm's kernel reading
+    and writing the model's dtype (:func:`rounded_inputs`); ``fn`` itself when ``low`` is None."""
+    if low is None:
+        return fn(x, dt, rest[0], B, C, *rest[1:])
+    dt, B, C = (t.detach().to(low).to(t.dtype) for t in (dt, B, C))
+    out = fn(_round_through(x, low), dt, rest[0], B, C, *rest[1:])
+    if isinstance(out, tuple):
+        return (_round_through(out[0], low),) + tuple(out[1:])
+    return _round_through(out, low)
+
+
 def _kernel(layout: str, name: str) -> Callable[..., Tensor]:
     """The GPU backend's function for ``layout`` ("mamba1" or "ssd"); imported on first use
     (so that importing the package never imports triton)."""
@@ -155,10 +197,21 @@ def selective_scan(
     *,
     linear: bool = True,
     backend: str = "auto",
+    model_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> ``[b, d, l]``
-    in float32 (float64 for float64 x)."""
+    in float32 (float64 for float64 x). ``model_dtype``: the model's own dtype, for
+    :func:`rounded_inputs`."""
     name = _pick(backend, x, linear, "mamba1")
+    low = rounded_inputs(model_dtype, linear)
+    if name == "mamba_ssm":
+        return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low)
+    return _rounded_scan(_selective_scan_on, low, x, delta, B, C, A, D, name, linear)
+
+
+def _selective_scan_on(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], name: str, linear: bool
+) -> Tensor:
     if name != "torch":
         return _kernel("mamba1", name)(x, delta, A, B, C, D)
     Bc, Cc = B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)  # [b, 1, l, n]
@@ -178,6 +231,7 @@ def selective_scan_state(
     *,
     linear: bool = True,
     backend: str = "auto",
+    model_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`selective_scan` on a piece of a longer sequence (``recompute="sequence"``): ``h0
     [b, d, n]`` is the state before its first step (``None``: zero); returns ``(y, h_last)``, the
@@ -197,6 +251,12 @@ def selective_scan_state(
     True
     """
     name = _pick(backend, x, linear, "mamba1", stateful=True)
+    return _rounded_scan(_selective_scan_state_on, rounded_inputs(model_dtype, linear), x, delta, B, C, A, D, h0, name, linear)
+
+
+def _selective_scan_state_on(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor], name: str, linear: bool
+) -> Tuple[Tensor, Tensor]:
     if name == "triton":
         return _kernel_state("mamba1", x, delta, A, B, C, D, h0)
     Bc, Cc = B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)
@@ -226,6 +286,7 @@ def ssd_scan_state(
     *,
     linear: bool = True,
     backend: str = "auto",
+    model_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`ssd_scan` on a piece of a longer sequence (``recompute="sequence"``): ``h0
     [b, h, p, n]`` is the state before its first step (``None``: zero); returns ``(y, h_last)``.
@@ -243,6 +304,12 @@ def ssd_scan_state(
     True
     """
     name = _pick(backend, x, linear, "ssd", stateful=True)
+    return _rounded_scan(_ssd_scan_state_on, rounded_inputs(model_dtype, linear), x, dt, B, C, A, D, h0, name, linear)
+
+
+def _ssd_scan_state_on(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], h0: Optional[Tensor], name: str, linear: bool
+) -> Tuple[Tensor, Tensor]:
     if name == "triton":
         return _kernel_state("ssd", x, dt, A, B, C, D, h0)
     b, length, heads, p = x.shape
@@ -280,8 +347,16 @@ def ssd_scan(
     """Mamba2: ``x [b, l, h, p]``, ``dt [b, l, h]`` (final), ``A [h]``, ``B, C [b, l, g, n]``,
     ``D [h]`` or ``[h, p]`` -> ``[b, l, h, p]`` in float32 (float64 for float64 x).
     ``model_dtype``: the model's own dtype (the inputs are in the compute dtype); for bf16/fp16
-    models ``"auto"`` on CUDA prefers mamba-ssm's SSD kernels (``AUTO_ORDER["ssd_low"]``)."""
+    models ``"auto"`` on CUDA prefers mamba-ssm's SSD kernels (``AUTO_ORDER["ssd_low"]``), and
+    :func:`rounded_inputs` applies."""
     name = _pick(backend, x, linear, "ssd_low" if model_dtype in LOW_PRECISION else "ssd")
+    low = rounded_inputs(model_dtype, linear)
+    if name == "mamba_ssm":
+        return mamba_ssm_backend.ssd_scan(x, dt, A, B, C, D, low)
+    return _rounded_scan(_ssd_scan_on, low, x, dt, B, C, A, D, name, linear)
+
+
+def _ssd_scan_on(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], name: str, linear: bool) -> Tensor:
     if name != "torch":
         return _kernel("ssd", name)(x, dt, A, B, C, D)
     if linear:  # the chunked matrix form, its adjoint by the same function reversed
@@ -299,6 +374,7 @@ __all__ = [
     "relevance_scan",
     "relevance_scan_state",
     "resolve_backend",
+    "rounded_inputs",
     "scan_forward",
     "scan_input_gradient",
     "selective_scan",

@@ -113,24 +113,41 @@ class ReversedAdjointScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, kernel, layout):  # type: ignore[override]
+        # dt, B, C in the dtype the forward kernel reads (the compute dtype, or a bf16 model's own
+        # dtype: relevance_scan_from's kernel_dtype); A (and D) always in the compute dtype
         ctx.save_for_backward(dt, A, B, C, D)
         ctx.kernel, ctx.layout, ctx.x_dtype = kernel, layout, x.dtype
-        return kernel(x.to(dt.dtype), dt, A, B, C, D)
+        return kernel(x.to(dt.dtype), dt, A, B, C, D).to(A.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         dt, A, B, C, D = ctx.saved_tensors
+        cd = A.dtype  # the adjoint in the compute dtype, on the constants the forward kernel read
+        dt, B, C = dt.to(cd), B.to(cd), C.to(cd)
         with torch.no_grad():
-            grad_x = reversed_adjoint(ctx.kernel, grad_y.to(dt.dtype), dt, A, B, C, D, ctx.layout)
+            grad_x = reversed_adjoint(ctx.kernel, grad_y.to(cd), dt, A, B, C, D, ctx.layout)
         return (grad_x.to(ctx.x_dtype),) + (None,) * 7
 
 
 def relevance_scan_from(
-    kernel: ForwardKernel, layout: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
+    kernel: ForwardKernel,
+    layout: str,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    kernel_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to the compute dtype
     (constants; float32, float64 for float64 inputs), gradient for x by :func:`reversed_adjoint`.
-    Compute dtype out."""
+    Compute dtype out. ``kernel_dtype`` (a bf16 / fp16 model's dtype): the forward kernel reads
+    x, dt, B, C rounded to it (as the model's own kernel reads them; its output is returned in the
+    compute dtype), and the reversed adjoint runs in the compute dtype on those rounded constants,
+    so forward and backward pass use one linear map and the gradient is not rounded."""
     cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
     const = [None if t is None else t.detach().to(cd) for t in (dt, A, B, C, D)]
+    if kernel_dtype is not None:
+        const[0], const[2], const[3] = (t.to(kernel_dtype) for t in (const[0], const[2], const[3]))  # type: ignore[union-attr]
     return ReversedAdjointScan.apply(x, *const, kernel, layout)

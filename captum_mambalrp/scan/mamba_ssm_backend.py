@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .adjoint import relevance_scan_from
@@ -49,11 +50,16 @@ def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     return mamba_chunk_scan_combined(x, dt, A, B, C, SSD_CHUNK, D=D, z=None, dt_bias=None, dt_softplus=False)
 
 
-def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
-    """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``."""
-    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D)
+def selective_scan(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], kernel_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``;
+    ``kernel_dtype``: see :func:`.adjoint.relevance_scan_from`."""
+    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D, kernel_dtype)
 
 
-def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+def ssd_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], kernel_dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """Mamba2 layout: ``x [b, l, h, p]``, ``dt [b, l, h]``, ``A [h]``, ``B, C [b, l, g, n]`` -> float32."""
-    return relevance_scan_from(_ssd_forward, "ssd", x, dt, A, B, C, D)
+    return relevance_scan_from(_ssd_forward, "ssd", x, dt, A, B, C, D, kernel_dtype)
