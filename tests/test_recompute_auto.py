@@ -51,7 +51,9 @@ def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     assert modes == {False}
     modes, kept_projection = _modes_seen(model, ids, monkeypatch, budget=keep * 0.999)
     assert modes == {"projection"}
-    modes, again = _modes_seen(model, ids, monkeypatch, budget=projection * 0.999)
+    modes, partly = _modes_seen(model, ids, monkeypatch, budget=projection * 0.999)
+    assert modes == {"projection"}  # all but one mixer keep their projections
+    modes, again = _modes_seen(model, ids, monkeypatch, budget=recompute * 1.0001)
     assert modes == {True}
     modes, below = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
     # on the CPU the host memory is the budget: nothing to offload to; pieces of the sequence and
@@ -61,6 +63,7 @@ def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
         _modes_seen(model, ids, monkeypatch, budget=1.0)
     torch.testing.assert_close(kept, kept_projection, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kept, partly, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kept, below, atol=1e-6, rtol=1e-5)
 
 
@@ -99,6 +102,56 @@ def test_every_memory_saving_path_gives_the_same_relevance(arch):
         again = MambaLRP(model, recompute=mode).attribute(ids, target=4)
         torch.testing.assert_close(kept, again, atol=1e-6, rtol=1e-5)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mamba2"])
+def test_auto_keeps_as_many_projections_as_fit(arch, monkeypatch):
+    """Between the budgets of recomputing and of keeping every projection, ``auto`` keeps the
+    projections of as many mixers as fit (the first ones called) and recomputes the others
+    whole: in_proj's product runs once for those and twice for the others; relevance unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    class Widths(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widths = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                self.widths.append(args[-1].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    layers = 4
+    if arch == "mamba2":
+        model = make_mamba2(num_hidden_layers=layers, vocab_size=80)
+    else:
+        model = make_lm(arch, seed=5, num_hidden_layers=layers, vocab_size=80)
+    ids = ids_for(2, 24)
+    width = model.backbone.layers[0].mixer.in_proj.out_features
+    _, recompute, projection = _thresholds(model, ids, projection=True)
+    extra = (projection - recompute) / layers  # one mixer's projection
+    kept = MambaLRP(model, recompute=False).attribute(ids, target=4)
+    plans = []
+    original = rc.RecomputePlan.choose
+
+    def spy(self, hidden):
+        plans.append(self)
+        return original(self, hidden)
+
+    monkeypatch.setattr(rc.RecomputePlan, "choose", spy)
+    for fit in (1, 3):
+        budget = (recompute + (fit + 0.5) * extra) / rc.AUTO_MEMORY_FRACTION
+        monkeypatch.setattr(rc, "available_memory", lambda device, budget=budget: budget)
+        with Widths() as seen:
+            relevance = MambaLRP(model).attribute(ids, target=4)
+        assert plans[-1].mode == "projection" and plans[-1].projection_mixers == fit
+        assert seen.widths.count(width) == layers + (layers - fit)  # recomputed whole: in_proj twice
+        torch.testing.assert_close(relevance, kept, atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr(rc, "available_memory", lambda device: (recompute + 0.5 * extra) / rc.AUTO_MEMORY_FRACTION)
+    MambaLRP(model).attribute(ids, target=4)
+    assert plans[-1].mode is True and plans[-1].projection_mixers is None
 
 
 @pytest.mark.parametrize("arch", ["falcon", "mamba2"])
@@ -221,7 +274,8 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     projection = sum(p["projection"] for p in per) * tokens + working
     assert mode(keep * 1.01) is False
     assert mode(keep * 0.99) == "projection"
-    assert mode(projection * 0.99) is True
+    assert mode(projection * 0.99) == "projection"  # for two of the three mixers
+    assert mode(inputs * 1.001) is True
     assert mode(inputs * 1.01) is True
     assert mode(inputs * 0.99) == "offload"
     host["cpu"] = (inputs - working) * 0.99 / rc.AUTO_MEMORY_FRACTION

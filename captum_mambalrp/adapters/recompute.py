@@ -72,19 +72,21 @@ leaves (at least 1, at most ``stride - 1``). Without such blocks: every mixer's 
 budget) this gives pieces of 25600 tokens, stride 8, 1 slot, inputs on the host, 102.6 GiB
 (0.20 MiB per token).
 
-**The decision** (:meth:`RecomputePlan.choose`, once per pass, at the first block or mixer
-call, when the number of tokens is known): with ``budget = AUTO_MEMORY_FRACTION * available``
-(CUDA: free device memory plus what torch's caching allocator holds unused; CPU:
-``MemAvailable`` of ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when
-the sum over mixers of what they keep, plus one mixer's working set, fits; else
-``"projection"`` when the inputs and projections plus one working set fit (not while a CUDA
-graph is captured); else recompute when the inputs plus one working set fit; else offload when one working set fits the device
-and the parked inputs 85 % of the host's ``MemAvailable`` (CUDA only, not while a CUDA graph
-is captured); else ``"sequence"`` (where mixers have piece functions or blocks can be
-recomputed; not while a CUDA graph is captured); else recompute. No token-count threshold.
-When the chosen mode's own estimate is over the budget, it warns (``ResourceWarning``) that
-the pass will likely run out of memory. Neither offloading nor ``"sequence"`` applies when
-relevance is read inside a mixer (nor the block recomputation when it is read inside a block).
+**The decision** (:meth:`RecomputePlan.choose`, once per pass, at the first block or mixer call,
+when the number of tokens is known): with ``budget = AUTO_MEMORY_FRACTION * available`` (CUDA:
+free device memory plus what torch's caching allocator holds unused; CPU: ``MemAvailable`` of
+``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when the sum over mixers of
+what they keep, plus one mixer's working set, fits; else ``"projection"`` when the inputs and
+projections plus one working set fit (not while a CUDA graph is captured); else, when the inputs
+plus one working set fit, ``"projection"`` for as many mixers as the rest of the budget holds
+(the first ``projection_mixers`` mixers called in the pass keep their projections, the others
+are recomputed whole: recompute when none fits); else offload when one working set fits the
+device and the parked inputs 85 % of the host's ``MemAvailable`` (CUDA only, not while a CUDA
+graph is captured); else ``"sequence"`` (where mixers have piece functions or blocks can be
+recomputed; not while a CUDA graph is captured); else recompute. No token-count threshold. When
+the chosen mode's own estimate is over the budget, it warns (``ResourceWarning``) that the pass
+will likely run out of memory. Neither offloading nor ``"sequence"`` applies when relevance is
+read inside a mixer (nor the block recomputation when it is read inside a block).
 """
 
 from __future__ import annotations
@@ -329,6 +331,18 @@ class RecomputePlan:
     layer_working_per_length: float = 0.0
     others_outside: float = 0.0
     others_outside_per_length: float = 0.0
+    #: in ``"projection"`` mode: how many mixers keep their projections (``None``: all), the first
+    #: ones called in the pass (:meth:`keeps_projection`); the others are recomputed whole
+    projection_mixers: Optional[int] = None
+    projection_taken: int = 0
+
+    def keeps_projection(self) -> bool:
+        """In ``"projection"`` mode, does the mixer called now keep its projection? (Counts the
+        calls of a pass; all do unless the budget holds only ``projection_mixers`` of them.)"""
+        if self.projection_mixers is None:
+            return True
+        self.projection_taken += 1
+        return self.projection_taken <= self.projection_mixers
 
     def choose(self, hidden: Tensor) -> Recompute:
         """``False``, ``"projection"``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
@@ -385,6 +399,15 @@ class RecomputePlan:
             self.mode = PROJECTION
         elif inputs <= budget:
             self.mode = True
+            # as many mixers keep their projections as the rest of the budget holds
+            extra = sorted((p["projection"] - p["input"]) * tokens for p in per)
+            room, count = budget - inputs, 0
+            while count < len(extra) and extra[count] <= room and not capturing and len(per) == len(self.mixers):
+                room -= extra[count]
+                count += 1
+            if count:
+                self.mode, self.projection_mixers = PROJECTION, count
+                self.needed["projection_partial"] = budget - room
         elif offload_fits:
             self.mode = "offload"
         elif sequence_ok and not capturing:
@@ -393,6 +416,8 @@ class RecomputePlan:
             self.mode = True
         if self.mode == SEQUENCE:
             self.sequence = settings
+        if self.projection_mixers is not None:
+            projection = self.needed["projection_partial"]
         need = {False: keep, True: inputs, PROJECTION: projection, "offload": working, SEQUENCE: sequence}[self.mode]  # type: ignore[index]
         if need > budget:
             warnings.warn(
@@ -740,7 +765,7 @@ def recomputing(
         context: Dict[str, Any] = {}
         width = getattr(projection, "out_features", None)
         capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
-        if mode == PROJECTION and isinstance(width, int) and not capturing:
+        if mode == PROJECTION and isinstance(width, int) and not capturing and (plan is None or plan.keeps_projection()):
             context["context_fn"] = lambda: _keep_projection(width)
         # mixers draw no random numbers: no RNG state to keep (and none to read while a
         # CUDA graph is being captured)
