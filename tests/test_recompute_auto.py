@@ -8,9 +8,36 @@ import torch
 from conftest import make_lm
 from test_api import assert_unchanged, snapshot
 from test_mamba2 import ids_for, make_mamba2
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from captum_mambalrp import MambaLRP
 from captum_mambalrp.adapters import recompute as rc
+
+
+class Widths(TorchDispatchMode):
+    """The output widths of the matrix products run inside the block (``self.widths``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.widths.append(args[-1].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def spy_plans(monkeypatch):
+    """The plans ``recompute="auto"`` decides with, in order (a list filled as passes run)."""
+    plans = []
+    original = rc.RecomputePlan.choose
+
+    def spy(self, hidden):
+        plans.append(self)
+        return original(self, hidden)
+
+    monkeypatch.setattr(rc.RecomputePlan, "choose", spy)
+    return plans
 
 
 def _modes_seen(model, ids, monkeypatch, budget):
@@ -109,20 +136,6 @@ def test_auto_keeps_as_many_projections_as_fit(arch, monkeypatch):
     """Between the budgets of recomputing and of keeping every projection, ``auto`` keeps the
     projections of as many mixers as fit (the first ones called) and recomputes the others
     whole: in_proj's product runs once for those and twice for the others; relevance unchanged."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-
-    class Widths(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.widths = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in products:
-                self.widths.append(args[-1].shape[-1])
-            return func(*args, **(kwargs or {}))
-
     layers = 4
     if arch == "mamba2":
         model = make_mamba2(num_hidden_layers=layers, vocab_size=80)
@@ -133,14 +146,7 @@ def test_auto_keeps_as_many_projections_as_fit(arch, monkeypatch):
     _, recompute, projection = _thresholds(model, ids, projection=True)
     extra = (projection - recompute) / layers  # one mixer's projection
     kept = MambaLRP(model, recompute=False).attribute(ids, target=4)
-    plans = []
-    original = rc.RecomputePlan.choose
-
-    def spy(self, hidden):
-        plans.append(self)
-        return original(self, hidden)
-
-    monkeypatch.setattr(rc.RecomputePlan, "choose", spy)
+    plans = spy_plans(monkeypatch)
     for fit in (1, 3):
         budget = (recompute + (fit + 0.5) * extra) / rc.AUTO_MEMORY_FRACTION
         monkeypatch.setattr(rc, "available_memory", lambda device, budget=budget: budget)
@@ -159,20 +165,6 @@ def test_projection_mode_skips_the_input_projection_in_the_recomputation(arch):
     """``recompute="projection"`` runs each mixer's in_proj product once, as keeping does (the
     recomputation reads its saved output), where ``recompute=True`` runs it twice; the other
     matrix products run as often as with ``True``; the relevance is the same."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-
-    class Widths(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.widths = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in products:
-                self.widths.append(args[-1].shape[-1])
-            return func(*args, **(kwargs or {}))
-
     # a vocabulary of another size than in_proj's output, so that only in_proj's product has its width
     if arch == "mamba2":
         model = make_mamba2(num_hidden_layers=2, vocab_size=80)

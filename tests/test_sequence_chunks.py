@@ -15,6 +15,7 @@ import torch
 from conftest import LastTokenClassifier, make_lm, zero_biases
 from test_api import assert_unchanged, snapshot
 from test_mamba2 import ids_for, make_mamba2
+from test_recompute_auto import spy_plans
 
 from captum_mambalrp import LayerMambaLRP, MambaLRP
 from captum_mambalrp.adapters import recompute as rc
@@ -133,14 +134,7 @@ def test_auto_chooses_sequence_below_the_recompute_estimate(monkeypatch):
     estimate fits); far below, it still chooses "sequence" and warns."""
     model = make_lm("mamba", num_hidden_layers=4)
     ids = ids_for(2, 64)
-    plans = []
-    original = rc.RecomputePlan.choose
-
-    def spy(self, hidden):
-        plans.append(self)
-        return original(self, hidden)
-
-    monkeypatch.setattr(rc.RecomputePlan, "choose", spy)
+    plans = spy_plans(monkeypatch)
     monkeypatch.setattr(rc, "MIN_SEQUENCE_CHUNK", 4)  # pieces of a few tokens at this toy size
     kept = MambaLRP(model, recompute=False).attribute(ids, target=1)
     needed = _needed(model, ids)
