@@ -116,6 +116,23 @@ def test_estimate_counts_dtype():
     assert f64["kept"] == 2 * f32["kept"]
 
 
+def test_estimate_with_the_fused_kernels(monkeypatch):
+    """On CUDA with the fused kernels the kept bytes follow the constants fitted to the H200's
+    peaks (Mamba1: a mixer with x_proj; Mamba2 and others), without them the unfused ones; the
+    recomputation's figures do not depend on it."""
+    mamba1 = make_lm("mamba", num_hidden_layers=1).backbone.layers[0].mixer
+    mamba2 = make_mamba2(num_hidden_layers=1).backbone.layers[0].mixer
+    monkeypatch.setattr("captum_mambalrp.kernels.triton_installed", lambda: True)
+    for mixer, (a, b) in ((mamba1, rc.KEPT_FUSED_MAMBA1), (mamba2, rc.KEPT_FUSED_OTHER)):
+        width = mixer.in_proj.out_features
+        on, off = rc.mixer_bytes_per_token(mixer, torch.bfloat16, "cuda"), rc.mixer_bytes_per_token(mixer, torch.bfloat16)
+        assert on["kept"] == width * (a * 2 + b * 4) and off["kept"] == width * (3 * 2 + 2.75 * 4)
+        assert on["kept"] < off["kept"] and (on["input"], on["projection"]) == (off["input"], off["projection"])
+        monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
+        assert rc.mixer_bytes_per_token(mixer, torch.bfloat16, "cuda") == off
+        monkeypatch.delenv("CAPTUM_MAMBALRP_FUSED")
+
+
 @pytest.mark.parametrize("arch", ["mamba", "falcon", "mamba2"])
 def test_every_memory_saving_path_gives_the_same_relevance(arch):
     """Keep, recompute, recompute keeping the input projections, offload (the offload path runs
@@ -252,7 +269,7 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     model = make_lm("mamba", num_hidden_layers=3)
     mixers = [layer.mixer for layer in model.backbone.layers]
     hidden = SimpleNamespace(shape=(2, 4096, 16), dtype=torch.bfloat16, device=torch.device("cuda"))
-    per = [rc.mixer_bytes_per_token(m, torch.bfloat16) for m in mixers]
+    per = [rc.mixer_bytes_per_token(m, torch.bfloat16, "cuda") for m in mixers]
     tokens = 2 * 4096
     working = per[0]["kept"] * tokens
     keep = sum(p["kept"] for p in per) * tokens + working

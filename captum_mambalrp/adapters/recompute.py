@@ -33,10 +33,15 @@ Modes (``MambaLRP(model, recompute=...)``):
   by :class:`RecomputePlan`.
 
 **The estimate** (per mixer and token, :func:`mixer_bytes_per_token`). Kept without
-recomputation: about ``in_proj.out_features * (3 * s_model + 2.75 * s_compute)`` bytes
-(``s_model`` the model dtype's size, ``s_compute`` the compute dtype's: 4, or 8 for float64),
-fitted with some margin to the peaks measured on the H200 at Mamba-130M shape (Mamba1 fp32
-39 B per inner channel, bf16 30 B; Mamba2 37 and 25 B; this estimate: 46 and 34 B). Kept
+recomputation: about ``in_proj.out_features * (a * s_model + b * s_compute)`` bytes (``s_model``
+the model dtype's size, ``s_compute`` the compute dtype's: 4, or 8 for float64). Where the fused
+kernels run (CUDA with Triton, the default) ``(a, b)`` is fitted, 15 % over, to the peaks measured
+on the H200 with them (2026-12-02, run 5 of docs/benchmarks.md, per unit of ``in_proj``'s width and
+layer): Mamba1 (a mixer with ``x_proj``) ``(3.4, 0.5)`` (Falcon-Mamba-7B bf16 7.7 B, Mamba-130M
+fp32 13.6 B), other mixers ``(3.4, 1.6)`` (Mamba2-2.7B bf16 11.5 B, Mamba2-130M fp32 17.4 B);
+elsewhere (torch's operations keep float32 copies) ``(3, 2.75)``, fitted earlier to the peaks
+without the fused kernels (Mamba-130M shape: Mamba1 fp32 39 B per inner channel; a CPU pass of a
+tiny FalconMamba keeps 19.9 B per unit of width, ``benchmarks/memory_estimate.py --modes``). Kept
 with recomputation: the mixer's input, ``d_model * s_model``. The backward pass of one mixer
 needs its kept tensors once more as working set.
 
@@ -193,11 +198,29 @@ def check_recompute(recompute: Recompute) -> Recompute:
     return recompute
 
 
-def mixer_bytes_per_token(mixer: nn.Module, dtype: torch.dtype) -> Dict[str, float]:
-    """Estimated bytes per token a mixer keeps for the backward pass: ``"kept"`` without
-    recomputation, ``"input"`` with it, ``"projection"`` with it in ``"projection"`` mode (its
-    input and its ``in_proj`` output; infinite for a mixer without an ``in_proj`` linear layer,
-    where the mode saves nothing); see the module docstring for the constants.
+#: ``(a, b)`` of the kept-bytes estimate per unit of ``in_proj``'s width (module docstring):
+#: with the fused kernels, Mamba1 mixers and others; without them
+KEPT_FUSED_MAMBA1 = (3.4, 0.5)
+KEPT_FUSED_OTHER = (3.4, 1.6)
+KEPT_UNFUSED = (3.0, 2.75)
+
+
+def fused_pass(device: Union[torch.device, str, None]) -> bool:
+    """Do the fused kernels run in a pass on ``device`` (CUDA, Triton installed, not turned off)?"""
+    from ..kernels import triton_installed
+
+    kind = torch.device(device).type if device is not None else "cpu"
+    return kind == "cuda" and os.environ.get("CAPTUM_MAMBALRP_FUSED", "1") != "0" and triton_installed()
+
+
+def mixer_bytes_per_token(
+    mixer: nn.Module, dtype: torch.dtype, device: Union[torch.device, str, None] = None
+) -> Dict[str, float]:
+    """Estimated bytes per token a mixer keeps for the backward pass on ``device`` (default: the
+    CPU): ``"kept"`` without recomputation, ``"input"`` with it, ``"projection"`` with it in
+    ``"projection"`` mode (its input and its ``in_proj`` output; infinite for a mixer without an
+    ``in_proj`` linear layer, where the mode saves nothing); see the module docstring for the
+    constants.
 
     Returns:
         ``{"kept": ..., "input": ..., "projection": ...}`` (bytes per token).
@@ -216,7 +239,11 @@ def mixer_bytes_per_token(mixer: nn.Module, dtype: torch.dtype) -> Dict[str, flo
         width = max((m.out_features for m in linears), default=0)
         d_model = max((m.in_features for m in linears), default=0)
     projection = float((d_model + width) * s_model) if isinstance(proj, nn.Linear) else math.inf
-    return {"kept": float(width * (3 * s_model + 2.75 * s_compute)), "input": float(d_model * s_model), "projection": projection}
+    if fused_pass(device):
+        a, b = KEPT_FUSED_MAMBA1 if isinstance(getattr(mixer, "x_proj", None), nn.Linear) else KEPT_FUSED_OTHER
+    else:
+        a, b = KEPT_UNFUSED
+    return {"kept": float(width * (a * s_model + b * s_compute)), "input": float(d_model * s_model), "projection": projection}
 
 
 def _top_k(model: nn.Module, experts: nn.Module, n_experts: int) -> int:
@@ -351,7 +378,10 @@ class RecomputePlan:
             return self.mode
         batch, length = hidden.shape[0], hidden.shape[1]
         tokens = batch * length
-        per = [mixer_bytes_per_token(m, hidden.dtype) for m in self.mixers] or [mixer_bytes_per_token(nn.Module(), hidden.dtype)]
+        device = hidden.device
+        per = [mixer_bytes_per_token(m, hidden.dtype, device) for m in self.mixers] or [
+            mixer_bytes_per_token(nn.Module(), hidden.dtype, device)
+        ]
         cuda = hidden.device.type == "cuda"
         # the layers around the mixers: everything kept without recomputation (attention weights:
         # CPU only); with it, the recomputed layers' inputs and one layer's working set
