@@ -109,6 +109,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..kernels import fused_kernels_on
 from ..scan.precision import compute_dtype
 
 #: the mode that runs mixers in pieces of the sequence and recomputes blocks from sparse checkpoints
@@ -205,14 +206,6 @@ KEPT_FUSED_OTHER = (3.4, 1.6)
 KEPT_UNFUSED = (3.0, 2.75)
 
 
-def fused_pass(device: Union[torch.device, str, None]) -> bool:
-    """Do the fused kernels run in a pass on ``device`` (CUDA, Triton installed, not turned off)?"""
-    from ..kernels import triton_installed
-
-    kind = torch.device(device).type if device is not None else "cpu"
-    return kind == "cuda" and os.environ.get("CAPTUM_MAMBALRP_FUSED", "1") != "0" and triton_installed()
-
-
 def mixer_bytes_per_token(
     mixer: nn.Module, dtype: torch.dtype, device: Union[torch.device, str, None] = None
 ) -> Dict[str, float]:
@@ -239,7 +232,7 @@ def mixer_bytes_per_token(
         width = max((m.out_features for m in linears), default=0)
         d_model = max((m.in_features for m in linears), default=0)
     projection = float((d_model + width) * s_model) if isinstance(proj, nn.Linear) else math.inf
-    if fused_pass(device):
+    if fused_kernels_on(torch.device(device).type if device is not None else "cpu"):
         a, b = KEPT_FUSED_MAMBA1 if isinstance(getattr(mixer, "x_proj", None), nn.Linear) else KEPT_FUSED_OTHER
     else:
         a, b = KEPT_UNFUSED
@@ -430,9 +423,9 @@ class RecomputePlan:
         elif inputs <= budget:
             self.mode = True
             # as many mixers keep their projections as the rest of the budget holds
-            extra = sorted((p["projection"] - p["input"]) * tokens for p in per)
+            extra = sorted((p["projection"] - p["input"]) * tokens for p in per) if self.mixers and not capturing else []
             room, count = budget - inputs, 0
-            while count < len(extra) and extra[count] <= room and not capturing and len(per) == len(self.mixers):
+            while count < len(extra) and extra[count] <= room:
                 room -= extra[count]
                 count += 1
             if count:

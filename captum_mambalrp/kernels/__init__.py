@@ -45,12 +45,17 @@ def jit(fn: Callable[..., Any]) -> Any:
     return _JITTED[key]
 
 
-def fused_kernels_enabled(*tensors: Tensor) -> bool:
-    """May the fused element-wise kernels run on these tensors? (Triton installed, CUDA
-    tensors or the interpreter, float dtypes, not turned off by ``CAPTUM_MAMBALRP_FUSED=0``.)"""
+def fused_kernels_on(device_type: str) -> bool:
+    """Do the fused kernels run on devices of this type ("cuda", "cpu", ...)? (Triton installed,
+    CUDA or the interpreter, not turned off by ``CAPTUM_MAMBALRP_FUSED=0``.)"""
     return (
-        os.environ.get("CAPTUM_MAMBALRP_FUSED", "1") != "0"
-        and all(t.is_cuda or interpreting() for t in tensors)
-        and all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
-        and triton_installed()
+        os.environ.get("CAPTUM_MAMBALRP_FUSED", "1") != "0" and (device_type == "cuda" or interpreting()) and triton_installed()
+    )
+
+
+def fused_kernels_enabled(*tensors: Tensor) -> bool:
+    """May the fused element-wise kernels run on these tensors? (:func:`fused_kernels_on` for
+    each one's device, float dtypes.)"""
+    return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors) and all(
+        fused_kernels_on(t.device.type) for t in tensors
     )

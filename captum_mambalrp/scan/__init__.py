@@ -150,15 +150,16 @@ def _round_through(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _rounded_scan(
-    fn: Callable[..., Any], low: Optional[torch.dtype], x: Tensor, dt: Tensor, B: Tensor, C: Tensor, *rest: Any
+    fn: Callable[..., Any], low: Optional[torch.dtype], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *rest: Any
 ) -> Any:
-    """``fn(x, dt, A, B, C, ...)`` on inputs rounded to ``low`` and with its output (the first, for
-    a pair) rounded to ``low``: the torch and Triton backends' form of mamba-ssm's kernel reading
-    and writing the model's dtype (:func:`rounded_inputs`); ``fn`` itself when ``low`` is None."""
+    """``fn(x, dt, A, B, C, *rest)`` on inputs rounded to ``low`` and with its output (the first,
+    for a pair) rounded to ``low``: the torch and Triton backends' form of mamba-ssm's kernel
+    reading and writing the model's dtype (:func:`rounded_inputs`); ``fn`` itself when ``low`` is
+    None."""
     if low is None:
-        return fn(x, dt, rest[0], B, C, *rest[1:])
+        return fn(x, dt, A, B, C, *rest)
     dt, B, C = (t.detach().to(low).to(t.dtype) for t in (dt, B, C))
-    out = fn(_round_through(x, low), dt, rest[0], B, C, *rest[1:])
+    out = fn(_round_through(x, low), dt, A, B, C, *rest)
     if isinstance(out, tuple):
         return (_round_through(out[0], low),) + tuple(out[1:])
     return _round_through(out, low)
@@ -206,7 +207,7 @@ def selective_scan(
     low = rounded_inputs(model_dtype, linear)
     if name == "mamba_ssm":
         return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low)
-    return _rounded_scan(_selective_scan_on, low, x, delta, B, C, A, D, name, linear)
+    return _rounded_scan(_selective_scan_on, low, x, delta, A, B, C, D, name, linear)
 
 
 def _selective_scan_on(
@@ -251,7 +252,7 @@ def selective_scan_state(
     True
     """
     name = _pick(backend, x, linear, "mamba1", stateful=True)
-    return _rounded_scan(_selective_scan_state_on, rounded_inputs(model_dtype, linear), x, delta, B, C, A, D, h0, name, linear)
+    return _rounded_scan(_selective_scan_state_on, rounded_inputs(model_dtype, linear), x, delta, A, B, C, D, h0, name, linear)
 
 
 def _selective_scan_state_on(
@@ -304,7 +305,7 @@ def ssd_scan_state(
     True
     """
     name = _pick(backend, x, linear, "ssd", stateful=True)
-    return _rounded_scan(_ssd_scan_state_on, rounded_inputs(model_dtype, linear), x, dt, B, C, A, D, h0, name, linear)
+    return _rounded_scan(_ssd_scan_state_on, rounded_inputs(model_dtype, linear), x, dt, A, B, C, D, h0, name, linear)
 
 
 def _ssd_scan_state_on(
@@ -353,7 +354,7 @@ def ssd_scan(
     low = rounded_inputs(model_dtype, linear)
     if name == "mamba_ssm":
         return mamba_ssm_backend.ssd_scan(x, dt, A, B, C, D, low)
-    return _rounded_scan(_ssd_scan_on, low, x, dt, B, C, A, D, name, linear)
+    return _rounded_scan(_ssd_scan_on, low, x, dt, A, B, C, D, name, linear)
 
 
 def _ssd_scan_on(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], name: str, linear: bool) -> Tensor:
