@@ -106,9 +106,10 @@ def main() -> None:
     p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products (off by default)")
     p.add_argument(
         "--conv-kernel",
-        choices=["off", "on", "both"],
-        default="off",
-        help="the depthwise conv through kernels.conv (CAPTUM_MAMBALRP_CONV_KERNEL=1); both: each, in one run",
+        choices=["default", "off", "on", "both"],
+        default="default",
+        help="the depthwise conv through kernels.conv (CAPTUM_MAMBALRP_CONV_KERNEL; default: the package's, on "
+        "CUDA on); both: off and on, in one run",
     )
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
@@ -141,15 +142,16 @@ def main() -> None:
                 t_fwd = wall(lambda model=model, ids=ids: model(ids), repeats=5)
                 print(f"\n== {arch} L={length} transformers forward: {t_fwd * 1e3:.1f} ms", flush=True)
                 print(kernel_table(lambda model=model, ids=ids: model(ids), args.rows), flush=True)
-            conv_settings = {"off": ["0"], "on": ["1"], "both": ["0", "1"]}[args.conv_kernel]
+            conv_settings = {"default": [None], "off": ["0"], "on": ["1"], "both": ["0", "1"]}[args.conv_kernel]
             for backend in args.backends:
                 for conv in conv_settings:
-                    os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = conv
+                    if conv is not None:
+                        os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = conv
                     lrp = MambaLRP(model, backend=backend)
                     with scan.record_backends() as used:
                         t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
                     print(
-                        f"\n== {arch} L={length} MambaLRP backend={backend} conv kernel={conv} ({dict(used)}): "
+                        f"\n== {arch} L={length} MambaLRP backend={backend} conv kernel={conv or 'default'} ({dict(used)}): "
                         f"{t * 1e3:.1f} ms, ratio to forward {t / t_fwd:.2f}",
                         flush=True,
                     )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..rules.activation import activation_in
 from ..rules.base import NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
+from ..rules.gate import gate_with_activation
 from ..scan import compute_dtype, ssd_scan, ssd_scan_state
 from .base import Component
 from .common import MixerRules, mask_padding, mixer_rules, rules_as_components
@@ -81,15 +82,19 @@ class Mamba2Parts:
         return D if D.numel() == self.n_heads else D.reshape(self.n_heads, self.head_dim)
 
 
-def gated_output(y: Tensor, z: Tensor, parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule) -> Tensor:
-    """The gate ``y * silu(z)`` and the grouped norm around it, in the order the mixer uses."""
-    gate = rules.gate_act.activation(z.to(y.dtype), parts.gate_fn or parts.act)
-    norm = parts.norm
-    if norm is None:
-        return rules.gate.gate(y, gate)
-    if norm.norm_before_gate:
-        return rules.gate.gate(grouped_rms_norm(y, norm.weight, norm.eps, norm.group_size, norm_rule), gate)
-    return grouped_rms_norm(rules.gate.gate(y, gate), norm.weight, norm.eps, norm.group_size, norm_rule)
+def gated_output(
+    y: Tensor, z: Tensor, parts: Mamba2Parts, rules: MixerRules, norm_rule: MambaRule, out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """The gate ``y * silu(z)`` and the grouped norm around it, in the order the mixer uses
+    (``gate_with_activation``: a fused kernel where one serves the rules; the norm likewise),
+    returned in ``out_dtype`` (``None``: as computed)."""
+    act, norm = parts.gate_fn or parts.act, parts.norm
+    if norm is not None and norm.norm_before_gate:
+        y = grouped_rms_norm(y, norm.weight, norm.eps, norm.group_size, norm_rule)
+    out = gate_with_activation(rules.gate, rules.gate_act, y, z, act)
+    if norm is not None and not norm.norm_before_gate:
+        return grouped_rms_norm(out, norm.weight, norm.eps, norm.group_size, norm_rule, out_dtype=out_dtype)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def mamba2_forward(
@@ -147,9 +152,10 @@ def mamba2_piece(
             if xBC_in.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start
                 xBC_in = F.pad(xBC_in, (k - 1 - xBC_in.shape[-1], 0))
             new_state = (xBC_in[..., xBC_in.shape[-1] - (k - 1) :], h_last)
-    y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule)
+    # out_proj reads the model's dtype: the norm writes it (one rounding, as the cast after it)
+    y = gated_output(y.reshape(batch, length, parts.d_ssm), z, parts, rules, norm_rule, None if parts.d_mlp else dtype)
     if parts.d_mlp:
-        mlp = rules.gate.gate(x0.to(cd), rules.gate_act.activation(z0.to(cd), parts.act))
+        mlp = gate_with_activation(rules.gate, rules.gate_act, x0.to(cd), z0, parts.act)
         y = torch.cat([mlp, y], dim=-1)
     return parts.out_proj(y.to(dtype)), new_state
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..kernels.dispatch import fused_rms_norm
 from ..rules.base import MambaRule
 from ..scan.precision import compute_dtype
 
@@ -43,28 +44,48 @@ def is_rmsnorm(module: nn.Module) -> bool:
     )
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], rule: MambaRule, bias: Optional[Tensor] = None) -> Tensor:
+def rms_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    eps: Optional[float],
+    rule: MambaRule,
+    bias: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
     """``w * x * rule.norm_scale(rsqrt(mean(x^2) + eps))`` in float32 (float64 for float64 ``x``),
-    cast back to ``x``'s dtype."""
+    cast back to ``x``'s dtype before the weight; ``out_dtype``: the result cast to it. Where a
+    fused kernel computes the same for ``rule`` (``kernels.dispatch.NORM_KERNELS``: the constant
+    factor, on CUDA), it runs instead."""
+    return grouped_rms_norm(x, weight, eps, x.shape[-1], rule, bias, out_dtype)
+
+
+def grouped_rms_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    eps: Optional[float],
+    group_size: int,
+    rule: MambaRule,
+    bias: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """RMSNorm over consecutive groups of ``group_size`` channels (Mamba2's grouped norm; one
+    group: :func:`rms_norm`): ``w * x_g * rule.norm_scale(rsqrt(mean_g(x^2) + eps))``, one
+    factor per group."""
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    x32 = x.to(compute_dtype(x))
+    fused = fused_rms_norm(rule, x, weight, eps, group_size, bias, out_dtype)
+    if fused is not None:
+        return fused
+    shape = x.shape
+    grouped = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    x32 = grouped.to(compute_dtype(x))
     scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    out = (x32 * rule.norm_scale(scale)).to(x.dtype)
+    out = (x32 * rule.norm_scale(scale)).to(x.dtype).reshape(shape)
     if weight is not None:
         out = weight * out
     if bias is not None:
         out = out + bias
-    return out
-
-
-def grouped_rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float], group_size: int, rule: MambaRule) -> Tensor:
-    """RMSNorm over consecutive groups of ``group_size`` channels (Mamba2's grouped norm):
-    ``w * x_g * rule.norm_scale(rsqrt(mean_g(x^2) + eps))``, one factor per group."""
-    shape = x.shape
-    grouped = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
-    out = rms_norm(grouped, None, eps, rule).reshape(shape)
-    return out if weight is None else weight * out
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def layer_norm(x: Tensor, module: nn.LayerNorm, rule: MambaRule) -> Tensor:

@@ -4,9 +4,9 @@ Rules stay math (``rules/``): each defines its operation in torch. Where a fused
 computes the *same* math faster, it is listed here, keyed by the rule types it replaces
 (their qualified names, so that this module never imports ``rules``, which imports it), with
 the conditions under which it applies (the kernel's own limits: shapes, dtypes, devices).
-:func:`fused_gate` is the only entry point today; a pair of rule types without an entry runs
-the rules' torch definitions. ``tests/test_scan_backends.py`` checks that every key names a
-rule class.
+Entry points: :func:`fused_gate`, :func:`fused_activation`, :func:`fused_rms_norm`; rule
+types without an entry run the rules' torch definitions. ``tests/test_scan_backends.py``
+checks that every key names a rule class.
 """
 
 from __future__ import annotations
@@ -121,6 +121,59 @@ def fused_gate(
     if entry is None or not entry[0](act_rule, y, z, act_is_silu):
         return None
     return entry[1](y, z, transposed_out)
+
+
+#: ``applies(x, weight, bias, group_size)`` and ``kernel(x, weight, eps, group_size, out_dtype)``
+NormEntry = Tuple[
+    Callable[[Tensor, Optional[Tensor], Optional[Tensor], int], bool],
+    Callable[[Tensor, Optional[Tensor], float, int, Optional[torch.dtype]], Tensor],
+]
+
+
+def _constant_rms_applies(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], group_size: int) -> bool:
+    return (
+        bias is None
+        and x.dim() >= 2
+        and x.shape[-1] % group_size == 0
+        and (weight is None or (weight.shape == x.shape[-1:] and not weight.requires_grad and fused_kernels_enabled(weight)))
+        and fused_kernels_enabled(x)
+    )
+
+
+def _constant_rms_kernel(
+    x: Tensor, weight: Optional[Tensor], eps: float, group_size: int, out_dtype: Optional[torch.dtype]
+) -> Tensor:
+    from . import norm
+
+    return norm.constant_rms_norm(x, weight, eps, group_size, out_dtype)
+
+
+#: ``norm rule type -> (applies, kernel)``: RMSNorm (grouped or not) with the rule's factor
+NORM_KERNELS: Dict[str, NormEntry] = {
+    "captum_mambalrp.rules.norm.ConstantNormRule": (_constant_rms_applies, _constant_rms_kernel),
+}
+
+
+def fused_rms_norm(
+    rule: object,
+    x: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    group_size: int,
+    bias: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Optional[Tensor]:
+    """``rms_norm`` (``adapters/norms.py``) under ``rule`` by a fused kernel, or ``None`` when no
+    kernel is listed for this rule type or its conditions do not hold here.
+
+    >>> from captum_mambalrp.rules import ConstantNormRule
+    >>> fused_rms_norm(ConstantNormRule(), torch.ones(2, 4), None, 1e-6, 4) is None  # a CPU tensor
+    True
+    """
+    entry = NORM_KERNELS.get(rule_key(rule))
+    if entry is None or not entry[0](x, weight, bias, group_size):
+        return None
+    return entry[1](x, weight, eps, group_size, out_dtype)
 
 
 #: the environment variable that turns the depthwise conv kernel off ("0"; on by default)
