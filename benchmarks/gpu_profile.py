@@ -65,9 +65,13 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in lower for k in keys)), "other")
 
 
-def kernel_table(fn: Callable[[], Any], rows: int) -> str:
+def kernel_table(fn: Callable[[], Any], rows: int, ops: int = 0) -> str:
+    """The summed kernel times of one call of ``fn``, by kind and the ``rows`` largest kernels;
+    ``ops``: also the ``ops`` torch operators (with their input shapes) whose kernels take the most
+    GPU time, which tells which copy or cast of the pass a kernel is."""
     cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=ops > 0) as prof:
         fn()
         sync()
     if not cuda:  # smoke test: the CPU operators instead
@@ -91,6 +95,12 @@ def kernel_table(fn: Callable[[], Any], rows: int) -> str:
     lines.append("  by kind: " + ", ".join(f"{k} {t:.1f} ms ({n}x)" for k, (t, n) in ranked))
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
         lines.append(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+    if ops:
+        lines.append("  torch operators by the GPU time of their own kernels (input shapes):")
+        averages = prof.key_averages(group_by_input_shape=True)
+        named = [e for e in averages if e.key.startswith("aten::") and e.self_device_time_total > 0]
+        for e in sorted(named, key=lambda e: -e.self_device_time_total)[:ops]:
+            lines.append(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key} {str(e.input_shapes)[:100]}")
     return "\n".join(lines)
 
 
@@ -100,6 +110,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[2048, 16384])
     p.add_argument("--backends", nargs="*", default=["auto"])
     p.add_argument("--rows", type=int, default=14)
+    p.add_argument("--ops", type=int, default=0, help="also the N torch operators of the attribution that take the most GPU time")
     p.add_argument("--shape", default=None, help="a shape of gpu_scale.py (falcon7b, mamba2_2p7b, ...) instead of --arch")
     p.add_argument("--dtype", default="float32", help="with --shape: the model's dtype")
     p.add_argument("--layers", type=int, default=0, help="with --shape: fewer layers (0: the shape's)")
@@ -155,7 +166,8 @@ def main() -> None:
                         f"{t * 1e3:.1f} ms, ratio to forward {t / t_fwd:.2f}",
                         flush=True,
                     )
-                    print(kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows), flush=True)
+                    table = kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows, args.ops)
+                    print(table, flush=True)
             del ids
             torch.cuda.empty_cache()
         del model

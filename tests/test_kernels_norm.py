@@ -38,6 +38,7 @@ CHECK = textwrap.dedent(
         return torch.finfo(dtype).eps
 
     def check_norm(device):
+        dispatch.NORM_KERNEL_MIN_ELEMENTS, min_elements = 0, dispatch.NORM_KERNEL_MIN_ELEMENTS  # tiny tensors here
         rule, calls = ConstantNormRule(), []
         kernel = dispatch.NORM_KERNELS[dispatch.rule_key(rule)]
         dispatch.NORM_KERNELS[dispatch.rule_key(rule)] = (kernel[0], lambda *a: calls.append(1) or kernel[1](*a))
@@ -72,8 +73,14 @@ CHECK = textwrap.dedent(
         grouped_rms_norm(x, w, 1e-5, 8, GradientRule())
         grouped_rms_norm(x, w, 1e-5, 8, rule, bias=torch.zeros(40, device=device))
         grouped_rms_norm(x, w.requires_grad_(True), 1e-5, 8, rule)
+        dispatch.NORM_KERNEL_MIN_ELEMENTS = x.numel() + 1  # and tensors too small to repay a Triton launch
+        grouped_rms_norm(x, None, 1e-5, 8, rule)
         assert len(calls) == n
+        dispatch.NORM_KERNEL_MIN_ELEMENTS = 0
+        grouped_rms_norm(x, None, 1e-5, 8, rule)
+        assert len(calls) == n + 1
         dispatch.NORM_KERNELS[dispatch.rule_key(rule)] = kernel
+        dispatch.NORM_KERNEL_MIN_ELEMENTS = min_elements
 
     def check_mamba2_pass(device):
         # a Mamba2 pass with the fused gate and norm (and the other fused kernels) equals the pass
@@ -81,6 +88,7 @@ CHECK = textwrap.dedent(
         from transformers import Mamba2Config, Mamba2ForCausalLM
         from captum_mambalrp import MambaLRP
         from captum_mambalrp.kernels import norm
+        dispatch.NORM_KERNEL_MIN_ELEMENTS, min_elements = 0, dispatch.NORM_KERNEL_MIN_ELEMENTS
         calls = []
         kernel = norm.constant_rms_norm
         norm.constant_rms_norm = lambda *a: calls.append(1) or kernel(*a)
@@ -98,6 +106,7 @@ CHECK = textwrap.dedent(
             assert fused.dtype == plain.dtype and (fused - plain).abs().max() <= tol * plain.abs().max(), dtype
             assert all("forward" not in m.__dict__ for m in model.modules())
         norm.constant_rms_norm = kernel
+        dispatch.NORM_KERNEL_MIN_ELEMENTS = min_elements
     """
 )
 

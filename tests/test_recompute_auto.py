@@ -118,12 +118,15 @@ def test_estimate_counts_dtype():
 
 def test_estimate_with_the_fused_kernels(monkeypatch):
     """On CUDA with the fused kernels the kept bytes follow the constants fitted to the H200's
-    peaks (Mamba1: a mixer with x_proj; Mamba2 and others), without them the unfused ones; the
-    recomputation's figures do not depend on it."""
+    peaks (Mamba1 and Mamba2 mixers; others, a Mamba3-like mixer here), without them the unfused
+    ones; the recomputation's figures do not depend on it."""
     mamba1 = make_lm("mamba", num_hidden_layers=1).backbone.layers[0].mixer
     mamba2 = make_mamba2(num_hidden_layers=1).backbone.layers[0].mixer
     monkeypatch.setattr("captum_mambalrp.kernels.triton_installed", lambda: True)
-    for mixer, (a, b) in ((mamba1, rc.KEPT_FUSED_MAMBA1), (mamba2, rc.KEPT_FUSED_OTHER)):
+    Mamba3 = type("Mamba3", (torch.nn.Module,), {})  # mamba-ssm's class name; its gate is not fused
+    other = Mamba3()
+    other.in_proj, other.dt_bias = torch.nn.Linear(8, 40), torch.nn.Parameter(torch.zeros(2))
+    for mixer, (a, b) in ((mamba1, rc.KEPT_FUSED), (mamba2, rc.KEPT_FUSED), (other, rc.KEPT_FUSED_OTHER)):
         width = mixer.in_proj.out_features
         on, off = rc.mixer_bytes_per_token(mixer, torch.bfloat16, "cuda"), rc.mixer_bytes_per_token(mixer, torch.bfloat16)
         assert on["kept"] == width * (a * 2 + b * 4) and off["kept"] == width * (3 * 2 + 2.75 * 4)

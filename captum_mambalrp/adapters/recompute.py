@@ -37,8 +37,9 @@ recomputation: about ``in_proj.out_features * (a * s_model + b * s_compute)`` by
 the model dtype's size, ``s_compute`` the compute dtype's: 4, or 8 for float64). Where the fused
 kernels run (CUDA with Triton, the default) ``(a, b)`` is fitted, 15 % over, to the peaks measured
 on the H200 with them (2026-12-02, run 5 of docs/benchmarks.md, per unit of ``in_proj``'s width and
-layer): Mamba1 (a mixer with ``x_proj``) ``(3.4, 0.5)`` (Falcon-Mamba-7B bf16 7.7 B, Mamba-130M
-fp32 13.6 B), other mixers ``(3.4, 1.6)`` (Mamba2-2.7B bf16 11.5 B, Mamba2-130M fp32 17.4 B);
+layer): Mamba1 and Mamba2 mixers ``(3.4, 0.5)`` (Falcon-Mamba-7B bf16 7.7 B, Mamba-130M fp32
+13.6 B; Mamba2-2.7B bf16 7.6 B and Mamba2-130M fp32 13.9 B in run 6, since its gate and norm run
+fused), other mixers (Mamba3, unknown ones) ``(3.4, 1.6)`` (fitted to Mamba2 before run 6);
 elsewhere (torch's operations keep float32 copies) ``(3, 2.75)``, fitted earlier to the peaks
 without the fused kernels (Mamba-130M shape: Mamba1 fp32 39 B per inner channel; a CPU pass of a
 tiny FalconMamba keeps 19.9 B per unit of width, ``benchmarks/memory_estimate.py --modes``). Kept
@@ -200,10 +201,20 @@ def check_recompute(recompute: Recompute) -> Recompute:
 
 
 #: ``(a, b)`` of the kept-bytes estimate per unit of ``in_proj``'s width (module docstring):
-#: with the fused kernels, Mamba1 mixers and others; without them
-KEPT_FUSED_MAMBA1 = (3.4, 0.5)
+#: with the fused kernels, Mamba1 and Mamba2 mixers and others; without them
+KEPT_FUSED = (3.4, 0.5)
 KEPT_FUSED_OTHER = (3.4, 1.6)
 KEPT_UNFUSED = (3.0, 2.75)
+
+
+def _fused_mixer(mixer: nn.Module) -> bool:
+    """Does the estimate's ``KEPT_FUSED`` fit ``mixer``? A Mamba1 mixer (``x_proj``) or a Mamba2 one
+    (``in_proj`` and ``dt_bias``: transformers' and the hybrids', mamba-ssm's; not Mamba3, whose
+    gate is not fused)."""
+    if isinstance(getattr(mixer, "x_proj", None), nn.Linear):
+        return True
+    mamba3 = type(mixer).__name__ == "Mamba3"
+    return isinstance(getattr(mixer, "in_proj", None), nn.Linear) and hasattr(mixer, "dt_bias") and not mamba3
 
 
 def mixer_bytes_per_token(
@@ -233,7 +244,7 @@ def mixer_bytes_per_token(
         d_model = max((m.in_features for m in linears), default=0)
     projection = float((d_model + width) * s_model) if isinstance(proj, nn.Linear) else math.inf
     if fused_kernels_on(torch.device(device).type if device is not None else "cpu"):
-        a, b = KEPT_FUSED_MAMBA1 if isinstance(getattr(mixer, "x_proj", None), nn.Linear) else KEPT_FUSED_OTHER
+        a, b = KEPT_FUSED if _fused_mixer(mixer) else KEPT_FUSED_OTHER
     else:
         a, b = KEPT_UNFUSED
     return {"kept": float(width * (a * s_model + b * s_compute)), "input": float(d_model * s_model), "projection": projection}
