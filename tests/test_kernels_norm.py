@@ -22,17 +22,14 @@ CUDA = torch.cuda.is_available()
 CHECK = textwrap.dedent(
     """
     import os
+    import sys
     import torch
     from captum_mambalrp.adapters.norms import grouped_rms_norm, rms_norm
     from captum_mambalrp.kernels import dispatch
     from captum_mambalrp.rules import ConstantNormRule, GradientRule
 
-    def unfused(fn):  # the same call with the fused kernels turned off: the torch definitions
-        os.environ["CAPTUM_MAMBALRP_FUSED"] = "0"
-        try:
-            return fn()
-        finally:
-            del os.environ["CAPTUM_MAMBALRP_FUSED"]
+    sys.path.insert(0, "tests")
+    from kernel_helpers import unfused  # the same call with the fused kernels off: the torch definitions
 
     def ulp(dtype):  # one unit in the last place at 1.0
         return torch.finfo(dtype).eps

@@ -268,6 +268,7 @@ def test_scan_inputs_in_the_model_dtype(layout, monkeypatch):
 FUSED_SCRIPT = textwrap.dedent(
     """
     import os
+    import sys
     import torch
     import torch.nn.functional as F
     from captum_mambalrp.kernels import fused_kernels_enabled
@@ -277,12 +278,8 @@ FUSED_SCRIPT = textwrap.dedent(
     from captum_mambalrp.scan import adjoint
     torch.manual_seed(0)
 
-    def unfused(fn):  # the same call with the fused kernels turned off: the torch definitions
-        os.environ["CAPTUM_MAMBALRP_FUSED"] = "0"
-        try:
-            return fn()
-        finally:
-            del os.environ["CAPTUM_MAMBALRP_FUSED"]
+    sys.path.insert(0, "tests")
+    from kernel_helpers import unfused  # the same call with the fused kernels off: the torch definitions
 
     # LRP-epsilon's backward factor
     g = torch.randn(5000)
