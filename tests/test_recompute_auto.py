@@ -123,7 +123,8 @@ def test_estimate_with_the_fused_kernels(monkeypatch):
     mamba1 = make_lm("mamba", num_hidden_layers=1).backbone.layers[0].mixer
     mamba2 = make_mamba2(num_hidden_layers=1).backbone.layers[0].mixer
     monkeypatch.setattr("captum_mambalrp.kernels.triton_installed", lambda: True)
-    Mamba3 = type("Mamba3", (torch.nn.Module,), {})  # mamba-ssm's class name; its gate is not fused
+    # mamba-ssm's Mamba3 as adapters.mamba3.is_mamba3 knows it; its gate is not fused
+    Mamba3 = type("Mamba3", (torch.nn.Module,), {"__module__": "mamba_ssm.modules.mamba3"})
     other = Mamba3()
     other.in_proj, other.dt_bias = torch.nn.Linear(8, 40), torch.nn.Parameter(torch.zeros(2))
     for mixer, (a, b) in ((mamba1, rc.KEPT_FUSED), (mamba2, rc.KEPT_FUSED), (other, rc.KEPT_FUSED_OTHER)):

@@ -112,6 +112,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from ..kernels import fused_kernels_on
 from ..scan.precision import compute_dtype
+from .mamba3 import is_mamba3
 
 #: the mode that runs mixers in pieces of the sequence and recomputes blocks from sparse checkpoints
 SEQUENCE = "sequence"
@@ -213,8 +214,7 @@ def _fused_mixer(mixer: nn.Module) -> bool:
     gate is not fused)."""
     if isinstance(getattr(mixer, "x_proj", None), nn.Linear):
         return True
-    mamba3 = type(mixer).__name__ == "Mamba3"
-    return isinstance(getattr(mixer, "in_proj", None), nn.Linear) and hasattr(mixer, "dt_bias") and not mamba3
+    return isinstance(getattr(mixer, "in_proj", None), nn.Linear) and hasattr(mixer, "dt_bias") and not is_mamba3(mixer)
 
 
 def mixer_bytes_per_token(

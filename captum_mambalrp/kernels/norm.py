@@ -10,8 +10,8 @@ this computes what ``adapters/norms.rms_norm`` (and ``grouped_rms_norm``) comput
     dx  = X(X(grad * w) * s)               # the backward pass: s constant, w frozen
 
 (``X(.)``: rounded to ``X``.) Only ``s`` is kept for the backward pass besides the weight, one
-float32 per row and group, where the torch definition keeps ``x`` and ``s``. Rows may be strided;
-each row's channels must be contiguous (else ``x`` is copied). Imported on first use.
+float32 per row and group. Rows may be strided; each row's channels must be contiguous (else
+``x`` is copied). Imported on first use.
 """
 
 from __future__ import annotations
