@@ -224,6 +224,7 @@ def part_time(a: argparse.Namespace) -> None:
     row["recompute"] = a.recompute if a.recompute != "sequence" else str(recompute_option(a))
     row["conv_kernel"] = os.environ.get("CAPTUM_MAMBALRP_CONV_KERNEL", "default")
     row["scan_inputs"] = os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default")
+    row["cuda_graph"] = a.cuda_graph
 
     def forward():
         with torch.no_grad():
@@ -251,8 +252,9 @@ def part_time(a: argparse.Namespace) -> None:
         return mode
 
     recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]
-    lrp = MambaLRP(model, recompute=recompute_option(a))
-    lrp.attribute(ids[:, :4096] if long else ids, target=1)  # warm-up (long: a short call compiles the kernels)
+    lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=a.cuda_graph)
+    # warm-up (long: a short call compiles the kernels; with --cuda-graph this call records the graph)
+    lrp.attribute(ids[:, :4096] if long else ids, target=1)
     decided.clear()
     base = memory.start()
     sync()
@@ -348,6 +350,12 @@ def main() -> None:
         choices=["default", "model", "compute"],
         default="default",
         help="a bf16 model's scan inputs: rounded to its dtype or not (sets CAPTUM_MAMBALRP_SCAN_INPUTS)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="MambaLRP(model, cuda_graph=True): the attribution replayed from a CUDA graph (no host launches); "
+        "the forward stays eager",
     )
     p.add_argument("--out", default="")
     a = p.parse_args()
