@@ -21,7 +21,6 @@ CUDA = torch.cuda.is_available()
 # shared by the interpreter script and the CUDA test: (x dtype, weight dtype, out dtype, group, channels)
 CHECK = textwrap.dedent(
     """
-    import os
     import sys
     import torch
     from captum_mambalrp.adapters.norms import grouped_rms_norm, rms_norm
