@@ -122,8 +122,15 @@ def main() -> None:
         help="the depthwise conv through kernels.conv (CAPTUM_MAMBALRP_CONV_KERNEL; default: the package's, on "
         "CUDA on); both: off and on, in one run",
     )
+    p.add_argument(
+        "--recompute",
+        nargs="*",
+        default=["auto"],
+        help="MambaLRP's recompute modes to profile, one after the other (False, True, projection, auto, ...)",
+    )
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
+    modes = [{"False": False, "True": True}.get(m, m) for m in args.recompute]
     if not args.tf32:
         # float32 dots of Triton kernels (mamba-ssm's SSD) without TF32, as torch's; with --tf32 left
         # as it is: compiled as "ieee", the float32 variants of those kernels took minutes to tune
@@ -154,15 +161,16 @@ def main() -> None:
                 print(f"\n== {arch} L={length} transformers forward: {t_fwd * 1e3:.1f} ms", flush=True)
                 print(kernel_table(lambda model=model, ids=ids: model(ids), args.rows), flush=True)
             conv_settings = {"default": [None], "off": ["0"], "on": ["1"], "both": ["0", "1"]}[args.conv_kernel]
-            for backend in args.backends:
+            for backend, mode in [(b, m) for b in args.backends for m in modes]:
                 for conv in conv_settings:
                     if conv is not None:
                         os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = conv
-                    lrp = MambaLRP(model, backend=backend)
+                    lrp = MambaLRP(model, backend=backend, recompute=mode)
                     with scan.record_backends() as used:
                         t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
                     print(
-                        f"\n== {arch} L={length} MambaLRP backend={backend} conv kernel={conv or 'default'} ({dict(used)}): "
+                        f"\n== {arch} L={length} MambaLRP backend={backend} recompute={mode} "
+                        f"conv kernel={conv or 'default'} ({dict(used)}): "
                         f"{t * 1e3:.1f} ms, ratio to forward {t / t_fwd:.2f}",
                         flush=True,
                     )
