@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_scan import rand, sequential_mamba1, sequential_ssd
 
 import captum_mambalrp.scan as scan
@@ -217,6 +218,64 @@ def test_reversed_adjoint_is_the_input_gradient(layout):
     assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def _raw_forward():
+    """A forward-only Mamba1 kernel taking the raw step and its bias, as mamba-ssm's
+    ``selective_scan_fn(..., delta_bias=, delta_softplus=True)`` does (the torch scan on
+    ``softplus(dt + bias)`` computed in float32, reading and writing the inputs' dtype)."""
+    reads = []
+
+    def forward(x, dt, A, B, C, D, dt_bias=None):
+        reads.append((x.dtype, dt.dtype, B.dtype, dt_bias is not None))
+        step = dt.float() if dt_bias is None else F.softplus(dt.float() + dt_bias[:, None])
+        with torch.no_grad():
+            return selective_scan(x.float(), step, A, B.float(), C.float(), D, backend="torch").to(x.dtype)
+
+    return forward, reads
+
+
+@pytest.mark.parametrize("kernel_dtype", [None, torch.bfloat16])
+def test_raw_step_through_the_kernel(kernel_dtype, monkeypatch):
+    """Mamba1's step handed to the kernel raw (``dt_proj``'s product) with its bias, as the model's
+    own kernel takes it: the relevance scan (``relevance_scan_from(dt_bias=)``) gives the float64
+    recurrence on ``softplus(dt + bias)`` in value and input gradient; no float32 step tensor is
+    kept (the raw step is, in its own dtype); a bf16 kernel reads x, dt, B, C in bf16 and the
+    reversed adjoint runs in float32 on the same constants; ``selective_scan(dt_bias=)`` on the
+    torch backend computes the same. Steps far below and above softplus' threshold (20) included."""
+    from captum_mambalrp.scan import adjoint
+
+    x, _, A, B, C, D = (t.float() for t in mamba1_case(d=6, n=4, l=23))
+    raw = rand(2, 6, 23, seed=11).float() * 3
+    raw[0, 1, 4], raw[1, 2, 9] = -40.0, 25.0
+    bias = rand(6, seed=12).float()
+    if kernel_dtype is not None:
+        raw, B, C = raw.bfloat16(), B.bfloat16().float(), C.bfloat16().float()
+    kernel, reads = _raw_forward()
+    xr = x.clone().requires_grad_(True)
+    y = adjoint.relevance_scan_from(kernel, "mamba1", xr, raw, A, B, C, D, kernel_dtype, bias)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert raw.dtype in [t.dtype for t in saved if t.shape == raw.shape]
+    assert not any(t.dtype == torch.float32 and t.shape == raw.shape for t in saved) or raw.dtype == torch.float32
+    g = rand(*y.shape, seed=7).float()
+    (got,) = torch.autograd.grad(y, xr, g)
+    want_kernel = kernel_dtype or torch.float32
+    assert reads[0] == (want_kernel, want_kernel, want_kernel, True) and reads[1][:3] == (torch.float32,) * 3
+    step = F.softplus(raw.double() + bias.double()[:, None])
+    xs = (x.bfloat16() if kernel_dtype else x).double().requires_grad_(True)
+    ref = sequential_mamba1(xs, step, A.double(), B.double(), C.double(), D.double())
+    (expected,) = torch.autograd.grad(ref, xs, g.double())
+    tol = 2**-7 if kernel_dtype else 1e-5
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # float32 adjoint
+    # the torch backend's form of the same call
+    if kernel_dtype is not None:
+        monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "model")
+    x2 = x.clone().requires_grad_(True)
+    y2 = selective_scan(x2, raw, A, B, C, D, backend="torch", model_dtype=kernel_dtype or torch.float32, dt_bias=bias)
+    assert (y2.double() - ref).abs().max() <= tol * ref.abs().max()
+    (got2,) = torch.autograd.grad(y2, x2, g)
+    assert (got2 - got).abs().max() <= 1e-5 * got.abs().max()
+
+
 @pytest.mark.parametrize("layout", ["mamba1", "ssd"])
 def test_scan_inputs_in_the_model_dtype(layout, monkeypatch):
     """CAPTUM_MAMBALRP_SCAN_INPUTS=model: a bf16 model's relevance scan reads x, dt, B, C rounded
@@ -359,6 +418,18 @@ FUSED_SCRIPT = textwrap.dedent(
         y_rev = torch.randn_like(g)
         got, want = adjoint.finish(y_rev, g, dt, D, layout), adjoint.finish_torch(y_rev, g, dt, D, layout)
         assert (got - want).abs().max() <= 1e-6 * want.abs().max(), layout
+    # Mamba1's raw step with its bias (softplus inside the kernels; float32 and bf16 raw steps,
+    # values on both sides of softplus' threshold and far below zero)
+    g, raw, bias, D = torch.randn(2, 6, 23), torch.randn(2, 6, 23) * 4, torch.randn(6), torch.randn(6)
+    raw[0, 1, 3], raw[1, 4, 8], raw[0, 2, 0] = 30.0, -45.0, 19.9
+    for r in (raw, raw.bfloat16()):
+        x_rev, dt_rev = adjoint.prepare(g, r, "mamba1", bias)
+        x_ref, dt_ref = adjoint.prepare_torch(g, r, "mamba1", bias)
+        assert dt_rev.dtype == torch.float32 and ((dt_rev - dt_ref).abs() <= 1e-6 * dt_ref.abs()).all()
+        assert ((x_rev - x_ref).abs() <= 1e-6 * x_ref.abs() + 1e-30).all()
+        y_rev = torch.randn_like(g)
+        got, want = adjoint.finish(y_rev, g, r, D, "mamba1", bias), adjoint.finish_torch(y_rev, g, r, D, "mamba1", bias)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
 
     # the depthwise causal conv: value and input gradient against nn.Conv1d's, kernel sizes 2-4,
     # with and without bias, contiguous and transposed-view inputs (the mixers' layout), several

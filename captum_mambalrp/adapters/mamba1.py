@@ -5,7 +5,7 @@ All of them compute, for ``hidden [b, l, h]``::
     x, z  = in_proj(hidden).chunk(2)                 # [b, d, l] each
     x     = silu(conv1d(x)[..., :l])                 # depthwise causal conv
     dt, B, C = split(x_proj(x))                      # (FalconMamba: RMS-normed)
-    delta = softplus(dt_proj.weight @ dt + dt_proj.bias)
+    delta = softplus(dt_proj.weight @ dt + dt_proj.bias)   # inside the scan (mamba-ssm's kernel)
     y     = scan(x, delta, -exp(A_log), B, C, D) * silu(z)
     out   = out_proj(y)
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..rules.activation import activation_in
 from ..rules.gate import gate_with_activation
-from ..scan import compute_dtype, selective_scan, selective_scan_state
+from ..scan import compute_dtype, rounded_inputs, selective_scan, selective_scan_state
 from .common import MixerRules, mask_padding
 
 
@@ -100,19 +100,22 @@ def mamba1_piece(
     dt, B, C = torch.split(parts.x_proj(x.to(dtype)), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
-    dt = parts.dt_proj.weight.to(cd) @ dt.transpose(1, 2).to(cd)
-    bias = parts.dt_proj.bias
-    delta = F.softplus(dt.to(cd) + (0.0 if bias is None else bias.to(cd)[:, None]))
-    A = -torch.exp(parts.A_log.to(cd))
-    delta, A, B, C = rules.ssm.ssm_constants(delta, A, B.transpose(1, 2), C.transpose(1, 2))
-    scan_args = (x.transpose(1, 2), delta, A, B, C, parts.D.to(cd))
     linear, backend = rules.ssm.ssm_is_linear, rules.backend
+    # the raw step dt_proj.weight @ dt, in the model's dtype where the scan reads its inputs so
+    # (a bf16 model's own kernel reads it so); its bias and softplus are applied by the scan
+    raw = rounded_inputs(dtype, linear) or cd
+    dt = parts.dt_proj.weight.to(raw) @ dt.transpose(1, 2).to(raw)
+    bias = parts.dt_proj.bias
+    dt_bias = torch.zeros(dt.shape[1], dtype=cd, device=dt.device) if bias is None else bias.to(cd)
+    A = -torch.exp(parts.A_log.to(cd))
+    dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.transpose(1, 2), C.transpose(1, 2))
+    scan_args = (x.transpose(1, 2), dt, A, B, C, parts.D.to(cd))
     new_state: Optional[Mamba1State] = None
     if state is None and not carry:
-        y = selective_scan(*scan_args, linear=linear, backend=backend, model_dtype=dtype)
+        y = selective_scan(*scan_args, linear=linear, backend=backend, model_dtype=dtype, dt_bias=dt_bias)
     else:
         h0 = None if state is None else state.ssm
-        y, h = selective_scan_state(*scan_args, h0, linear=linear, backend=backend, model_dtype=dtype)
+        y, h = selective_scan_state(*scan_args, h0, linear=linear, backend=backend, model_dtype=dtype, dt_bias=dt_bias)
         if carry:
             k = int(parts.conv1d.kernel_size[0])
             if x_seen.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start

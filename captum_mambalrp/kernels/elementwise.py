@@ -260,9 +260,24 @@ def _dims(g: Tensor, layout: str) -> Tuple[int, int, int, int]:
     return g.shape[0], g.shape[2] * g.shape[3], g.shape[1], g.shape[3]
 
 
+@triton.jit
+def _softplus_of(dt, bias_ptr, head, mask, HAS_BIAS: tl.constexpr):
+    """``softplus(dt + bias)`` per head (mamba-ssm's ``delta_softplus``: identity above 20),
+    written as ``max(v, 0) + log1p(exp(-|v|))`` with ``log1p(e) = log(u) e / (u - 1)``, ``u = 1 + e``
+    (exact to a few ulp; ``e`` where ``u`` rounds to 1); ``dt`` itself without a bias."""
+    if HAS_BIAS:
+        v = dt + tl.load(bias_ptr + head, mask=mask, other=0.0).to(tl.float32)
+        e = tl.exp(-tl.abs(v))
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        return tl.where(v <= 20.0, tl.maximum(v, 0.0) + lp, v)
+    return dt
+
+
 def _prepare_kernel(
     g_ptr,
     dt_ptr,
+    bias_ptr,
     x_ptr,
     dtr_ptr,
     channels,
@@ -281,6 +296,7 @@ def _prepare_kernel(
     sr0,
     sr1,
     sr2,
+    HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -291,7 +307,8 @@ def _prepare_kernel(
     head = (c // per_head).to(tl.int64)[:, None]
     c, s = c.to(tl.int64)[:, None], s.to(tl.int64)[None, :]
     t = length - 1 - s  # the original step read at reversed step s
-    nxt = tl.load(dt_ptr + b * sd0 + head * sd1 + (t + 1) * sd2, mask=mask & (s > 0), other=1.0).to(tl.float32)
+    nxt = tl.load(dt_ptr + b * sd0 + head * sd1 + (t + 1) * sd2, mask=mask & (s > 0), other=0.0).to(tl.float32)
+    nxt = tl.where(s > 0, _softplus_of(nxt, bias_ptr, head, mask, HAS_BIAS), 1.0)
     step = tl.maximum(nxt, floor)
     g = tl.load(g_ptr + b * sg0 + c * sg1 + t * sg2, mask=mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + b * sx0 + c * sx1 + s * sx2, tl.math.div_rn(g, step), mask=mask)
@@ -302,6 +319,7 @@ def _finish_kernel(
     y_ptr,
     g_ptr,
     dt_ptr,
+    bias_ptr,
     d_ptr,
     out_ptr,
     channels,
@@ -320,6 +338,7 @@ def _finish_kernel(
     so1,
     so2,
     HAS_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -331,7 +350,7 @@ def _finish_kernel(
     cc, t = c.to(tl.int64)[:, None], t.to(tl.int64)[None, :]
     y = tl.load(y_ptr + b * sy0 + cc * sy1 + (length - 1 - t) * sy2, mask=mask, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + b * sd0 + head * sd1 + t * sd2, mask=mask, other=0.0).to(tl.float32)
-    out = y * dt
+    out = y * _softplus_of(dt, bias_ptr, head, mask, HAS_BIAS)
     if HAS_D:
         g = tl.load(g_ptr + b * sg0 + cc * sg1 + t * sg2, mask=mask, other=0.0).to(tl.float32)
         dd = tl.load(d_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
@@ -346,14 +365,17 @@ def _grid(batch: int, channels: int, length: int) -> Tuple[int, int, int]:
     return (batch, triton.cdiv(channels, _BLOCK[0]), triton.cdiv(length, _BLOCK[1]))
 
 
-def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float) -> Tuple[Tensor, Tensor]:
+def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float, dt_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(x', dt')`` of the reversed problem in one pass (float32; ``g`` addressable by
-    :func:`x_strides`)."""
+    :func:`x_strides`). With ``dt_bias`` (float32, per head) ``dt`` is the raw step (any float
+    dtype) and the step is ``softplus(dt + dt_bias)``."""
     batch, channels, length, per_head = _dims(g, layout)
-    x_rev, dt_rev = torch.empty_like(g, memory_format=torch.contiguous_format), torch.empty_like(dt)
+    x_rev = torch.empty_like(g, memory_format=torch.contiguous_format)
+    dt_rev = torch.empty_like(dt, dtype=torch.float32, memory_format=torch.contiguous_format)
     jit(_prepare_kernel)[_grid(batch, channels, length)](
         g,
         dt,
+        dt if dt_bias is None else dt_bias,
         x_rev,
         dt_rev,
         channels,
@@ -364,6 +386,7 @@ def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float) -> Tuple[
         *_dt_strides(dt, layout),
         *_x_strides(x_rev, layout),
         *_dt_strides(dt_rev, layout),
+        HAS_BIAS=dt_bias is not None,
         BLOCK_C=_BLOCK[0],
         BLOCK_T=_BLOCK[1],
         num_warps=4,
@@ -371,14 +394,18 @@ def reversed_prepare(g: Tensor, dt: Tensor, layout: str, floor: float) -> Tuple[
     return x_rev, dt_rev
 
 
-def reversed_finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str) -> Tensor:
-    """``dx = dt * reverse(y') + D g`` in one pass (float32; ``D`` per channel or None)."""
+def reversed_finish(
+    y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str, dt_bias: Optional[Tensor] = None
+) -> Tensor:
+    """``dx = dt * reverse(y') + D g`` in one pass (float32; ``D`` per channel or None; with
+    ``dt_bias``, ``dt`` raw as in :func:`reversed_prepare`)."""
     batch, channels, length, per_head = _dims(g, layout)
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
     jit(_finish_kernel)[_grid(batch, channels, length)](
         y_rev,
         g,
         dt,
+        dt if dt_bias is None else dt_bias,
         dt if D is None else D,
         out,
         channels,
@@ -389,6 +416,7 @@ def reversed_finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], l
         *_dt_strides(dt, layout),
         *_x_strides(out, layout),
         HAS_D=D is not None,
+        HAS_BIAS=dt_bias is not None,
         BLOCK_C=_BLOCK[0],
         BLOCK_T=_BLOCK[1],
         num_warps=4,

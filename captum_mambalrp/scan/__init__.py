@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..kernels import interpreting, triton_installed
 from . import mamba_ssm_backend
-from .adjoint import relevance_scan_from
+from .adjoint import relevance_scan_from, step_of
 from .linear_scan import relevance_scan, relevance_scan_state, scan_forward, scan_input_gradient
 from .precision import compute_dtype
 from .recurrence import linear_recurrence
@@ -150,15 +150,26 @@ def _round_through(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _rounded_scan(
-    fn: Callable[..., Any], low: Optional[torch.dtype], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *rest: Any
+    fn: Callable[..., Any],
+    low: Optional[torch.dtype],
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *rest: Any,
+    round_dt: bool = True,
 ) -> Any:
     """``fn(x, dt, A, B, C, *rest)`` on inputs rounded to ``low`` and with its output (the first,
     for a pair) rounded to ``low``: the torch and Triton backends' form of mamba-ssm's kernel
     reading and writing the model's dtype (:func:`rounded_inputs`); ``fn`` itself when ``low`` is
-    None."""
+    None. ``round_dt=False``: ``dt`` is the step computed from a raw step already in ``low``
+    (:func:`selective_scan`'s ``dt_bias``), as mamba-ssm's kernel computes it, in float32."""
     if low is None:
         return fn(x, dt, A, B, C, *rest)
-    dt, B, C = (t.detach().to(low).to(t.dtype) for t in (dt, B, C))
+    B, C = (t.detach().to(low).to(t.dtype) for t in (B, C))
+    if round_dt:
+        dt = dt.detach().to(low).to(dt.dtype)
     out = fn(_round_through(x, low), dt, A, B, C, *rest)
     if isinstance(out, tuple):
         return (_round_through(out[0], low),) + tuple(out[1:])
@@ -199,15 +210,29 @@ def selective_scan(
     linear: bool = True,
     backend: str = "auto",
     model_dtype: Optional[torch.dtype] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> ``[b, d, l]``
     in float32 (float64 for float64 x). ``model_dtype``: the model's own dtype, for
-    :func:`rounded_inputs`."""
+    :func:`rounded_inputs`. ``dt_bias [d]``: ``delta`` is the raw step (``dt_proj``'s product;
+    in the model's dtype where :func:`rounded_inputs` says so, as the model's kernel reads it)
+    and the step is ``softplus(delta + dt_bias)`` in the compute dtype: inside mamba-ssm's kernel
+    (``delta_softplus``) and the steps around its reversed call, else computed first."""
     name = _pick(backend, x, linear, "mamba1")
     low = rounded_inputs(model_dtype, linear)
     if name == "mamba_ssm":
-        return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low)
-    return _rounded_scan(_selective_scan_on, low, x, delta, A, B, C, D, name, linear)
+        return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low, dt_bias)
+    delta, raw = _step(delta, dt_bias, x), dt_bias is not None
+    return _rounded_scan(_selective_scan_on, low, x, delta, A, B, C, D, name, linear, round_dt=not raw)
+
+
+def _step(delta: Tensor, dt_bias: Optional[Tensor], x: Tensor) -> Tensor:
+    """The Mamba1 step from a raw ``delta`` and ``dt_bias`` (:func:`selective_scan`), in the
+    compute dtype of ``x`` and ``delta``; ``delta`` itself without a bias."""
+    if dt_bias is None:
+        return delta
+    cd = compute_dtype(torch.promote_types(x.dtype, delta.dtype))
+    return step_of(delta, dt_bias.to(cd), "mamba1")
 
 
 def _selective_scan_on(
@@ -233,10 +258,12 @@ def selective_scan_state(
     linear: bool = True,
     backend: str = "auto",
     model_dtype: Optional[torch.dtype] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`selective_scan` on a piece of a longer sequence (``recompute="sequence"``): ``h0
     [b, d, n]`` is the state before its first step (``None``: zero); returns ``(y, h_last)``, the
     state after its last step to carry into the next piece; gradients flow to ``x`` and ``h0``.
+    ``dt_bias``: as in :func:`selective_scan` (the step computed first).
 
     Backends: torch and triton. mamba-ssm's Mamba1 kernel takes no initial state: such calls run
     on our Triton kernel (torch without triton), and :func:`record_backends` records that one.
@@ -252,7 +279,8 @@ def selective_scan_state(
     True
     """
     name = _pick(backend, x, linear, "mamba1", stateful=True)
-    return _rounded_scan(_selective_scan_state_on, rounded_inputs(model_dtype, linear), x, delta, A, B, C, D, h0, name, linear)
+    low, step = rounded_inputs(model_dtype, linear), _step(delta, dt_bias, x)
+    return _rounded_scan(_selective_scan_state_on, low, x, step, A, B, C, D, h0, name, linear, round_dt=dt_bias is None)
 
 
 def _selective_scan_state_on(

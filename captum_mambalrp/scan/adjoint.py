@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import fused_kernels_enabled
@@ -48,8 +49,18 @@ def _D_per_x(D: Tensor, layout: str) -> Tensor:
     return D[:, None] if layout == "mamba1" or D.dim() == 1 else D
 
 
-def prepare_torch(g: Tensor, dt: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
+def step_of(dt: Tensor, dt_bias: Optional[Tensor], layout: str) -> Tensor:
+    """The step ``softplus(dt + dt_bias)`` (``dt`` raw, ``dt_bias`` per channel / head, as
+    mamba-ssm's kernels take them with ``delta_softplus=True``), in ``dt_bias``'s dtype; ``dt``
+    itself without a bias."""
+    if dt_bias is None:
+        return dt
+    return F.softplus(dt.to(dt_bias.dtype) + (dt_bias[:, None] if layout == "mamba1" else dt_bias))
+
+
+def prepare_torch(g: Tensor, dt: Tensor, layout: str, dt_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(x', dt')`` of the reversed problem, with torch operations (the definition)."""
+    dt = step_of(dt, dt_bias, layout)
     time = TIME[layout]
     length = dt.shape[time]
     tail = torch.ones_like(dt.narrow(time, 0, 1))
@@ -57,27 +68,32 @@ def prepare_torch(g: Tensor, dt: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
     return g.flip(time) / _dt_per_x(dt_rev, layout), dt_rev
 
 
-def finish_torch(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str) -> Tensor:
+def finish_torch(
+    y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str, dt_bias: Optional[Tensor] = None
+) -> Tensor:
     """``dx = dt * reverse(y') + D g``, with torch operations (the definition)."""
-    grad = y_rev.flip(TIME[layout]) * _dt_per_x(dt, layout)
+    grad = y_rev.flip(TIME[layout]) * _dt_per_x(step_of(dt, dt_bias, layout), layout)
     return grad if D is None else grad + _D_per_x(D, layout) * g
 
 
-def _fusable(g: Tensor, dt: Tensor, layout: str) -> bool:
-    if not (g.dtype == dt.dtype == torch.float32 and fused_kernels_enabled(g, dt)):
+def _fusable(g: Tensor, dt: Tensor, layout: str, raw: bool = False) -> bool:
+    """Can the Triton kernels take ``g`` and ``dt`` (float32; a raw ``dt`` of any float dtype but
+    float64)?"""
+    dt_ok = dt.dtype != torch.float64 if raw else dt.dtype == torch.float32
+    if not (g.dtype == torch.float32 and dt_ok and fused_kernels_enabled(g, dt)):
         return False
     from ..kernels import elementwise
 
     return elementwise.x_strides(g, layout) is not None
 
 
-def prepare(g: Tensor, dt: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
+def prepare(g: Tensor, dt: Tensor, layout: str, dt_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """:func:`prepare_torch`, as one Triton kernel on CUDA (float32)."""
-    if not _fusable(g, dt, layout):
-        return prepare_torch(g, dt, layout)
+    if not _fusable(g, dt, layout, dt_bias is not None):
+        return prepare_torch(g, dt, layout, dt_bias)
     from ..kernels import elementwise
 
-    return elementwise.reversed_prepare(g, dt, layout, DT_FLOOR)
+    return elementwise.reversed_prepare(g, dt, layout, DT_FLOOR, dt_bias)
 
 
 def _channel_D(D: Tensor, g: Tensor, layout: str) -> Tensor:
@@ -87,24 +103,36 @@ def _channel_D(D: Tensor, g: Tensor, layout: str) -> Tensor:
     return D.repeat_interleave(g.shape[3])
 
 
-def finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str) -> Tensor:
+def finish(y_rev: Tensor, g: Tensor, dt: Tensor, D: Optional[Tensor], layout: str, dt_bias: Optional[Tensor] = None) -> Tensor:
     """:func:`finish_torch`, as one Triton kernel on CUDA (float32)."""
-    if not (y_rev.dtype == torch.float32 and _fusable(y_rev, dt, layout) and _fusable(g, dt, layout)):
-        return finish_torch(y_rev, g, dt, D, layout)
+    raw = dt_bias is not None
+    if not (y_rev.dtype == torch.float32 and _fusable(y_rev, dt, layout, raw) and _fusable(g, dt, layout, raw)):
+        return finish_torch(y_rev, g, dt, D, layout, dt_bias)
     from ..kernels import elementwise
 
-    return elementwise.reversed_finish(y_rev, g, dt, None if D is None else _channel_D(D.float(), g, layout), layout)
+    D_channel = None if D is None else _channel_D(D.float(), g, layout)
+    return elementwise.reversed_finish(y_rev, g, dt, D_channel, layout, dt_bias)
 
 
 def reversed_adjoint(
-    forward: ForwardKernel, g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], layout: str
+    forward: ForwardKernel,
+    g: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    layout: str,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """``d<g, y>/dx`` of the scan ``y = forward(x, dt, A, B, C, D)`` in ``layout``, by one call
-    of ``forward`` on the reversed problem. Float32 (or float64) in, the same out."""
+    of ``forward`` on the reversed problem. Float32 (or float64) in, the same out. With
+    ``dt_bias`` the scan's step is ``softplus(dt + dt_bias)`` (:func:`step_of`), computed where
+    the steps around the kernel read ``dt``."""
     time = TIME[layout]
-    x_rev, dt_rev = prepare(g, dt, layout)
+    x_rev, dt_rev = prepare(g, dt, layout, dt_bias)
     y_rev = forward(x_rev, dt_rev, A, C.flip(time), B.flip(time), None)
-    return finish(y_rev, g, dt, D, layout)
+    return finish(y_rev, g, dt, D, layout, dt_bias)
 
 
 class ReversedAdjointScan(torch.autograd.Function):
@@ -112,21 +140,25 @@ class ReversedAdjointScan(torch.autograd.Function):
     backward ``dx`` by :func:`reversed_adjoint` (gradient for x only; dt, A, B, C, D constant)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, kernel, layout):  # type: ignore[override]
+    def forward(ctx, x, dt, A, B, C, D, kernel, layout, dt_bias=None):  # type: ignore[override]
         # dt, B, C in the dtype the forward kernel reads (the compute dtype, or a bf16 model's own
-        # dtype: relevance_scan_from's kernel_dtype); A (and D) always in the compute dtype
-        ctx.save_for_backward(dt, A, B, C, D)
+        # dtype: relevance_scan_from's kernel_dtype); A (and D, dt_bias) always in the compute
+        # dtype. With dt_bias, dt is the raw step: the kernel applies the bias and softplus
+        ctx.save_for_backward(dt, A, B, C, D, dt_bias)
         ctx.kernel, ctx.layout, ctx.x_dtype = kernel, layout, x.dtype
-        return kernel(x.to(dt.dtype), dt, A, B, C, D).to(A.dtype)
+        extra = {} if dt_bias is None else {"dt_bias": dt_bias}
+        return kernel(x.to(dt.dtype), dt, A, B, C, D, **extra).to(A.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        dt, A, B, C, D = ctx.saved_tensors
+        dt, A, B, C, D, dt_bias = ctx.saved_tensors
         cd = A.dtype  # the adjoint in the compute dtype, on the constants the forward kernel read
-        dt, B, C = dt.to(cd), B.to(cd), C.to(cd)
+        B, C = B.to(cd), C.to(cd)
+        if dt_bias is None:
+            dt = dt.to(cd)  # a raw step is read as it is (prepare / finish compute the step)
         with torch.no_grad():
-            grad_x = reversed_adjoint(ctx.kernel, grad_y.to(cd), dt, A, B, C, D, ctx.layout)
-        return (grad_x.to(ctx.x_dtype),) + (None,) * 7
+            grad_x = reversed_adjoint(ctx.kernel, grad_y.to(cd), dt, A, B, C, D, ctx.layout, dt_bias)
+        return (grad_x.to(ctx.x_dtype),) + (None,) * 8
 
 
 def relevance_scan_from(
@@ -139,15 +171,21 @@ def relevance_scan_from(
     C: Tensor,
     D: Optional[Tensor],
     kernel_dtype: Optional[torch.dtype] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to the compute dtype
     (constants; float32, float64 for float64 inputs), gradient for x by :func:`reversed_adjoint`.
     Compute dtype out. ``kernel_dtype`` (a bf16 / fp16 model's dtype): the forward kernel reads
     x, dt, B, C rounded to it (as the model's own kernel reads them; its output is returned in the
     compute dtype), and the reversed adjoint runs in the compute dtype on those rounded constants,
-    so forward and backward pass use one linear map and the gradient is not rounded."""
+    so forward and backward pass use one linear map and the gradient is not rounded.
+
+    ``dt_bias`` (Mamba1 layout, a kernel taking ``dt_bias=``): ``dt`` is the raw step (a bf16
+    model's ``dt_proj`` output, as its own kernel reads it); the kernel computes the step
+    ``softplus(dt + dt_bias)`` in float32 (mamba-ssm's ``delta_softplus``), and so do the steps
+    around the reversed kernel, which read the raw step as it was kept: no step tensor is made."""
     cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
-    const = [None if t is None else t.detach().to(cd) for t in (dt, A, B, C, D)]
-    if kernel_dtype is not None:
-        const[0], const[2], const[3] = (t.to(kernel_dtype) for t in (const[0], const[2], const[3]))  # type: ignore[union-attr]
-    return ReversedAdjointScan.apply(x, *const, kernel, layout)
+    A_c, D_c = (None if t is None else t.detach().to(cd) for t in (A, D))
+    dt_k, B_k, C_k = (t.detach().to(kernel_dtype or cd) for t in (dt, B, C))
+    bias = None if dt_bias is None else dt_bias.detach().to(cd)
+    return ReversedAdjointScan.apply(x, dt_k, A_c, B_k, C_k, D_c, kernel, layout, bias)

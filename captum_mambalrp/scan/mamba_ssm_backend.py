@@ -3,9 +3,10 @@
 MambaLRP's SSM rule makes the scan linear in x, which these kernels compute as they
 are, provided that
 
-- delta (Mamba1) / dt (Mamba2) is passed *final* (after dt_proj's bias and softplus,
-  or dt_bias, softplus and clamp): ``delta_bias=None, delta_softplus=False`` /
-  ``dt_bias=None, dt_softplus=False``;
+- Mamba2's dt is passed *final* (after dt_bias, softplus and clamp): ``dt_bias=None,
+  dt_softplus=False``; Mamba1's delta raw (``dt_proj``'s product) with its bias and
+  ``delta_softplus=True``, as the model's own kernel takes it (no float32 step tensor is made;
+  the steps around the reversed kernel compute the step where they read it), or final;
 - delta, A, B, C, D are constants: the backward pass is the forward kernel run once more
   on the reversed problem (:mod:`.adjoint`), which computes dx and nothing else (the
   kernels' own backward would compute the gradients of delta, A, B, C, D as well);
@@ -38,10 +39,12 @@ def available() -> bool:
         return False
 
 
-def _selective_scan_forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+def _selective_scan_forward(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], dt_bias: Optional[Tensor] = None
+) -> Tensor:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    return selective_scan_fn(x, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False)
+    return selective_scan_fn(x, delta, A, B, C, D, z=None, delta_bias=dt_bias, delta_softplus=dt_bias is not None)
 
 
 def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
@@ -51,11 +54,19 @@ def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 
 
 def selective_scan(
-    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], kernel_dtype: Optional[torch.dtype] = None
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    kernel_dtype: Optional[torch.dtype] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``;
-    ``kernel_dtype``: see :func:`.adjoint.relevance_scan_from`."""
-    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D, kernel_dtype)
+    ``kernel_dtype``, ``dt_bias`` (``delta`` raw, the kernel's ``delta_bias`` and
+    ``delta_softplus``): see :func:`.adjoint.relevance_scan_from`."""
+    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D, kernel_dtype, dt_bias)
 
 
 def ssd_scan(
