@@ -577,6 +577,38 @@ def test_cuda_backends_give_gradient_to_x_only_and_agree_with_torch():
         assert ((g - g0).norm() / g0.norm()).item() <= 1e-4, backend
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("low", [None, torch.bfloat16])
+def test_cuda_raw_step_through_mamba_ssm(low, monkeypatch):
+    """mamba-ssm's kernel taking the raw step with ``delta_bias`` and ``delta_softplus``, and the
+    reversed scan's Triton steps computing the same softplus: value and input gradient equal the
+    torch backend's on ``softplus(dt + bias)`` (float32: to 1e-4; bf16 kernel inputs: the torch
+    backend's rounded form, to bf16 rounding of the output, the float32 adjoint to 1e-4)."""
+    if "mamba_ssm" not in scan.available_backends("cuda"):
+        pytest.skip("mamba_ssm not installed")
+    x, _, A, B, C, D = (t.float().cuda() for t in mamba1_case(b=2, d=96, n=16, l=700))
+    raw = (rand(2, 96, 700, seed=21).float() * 3).cuda()
+    raw[0, 1, :5] = -40.0
+    raw[1, 2, 5:9] = 25.0
+    bias = rand(96, seed=22).float().cuda()
+    if low is not None:
+        monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "model")
+        raw = raw.to(low)
+    g = rand(2, 96, 700, seed=23).float().cuda()
+    out = {}
+    for backend in ("torch", "mamba_ssm"):
+        xr = x.clone().requires_grad_(True)
+        with scan.record_backends() as used:
+            y = selective_scan(xr, raw, A, B, C, D, backend=backend, model_dtype=low or torch.float32, dt_bias=bias)
+        assert dict(used) == {backend: 1}
+        (dx,) = torch.autograd.grad(y, xr, g)
+        out[backend] = (y, dx)
+    (y0, d0), (y1, d1) = out["torch"], out["mamba_ssm"]
+    assert ((y1 - y0).norm() / y0.norm()).item() <= (2**-7 if low else 1e-4)
+    assert ((d1 - d0).norm() / d0.norm()).item() <= 1e-4
+
+
 # ---------------------------------------------------------------- memory bound
 
 
