@@ -249,6 +249,7 @@ def part_time(a: argparse.Namespace) -> None:
             row["auto_estimate_gib"] = {k: v / 2**30 for k, v in plan.needed.items()}
             row["sequence_settings"] = None if plan.sequence is None else str(plan.sequence)
             row["projection_mixers"] = plan.projection_mixers  # None: all (in "projection" mode)
+            row["output_mixers"] = getattr(plan, "output_mixers", None)  # out_proj outputs kept (None: all)
         return mode
 
     recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]

@@ -13,18 +13,52 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from captum_mambalrp import MambaLRP
 from captum_mambalrp.adapters import recompute as rc
 
+PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
 
-class Widths(TorchDispatchMode):
-    """The output widths of the matrix products run inside the block (``self.widths``)."""
 
-    def __init__(self):
+def projections(model):
+    """The mixers' projection weights, by ``(name, layer)``, ``name`` ``"in_proj"`` or ``"out_proj"``."""
+    return {
+        (name, i): getattr(layer.mixer, name).weight
+        for i, layer in enumerate(model.backbone.layers)
+        for name in ("in_proj", "out_proj")
+    }
+
+
+class Products(TorchDispatchMode):
+    """How often the forward product of each of ``weights`` (``{key: weight}``) runs inside the
+    block (``self.counts[key]``), told by the weight's memory: a product whose last operand is
+    the weight transposed (``F.linear``'s ``weight.t()``; for ``bmm`` expanded over the batch).
+    The backward pass's product for the input's gradient reads the weight untransposed and is
+    not counted; every product with none of these weights is counted in ``self.others``."""
+
+    def __init__(self, weights):
         super().__init__()
-        self.widths = []
+        self.weights = weights
+        self.counts = dict.fromkeys(self.weights, 0)
+        self.others = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-            self.widths.append(args[-1].shape[-1])
+        if func in PRODUCTS:
+            operand = args[-1]
+            key = next(
+                (
+                    k
+                    for k, w in self.weights.items()
+                    if operand.data_ptr() == w.data_ptr() and tuple(operand.shape[-2:]) == tuple(w.t().shape)
+                ),
+                None,
+            )
+            if key is None:
+                self.others += 1
+            else:
+                self.counts[key] += 1
         return func(*args, **(kwargs or {}))
+
+    def runs(self, name):
+        """How often each layer's ``name`` product ran, in the order the layers are called
+        (keys ``(name, layer)``, :func:`projections`)."""
+        return [n for (part, _), n in sorted(self.counts.items(), key=lambda kv: kv[0][1]) if part == name]
 
 
 def spy_plans(monkeypatch):
@@ -79,7 +113,7 @@ def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     modes, kept_projection = _modes_seen(model, ids, monkeypatch, budget=keep * 0.999)
     assert modes == {"projection"}
     modes, partly = _modes_seen(model, ids, monkeypatch, budget=projection * 0.999)
-    assert modes == {"projection"}  # all but one mixer keep their projections
+    assert modes == {"projection"}  # all keep out_proj's output, all but one in_proj's
     modes, again = _modes_seen(model, ids, monkeypatch, budget=recompute * 1.0001)
     assert modes == {True}
     modes, below = _modes_seen(model, ids, monkeypatch, budget=recompute * 0.999)
@@ -111,8 +145,19 @@ def test_estimate_counts_dtype():
     mixer = model.backbone.layers[0].mixer
     f32, bf16, f64 = (rc.mixer_bytes_per_token(mixer, d) for d in (torch.float32, torch.bfloat16, torch.float64))
     width, d_model = mixer.in_proj.out_features, mixer.in_proj.in_features
-    assert f32 == {"kept": width * (3 * 4 + 2.75 * 4), "input": d_model * 4, "projection": (d_model + width) * 4}
-    assert bf16 == {"kept": width * (3 * 2 + 2.75 * 4), "input": d_model * 2, "projection": (d_model + width) * 2}
+    out = mixer.out_proj.out_features
+    assert f32 == {
+        "kept": width * (3 * 4 + 2.75 * 4),
+        "input": d_model * 4,
+        "projection": (d_model + width + out) * 4,
+        "output": (d_model + out) * 4,
+    }
+    assert bf16 == {
+        "kept": width * (3 * 2 + 2.75 * 4),
+        "input": d_model * 2,
+        "projection": (d_model + width + out) * 2,
+        "output": (d_model + out) * 2,
+    }
     assert f64["kept"] == 2 * f32["kept"]
 
 
@@ -131,7 +176,7 @@ def test_estimate_with_the_fused_kernels(monkeypatch):
         width = mixer.in_proj.out_features
         on, off = rc.mixer_bytes_per_token(mixer, torch.bfloat16, "cuda"), rc.mixer_bytes_per_token(mixer, torch.bfloat16)
         assert on["kept"] == width * (a * 2 + b * 4) and off["kept"] == width * (3 * 2 + 2.75 * 4)
-        assert on["kept"] < off["kept"] and (on["input"], on["projection"]) == (off["input"], off["projection"])
+        assert on["kept"] < off["kept"] and all(on[k] == off[k] for k in ("input", "projection", "output"))
         monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
         assert rc.mixer_bytes_per_token(mixer, torch.bfloat16, "cuda") == off
         monkeypatch.delenv("CAPTUM_MAMBALRP_FUSED")
@@ -152,56 +197,107 @@ def test_every_memory_saving_path_gives_the_same_relevance(arch):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("arch", ["falcon", "mamba2"])
-def test_auto_keeps_as_many_projections_as_fit(arch, monkeypatch):
-    """Between the budgets of recomputing and of keeping every projection, ``auto`` keeps the
-    projections of as many mixers as fit (the first ones called) and recomputes the others
-    whole: in_proj's product runs once for those and twice for the others; relevance unchanged."""
-    layers = 4
+def _make(arch, layers):
+    """A model whose vocabulary differs from every projection's width."""
     if arch == "mamba2":
-        model = make_mamba2(num_hidden_layers=layers, vocab_size=80)
-    else:
-        model = make_lm(arch, seed=5, num_hidden_layers=layers, vocab_size=80)
+        return make_mamba2(num_hidden_layers=layers, vocab_size=80)
+    return make_lm(arch, seed=5, num_hidden_layers=layers, vocab_size=80)
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mamba2"])
+def test_auto_keeps_as_many_products_as_fit(arch, monkeypatch):
+    """Between the budgets of recomputing and of keeping both projections' outputs, ``auto``
+    gives out_proj's output to as many mixers as fit (the first ones called), then in_proj's to
+    as many as the rest holds, and recomputes the rest: a kept product runs once, another twice;
+    relevance unchanged; recompute (``True``) when not even one out_proj output fits."""
+    layers = 4
+    model = _make(arch, layers)
     ids = ids_for(2, 24)
-    width = model.backbone.layers[0].mixer.in_proj.out_features
     _, recompute, projection = _thresholds(model, ids, projection=True)
-    extra = (projection - recompute) / layers  # one mixer's projection
+    per = rc.mixer_bytes_per_token(model.backbone.layers[0].mixer, torch.float32)
+    out_bytes = (per["output"] - per["input"]) * ids.numel()  # one mixer's out_proj output
+    in_bytes = (per["projection"] - per["output"]) * ids.numel()  # one mixer's in_proj output
+    assert out_bytes < in_bytes and projection == pytest.approx(recompute + layers * (out_bytes + in_bytes))
     kept = MambaLRP(model, recompute=False).attribute(ids, target=4)
     plans = spy_plans(monkeypatch)
-    for fit in (1, 3):
-        budget = (recompute + (fit + 0.5) * extra) / rc.AUTO_MEMORY_FRACTION
+    # (room beyond recomputing, mixers keeping out_proj's output, in_proj's): None = all
+    cases = [
+        (layers * out_bytes + 1.5 * in_bytes, None, 1),  # every output and one in_proj
+        (layers * out_bytes + (layers - 0.5) * in_bytes, None, layers - 1),
+        (2.5 * out_bytes, 2, 0),  # two outputs only
+    ]
+    for room, outputs, inputs in cases:
+        budget = (recompute + room) / rc.AUTO_MEMORY_FRACTION
         monkeypatch.setattr(rc, "available_memory", lambda device, budget=budget: budget)
-        with Widths() as seen:
+        with Products(projections(model)) as seen:
             relevance = MambaLRP(model).attribute(ids, target=4)
-        assert plans[-1].mode == "projection" and plans[-1].projection_mixers == fit
-        assert seen.widths.count(width) == layers + (layers - fit)  # recomputed whole: in_proj twice
+        plan = plans[-1]
+        assert plan.mode == "projection" and (plan.output_mixers, plan.projection_mixers) == (outputs, inputs)
+        n_out = layers if outputs is None else outputs
+        assert plan.needed["projection_partial"] == pytest.approx(recompute + n_out * out_bytes + inputs * in_bytes)
+        # kept: once (the recomputation reads it); recomputed: twice
+        assert seen.runs("out_proj") == [1] * n_out + [2] * (layers - n_out)
+        assert seen.runs("in_proj") == [1] * inputs + [2] * (layers - inputs)
         torch.testing.assert_close(relevance, kept, atol=1e-6, rtol=1e-5)
-    monkeypatch.setattr(rc, "available_memory", lambda device: (recompute + 0.5 * extra) / rc.AUTO_MEMORY_FRACTION)
-    MambaLRP(model).attribute(ids, target=4)
-    assert plans[-1].mode is True and plans[-1].projection_mixers is None
+    monkeypatch.setattr(rc, "available_memory", lambda device: (recompute + 0.5 * out_bytes) / rc.AUTO_MEMORY_FRACTION)
+    with Products(projections(model)) as seen:
+        MambaLRP(model).attribute(ids, target=4)
+    assert plans[-1].mode is True and (plans[-1].output_mixers, plans[-1].projection_mixers) == (None, None)
+    assert "projection_partial" not in plans[-1].needed
+    assert seen.runs("out_proj") == seen.runs("in_proj") == [2] * layers
 
 
 @pytest.mark.parametrize("arch", ["falcon", "mamba2"])
-def test_projection_mode_skips_the_input_projection_in_the_recomputation(arch):
-    """``recompute="projection"`` runs each mixer's in_proj product once, as keeping does (the
-    recomputation reads its saved output), where ``recompute=True`` runs it twice; the other
-    matrix products run as often as with ``True``; the relevance is the same."""
-    # a vocabulary of another size than in_proj's output, so that only in_proj's product has its width
-    if arch == "mamba2":
-        model = make_mamba2(num_hidden_layers=2, vocab_size=80)
-    else:
-        model = make_lm(arch, seed=5, num_hidden_layers=2, vocab_size=80)
-    width = model.backbone.layers[0].mixer.in_proj.out_features
+def test_projection_mode_skips_both_projections_in_the_recomputation(arch):
+    """``recompute="projection"`` runs each mixer's in_proj and out_proj products once, as
+    keeping does (the recomputation reads their saved outputs), where ``recompute=True`` runs
+    each twice; the other matrix products run as often as with ``True``; the relevance is the
+    same."""
+    model = _make(arch, 2)
     ids = ids_for(2, 24)
+    layers = len(model.backbone.layers)
     runs = {}
     for mode in (False, True, "projection"):
-        with Widths() as seen:
+        with Products(projections(model)) as seen:
             relevance = MambaLRP(model, recompute=mode).attribute(ids, target=4)
-        runs[mode] = (seen.widths.count(width), len(seen.widths) - seen.widths.count(width), relevance)
-    layers = len(model.backbone.layers)
-    assert runs[False][0] == runs["projection"][0] == layers and runs[True][0] == 2 * layers
-    assert runs["projection"][1] == runs[True][1]  # the other products as with True
-    torch.testing.assert_close(runs["projection"][2], runs[False][2], atol=1e-6, rtol=1e-5)
+        runs[mode] = (seen, relevance)
+    for name in ("in_proj", "out_proj"):
+        assert runs[False][0].runs(name) == runs["projection"][0].runs(name) == [1] * layers
+        assert runs[True][0].runs(name) == [2] * layers
+    assert runs["projection"][0].others == runs[True][0].others  # the other products as with True
+    torch.testing.assert_close(runs["projection"][1], runs[False][1], atol=1e-6, rtol=1e-5)
+
+
+def test_kept_products_are_told_by_the_weight():
+    """The selective-checkpoint policy saves a product by its weight operand (``weight.t()``, a
+    view; expanded for ``bmm``), not its width: 2D and 3D inputs, contiguous or not, with and
+    without bias, with a weight that needs a gradient or not; a product of the same width with
+    another weight is recomputed."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        for grad in (True, False):
+            kept, other = torch.nn.Linear(8, 12, bias=bias), torch.nn.Linear(8, 12, bias=bias)
+            kept.requires_grad_(grad), other.requires_grad_(grad)
+            for x in (torch.randn(5, 8), torch.randn(2, 5, 8), torch.randn(2, 8, 5).transpose(1, 2)):
+                x = x.detach().requires_grad_(True)
+
+                def f(h, kept=kept, other=other):
+                    return torch.tanh(kept(h)) * torch.sigmoid(other(h))
+
+                (expected,) = torch.autograd.grad(f(x).sum(), x)
+                with Products({"kept": kept.weight, "other": other.weight}) as seen:
+                    y = checkpoint(f, x, use_reentrant=False, context_fn=partial(rc._keep_products, [kept.weight]))
+                    forward = dict(seen.counts)
+                    (got,) = torch.autograd.grad(y.sum(), x)
+                # the backward pass: `other`'s product again (recomputed), `kept`'s read from the
+                # forward's; and x's gradient, through both weights untransposed
+                assert forward == {"kept": 1, "other": 1}, (bias, grad, x.shape)
+                assert (seen.counts, seen.others) == ({"kept": 1, "other": 2}, 2), (bias, grad, x.shape)
+                torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 def test_offload_keeps_no_mixer_tensors_for_backward():
@@ -287,7 +383,9 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     projection = sum(p["projection"] for p in per) * tokens + working
     assert mode(keep * 1.01) is False
     assert mode(keep * 0.99) == "projection"
-    assert mode(projection * 0.99) == "projection"  # for two of the three mixers
+    plan = rc.RecomputePlan(mixers, budget=projection * 0.99)
+    assert plan.choose(hidden) == "projection"  # every out_proj output, two of the three in_proj's
+    assert (plan.output_mixers, plan.projection_mixers) == (None, 2)
     assert mode(inputs * 1.001) is True
     assert mode(inputs * 1.01) is True
     assert mode(inputs * 0.99) == "offload"

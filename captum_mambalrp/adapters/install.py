@@ -76,6 +76,12 @@ def _in_proj(mixer: nn.Module) -> Optional[nn.Linear]:
     return proj if isinstance(proj, nn.Linear) else None
 
 
+def _out_proj(mixer: nn.Module) -> Optional[nn.Linear]:
+    """The mixer's output projection (``out_proj``), whose output ``recompute="projection"`` keeps."""
+    proj = getattr(mixer, "out_proj", None)
+    return proj if isinstance(proj, nn.Linear) else None
+
+
 def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: Installation) -> None:
     rule = composite.rule_for(name, ACTIVATION, module)
     inst.components.append(Component(name, ACTIVATION, rule))
@@ -206,7 +212,8 @@ def install_rules(
             if not has_ssm:
                 continue  # an MLP or a mixture of experts: taken over, not a sequence mixer
             if recompute is not False:
-                inst.patcher.wrap_forward(module, partial(recomputing, recompute=recompute, projection=_in_proj(module)))
+                keep = partial(recomputing, recompute=recompute, projection=_in_proj(module), output=_out_proj(module))
+                inst.patcher.wrap_forward(module, keep)
             inst.mixers.append(name)
             continue
         own_rule = getattr(module, "rule", None)

@@ -7,10 +7,13 @@ Modes (``MambaLRP(model, recompute=...)``):
 - ``False``: every mixer keeps its intermediate tensors for the backward pass (fastest);
 - ``True``: each mixer keeps only its input and runs again in the backward pass
   (``torch.utils.checkpoint``, non-reentrant): one more mixer forward per layer;
-- ``"projection"``: as ``True``, and each mixer also keeps the output of its input projection
-  (``in_proj``, the model's dtype), so the recomputation skips that matrix product, about two
-  thirds of a Mamba mixer's (torch's selective activation checkpointing: the first product of
-  ``in_proj``'s width in the mixer is saved, every other operation recomputed);
+- ``"projection"``: as ``True``, and each mixer also keeps the outputs of its input and output
+  projections (``in_proj``, ``out_proj``; the model's dtype), so the recomputation skips both
+  matrix products, nearly all of a Mamba mixer's matrix work (``in_proj`` about two thirds,
+  ``out_proj`` one third: LRP-epsilon's rule saves ``out_proj``'s output, so the recomputation
+  ran that product too). Torch's selective activation checkpointing: every matrix product with
+  one of the two weights as an operand (told by its memory, not its width) is saved, every
+  other operation recomputed;
 - ``"offload"``: as ``True``, and the kept input waits in pinned host memory, copied back
   when the backward pass reaches the mixer (GPU memory: one mixer's working set plus the
   residual stream, not one input per layer);
@@ -43,8 +46,10 @@ fused), other mixers (Mamba3, unknown ones) ``(3.4, 1.6)`` (fitted to Mamba2 bef
 elsewhere (torch's operations keep float32 copies) ``(3, 2.75)``, fitted earlier to the peaks
 without the fused kernels (Mamba-130M shape: Mamba1 fp32 39 B per inner channel; a CPU pass of a
 tiny FalconMamba keeps 19.9 B per unit of width, ``benchmarks/memory_estimate.py --modes``). Kept
-with recomputation: the mixer's input, ``d_model * s_model``. The backward pass of one mixer
-needs its kept tensors once more as working set.
+with recomputation: the mixer's input, ``d_model * s_model``; in ``"projection"`` mode also
+``in_proj``'s and ``out_proj``'s outputs, ``(d_model + in_width + out_width) * s_model`` in all
+(``"output"``: input and ``out_proj``'s output only, ``(d_model + out_width) * s_model``). The
+backward pass of one mixer needs its kept tensors once more as working set.
 
 What the layers around the mixers keep (attention, MLPs, experts: a hybrid's;
 :func:`others_bytes_per_token`): per linear layer outside the mixers and the output head,
@@ -83,10 +88,14 @@ when the number of tokens is known): with ``budget = AUTO_MEMORY_FRACTION * avai
 free device memory plus what torch's caching allocator holds unused; CPU: ``MemAvailable`` of
 ``/proc/meminfo``, else ``DEFAULT_HOST_BUDGET``), keep everything when the sum over mixers of
 what they keep, plus one mixer's working set, fits; else ``"projection"`` when the inputs and
-projections plus one working set fit (not while a CUDA graph is captured); else, when the inputs
-plus one working set fit, ``"projection"`` for as many mixers as the rest of the budget holds
-(the first ``projection_mixers`` mixers called in the pass keep their projections, the others
-are recomputed whole: recompute when none fits); else offload when one working set fits the
+both projections' outputs plus one working set fit (not while a CUDA graph is captured); else,
+when the inputs plus one working set fit, ``"projection"`` in part: ``out_proj``'s output for as
+many mixers as the rest of the budget holds (the first ``output_mixers`` called in the pass),
+then ``in_proj``'s for as many as the room left holds (the first ``projection_mixers``); a mixer
+that keeps neither is recomputed whole (recompute when none keeps anything). ``out_proj``'s
+first: per value kept its output spares ``d_inner`` multiply-adds, ``in_proj``'s ``d_model``:
+twice as many at the usual expansion of 2 (Falcon-Mamba-7B shape: ``out_proj``'s output is a
+quarter of ``in_proj``'s and spares half its product); else offload when one working set fits the
 device and the parked inputs 85 % of the host's ``MemAvailable`` (CUDA only, not while a CUDA
 graph is captured); else ``"sequence"`` (where mixers have piece functions or blocks can be
 recomputed; not while a CUDA graph is captured); else recompute. No token-count threshold. When
@@ -116,7 +125,7 @@ from .mamba3 import is_mamba3
 
 #: the mode that runs mixers in pieces of the sequence and recomputes blocks from sparse checkpoints
 SEQUENCE = "sequence"
-#: the mode that recomputes the mixers but keeps their input projections' outputs
+#: the mode that recomputes the mixers but keeps their input and output projections' outputs
 PROJECTION = "projection"
 MODES = (True, False, "auto", PROJECTION, "offload", SEQUENCE)
 #: share of the available memory that ``"auto"`` plans to use
@@ -222,16 +231,17 @@ def mixer_bytes_per_token(
 ) -> Dict[str, float]:
     """Estimated bytes per token a mixer keeps for the backward pass on ``device`` (default: the
     CPU): ``"kept"`` without recomputation, ``"input"`` with it, ``"projection"`` with it in
-    ``"projection"`` mode (its input and its ``in_proj`` output; infinite for a mixer without an
-    ``in_proj`` linear layer, where the mode saves nothing); see the module docstring for the
-    constants.
+    ``"projection"`` mode (its input and its ``in_proj`` and ``out_proj`` outputs; infinite for a
+    mixer without an ``in_proj`` linear layer, whose ``out_proj`` output alone is ``"output"``),
+    ``"output"`` with it keeping only ``out_proj``'s output (its input and that output; infinite
+    for a mixer without an ``out_proj`` linear layer); see the module docstring for the constants.
 
     Returns:
-        ``{"kept": ..., "input": ..., "projection": ...}`` (bytes per token).
+        ``{"kept": ..., "input": ..., "projection": ..., "output": ...}`` (bytes per token).
 
-    >>> m = nn.Module(); m.in_proj = nn.Linear(8, 32)
+    >>> m = nn.Module(); m.in_proj = nn.Linear(8, 32); m.out_proj = nn.Linear(16, 8)
     >>> mixer_bytes_per_token(m, torch.float32)
-    {'kept': 736.0, 'input': 32.0, 'projection': 160.0}
+    {'kept': 736.0, 'input': 32.0, 'projection': 192.0, 'output': 64.0}
     """
     s_model = torch.tensor([], dtype=dtype).element_size()
     s_compute = torch.tensor([], dtype=compute_dtype(dtype)).element_size()
@@ -242,12 +252,20 @@ def mixer_bytes_per_token(
         linears = [m for m in mixer.modules() if isinstance(m, nn.Linear)]
         width = max((m.out_features for m in linears), default=0)
         d_model = max((m.in_features for m in linears), default=0)
-    projection = float((d_model + width) * s_model) if isinstance(proj, nn.Linear) else math.inf
+    out = getattr(mixer, "out_proj", None)
+    out_width = out.out_features if isinstance(out, nn.Linear) else 0
+    projection = float((d_model + width + out_width) * s_model) if isinstance(proj, nn.Linear) else math.inf
+    output = float((d_model + out_width) * s_model) if isinstance(out, nn.Linear) else math.inf
     if fused_kernels_on(torch.device(device).type if device is not None else "cpu"):
         a, b = KEPT_FUSED if _fused_mixer(mixer) else KEPT_FUSED_OTHER
     else:
         a, b = KEPT_UNFUSED
-    return {"kept": float(width * (a * s_model + b * s_compute)), "input": float(d_model * s_model), "projection": projection}
+    return {
+        "kept": float(width * (a * s_model + b * s_compute)),
+        "input": float(d_model * s_model),
+        "projection": projection,
+        "output": output,
+    }
 
 
 def _top_k(model: nn.Module, experts: nn.Module, n_experts: int) -> int:
@@ -322,6 +340,19 @@ def available_memory(device: torch.device) -> int:
     return DEFAULT_HOST_BUDGET
 
 
+def _product_bytes(per_token: Dict[str, float]) -> Tuple[float, float]:
+    """Bytes per token that keeping ``in_proj``'s and ``out_proj``'s outputs adds to a recomputed
+    mixer (``per_token`` from :func:`mixer_bytes_per_token`; infinite where it has no such layer).
+
+    >>> _product_bytes({"kept": 736.0, "input": 32.0, "projection": 192.0, "output": 64.0})
+    (128.0, 32.0)
+    """
+    output = per_token["output"] - per_token["input"]
+    if not math.isfinite(per_token["projection"]):
+        return math.inf, output
+    return per_token["projection"] - per_token["input"] - (output if math.isfinite(output) else 0.0), output
+
+
 @dataclass
 class RecomputePlan:
     """The decision of ``recompute="auto"`` (and the settings of ``"sequence"``) for one pass
@@ -362,18 +393,58 @@ class RecomputePlan:
     layer_working_per_length: float = 0.0
     others_outside: float = 0.0
     others_outside_per_length: float = 0.0
-    #: in ``"projection"`` mode: how many mixers keep their projections (``None``: all), the first
-    #: ones called in the pass (:meth:`keeps_projection`); the others are recomputed whole
+    #: in ``"projection"`` mode: how many mixers keep ``out_proj``'s output (``output_mixers``) and
+    #: how many ``in_proj``'s (``projection_mixers``), ``None``: all; the first ones called in the
+    #: pass (:meth:`kept_products`); a mixer that keeps neither is recomputed whole
+    output_mixers: Optional[int] = None
     projection_mixers: Optional[int] = None
-    projection_taken: int = 0
+    mixer_calls: int = 0
 
-    def keeps_projection(self) -> bool:
-        """In ``"projection"`` mode, does the mixer called now keep its projection? (Counts the
-        calls of a pass; all do unless the budget holds only ``projection_mixers`` of them.)"""
-        if self.projection_mixers is None:
-            return True
-        self.projection_taken += 1
-        return self.projection_taken <= self.projection_mixers
+    def kept_products(self) -> Tuple[bool, bool]:
+        """In ``"projection"`` mode, which outputs the mixer called now keeps: ``(in_proj's,
+        out_proj's)``. Counts the calls of a pass; the ``k``-th keeps ``out_proj``'s when
+        ``k <= output_mixers`` and ``in_proj``'s when ``k <= projection_mixers`` (all do where
+        the budget holds every mixer's, ``None``).
+
+        Returns:
+            ``(keeps in_proj's output, keeps out_proj's output)``.
+        """
+        self.mixer_calls += 1
+        k = self.mixer_calls
+        return (
+            self.projection_mixers is None or k <= self.projection_mixers,
+            self.output_mixers is None or k <= self.output_mixers,
+        )
+
+    def _partial_projection(self, per: List[Dict[str, float]], tokens: int, room: float) -> float:
+        """Fill ``room`` bytes (the budget beyond recomputing) with kept products, the mixers in
+        the order they are called: ``out_proj``'s output for as many as it holds, then
+        ``in_proj``'s for as many as the rest holds (``out_proj``'s first: twice the work spared
+        per byte, module docstring). Sets :attr:`output_mixers`, :attr:`projection_mixers`
+        (``None`` where all keep it) and the mode (``"projection"`` if any mixer keeps
+        anything, else ``True``).
+
+        Returns:
+            the room left (bytes).
+        """
+        counts = []
+        for which in (1, 0):  # out_proj's output, then in_proj's
+            count = 0
+            for p in per:
+                cost = _product_bytes(p)[which] * tokens
+                if cost > room:
+                    break
+                room -= cost
+                count += 1
+            counts.append(count)
+        outputs, projections = counts
+        if outputs or projections:
+            self.mode = PROJECTION
+            self.output_mixers = None if outputs == len(per) else outputs
+            self.projection_mixers = None if projections == len(per) else projections
+        else:
+            self.mode = True
+        return room
 
     def choose(self, hidden: Tensor) -> Recompute:
         """``False``, ``"projection"``, ``True``, ``"offload"`` or ``"sequence"`` for a pass whose mixers (or
@@ -433,15 +504,10 @@ class RecomputePlan:
             self.mode = PROJECTION
         elif inputs <= budget:
             self.mode = True
-            # as many mixers keep their projections as the rest of the budget holds
-            extra = sorted((p["projection"] - p["input"]) * tokens for p in per) if self.mixers and not capturing else []
-            room, count = budget - inputs, 0
-            while count < len(extra) and extra[count] <= room:
-                room -= extra[count]
-                count += 1
-            if count:
-                self.mode, self.projection_mixers = PROJECTION, count
-                self.needed["projection_partial"] = budget - room
+            if self.mixers and not capturing:  # as many kept products as the rest of the budget holds
+                room = self._partial_projection(per, tokens, budget - inputs)
+                if self.mode == PROJECTION:
+                    self.needed["projection_partial"] = budget - room
         elif offload_fits:
             self.mode = "offload"
         elif sequence_ok and not capturing:
@@ -450,7 +516,7 @@ class RecomputePlan:
             self.mode = True
         if self.mode == SEQUENCE:
             self.sequence = settings
-        if self.projection_mixers is not None:
+        if "projection_partial" in self.needed:
             projection = self.needed["projection_partial"]
         need = {False: keep, True: inputs, PROJECTION: projection, "offload": working, SEQUENCE: sequence}[self.mode]  # type: ignore[index]
         if need > budget:
@@ -759,11 +825,15 @@ def _many_tokens(hidden: Tensor) -> bool:
 
 
 def recomputing(
-    forward: Callable[..., Tensor], recompute: Recompute, projection: Optional[nn.Module] = None
+    forward: Callable[..., Tensor],
+    recompute: Recompute,
+    projection: Optional[nn.Module] = None,
+    output: Optional[nn.Module] = None,
 ) -> Callable[..., Tensor]:
     """``forward`` wrapped so that, when ``recompute`` applies, it keeps only its inputs
     for the backward pass and runs again there (``torch.utils.checkpoint``, non-reentrant),
-    also keeps the output of ``projection`` (the mixer's ``in_proj``; ``"projection"``, else as
+    also keeps the outputs of ``projection`` and ``output`` (the mixer's ``in_proj`` and
+    ``out_proj``, linear layers; ``"projection"``, those the pass's plan gives this call, else as
     ``True``), parks them in host memory (``"offload"``), or runs in pieces of the sequence
     (``"sequence"``, when ``forward.sequence_piece`` exists; else as ``True``).
 
@@ -797,10 +867,12 @@ def recomputing(
         if mode == "offload":
             return offloaded(forward, hidden_states, *args, **kwargs)
         context: Dict[str, Any] = {}
-        width = getattr(projection, "out_features", None)
         capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
-        if mode == PROJECTION and isinstance(width, int) and not capturing and (plan is None or plan.keeps_projection()):
-            context["context_fn"] = lambda: _keep_projection(width)
+        if mode == PROJECTION and not capturing:
+            keep_in, keep_out = plan.kept_products() if plan is not None else (True, True)
+            weights = [m.weight for m, keep in ((projection, keep_in), (output, keep_out)) if keep and isinstance(m, nn.Linear)]
+            if weights:  # else nothing kept: recomputed whole
+                context["context_fn"] = lambda: _keep_products(weights)
         # mixers draw no random numbers: no RNG state to keep (and none to read while a
         # CUDA graph is being captured)
         return checkpoint(forward, hidden_states, *args, use_reentrant=False, preserve_rng_state=False, **context, **kwargs)
@@ -810,19 +882,38 @@ def recomputing(
     return run
 
 
-_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+#: the matrix products ``F.linear`` runs: ``mm`` / ``addmm`` on the tokens flattened, ``bmm`` with
+#: the weight expanded over the batch (a non-contiguous input and a weight without gradient:
+#: Mamba1's ``out_proj`` reads ``y.transpose(1, 2)``)
+_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
 
 
-def _keep_projection(width: int) -> Tuple[Any, Any]:
-    """Selective checkpointing contexts that save the first matrix product of ``width`` output
-    features (a mixer's ``in_proj``: its input goes through nothing else of that width first)
-    and recompute everything else; the forward pass and the recomputation count separately, so
-    both mark the same product."""
-    marked = {False: False, True: False}
+def _is_weight(operand: Any, weights: Sequence[Tuple[int, Tuple[int, ...]]]) -> bool:
+    """Is ``operand`` one of ``weights`` (``(data_ptr, shape)``), as a product reads it: the same
+    memory, from the same first element (``weight.t()`` and its expansion over a batch are views
+    of it), its last two dimensions the weight's either way round? (The address alone would also
+    take in other parameters of one flat buffer, from their start.)"""
+    if not isinstance(operand, Tensor) or operand.dim() < 2:
+        return False
+    try:
+        ptr = operand.data_ptr()
+    except RuntimeError:  # a tensor without storage (a subclass, fake or functional tensor)
+        return False
+    dims = tuple(operand.shape[-2:])
+    return any(ptr == p and dims in (shape, shape[::-1]) for p, shape in weights)
+
+
+def _keep_products(weights: Sequence[Tensor]) -> Tuple[Any, Any]:
+    """Selective checkpointing contexts that save the output of every matrix product with one of
+    ``weights`` as an operand (a mixer's ``in_proj`` and ``out_proj`` weights, told by their
+    memory, not by the product's width, which other products of the mixer may share) and
+    recompute everything else. Every such product is saved, in the forward pass and in the
+    recomputation alike (torch pairs the saved outputs with the recomputation's calls in order,
+    per operation). A rule's products with weights of its own (LRP-gamma's) are recomputed."""
+    keys = [(w.data_ptr(), tuple(w.shape)) for w in weights]
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        if not marked[ctx.is_recompute] and op in _PRODUCTS and args[-1].shape[-1] == width:
-            marked[ctx.is_recompute] = True
+        if op in _PRODUCTS and any(_is_weight(a, keys) for a in args[-2:]):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
