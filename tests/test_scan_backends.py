@@ -320,8 +320,12 @@ def test_scan_inputs_in_the_model_dtype(layout, monkeypatch):
     assert scan.rounded_inputs(torch.bfloat16) is None
     assert torch.equal(fn(x, dt, A, B, C, D, backend="torch", model_dtype=torch.bfloat16), fn(x, dt, A, B, C, D, backend="torch"))
     monkeypatch.setenv(scan.SCAN_INPUTS_ENV, "fast")
-    with pytest.raises(ValueError, match="CAPTUM_MAMBALRP_SCAN_INPUTS='fast': set it to 'model' or 'compute'"):
+    with pytest.raises(ValueError, match="CAPTUM_MAMBALRP_SCAN_INPUTS='fast': set it to 'auto', 'model' or 'compute'"):
         scan.rounded_inputs(torch.bfloat16)
+    # the default, "auto": Mamba1's scan reads the model's dtype, SSD's the compute dtype
+    monkeypatch.delenv(scan.SCAN_INPUTS_ENV)
+    assert scan.rounded_inputs(torch.bfloat16) is torch.bfloat16 and scan.rounded_inputs(torch.float16, layout="mamba1")
+    assert scan.rounded_inputs(torch.bfloat16, layout="ssd") is None and scan.rounded_inputs(torch.float32) is None
 
 
 FUSED_SCRIPT = textwrap.dedent(

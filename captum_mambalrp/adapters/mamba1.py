@@ -97,7 +97,8 @@ def mamba1_piece(
         conv = parts.conv1d(x_seen)[..., pad : pad + length]
     x = activation_in(rules.conv_act, conv, parts.act, cd)
     x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
-    dt, B, C = torch.split(parts.x_proj(x.to(dtype)), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
+    x_model = x.to(dtype)  # what x_proj reads; also the scan's input where it reads the model's dtype
+    dt, B, C = torch.split(parts.x_proj(x_model), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
     linear, backend = rules.ssm.ssm_is_linear, rules.backend
@@ -112,7 +113,9 @@ def mamba1_piece(
     scan_args = (x.transpose(1, 2), dt, A, B, C, parts.D.to(cd))
     new_state: Optional[Mamba1State] = None
     if state is None and not carry:
-        y = selective_scan(*scan_args, linear=linear, backend=backend, model_dtype=dtype, dt_bias=dt_bias)
+        y = selective_scan(
+            *scan_args, linear=linear, backend=backend, model_dtype=dtype, dt_bias=dt_bias, x_model=x_model.transpose(1, 2)
+        )
     else:
         h0 = None if state is None else state.ssm
         y, h = selective_scan_state(*scan_args, h0, linear=linear, backend=backend, model_dtype=dtype, dt_bias=dt_bias)

@@ -125,22 +125,28 @@ def record_backends() -> Iterator[Counter]:
 
 #: how a bf16 / fp16 model's relevance scan reads x, dt, B and C: ``"model"`` rounded to the
 #: model's dtype, as the model's own scan kernel reads them; ``"compute"`` as the pass computes
-#: them (float32). Either way the scan accumulates and its backward pass runs in float32.
+#: them (float32); ``"auto"`` (default): ``"model"`` for Mamba1's scan (faster, less memory, and
+#: no less precise on the H200: docs/benchmarks.md, run 7), ``"compute"`` for SSD (Mamba2,
+#: Mamba3), where the rounded form was slower at 4096 tokens (run 5). Either way the scan
+#: accumulates and its backward pass runs in float32.
 SCAN_INPUTS_ENV = "CAPTUM_MAMBALRP_SCAN_INPUTS"
-SCAN_INPUTS_DEFAULT = "compute"
+SCAN_INPUTS_DEFAULT = "auto"
+SCAN_INPUTS = ("auto", "model", "compute")
 
 
-def rounded_inputs(model_dtype: Optional[torch.dtype], linear: bool = True) -> Optional[torch.dtype]:
+def rounded_inputs(model_dtype: Optional[torch.dtype], linear: bool = True, layout: str = "mamba1") -> Optional[torch.dtype]:
     """The dtype a relevance scan's inputs are rounded to (``CAPTUM_MAMBALRP_SCAN_INPUTS``), or
-    ``None``: not rounded (float32 / float64 models, the differentiable ablation, ``"compute"``).
+    ``None``: not rounded (float32 / float64 models, the differentiable ablation, ``"compute"``,
+    and ``"auto"`` for ``layout="ssd"``).
 
     >>> rounded_inputs(torch.float32), rounded_inputs(torch.bfloat16, linear=False)
     (None, None)
     """
     value = os.environ.get(SCAN_INPUTS_ENV, SCAN_INPUTS_DEFAULT)
-    if value not in ("model", "compute"):
-        raise ValueError(f"{SCAN_INPUTS_ENV}={value!r}: set it to 'model' or 'compute'")
-    return model_dtype if linear and value == "model" and model_dtype in LOW_PRECISION else None
+    if value not in SCAN_INPUTS:
+        raise ValueError(f"{SCAN_INPUTS_ENV}={value!r}: set it to 'auto', 'model' or 'compute'")
+    rounded = value == "model" or (value == "auto" and layout == "mamba1")
+    return model_dtype if linear and rounded and model_dtype in LOW_PRECISION else None
 
 
 def _round_through(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -211,17 +217,20 @@ def selective_scan(
     backend: str = "auto",
     model_dtype: Optional[torch.dtype] = None,
     dt_bias: Optional[Tensor] = None,
+    x_model: Optional[Tensor] = None,
 ) -> Tensor:
     """Mamba1: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``, ``D [d]`` -> ``[b, d, l]``
     in float32 (float64 for float64 x). ``model_dtype``: the model's own dtype, for
     :func:`rounded_inputs`. ``dt_bias [d]``: ``delta`` is the raw step (``dt_proj``'s product;
     in the model's dtype where :func:`rounded_inputs` says so, as the model's kernel reads it)
     and the step is ``softplus(delta + dt_bias)`` in the compute dtype: inside mamba-ssm's kernel
-    (``delta_softplus``) and the steps around its reversed call, else computed first."""
+    (``delta_softplus``) and the steps around its reversed call, else computed first.
+    ``x_model``: ``x`` in the model's dtype where the caller has that copy (mamba-ssm's kernel
+    reads it when the scan reads its inputs rounded)."""
     name = _pick(backend, x, linear, "mamba1")
     low = rounded_inputs(model_dtype, linear)
     if name == "mamba_ssm":
-        return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low, dt_bias)
+        return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low, dt_bias, x_model if low is not None else None)
     delta, raw = _step(delta, dt_bias, x), dt_bias is not None
     return _rounded_scan(_selective_scan_on, low, x, delta, A, B, C, D, name, linear, round_dt=not raw)
 
@@ -333,7 +342,8 @@ def ssd_scan_state(
     True
     """
     name = _pick(backend, x, linear, "ssd", stateful=True)
-    return _rounded_scan(_ssd_scan_state_on, rounded_inputs(model_dtype, linear), x, dt, A, B, C, D, h0, name, linear)
+    low = rounded_inputs(model_dtype, linear, "ssd")
+    return _rounded_scan(_ssd_scan_state_on, low, x, dt, A, B, C, D, h0, name, linear)
 
 
 def _ssd_scan_state_on(
@@ -379,7 +389,7 @@ def ssd_scan(
     models ``"auto"`` on CUDA prefers mamba-ssm's SSD kernels (``AUTO_ORDER["ssd_low"]``), and
     :func:`rounded_inputs` applies."""
     name = _pick(backend, x, linear, "ssd_low" if model_dtype in LOW_PRECISION else "ssd")
-    low = rounded_inputs(model_dtype, linear)
+    low = rounded_inputs(model_dtype, linear, "ssd")
     if name == "mamba_ssm":
         return mamba_ssm_backend.ssd_scan(x, dt, A, B, C, D, low)
     return _rounded_scan(_ssd_scan_on, low, x, dt, A, B, C, D, name, linear)

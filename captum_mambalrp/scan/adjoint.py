@@ -140,14 +140,16 @@ class ReversedAdjointScan(torch.autograd.Function):
     backward ``dx`` by :func:`reversed_adjoint` (gradient for x only; dt, A, B, C, D constant)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, kernel, layout, dt_bias=None):  # type: ignore[override]
+    def forward(ctx, x, dt, A, B, C, D, kernel, layout, dt_bias=None, x_kernel=None):  # type: ignore[override]
         # dt, B, C in the dtype the forward kernel reads (the compute dtype, or a bf16 model's own
         # dtype: relevance_scan_from's kernel_dtype); A (and D, dt_bias) always in the compute
-        # dtype. With dt_bias, dt is the raw step: the kernel applies the bias and softplus
+        # dtype. With dt_bias, dt is the raw step: the kernel applies the bias and softplus.
+        # x_kernel: x already in that dtype (the caller's copy), read instead of casting x
         ctx.save_for_backward(dt, A, B, C, D, dt_bias)
         ctx.kernel, ctx.layout, ctx.x_dtype = kernel, layout, x.dtype
         extra = {} if dt_bias is None else {"dt_bias": dt_bias}
-        return kernel(x.to(dt.dtype), dt, A, B, C, D, **extra).to(A.dtype)
+        u = x.to(dt.dtype) if x_kernel is None or x_kernel.dtype != dt.dtype else x_kernel
+        return kernel(u, dt, A, B, C, D, **extra).to(A.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -158,7 +160,7 @@ class ReversedAdjointScan(torch.autograd.Function):
             dt = dt.to(cd)  # a raw step is read as it is (prepare / finish compute the step)
         with torch.no_grad():
             grad_x = reversed_adjoint(ctx.kernel, grad_y.to(cd), dt, A, B, C, D, ctx.layout, dt_bias)
-        return (grad_x.to(ctx.x_dtype),) + (None,) * 8
+        return (grad_x.to(ctx.x_dtype),) + (None,) * 9
 
 
 def relevance_scan_from(
@@ -172,6 +174,7 @@ def relevance_scan_from(
     D: Optional[Tensor],
     kernel_dtype: Optional[torch.dtype] = None,
     dt_bias: Optional[Tensor] = None,
+    x_kernel: Optional[Tensor] = None,
 ) -> Tensor:
     """``kernel`` as a relevance scan: dt, A, B, C, D detached and cast to the compute dtype
     (constants; float32, float64 for float64 inputs), gradient for x by :func:`reversed_adjoint`.
@@ -183,9 +186,12 @@ def relevance_scan_from(
     ``dt_bias`` (Mamba1 layout, a kernel taking ``dt_bias=``): ``dt`` is the raw step (a bf16
     model's ``dt_proj`` output, as its own kernel reads it); the kernel computes the step
     ``softplus(dt + dt_bias)`` in float32 (mamba-ssm's ``delta_softplus``), and so do the steps
-    around the reversed kernel, which read the raw step as it was kept: no step tensor is made."""
+    around the reversed kernel, which read the raw step as it was kept: no step tensor is made.
+    ``x_kernel``: ``x``'s values already in ``kernel_dtype`` (a copy the caller has; the kernel
+    reads it instead of a new cast of ``x``)."""
     cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
     A_c, D_c = (None if t is None else t.detach().to(cd) for t in (A, D))
     dt_k, B_k, C_k = (t.detach().to(kernel_dtype or cd) for t in (dt, B, C))
     bias = None if dt_bias is None else dt_bias.detach().to(cd)
-    return ReversedAdjointScan.apply(x, dt_k, A_c, B_k, C_k, D_c, kernel, layout, bias)
+    x_k = None if x_kernel is None else x_kernel.detach()
+    return ReversedAdjointScan.apply(x, dt_k, A_c, B_k, C_k, D_c, kernel, layout, bias, x_k)

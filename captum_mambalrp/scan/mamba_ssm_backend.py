@@ -62,11 +62,12 @@ def selective_scan(
     D: Optional[Tensor],
     kernel_dtype: Optional[torch.dtype] = None,
     dt_bias: Optional[Tensor] = None,
+    x_kernel: Optional[Tensor] = None,
 ) -> Tensor:
     """Mamba1 layout: ``x, delta [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]`` -> float32 ``[b, d, l]``;
     ``kernel_dtype``, ``dt_bias`` (``delta`` raw, the kernel's ``delta_bias`` and
-    ``delta_softplus``): see :func:`.adjoint.relevance_scan_from`."""
-    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D, kernel_dtype, dt_bias)
+    ``delta_softplus``), ``x_kernel``: see :func:`.adjoint.relevance_scan_from`."""
+    return relevance_scan_from(_selective_scan_forward, "mamba1", x, delta, A, B, C, D, kernel_dtype, dt_bias, x_kernel)
 
 
 def ssd_scan(
