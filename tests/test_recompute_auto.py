@@ -98,7 +98,11 @@ def _thresholds(model, ids, projection=False):
     dtype = next(model.parameters()).dtype
     per = [rc.mixer_bytes_per_token(m, dtype) for m in mixers]
     working = max(p["kept"] for p in per) * tokens
-    need = [sum(p[k] for p in per) * tokens + working for k in ("kept", "input", "projection")]
+    # with recomputation a mixer's backward pass holds its recomputed tensors and its gradients
+    need = [
+        sum(p[k] for p in per) * tokens + working * (1 if k == "kept" else rc.RECOMPUTE_WORKING)
+        for k in ("kept", "input", "projection")
+    ]
     return tuple(need) if projection else tuple(need[:2])
 
 
@@ -371,8 +375,8 @@ def test_cuda_decision_offloads_only_where_the_host_can_take_the_inputs(monkeypa
     hidden = SimpleNamespace(shape=(2, 4096, 16), dtype=torch.bfloat16, device=torch.device("cuda"))
     per = [rc.mixer_bytes_per_token(m, torch.bfloat16, "cuda") for m in mixers]
     tokens = 2 * 4096
-    working = per[0]["kept"] * tokens
-    keep = sum(p["kept"] for p in per) * tokens + working
+    keep = sum(p["kept"] for p in per) * tokens + per[0]["kept"] * tokens
+    working = rc.RECOMPUTE_WORKING * per[0]["kept"] * tokens  # a recomputed mixer's and its gradients
     inputs = sum(p["input"] for p in per) * tokens + working
     host = {"cpu": 1e12}
     monkeypatch.setattr(rc, "available_memory", lambda device: host[device.type] if device.type == "cpu" else 0.0)

@@ -359,3 +359,30 @@ def test_attention_rule_swaps_by_pattern_and_by_module_rule():
     for other in (by_key, by_pattern, by_module):
         assert torch.allclose(other, cp, atol=1e-7)
     assert not torch.allclose(MambaLRP(model).attribute(ids, target=1), cp, atol=1e-4)
+
+
+def test_a_rule_that_reads_the_step_gets_it_final():
+    """Mamba1's step reaches the stock ConstantSSMRule raw (``dt_proj``'s product; the scan applies
+    the bias and softplus) and any other SSM rule final (``softplus(dt + bias)``, as the rule's
+    contract says): a subclass that records what it holds sees positive steps of the mixer's shape,
+    and its relevance equals the stock rule's."""
+    from captum_mambalrp.rules.ssm import takes_raw_step
+
+    seen = {}
+
+    class Recording(ConstantSSMRule):
+        def ssm_constants(self, delta, A, B, C):
+            seen.setdefault("delta", delta.detach())
+            return super().ssm_constants(delta, A, B, C)
+
+    class RawSpy(ConstantSSMRule):
+        pass
+
+    assert takes_raw_step(RawSpy()) and not takes_raw_step(Recording())
+    model = make_lm("falcon", seed=3, num_hidden_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    stock = MambaLRP(model).attribute(ids, target=4)
+    recorded = MambaLRP(model, rules={"ssm": Recording()}).attribute(ids, target=4)
+    torch.testing.assert_close(recorded, stock, atol=1e-6, rtol=1e-5)
+    mixer = model.backbone.layers[0].mixer
+    assert (seen["delta"] > 0).all() and seen["delta"].shape == (2, mixer.intermediate_size, 12)

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from ..rules.activation import activation_in
 from ..rules.gate import gate_with_activation
+from ..rules.ssm import takes_raw_step
 from ..scan import compute_dtype, rounded_inputs, selective_scan, selective_scan_state
+from ..scan.adjoint import step_of
 from .common import MixerRules, mask_padding
 
 
@@ -107,7 +109,9 @@ def mamba1_piece(
     raw = rounded_inputs(dtype, linear) or cd
     dt = parts.dt_proj.weight.to(raw) @ dt.transpose(1, 2).to(raw)
     bias = parts.dt_proj.bias
-    dt_bias = torch.zeros(dt.shape[1], dtype=cd, device=dt.device) if bias is None else bias.to(cd)
+    dt_bias: Optional[Tensor] = torch.zeros(dt.shape[1], dtype=cd, device=dt.device) if bias is None else bias.to(cd)
+    if not takes_raw_step(rules.ssm):  # a rule that reads the step itself gets it: softplus(dt + bias)
+        dt, dt_bias = step_of(dt, dt_bias, "mamba1"), None
     A = -torch.exp(parts.A_log.to(cd))
     dt, A, B, C = rules.ssm.ssm_constants(dt, A, B.transpose(1, 2), C.transpose(1, 2))
     scan_args = (x.transpose(1, 2), dt, A, B, C, parts.D.to(cd))

@@ -49,7 +49,8 @@ tiny FalconMamba keeps 19.9 B per unit of width, ``benchmarks/memory_estimate.py
 with recomputation: the mixer's input, ``d_model * s_model``; in ``"projection"`` mode also
 ``in_proj``'s and ``out_proj``'s outputs, ``(d_model + in_width + out_width) * s_model`` in all
 (``"output"``: input and ``out_proj``'s output only, ``(d_model + out_width) * s_model``). The
-backward pass of one mixer needs its kept tensors once more as working set.
+backward pass of one mixer needs its kept tensors once more as working set; with recomputation
+``RECOMPUTE_WORKING`` (2) times them (the recomputed tensors and the gradients beside them).
 
 What the layers around the mixers keep (attention, MLPs, experts: a hybrid's;
 :func:`others_bytes_per_token`): per linear layer outside the mixers and the output head,
@@ -209,6 +210,14 @@ def check_recompute(recompute: Recompute) -> Recompute:
         )
     return recompute
 
+
+#: with recomputation (every mode but keeping), one mixer's working set counts this many times its
+#: kept tensors: the recomputed tensors and, beside them, its backward pass's gradients and
+#: temporaries. Fitted to the H200's peaks (Falcon-Mamba-7B bf16, ``recompute=True``: 24.8 GiB at
+#: 32768 tokens and 99.0 at 131072 where one working set gave 20.4 and 81.6, a gap of 0.98 and 0.97
+#: working sets; with one, ``auto``'s partial plan at 131072 tokens, estimated 105.6 GiB, ran out
+#: of memory at 117.1: docs/benchmarks.md, run 7)
+RECOMPUTE_WORKING = 2
 
 #: ``(a, b)`` of the kept-bytes estimate per unit of ``in_proj``'s width (module docstring):
 #: with the fused kernels, Mamba1 and Mamba2 mixers and others; without them
@@ -474,6 +483,7 @@ class RecomputePlan:
         ) * tokens
         working = max(p["kept"] for p in per) * tokens  # one mixer's tensors during its backward pass
         keep = sum(p["kept"] for p in per) * tokens + working + kept_all
+        working *= RECOMPUTE_WORKING  # a recomputed mixer's tensors and its backward pass's gradients
         inputs = sum(p["input"] for p in per) * tokens + working + fixed
         projection = sum(p["projection"] for p in per) * tokens + working + fixed
         working += fixed  # what offloading needs on the device

@@ -58,3 +58,16 @@ class ConstantSSMRule(MambaRule):
 
     def __repr__(self) -> str:
         return "ConstantSSMRule()" if self.ssm_is_linear else f"ConstantSSMRule(constants={self._constants!r})"
+
+
+def takes_raw_step(rule: object) -> bool:
+    """Does ``rule`` hold the scan parameters with :class:`ConstantSSMRule`'s own
+    ``ssm_constants``, which only detaches them and never reads their values? Mamba1's step may
+    then reach it raw (``dt_proj``'s product, before its bias and softplus), and the scan computes
+    the step itself (mamba-ssm's kernel with ``delta_softplus``: no float32 step tensor is made);
+    any other rule (a subclass overriding it, a probe that records the parameters) gets the step.
+
+    >>> takes_raw_step(ConstantSSMRule()), takes_raw_step(object())
+    (True, False)
+    """
+    return getattr(type(rule), "ssm_constants", None) is ConstantSSMRule.ssm_constants
