@@ -213,10 +213,10 @@ def check_recompute(recompute: Recompute) -> Recompute:
 
 #: with recomputation (every mode but keeping), one mixer's working set counts this many times its
 #: kept tensors: the recomputed tensors and, beside them, its backward pass's gradients and
-#: temporaries. Fitted to the H200's peaks (Falcon-Mamba-7B bf16, ``recompute=True``: 24.8 GiB at
-#: 32768 tokens and 99.0 at 131072 where one working set gave 20.4 and 81.6, a gap of 0.98 and 0.97
-#: working sets; with one, ``auto``'s partial plan at 131072 tokens, estimated 105.6 GiB, ran out
-#: of memory at 117.1: docs/benchmarks.md, run 7)
+#: temporaries. Fitted to the H200's peaks (Falcon-Mamba-7B bf16, ``recompute=True``, run 5: 24.8
+#: GiB at 32768 tokens and 99.0 at 131072 where one working set gives 20.4 and 81.6, a gap of 0.98
+#: and 0.97 working sets; with one, ``auto``'s partial plan at 131072 tokens, estimated 105.6 GiB,
+#: ran out of memory at 117.1 in run 7: docs/benchmarks.md)
 RECOMPUTE_WORKING = 2
 
 #: ``(a, b)`` of the kept-bytes estimate per unit of ``in_proj``'s width (module docstring):
