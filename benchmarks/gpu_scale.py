@@ -17,7 +17,9 @@ Forward: the transformers model, no grad, eager, with mamba-ssm and causal-conv1
 (its fastest kernels). Attribution: ``MambaLRP(model).attribute(ids, target=1)``, default options.
 Times: best of ``--repeats`` calls after one warm-up (long runs: one call each). Peak memory:
 ``torch.cuda.max_memory_allocated`` during one attribution, minus what was allocated before it
-(the weights and the ids), per token. TF32 is allowed unless ``--no-tf32`` (the issue's conditions).
+(the weights and the ids), per token. TF32 is allowed unless ``--no-tf32`` (the issue's conditions);
+``--no-tf32`` also compiles Triton's float32 dots (mamba-ssm's SSD kernels in the forward) as
+``ieee`` unless ``TRITON_F32_DEFAULT`` is set: TF32 off in both passes, as in the fp32 tables.
 Each part prints one JSON line (``RESULT {...}``) and appends it to ``--out``; ``time`` rows
 carry ``mib_per_token`` and ``goal2_share`` (MiB per token over goal 2's 0.24: <= 1 meets it).
 ``--recompute`` sets MambaLRP's option (default ``auto``; ``sequence`` with ``--chunk``,
@@ -225,6 +227,8 @@ def part_time(a: argparse.Namespace) -> None:
     row["conv_kernel"] = os.environ.get("CAPTUM_MAMBALRP_CONV_KERNEL", "default")
     row["scan_inputs"] = os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default")
     row["cuda_graph"] = a.cuda_graph
+    row["tf32"] = not a.no_tf32
+    row["triton_f32"] = os.environ.get("TRITON_F32_DEFAULT", "tf32")
 
     def forward():
         with torch.no_grad():
@@ -253,7 +257,8 @@ def part_time(a: argparse.Namespace) -> None:
         return mode
 
     recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]
-    lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=a.cuda_graph)
+    lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=a.cuda_graph, backend=a.backend)
+    row["backend"] = a.backend
     # warm-up (long: a short call compiles the kernels; with --cuda-graph this call records the graph)
     lrp.attribute(ids[:, :4096] if long else ids, target=1)
     decided.clear()
@@ -358,6 +363,7 @@ def main() -> None:
         help="MambaLRP(model, cuda_graph=True): the attribution replayed from a CUDA graph (no host launches); "
         "the forward stays eager",
     )
+    p.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if a.scan_inputs != "default":
@@ -366,6 +372,8 @@ def main() -> None:
         os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = "1" if a.conv_kernel == "on" else "0"
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
     torch.backends.cudnn.allow_tf32 = not a.no_tf32
+    if a.no_tf32:  # read by Triton when it compiles, i.e. after this line
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     if a.part == "precision":
         a.shape_for_precision = a.shape
         part_precision(a)
