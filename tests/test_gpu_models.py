@@ -110,12 +110,14 @@ def test_gpu_transformers_hybrids_match_cpu_and_conserve(family, backend):
 @pytest.mark.parametrize("family", ["nemotron_h", "granite"])
 def test_gpu_hybrid_layers_recomputed_give_the_same_relevance(family):
     """On CUDA, a hybrid with its attention, MLP and expert layers recomputed with the mixers
-    (``recompute=True``) gives the relevance of keeping everything, and its pass peaks lower."""
+    (``recompute=True``; ``"projection"``, where they keep their products and the fused
+    attention's output: efficient attention with the padding mask, flash without) gives the
+    relevance of keeping everything, and its pass peaks lower."""
     model = _hf_hybrid(family).cuda()
     ids, mask = _inputs(length=1024)  # long enough for the activations to set the peak
     ids, mask = (ids % model.config.vocab_size).cuda(), mask.cuda()
     peaks, out = {}, {}
-    for mode in (False, True):
+    for mode in (False, True, "projection"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -123,7 +125,10 @@ def test_gpu_hybrid_layers_recomputed_give_the_same_relevance(family):
         torch.cuda.synchronize()
         peaks[mode] = torch.cuda.max_memory_allocated() - base
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["projection"], out[False], atol=1e-5, rtol=1e-4)
     assert peaks[True] < peaks[False], peaks
+    unmasked = {mode: MambaLRP(model, recompute=mode).attribute(ids[:1], target=5) for mode in (False, "projection")}
+    torch.testing.assert_close(unmasked["projection"], unmasked[False], atol=1e-5, rtol=1e-4)
 
 
 def _mamba_ssm_or_skip():

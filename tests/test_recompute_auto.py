@@ -529,3 +529,131 @@ def test_relevance_read_inside_a_recomputed_layer():
         again = LayerMambaLRP(model, layer, recompute=True).attribute(ids, target=1)
         assert kept.abs().max() > 0
         torch.testing.assert_close(again, kept, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _recomputed_layers(model):
+    """Names of the layers a pass recomputes whole with the mixers, and of the attention layers
+    among them, as installed (``recompute="auto"``); the model restored after."""
+    from captum_mambalrp.adapters.install import install_rules
+    from captum_mambalrp.rules.composites import composite
+
+    inst = install_rules(model, composite("mambalrp"), recompute="auto")
+    inst.patcher.restore()
+    return list(inst.recomputed_layers), list(inst.attention), list(inst.mixers)
+
+
+def _layer_weights(model, names):
+    """``{(linear name, layer position in call order): weight}`` for every linear layer inside
+    the layers ``names`` (the recomputed attention, MLP and expert layers)."""
+    return {
+        (f"{name}.{sub}", i): m.weight
+        for i, name in enumerate(names)
+        for sub, m in model.get_submodule(name).named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+
+
+class AttentionCalls(Products):
+    """:class:`Products`, and how often a fused attention operator (``rc.ATTENTION_OPS``) runs."""
+
+    def __init__(self, weights):
+        super().__init__(weights)
+        self.attention = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in rc.ATTENTION_OPS:
+            self.attention += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_projection_mode_keeps_the_hybrid_layers_products():
+    """``recompute="projection"`` on a hybrid (tiny Nemotron-H: Mamba2, attention, MLP, MoE):
+    the recomputed attention, MLP and expert layers run the products of their linear layers
+    once, as keeping does (the recomputation reads the saved outputs), and the attention's fused
+    kernel once; ``recompute=True`` runs both twice; the relevance is the same."""
+    from test_hybrids import build
+
+    model = build("nemotron_h", **HYBRID_SHAPES["nemotron_h"])
+    layers, attention, _ = _recomputed_layers(model)
+    assert attention and set(attention) <= set(layers)
+    weights = _layer_weights(model, layers)
+    ids = torch.randint(1, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for mode in (False, True, "projection"):
+        with AttentionCalls(weights) as seen:
+            relevance = MambaLRP(model, recompute=mode).attribute(ids, target=1)
+        runs[mode] = (seen, relevance)
+    once = runs[False][0].counts
+    assert sum(once.values()) >= 4 and runs[False][0].attention == len(attention)
+    assert runs[True][0].counts == {k: 2 * n for k, n in once.items()} and runs[True][0].attention == 2 * len(attention)
+    assert runs["projection"][0].counts == once and runs["projection"][0].attention == len(attention)
+    torch.testing.assert_close(runs["projection"][1], runs[False][1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-5, rtol=1e-4)
+
+
+def test_partial_plan_fills_out_proj_then_layers_then_in_proj():
+    """The room between recomputing and keeping every product goes, in this order, to the
+    mixers' ``out_proj`` outputs, the recomputed layers' products, the mixers' ``in_proj``
+    outputs (each group in call order); the full ``"projection"`` estimate counts the layers'
+    products; the layers called first keep theirs."""
+    mixers = []
+    for _ in range(2):
+        m = torch.nn.Module()
+        m.in_proj, m.out_proj = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+        mixers.append(m)
+    hidden = torch.zeros(1, 10, 8)
+    tokens = 10
+    layer = 100.0  # bytes per token of each of three layers' products
+    out, inp = (x * tokens for x in reversed(rc._product_bytes(rc.mixer_bytes_per_token(mixers[0], torch.float32))))
+    probe = rc.RecomputePlan(mixers, budget=1e12, layer_products=[layer] * 3)
+    assert probe.choose(hidden) is False
+    recompute, projection = probe.needed["recompute"], probe.needed["projection"]
+    assert projection - recompute == pytest.approx(2 * (out + inp) + 3 * layer * tokens)
+    cases = [  # room beyond recomputing -> (output_mixers, product_layers, projection_mixers)
+        (1.5 * out, (1, 0, 0)),
+        (2 * out + 1.5 * layer * tokens, (None, 1, 0)),
+        (2 * out + 3 * layer * tokens + 1.2 * inp, (None, None, 1)),
+        (projection - recompute, (None, None, None)),
+    ]
+    for room, expected in cases:
+        plan = rc.RecomputePlan(mixers, budget=recompute + room, layer_products=[layer] * 3)
+        assert plan.choose(hidden) == "projection"
+        assert (plan.output_mixers, plan.product_layers, plan.projection_mixers) == expected, room
+        n_layers = 3 if expected[1] is None else expected[1]
+        assert [plan.keeps_layer_products() for _ in range(3)] == [True] * n_layers + [False] * (3 - n_layers)
+    plan = rc.RecomputePlan(mixers, budget=recompute + 0.5 * out, layer_products=[layer] * 3)
+    assert plan.choose(hidden) is True
+
+
+def test_auto_gives_the_first_hybrid_layers_their_products(monkeypatch):
+    """A budget that holds recomputing, every ``out_proj`` output and the products of the first
+    recomputed layer only: that layer's products run once, the later layers' twice, the
+    mixers' ``in_proj`` twice; relevance as keeping everything."""
+    from test_hybrids import build
+
+    model = build("nemotron_h", **HYBRID_SHAPES["nemotron_h"])
+    layers, attention, mixer_names = _recomputed_layers(model)
+    ids = torch.randint(1, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    probe = rc.plan_for(model, mixer_names, attention_names=attention, layer_names=layers, budget=1e12)
+    probe.choose(torch.zeros(1, 40, model.config.hidden_size))
+    per = [rc.mixer_bytes_per_token(model.get_submodule(n), torch.float32) for n in mixer_names]
+    outputs = sum(rc._product_bytes(p)[1] for p in per) * 40
+    first = probe.layer_products[0] * 40
+    assert first > 0 and len(probe.layer_products) == len(layers) >= 2
+    room = outputs + 1.5 * first if probe.layer_products[1] > first / 2 else outputs + first * 1.01
+    budget = probe.needed["recompute"] + room
+    monkeypatch.setattr(rc, "available_memory", lambda device: budget / rc.AUTO_MEMORY_FRACTION)
+    plans = spy_plans(monkeypatch)
+    weights = _layer_weights(model, layers)
+    mixer_weights = {("in_proj", i): model.get_submodule(n).in_proj.weight for i, n in enumerate(mixer_names)}
+    with Products({**weights, **mixer_weights}) as seen:
+        relevance = MambaLRP(model).attribute(ids, target=1)
+    plan = plans[-1]
+    assert plan.mode == "projection" and (plan.output_mixers, plan.product_layers, plan.projection_mixers) == (None, 1, 0)
+    for (name, i), n in seen.counts.items():
+        if name == "in_proj":
+            assert n == 2, name
+        elif n:  # products that ran (an expert no token was routed to did not)
+            assert n == (1 if i == 0 else 2), (name, i, n)
+    kept = MambaLRP(model, recompute=False).attribute(ids, target=1)
+    torch.testing.assert_close(relevance, kept, atol=1e-5, rtol=1e-4)

@@ -201,7 +201,9 @@ def install_rules(
             whole = getattr(adapter, "recomputed_whole", False) and not has_ssm
             if recompute is not False and whole and not _inside(name, set(inst.recomputed_layers)):
                 # an attention layer, an MLP or experts: recomputed whole with the mixers
-                inst.patcher.wrap_forward(module, lambda f: recomputing_layer(f, recompute))
+                attention = any(c.kind == ATTENTION for c in installed)
+                wrap = partial(recomputing_layer, recompute=recompute, layer=module, attention=attention)
+                inst.patcher.wrap_forward(module, wrap)
                 inst.recomputed_layers.append(name)
             for part_name, part in adapter.affine_parts(module).items():
                 kind = LINEAR if isinstance(part, nn.Linear) else CONV

@@ -332,6 +332,26 @@ def others_bytes_per_token(
     return float(per_token), per_length
 
 
+def layer_product_bytes(layer: nn.Module, dtype: torch.dtype, attention: bool = False) -> float:
+    """Bytes per token that a recomputed ``layer`` (an attention, MLP or expert layer of a hybrid)
+    keeps in ``"projection"`` mode: the outputs of its linear layers (model dtype) and, for an
+    attention layer (``attention``), the fused attention's output (the output projection's input,
+    model dtype) and log-sum-exp (float32 per head); see :data:`ATTENTION_OPS`.
+
+    >>> mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    >>> layer_product_bytes(mlp, torch.bfloat16)
+    80.0
+    """
+    s_model = torch.tensor([], dtype=dtype).element_size()
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    total = float(sum(m.out_features for m in linears) * s_model)
+    if attention and linears:
+        named = [getattr(layer, n, None) for n in ("o_proj", "out_proj", "dense")]
+        out = next((m for m in named if isinstance(m, nn.Linear)), linears[-1])
+        total += out.in_features * s_model + _heads(layer) * 4
+    return total
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes a pass on ``device`` may still take: CUDA, free device memory plus what torch's
     caching allocator holds unused; elsewhere ``MemAvailable`` (Linux), else
@@ -408,6 +428,12 @@ class RecomputePlan:
     output_mixers: Optional[int] = None
     projection_mixers: Optional[int] = None
     mixer_calls: int = 0
+    #: bytes per token that each recomputed layer keeps in ``"projection"`` mode (its products,
+    #: :func:`layer_product_bytes`), in the order the layers are called, and how many of them (the
+    #: first ones called) keep them (``None``: all; :meth:`keeps_layer_products`)
+    layer_products: List[float] = field(default_factory=list)
+    product_layers: Optional[int] = None
+    layer_calls: int = 0
 
     def kept_products(self) -> Tuple[bool, bool]:
         """In ``"projection"`` mode, which outputs the mixer called now keeps: ``(in_proj's,
@@ -425,31 +451,43 @@ class RecomputePlan:
             self.output_mixers is None or k <= self.output_mixers,
         )
 
+    def keeps_layer_products(self) -> bool:
+        """In ``"projection"`` mode, does the recomputed layer called now keep its products? Counts
+        the layer calls of a pass; the ``k``-th keeps them when ``k <= product_layers`` (all do
+        where the budget holds every layer's, ``None``)."""
+        self.layer_calls += 1
+        return self.product_layers is None or self.layer_calls <= self.product_layers
+
     def _partial_projection(self, per: List[Dict[str, float]], tokens: int, room: float) -> float:
-        """Fill ``room`` bytes (the budget beyond recomputing) with kept products, the mixers in
-        the order they are called: ``out_proj``'s output for as many as it holds, then
-        ``in_proj``'s for as many as the rest holds (``out_proj``'s first: twice the work spared
-        per byte, module docstring). Sets :attr:`output_mixers`, :attr:`projection_mixers`
-        (``None`` where all keep it) and the mode (``"projection"`` if any mixer keeps
-        anything, else ``True``).
+        """Fill ``room`` bytes (the budget beyond recomputing) with kept products, the mixers and
+        layers in the order they are called: ``out_proj``'s output for as many mixers as it holds,
+        then the recomputed layers' products for as many layers as the rest holds, then
+        ``in_proj``'s output (the work each spares per byte kept, highest first: module docstring).
+        Sets :attr:`output_mixers`, :attr:`product_layers`, :attr:`projection_mixers` (``None``
+        where all keep it) and the mode (``"projection"`` if anything is kept, else ``True``).
 
         Returns:
             the room left (bytes).
         """
+        groups = (
+            [_product_bytes(p)[1] for p in per],  # out_proj's output
+            list(self.layer_products),
+            [_product_bytes(p)[0] for p in per],  # in_proj's output
+        )
         counts = []
-        for which in (1, 0):  # out_proj's output, then in_proj's
+        for costs in groups:
             count = 0
-            for p in per:
-                cost = _product_bytes(p)[which] * tokens
-                if cost > room:
+            for cost in costs:
+                if cost * tokens > room:
                     break
-                room -= cost
+                room -= cost * tokens
                 count += 1
             counts.append(count)
-        outputs, projections = counts
-        if outputs or projections:
+        outputs, layers, projections = counts
+        if outputs or layers or projections:
             self.mode = PROJECTION
             self.output_mixers = None if outputs == len(per) else outputs
+            self.product_layers = None if layers == len(self.layer_products) else layers
             self.projection_mixers = None if projections == len(per) else projections
         else:
             self.mode = True
@@ -485,7 +523,8 @@ class RecomputePlan:
         keep = sum(p["kept"] for p in per) * tokens + working + kept_all
         working *= RECOMPUTE_WORKING  # a recomputed mixer's tensors and its backward pass's gradients
         inputs = sum(p["input"] for p in per) * tokens + working + fixed
-        projection = sum(p["projection"] for p in per) * tokens + working + fixed
+        # "projection": the mixers' products and the recomputed layers'
+        projection = (sum(p["projection"] for p in per) + sum(self.layer_products)) * tokens + working + fixed
         working += fixed  # what offloading needs on the device
         budget = self.budget if self.budget is not None else AUTO_MEMORY_FRACTION * available_memory(hidden.device)
         capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -514,7 +553,7 @@ class RecomputePlan:
             self.mode = PROJECTION
         elif inputs <= budget:
             self.mode = True
-            if self.mixers and not capturing:  # as many kept products as the rest of the budget holds
+            if (self.mixers or self.layer_products) and not capturing:  # as many kept products as the rest holds
                 room = self._partial_projection(per, tokens, budget - inputs)
                 if self.mode == PROJECTION:
                     self.needed["projection_partial"] = budget - room
@@ -913,17 +952,34 @@ def _is_weight(operand: Any, weights: Sequence[Tuple[int, Tuple[int, ...]]]) -> 
     return any(ptr == p and dims in (shape, shape[::-1]) for p, shape in weights)
 
 
-def _keep_products(weights: Sequence[Tensor]) -> Tuple[Any, Any]:
+#: fused attention operators whose outputs a recomputed attention layer keeps in ``"projection"``
+#: mode (its output and log-sum-exp: the recomputation then skips the attention itself)
+ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_products(weights: Sequence[Tensor], ops: Sequence[Any] = ()) -> Tuple[Any, Any]:
     """Selective checkpointing contexts that save the output of every matrix product with one of
     ``weights`` as an operand (a mixer's ``in_proj`` and ``out_proj`` weights, told by their
     memory, not by the product's width, which other products of the mixer may share) and
     recompute everything else. Every such product is saved, in the forward pass and in the
     recomputation alike (torch pairs the saved outputs with the recomputation's calls in order,
-    per operation). A rule's products with weights of its own (LRP-gamma's) are recomputed."""
+    per operation). A rule's products with weights of its own (LRP-gamma's) are recomputed.
+    ``ops``: operators whose outputs are saved whatever their operands (:data:`ATTENTION_OPS`)."""
     keys = [(w.data_ptr(), tuple(w.shape)) for w in weights]
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if op in _PRODUCTS and any(_is_weight(a, keys) for a in args[-2:]):
+            return CheckpointPolicy.MUST_SAVE
+        if op in ops:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -940,10 +996,17 @@ def _with_cache(kwargs: Dict[str, Any]) -> bool:
     return any(v is not None and k in CACHE_KWARGS for k, v in kwargs.items())
 
 
-def recomputing_layer(forward: Callable[..., Any], recompute: Recompute) -> Callable[..., Any]:
+def recomputing_layer(
+    forward: Callable[..., Any], recompute: Recompute, layer: Optional[nn.Module] = None, attention: bool = False
+) -> Callable[..., Any]:
     """``forward`` of an attention, MLP or expert layer (a hybrid's), wrapped so that it keeps
     only its inputs for the backward pass and runs again there (``torch.utils.checkpoint``,
-    non-reentrant) whenever the pass recomputes its mixers: every mode but ``False``. Such a
+    non-reentrant) whenever the pass recomputes its mixers: every mode but ``False``. In
+    ``"projection"`` mode (where the pass's plan gives this call products: :meth:`RecomputePlan.
+    keeps_layer_products`) it also keeps the outputs of the products with the weights of
+    ``layer``'s linear layers and, for an attention layer (``attention``), of the fused
+    attention (:data:`ATTENTION_OPS`): the recomputation then runs only the elementwise steps
+    between them. Such a
     layer has no piece function and no state, and its input (``d_model`` per token) is small
     beside what it keeps (a squared-ReLU MLP of 21504 channels: about 50 times more), so
     ``"offload"`` and ``"sequence"`` recompute it whole with its input on the device.
@@ -968,7 +1031,15 @@ def recomputing_layer(forward: Callable[..., Any], recompute: Recompute) -> Call
                 mode = hidden is not None and _many_tokens(hidden)
         if mode is False:
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        context: Dict[str, Any] = {}
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if mode == PROJECTION and layer is not None and not capturing:
+            plan = _PLAN.get()
+            if plan is None or plan.keeps_layer_products():
+                weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+                ops = ATTENTION_OPS if attention else ()
+                context["context_fn"] = lambda: _keep_products(weights, ops)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **context, **kwargs)
 
     run.recompute_mode = recompute  # type: ignore[attr-defined]
     return run
@@ -1026,6 +1097,7 @@ def plan_for(
         layer_working_per_length=working_per_length,
         others_outside=outside[0],
         others_outside_per_length=outside[1],
+        layer_products=[layer_product_bytes(layer, dtype, id(layer) in {id(a) for a in attention}) for layer in layers],
     )
     if patcher is None or not (requested == "auto" or is_sequence(requested)) or not plan.allow_offload:
         return plan
