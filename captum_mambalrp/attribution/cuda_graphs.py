@@ -70,7 +70,7 @@ def static_copy(call: ForwardCall) -> Tuple[ForwardCall, List[Tensor]]:
     args = tuple(static(a) for a in call.args)
     kwargs = {k: static(call.kwargs[k]) for k in sorted(call.kwargs)}
     mask = static(call.mask)
-    return ForwardCall(args, kwargs, mask, call.token_ids), buffers
+    return ForwardCall(args, kwargs, mask, call.token_ids, call.last_logits), buffers
 
 
 @dataclass
@@ -115,7 +115,7 @@ class GraphCache:
         if entry is None:
             return self._record(key, call, target, run)
         self._graphs.move_to_end(key)
-        plan = plan_targets(entry.score_shape, target, call.mask)
+        plan = plan_targets(entry.score_shape, target, call.target_mask)
         positions, classes = plan.tensors(entry.positions.device)
         with torch.no_grad():
             for buffer, value in zip(entry.buffers, (v for v in _slots(call) if isinstance(v, Tensor))):
@@ -134,7 +134,7 @@ class GraphCache:
         with torch.cuda.stream(side):
             # the eager pass: this call's answer, and the warm-up (kernel compilation,
             # autotuning, workspaces) that must not happen while recording
-            selector = TargetSelector(target, call.mask)
+            selector = TargetSelector(target, call.target_mask)
             result = run(call, selector)
             static_call, buffers = static_copy(call)
             plan = selector.plan

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -12,15 +12,58 @@ from torch import Tensor, nn
 
 @dataclass
 class ForwardCall:
-    """How to call the model: positional args, keyword args, the mask, the input kind."""
+    """How to call the model: positional args, keyword args, the mask, the input kind, and
+    whether the call computes the output head at the last position only (:func:`last_logits_only`)."""
 
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any] = field(default_factory=dict)
     mask: Optional[Tensor] = None
     token_ids: bool = True
+    last_logits: bool = False
 
     def run(self, model: nn.Module) -> Any:
         return model(*self.args, **self.kwargs)
+
+    @property
+    def target_mask(self) -> Optional[Tensor]:
+        """The mask that target positions count real tokens against: none where the scores hold
+        the last position only."""
+        return None if self.last_logits else self.mask
+
+
+#: keywords through which a causal LM computes its output head at the last positions only:
+#: transformers' ``logits_to_keep`` (``num_logits_to_keep`` before 4.50), mamba-ssm's ``num_last_tokens``
+LAST_LOGITS_KWARGS = ("logits_to_keep", "num_logits_to_keep", "num_last_tokens")
+
+
+def _at_last_position(target: Any) -> bool:
+    """Does ``target`` explain the last real position of every example (a class, the predicted
+    one, ``(-1, class)``, or a list / 1-D tensor of those)?"""
+    if target is None or isinstance(target, (int, Tensor)):
+        return True
+    if isinstance(target, tuple):
+        return len(target) == 2 and isinstance(target[0], int) and target[0] == -1
+    if isinstance(target, list):
+        return all(_at_last_position(t) and not isinstance(t, list) for t in target)
+    return False
+
+
+def last_logits_only(model: nn.Module, call: ForwardCall, target: Any) -> ForwardCall:
+    """``call`` with the model's output head computed at the last position only, where that is
+    all ``target`` explains (:func:`_at_last_position`), the last position is real in every
+    example (no mask, or left padding) and the model's forward names one of
+    :data:`LAST_LOGITS_KWARGS` that the call does not set: the relevance is the same (the head
+    acts per position; the other positions' logits do not reach the explained score), and the
+    ``[B, L, vocab]`` logits and their gradient are never made (at 32768 tokens and a vocabulary
+    of 131072, 8 GiB each in bf16)."""
+    if call.last_logits or (call.mask is not None and not bool(call.mask[:, -1].all())) or not _at_last_position(target):
+        return call
+    params = _parameters(model)
+    name = next((n for n in LAST_LOGITS_KWARGS if n in params), None)
+    bound = list(params)[: len(call.args)] if call.args else []
+    if name is None or name in bound or any(n in call.kwargs for n in LAST_LOGITS_KWARGS):
+        return call
+    return replace(call, kwargs={**call.kwargs, name: 1}, last_logits=True)
 
 
 def _parameters(model: nn.Module) -> Dict[str, inspect.Parameter]:

@@ -96,6 +96,15 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
     def has_convergence_delta(self) -> bool:
         return True
 
+    def _reads_head_output(self) -> bool:
+        """The head at the explained position only, unless a layer read is the model itself or
+        its output head."""
+        model = self.explained_model
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        layers = self.layer if isinstance(self.layer, list) else [self.layer]
+        return not any(m is model or (head is not None and m is head) for m in layers)
+
     def attribute(  # type: ignore[override]
         self,
         inputs: Union[Tensor, tuple],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple, TypeVar, Union, cast
 
 import torch
@@ -16,7 +17,7 @@ from ..rules.composites import composite as make_composite
 from ..scan import BACKENDS
 from .cuda_graphs import GraphCache
 from .engine import Capture, Selector, relevance_pass
-from .inputs import ForwardCall, build_call, check_inputs
+from .inputs import ForwardCall, build_call, check_inputs, last_logits_only
 from .targets import TargetLike, TargetSelector, resolve_class_names
 
 R = TypeVar("R")  # what a pass returns as relevance: one tensor, or one per layer
@@ -146,9 +147,17 @@ class MambaLRPOptions:
         """``run(call, selector)``: eagerly, or through the CUDA-graph cache (``run`` then returns
         one relevance tensor)."""
         target = resolve_class_names(target, self.explained_model)  # class names -> indices, before the plan
+        if self._reads_head_output():
+            call = last_logits_only(self.explained_model, call, target)
         if self._use_graph(inputs):
             return cast(Tuple[R, Tensor], self.cuda_graphs.relevance(call, target, cast(Any, run), self._graph_state()))
-        return run(call, TargetSelector(target, call.mask))
+        return run(call, TargetSelector(target, call.target_mask))
+
+    def _reads_head_output(self) -> bool:
+        """May the pass compute the output head at the explained position only
+        (:func:`~captum_mambalrp.attribution.inputs.last_logits_only`)? Yes, unless relevance is read
+        at the head or after it (``LayerMambaLRP``)."""
+        return True
 
     def _graph_state(self) -> Hashable:
         """What recorded graphs depend on besides the call: train/eval mode, autocast, where
@@ -307,5 +316,5 @@ def _input_of(call: ForwardCall) -> Tensor:
 
 def _with_input(call: ForwardCall, x: Tensor) -> ForwardCall:
     if "inputs_embeds" in call.kwargs:
-        return ForwardCall(call.args, {**call.kwargs, "inputs_embeds": x}, call.mask, call.token_ids)
-    return ForwardCall((x, *call.args[1:]), call.kwargs, call.mask, call.token_ids)
+        return replace(call, kwargs={**call.kwargs, "inputs_embeds": x})
+    return replace(call, args=(x, *call.args[1:]))
