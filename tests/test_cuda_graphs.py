@@ -101,6 +101,23 @@ def test_replays_equal_eager_passes(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_replays_with_the_head_at_the_last_position():
+    """Targets at the last position (the head run there only, ``logits_to_keep=1``) and an
+    earlier one (the head everywhere) on the same shapes: two graphs, each replay equal to the
+    eager pass."""
+    model = zero_biases(make_lm("mamba", hidden_size=32, state_size=16)).cuda()
+    graphed, eager = MambaLRP(model, cuda_graph=True), MambaLRP(model)
+    mask = torch.ones(2, 40, dtype=torch.long, device="cuda")
+    mask[1, :6] = 0  # left padding: the last position is real in both
+    for seed, target in enumerate([5, (-1, 3), None, (10, 2), [1, (-1, 4)], (4, 4)]):
+        ids = _ids(2, 40, seed, "cuda")
+        rel = graphed.attribute(ids, target=target, attention_mask=mask)
+        assert _close(rel, eager.attribute(ids, target=target, attention_mask=mask)), (seed, target)
+    assert graphed.cuda_graphs.captures == 2 and graphed.cuda_graphs.replays == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_weights_changed_in_place_or_moved_are_seen():
     model = make_lm("mamba", hidden_size=32, state_size=16).cuda()
     graphed = MambaLRP(model, cuda_graph=True)
