@@ -407,7 +407,7 @@ def test_layer_mambalrp_cuda_graph_path_equals_eager():
 
         def relevance(self, call, target, run, state):
             EagerCache.calls += 1
-            return run(call, TargetSelector(target, call.mask))
+            return run(call, TargetSelector(target, call.target_mask))
 
     graphed.cuda_graphs = EagerCache()
     graphed._use_graph = lambda inputs: True

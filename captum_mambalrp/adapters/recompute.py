@@ -59,8 +59,16 @@ in]``, ``top_k`` times that; on the CPU, where attention runs ``scaled_dot_produ
 math kernel and keeps its weights, ``heads * length * s_compute`` per attention layer. That is
 what they keep with ``recompute=False``. In every other mode they are recomputed whole with the
 mixers (:func:`recomputing_layer`; a layer handed a cache keeps its tensors): each keeps its
-input and its pre-norm's, ``d_model * (s_model + s_compute)``, and the largest one's tensors
-are counted once more as the working set of its backward pass. Against the saved tensors of a
+input and its pre-norm's, ``d_model * (s_model + s_compute)`` (``d_model * s_model`` where the
+fused kernels run: the fused norm keeps its factor, not its input; at the Nemotron-H-8B shape
+the larger figure put the estimate 640 KiB per token over the H200's peaks, run 8 of
+docs/benchmarks.md), and the largest one's tensors are counted once more as the working set
+of its backward pass. In ``"projection"`` mode a recomputed layer may also keep the outputs of
+its linear layers and of the fused attention (:func:`layer_product_bytes`); per value kept, an
+MLP's products spare ``2 d f / (d + f)`` multiply-adds (``d_model`` ``d``, width ``f``): fewer
+than a mixer's ``out_proj`` output (``d_inner``, ``2 d``), more than its ``in_proj`` output
+(``d``) whenever ``f > d``, so ``auto``'s partial plan gives the layers their products after
+every ``out_proj`` output and before any ``in_proj`` output. Against the saved tensors of a
 relevance pass with ``recompute=True`` (CPU, float32, tiny Nemotron-H, Bamba, Granite-4.0-H,
 Jamba at d_model 64, 256 tokens, each kept tensor counted once) the estimate of what the forward
 pass keeps (mixer and layer inputs) is 0.64-0.75 times the measured bytes; keeping the layers'
@@ -509,9 +517,11 @@ class RecomputePlan:
         # CPU only); with it, the recomputed layers' inputs and one layer's working set
         cpu_length = 0.0 if cuda else float(length)
         kept_all = (self.others + self.others_per_length * cpu_length) * tokens
-        # a recomputed layer keeps its input, and its pre-norm (outside it) the norm's input
+        # a recomputed layer keeps its input, and its pre-norm (outside it) the norm's input, except
+        # where the fused norm runs (it keeps its factor only: run 8 of docs/benchmarks.md)
         s_compute = torch.tensor([], dtype=compute_dtype(hidden.dtype)).element_size()
-        layer_input = hidden.shape[-1] * (torch.tensor([], dtype=hidden.dtype).element_size() + s_compute)
+        s_norm = 0 if fused_kernels_on(device.type) else s_compute
+        layer_input = hidden.shape[-1] * (torch.tensor([], dtype=hidden.dtype).element_size() + s_norm)
         fixed = (
             self.others_outside
             + self.others_outside_per_length * cpu_length
