@@ -109,7 +109,7 @@ def _thresholds(model, ids, projection=False):
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
 def test_auto_flips_where_the_estimate_meets_the_budget(arch, monkeypatch):
     model = make_lm("mamba", num_hidden_layers=3) if arch == "mamba" else make_mamba2(num_hidden_layers=3)
-    ids = ids_for(2, 17)
+    ids = ids_for(1, 34)  # one sequence: a batch over the budget would run in parts
     keep, recompute, projection = _thresholds(model, ids, projection=True)
     assert recompute < projection < keep
     modes, kept = _modes_seen(model, ids, monkeypatch, budget=keep * 1.001)
@@ -216,7 +216,7 @@ def test_auto_keeps_as_many_products_as_fit(arch, monkeypatch):
     relevance unchanged; recompute (``True``) when not even one out_proj output fits."""
     layers = 4
     model = _make(arch, layers)
-    ids = ids_for(2, 24)
+    ids = ids_for(1, 48)  # one sequence: a batch over the budget would run in parts
     _, recompute, projection = _thresholds(model, ids, projection=True)
     per = rc.mixer_bytes_per_token(model.backbone.layers[0].mixer, torch.float32)
     out_bytes = (per["output"] - per["input"]) * ids.numel()  # one mixer's out_proj output

@@ -133,7 +133,7 @@ def test_auto_chooses_sequence_below_the_recompute_estimate(monkeypatch):
     working set), "auto" runs the pass in pieces sized from the budget, without warning (its own
     estimate fits); far below, it still chooses "sequence" and warns."""
     model = make_lm("mamba", num_hidden_layers=4)
-    ids = ids_for(2, 64)
+    ids = ids_for(1, 128)  # one sequence: a batch over the budget would run in parts
     plans = spy_plans(monkeypatch)
     monkeypatch.setattr(rc, "MIN_SEQUENCE_CHUNK", 4)  # pieces of a few tokens at this toy size
     kept = MambaLRP(model, recompute=False).attribute(ids, target=1)

@@ -121,7 +121,7 @@ import math
 import os
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -506,6 +506,10 @@ class RecomputePlan:
         blocks) see ``hidden [b, l, d]`` (decided at the first call of a pass, then kept)."""
         if self.mode is not None:
             return self.mode
+        return self._decide(hidden)
+
+    def _decide(self, hidden: Tensor) -> Recompute:
+        """:meth:`choose`'s decision (also asked by :meth:`keeps_everything` of a copy)."""
         batch, length = hidden.shape[0], hidden.shape[1]
         tokens = batch * length
         device = hidden.device
@@ -587,6 +591,33 @@ class RecomputePlan:
                 stacklevel=2,
             )
         return self.mode
+
+    def keeps_everything(self, batch: int, length: int, width: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Would a pass over ``batch`` sequences of ``length`` tokens (hidden size ``width``) keep
+        every tensor (``choose`` giving ``False``) with the memory available now? Asked of a fresh
+        copy of this plan (this one stays undecided), without the over-budget warning."""
+        from types import SimpleNamespace
+
+        probe = replace(self, mode=None, needed={}, mixer_calls=0, layer_calls=0, chain=None, sequence=None)
+        hidden = SimpleNamespace(shape=(batch, length, width), dtype=dtype, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            return probe._decide(hidden) is False  # type: ignore[arg-type]
+
+    def kept_batch(self, batch: int, length: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
+        """The largest number of the ``batch`` sequences that one pass can take keeping every
+        tensor (:meth:`keeps_everything`; the need grows with the tokens), ``0`` if not even one.
+        ``MambaLRP`` runs a batch over the limit in parts of this size (``recompute="auto"``)."""
+        if self.keeps_everything(batch, length, width, dtype, device):
+            return batch
+        low, high = 0, batch  # keeps(low) (or low == 0), not keeps(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            if self.keeps_everything(mid, length, width, dtype, device):
+                low = mid
+            else:
+                high = mid
+        return low
 
     def _sequence_settings(
         self, per: List[Dict[str, float]], hidden: Tensor, budget: float, host_budget: float

@@ -11,10 +11,11 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from ..adapters import Installation, Patcher, install_rules
-from ..adapters.recompute import Recompute, check_recompute
+from ..adapters.recompute import Recompute, RecomputePlan, check_recompute, plan_for
 from ..rules.composites import Composite, RuleLike
 from ..rules.composites import composite as make_composite
 from ..scan import BACKENDS
+from .batching import bounds, call_part, joined, target_part
 from .cuda_graphs import GraphCache
 from .engine import Capture, Selector, relevance_pass
 from .inputs import ForwardCall, build_call, check_inputs, last_logits_only
@@ -102,6 +103,7 @@ class MambaLRPOptions:
         self.cuda_graph = cuda_graph
         self.cuda_graphs = GraphCache()
         self.last_installation = None
+        self._batch_plan: Optional[RecomputePlan] = None  # the plan that sizes parts of a batch (made on first use)
         self._install(Patcher()).patcher.restore()
 
     def _install(self, patcher: Patcher) -> Installation:
@@ -151,7 +153,40 @@ class MambaLRPOptions:
             call = last_logits_only(self.explained_model, call, target)
         if self._use_graph(inputs):
             return cast(Tuple[R, Tensor], self.cuda_graphs.relevance(call, target, cast(Any, run), self._graph_state()))
+        batch = int(inputs.shape[0])
+        size = self._part_size(call, inputs)
+        if size < batch:  # in parts that keep every tensor (batching.py)
+            results = []
+            for start, end in bounds(batch, size):
+                part = call_part(call, batch, start, end)
+                results.append(run(part, TargetSelector(target_part(target, batch, start, end), part.target_mask)))
+            return cast(Tuple[R, Tensor], joined(cast(Any, results)))
         return run(call, TargetSelector(target, call.target_mask))
+
+    def _part_size(self, call: ForwardCall, inputs: Tensor) -> int:
+        """How many sequences one pass takes (``recompute="auto"``, a batch of token ids or of
+        embeddings ``[B, L, H]``): the whole batch when keeping every tensor fits it, or when not
+        even one sequence fits (then the pass recomputes); else as many as fit
+        (:meth:`~captum_mambalrp.adapters.recompute.RecomputePlan.kept_batch`)."""
+        batch = int(inputs.shape[0])
+        sequences = inputs.dim() == 2 if call.token_ids else inputs.dim() == 3
+        if self.recompute != "auto" or batch < 2 or not sequences:
+            return batch
+        if self._batch_plan is None:
+            inst = self._install(Patcher())
+            try:
+                model = self.explained_model
+                self._batch_plan = plan_for(
+                    model, inst.mixers, attention_names=inst.attention, layer_names=inst.recomputed_layers
+                )
+            finally:
+                inst.patcher.restore()
+        param = next((p for p in self.explained_model.parameters() if p.is_floating_point()), None)
+        if param is None:
+            return batch
+        width = self.embedding.embedding_dim if call.token_ids and self.embedding is not None else int(inputs.shape[-1])
+        kept = self._batch_plan.kept_batch(batch, int(inputs.shape[1]), width, param.dtype, inputs.device)
+        return kept if kept > 0 else batch
 
     def _reads_head_output(self) -> bool:
         """May the pass compute the output head at the explained position only
