@@ -3,8 +3,9 @@ batch would not fit, but keeping them for fewer sequences would, the batch runs 
 as many sequences as fit, each a pass without recomputation, and the parts' relevance is put
 back together. Each sequence's relevance is its own (the rules act per example; the explained
 score is a sum over examples), so the result is the whole batch's, without the recomputation
-that one pass over the batch would need (Falcon-Mamba-7B shape, bf16, 16 x 4096 tokens on an
-H200: about 2.1x the forward in parts against 2.5x recomputing; docs/benchmarks.md, run 8).
+that one pass over the batch would need. A part costs what a pass without recomputation costs
+(on an H200 at Nemotron-H-8B shape, bf16: 2.30x the forward for one sequence of 4096 tokens,
+where 16 of them in one recomputing pass took 2.66x; docs/benchmarks.md, run 8).
 """
 
 from __future__ import annotations
