@@ -1120,7 +1120,10 @@ def plan_for(
     layers = [model.get_submodule(n) for n in layer_names]
     others, per_length = others_bytes_per_token(model, mixers, attention, dtype)
     in_layers = {id(m) for layer in layers for m in layer.modules()}
-    outside = others_bytes_per_token(model, [*mixers, *layers], [a for a in attention if id(a) not in in_layers], dtype)
+    if layers:
+        outside = others_bytes_per_token(model, [*mixers, *layers], [a for a in attention if id(a) not in in_layers], dtype)
+    else:  # nothing recomputed besides the mixers: what lies outside them is all of it (one walk fewer)
+        outside = (others, per_length)
     working, working_per_length = 0.0, 0.0
     for layer in layers:  # the largest layer's own tensors: what all keep minus what all but it keep
         rest, rest_per_length = others_bytes_per_token(model, [*mixers, layer], [a for a in attention if a is not layer], dtype)
