@@ -657,3 +657,49 @@ def test_auto_gives_the_first_hybrid_layers_their_products(monkeypatch):
             assert n == (1 if i == 0 else 2), (name, i, n)
     kept = MambaLRP(model, recompute=False).attribute(ids, target=1)
     torch.testing.assert_close(relevance, kept, atol=1e-5, rtol=1e-4)
+
+
+class ExpertProducts(TorchDispatchMode):
+    """How often the forward ``grouped_mm`` of each fused experts weight runs (its operand the
+    weight transposed, a non-contiguous view; the backward pass reads it untransposed)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = weights
+        self.counts = dict.fromkeys(weights, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._grouped_mm.default:
+            operand = args[1]
+            for key, w in self.weights.items():
+                if operand.data_ptr() == w.data_ptr() and not operand.is_contiguous():
+                    self.counts[key] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_projection_mode_keeps_the_fused_experts_products():
+    """A recomputed MoE layer whose experts run as ``grouped_mm`` (tiny Nemotron-H on the CPU,
+    aligned): with ``"projection"`` each fused weight's product runs once, as keeping does;
+    ``True`` runs it twice; the estimate counts ``top_k`` rows of each weight's output per token;
+    the relevance is the same."""
+    from test_hybrids import build
+
+    from captum_mambalrp.adapters import moe
+
+    model = build("nemotron_h", **HYBRID_SHAPES["nemotron_h"])
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    weights = {n: w for n, w in experts.named_parameters() if w.dim() == 3}
+    assert weights and moe.grouped_mm_usable(torch.zeros(4, experts.down_proj.shape[2]), experts.down_proj)
+    ids = torch.randint(1, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for mode in (False, True, "projection"):
+        with ExpertProducts(weights) as seen:
+            relevance = MambaLRP(model, recompute=mode).attribute(ids, target=1)
+        runs[mode] = (dict(seen.counts), relevance)
+    once = runs[False][0]
+    assert all(n == 1 for n in once.values()), once
+    assert runs[True][0] == {k: 2 for k in once} and runs["projection"][0] == once
+    torch.testing.assert_close(runs["projection"][1], runs[False][1], atol=1e-5, rtol=1e-4)
+    top_k = rc._top_k(model, experts, int(experts.down_proj.shape[0]))
+    expected = sum(top_k * w.shape[1] * 4 for w in weights.values())
+    assert rc.layer_product_bytes(experts, torch.float32, top_k=top_k) == expected

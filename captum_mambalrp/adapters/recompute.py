@@ -295,6 +295,12 @@ def _top_k(model: nn.Module, experts: nn.Module, n_experts: int) -> int:
     return n_experts
 
 
+def _layer_top_k(model: nn.Module, layer: nn.Module) -> int:
+    """The experts each token runs through in ``layer`` (1 where it has no fused experts weight)."""
+    fused = [w for w in layer.parameters() if w.dim() == 3]
+    return _top_k(model, layer, int(fused[0].shape[0])) if fused else 1
+
+
 def _heads(module: nn.Module) -> int:
     for source in (module, getattr(module, "config", None)):
         for attr in ("num_heads", "num_attention_heads", "n_heads"):
@@ -340,9 +346,10 @@ def others_bytes_per_token(
     return float(per_token), per_length
 
 
-def layer_product_bytes(layer: nn.Module, dtype: torch.dtype, attention: bool = False) -> float:
+def layer_product_bytes(layer: nn.Module, dtype: torch.dtype, attention: bool = False, top_k: int = 1) -> float:
     """Bytes per token that a recomputed ``layer`` (an attention, MLP or expert layer of a hybrid)
-    keeps in ``"projection"`` mode: the outputs of its linear layers (model dtype) and, for an
+    keeps in ``"projection"`` mode: the outputs of its linear layers (model dtype), of its fused
+    experts weights ``[experts, out, in]`` (``top_k`` rows of ``out`` per token) and, for an
     attention layer (``attention``), the fused attention's output (the output projection's input,
     model dtype) and log-sum-exp (float32 per head); see :data:`ATTENTION_OPS`.
 
@@ -353,6 +360,7 @@ def layer_product_bytes(layer: nn.Module, dtype: torch.dtype, attention: bool = 
     s_model = torch.tensor([], dtype=dtype).element_size()
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     total = float(sum(m.out_features for m in linears) * s_model)
+    total += sum(top_k * w.shape[1] * s_model for w in layer.parameters() if w.dim() == 3)
     if attention and linears:
         named = [getattr(layer, n, None) for n in ("o_proj", "out_proj", "dense")]
         out = next((m for m in named if isinstance(m, nn.Linear)), linears[-1])
@@ -974,14 +982,18 @@ def recomputing(
 
 #: the matrix products ``F.linear`` runs: ``mm`` / ``addmm`` on the tokens flattened, ``bmm`` with
 #: the weight expanded over the batch (a non-contiguous input and a weight without gradient:
-#: Mamba1's ``out_proj`` reads ``y.transpose(1, 2)``)
-_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+#: Mamba1's ``out_proj`` reads ``y.transpose(1, 2)``); and ``grouped_mm``, with a fused experts
+#: weight ``[experts, out, in]`` transposed (:func:`~captum_mambalrp.adapters.moe.grouped_linear`)
+_PRODUCTS = tuple(
+    getattr(torch.ops.aten, name).default for name in ("mm", "addmm", "bmm", "_grouped_mm") if hasattr(torch.ops.aten, name)
+)
 
 
 def _is_weight(operand: Any, weights: Sequence[Tuple[int, Tuple[int, ...]]]) -> bool:
     """Is ``operand`` one of ``weights`` (``(data_ptr, shape)``), as a product reads it: the same
     memory, from the same first element (``weight.t()`` and its expansion over a batch are views
-    of it), its last two dimensions the weight's either way round? (The address alone would also
+    of it), its last two dimensions the weight's either way round (and, for a fused experts weight
+    ``[experts, out, in]``, its leading dimensions the weight's)? (The address alone would also
     take in other parameters of one flat buffer, from their start.)"""
     if not isinstance(operand, Tensor) or operand.dim() < 2:
         return False
@@ -989,8 +1001,10 @@ def _is_weight(operand: Any, weights: Sequence[Tuple[int, Tuple[int, ...]]]) -> 
         ptr = operand.data_ptr()
     except RuntimeError:  # a tensor without storage (a subclass, fake or functional tensor)
         return False
-    dims = tuple(operand.shape[-2:])
-    return any(ptr == p and dims in (shape, shape[::-1]) for p, shape in weights)
+    dims, lead = tuple(operand.shape[-2:]), tuple(operand.shape[:-2])
+    return any(
+        ptr == p and dims in (shape[-2:], shape[-2:][::-1]) and (len(shape) == 2 or lead == shape[:-2]) for p, shape in weights
+    )
 
 
 #: fused attention operators whose outputs a recomputed attention layer keeps in ``"projection"``
@@ -1078,6 +1092,7 @@ def recomputing_layer(
             plan = _PLAN.get()
             if plan is None or plan.keeps_layer_products():
                 weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+                weights += [w for w in layer.parameters() if w.dim() == 3]  # fused experts
                 ops = ATTENTION_OPS if attention else ()
                 context["context_fn"] = lambda: _keep_products(weights, ops)
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **context, **kwargs)
@@ -1128,6 +1143,7 @@ def plan_for(
     for layer in layers:  # the largest layer's own tensors: what all keep minus what all but it keep
         rest, rest_per_length = others_bytes_per_token(model, [*mixers, layer], [a for a in attention if a is not layer], dtype)
         working, working_per_length = max(working, others - rest), max(working_per_length, per_length - rest_per_length)
+    attention_ids = {id(a) for a in attention}
     plan = RecomputePlan(
         mixers,
         budget=budget if budget is not None else _env_budget(),
@@ -1141,7 +1157,9 @@ def plan_for(
         layer_working_per_length=working_per_length,
         others_outside=outside[0],
         others_outside_per_length=outside[1],
-        layer_products=[layer_product_bytes(layer, dtype, id(layer) in {id(a) for a in attention}) for layer in layers],
+        layer_products=[
+            layer_product_bytes(layer, dtype, id(layer) in attention_ids, _layer_top_k(model, layer)) for layer in layers
+        ],
     )
     if patcher is None or not (requested == "auto" or is_sequence(requested)) or not plan.allow_offload:
         return plan
