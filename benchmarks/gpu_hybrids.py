@@ -203,13 +203,20 @@ def main() -> None:
 
     def spy(plan, hidden):  # what auto decided in the first pass
         mode = choose(plan, hidden)
-        if not decided:
+        if "mode" not in decided:
             decided.update(mode=str(mode), output_mixers=plan.output_mixers, product_layers=plan.product_layers)
             decided.update(projection_mixers=plan.projection_mixers, layers=len(plan.layer_products))
             decided.update(estimate_gib={k: round(v / 2**30, 1) for k, v in plan.needed.items()})
         return mode
 
     rc.RecomputePlan.choose = spy  # type: ignore[method-assign]
+    kept_batch = rc.RecomputePlan.kept_batch
+
+    def parts_spy(plan, *args, **kwargs):  # a batch run in parts (recompute="auto"): sequences per part
+        decided["part_size"] = kept_batch(plan, *args, **kwargs)
+        return decided["part_size"]
+
+    rc.RecomputePlan.kept_batch = parts_spy  # type: ignore[method-assign]
     lrp = MambaLRP(model, recompute=args.recompute, backend=args.backend)
     target = int(torch.randint(0, config.vocab_size, (1,)))
     torch.cuda.reset_peak_memory_stats()

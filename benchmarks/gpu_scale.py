@@ -257,6 +257,13 @@ def part_time(a: argparse.Namespace) -> None:
         return mode
 
     recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]
+    kept_batch = recompute.RecomputePlan.kept_batch
+
+    def parts_spy(plan, *args, **kwargs):  # a batch run in parts (recompute="auto"): sequences per part
+        row["part_size"] = kept_batch(plan, *args, **kwargs)
+        return row["part_size"]
+
+    recompute.RecomputePlan.kept_batch = parts_spy  # type: ignore[method-assign]
     lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=a.cuda_graph, backend=a.backend)
     row["backend"] = a.backend
     # warm-up (long: a short call compiles the kernels; with --cuda-graph this call records the graph)
