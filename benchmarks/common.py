@@ -190,3 +190,52 @@ def print_ratios(ratios: List[Dict[str, Any]]) -> None:
         v = r["value"]
         v = f"{v:.4g}" if isinstance(v, float) else v
         print(f"RATIO {r['name']}: {v}  (goal {r['goal']}){'' if r['ok'] is None else ('  OK' if r['ok'] else '  MISSED')}")
+
+
+class RecomputeSpy:
+    """What ``recompute="auto"`` decided, read from the pass itself: the first pass's plan after
+    construction or :meth:`reset` (``.plan``, ``.mode``) and the sequences per part of a batch
+    run in parts (``.part_size``; ``0``: not even one sequence keeps everything, so the batch runs
+    whole; ``None`` when no batch was sized). Patches
+    ``RecomputePlan.choose`` and ``RecomputePlan.kept_batch`` for the rest of the process."""
+
+    def __init__(self) -> None:
+        from captum_mambalrp.adapters import recompute
+
+        self.plan: Any = None
+        self.mode: Any = None
+        self.part_size: Optional[int] = None
+        choose, kept_batch = recompute.RecomputePlan.choose, recompute.RecomputePlan.kept_batch
+        spy = self
+
+        def choose_spy(plan: Any, hidden: Any) -> Any:
+            mode = choose(plan, hidden)
+            if spy.plan is None:
+                spy.plan, spy.mode = plan, mode
+            return mode
+
+        def kept_batch_spy(plan: Any, *args: Any, **kwargs: Any) -> int:
+            spy.part_size = kept_batch(plan, *args, **kwargs)
+            return spy.part_size
+
+        recompute.RecomputePlan.choose = choose_spy  # type: ignore[method-assign]
+        recompute.RecomputePlan.kept_batch = kept_batch_spy  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.plan, self.mode, self.part_size = None, None, None
+
+    def summary(self) -> Dict[str, Any]:
+        """The decision as plain values (for a JSON row)."""
+        plan = self.plan
+        if plan is None:
+            return {"mode": None, "part_size": self.part_size}
+        return {
+            "mode": str(self.mode),
+            "part_size": self.part_size,
+            "output_mixers": plan.output_mixers,  # None: all (in "projection" mode)
+            "projection_mixers": plan.projection_mixers,
+            "product_layers": plan.product_layers,
+            "layers": len(plan.layer_products),
+            "sequence_settings": None if plan.sequence is None else str(plan.sequence),
+            "estimate_gib": {k: round(v / 2**30, 2) for k, v in plan.needed.items()},
+        }

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_ratios, versions, write_results  # noqa: E402
+from common import RecomputeSpy, print_ratios, versions, write_results  # noqa: E402
 
 # 52 layers as in Nemotron-H-8B: 24 Mamba2 (M), 24 MLPs (-), 4 attention layers (*) spread through the depth
 NEMOTRON_PATTERN_8B = "*".join("M-" * 6 for _ in range(4)) + "*"
@@ -196,27 +196,7 @@ def main() -> None:
         t_fwd = cuda_time(lambda: model(ids, use_cache=False, logits_to_keep=1), args.repeats)
     print(f"forward: {t_fwd * 1e3:.1f} ms", flush=True)
 
-    from captum_mambalrp.adapters import recompute as rc
-
-    decided: Dict[str, Any] = {}
-    choose = rc.RecomputePlan.choose
-
-    def spy(plan, hidden):  # what auto decided in the first pass
-        mode = choose(plan, hidden)
-        if "mode" not in decided:
-            decided.update(mode=str(mode), output_mixers=plan.output_mixers, product_layers=plan.product_layers)
-            decided.update(projection_mixers=plan.projection_mixers, layers=len(plan.layer_products))
-            decided.update(estimate_gib={k: round(v / 2**30, 1) for k, v in plan.needed.items()})
-        return mode
-
-    rc.RecomputePlan.choose = spy  # type: ignore[method-assign]
-    kept_batch = rc.RecomputePlan.kept_batch
-
-    def parts_spy(plan, *args, **kwargs):  # a batch run in parts (recompute="auto"): sequences per part
-        decided["part_size"] = kept_batch(plan, *args, **kwargs)
-        return decided["part_size"]
-
-    rc.RecomputePlan.kept_batch = parts_spy  # type: ignore[method-assign]
+    spy = RecomputeSpy()  # what auto decided in the first pass
     lrp = MambaLRP(model, recompute=args.recompute, backend=args.backend)
     target = int(torch.randint(0, config.vocab_size, (1,)))
     torch.cuda.reset_peak_memory_stats()
@@ -227,7 +207,7 @@ def main() -> None:
     tokens = ids.numel()
     print(
         f"MambaLRP: {t_lrp * 1e3:.1f} ms, peak {peak / 1024:.1f} GiB over the weights ({peak / tokens:.3f} MiB per token); "
-        f"auto: {decided}",
+        f"auto: {spy.summary()}",
         flush=True,
     )
     if args.profile:
@@ -248,7 +228,7 @@ def main() -> None:
         "ratio": t_lrp / t_fwd,
         "peak_mib_per_token": peak / tokens,
         "peak_gib": peak / 1024,
-        "auto": decided,
+        "auto": spy.summary(),
         "throughput_share": t_fwd / t_lrp,
         "forward_logits": "last position",  # attribution tokens/s over the forward's (goal 4: >= 0.4)
         "relevance_finite": bool(torch.isfinite(relevance).all()),

@@ -42,7 +42,9 @@ from typing import Any, Callable, Dict
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RecomputeSpy  # noqa: E402
+
 #: goal 2 of issue 14: peak memory over the weights per token at 2^19 tokens (Falcon-Mamba-7B, bf16)
 GOAL2_MIB_PER_TOKEN = 0.24
 #: where models live ("cuda"; "cpu" only for a smoke test of the script itself)
@@ -211,6 +213,16 @@ def emit(row: Dict[str, Any], out: str) -> None:
             f.write(line + "\n")
 
 
+def record_decision(row: Dict[str, Any], spy: Any) -> None:
+    """``recompute="auto"``'s decision of the measured call, in the row's fields."""
+    decision = spy.summary()
+    row["auto_mode"] = decision["mode"]
+    row["part_size"] = decision["part_size"]
+    for key in ("output_mixers", "projection_mixers", "sequence_settings"):
+        row[key] = decision.get(key)
+    row["auto_estimate_gib"] = decision.get("estimate_gib")
+
+
 def part_time(a: argparse.Namespace) -> None:
     from captum_mambalrp import MambaLRP
 
@@ -241,34 +253,12 @@ def part_time(a: argparse.Namespace) -> None:
         except torch.cuda.OutOfMemoryError:
             row["forward_s"] = None
             row["forward_error"] = "out of memory"
-    from captum_mambalrp.adapters import recompute
-
-    decided = []
-    choose = recompute.RecomputePlan.choose
-
-    def spy(plan, hidden):
-        mode = choose(plan, hidden)
-        if not decided:
-            decided.append(mode)
-            row["auto_estimate_gib"] = {k: v / 2**30 for k, v in plan.needed.items()}
-            row["sequence_settings"] = None if plan.sequence is None else str(plan.sequence)
-            row["projection_mixers"] = plan.projection_mixers  # None: all (in "projection" mode)
-            row["output_mixers"] = getattr(plan, "output_mixers", None)  # out_proj outputs kept (None: all)
-        return mode
-
-    recompute.RecomputePlan.choose = spy  # type: ignore[method-assign]
-    kept_batch = recompute.RecomputePlan.kept_batch
-
-    def parts_spy(plan, *args, **kwargs):  # a batch run in parts (recompute="auto"): sequences per part
-        row["part_size"] = kept_batch(plan, *args, **kwargs)
-        return row["part_size"]
-
-    recompute.RecomputePlan.kept_batch = parts_spy  # type: ignore[method-assign]
+    spy = RecomputeSpy()
     lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=a.cuda_graph, backend=a.backend)
     row["backend"] = a.backend
     # warm-up (long: a short call compiles the kernels; with --cuda-graph this call records the graph)
     lrp.attribute(ids[:, :4096] if long else ids, target=1)
-    decided.clear()
+    spy.reset()
     base = memory.start()
     sync()
     t = time.perf_counter()
@@ -277,7 +267,7 @@ def part_time(a: argparse.Namespace) -> None:
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
         row["peak_before_error_gib"] = memory.peak(base) / 2**30
-        row["auto_mode"] = str(decided[0]) if decided else None
+        record_decision(row, spy)
         emit(row, a.out)
         return
     sync()
@@ -286,7 +276,7 @@ def part_time(a: argparse.Namespace) -> None:
     row["mib_per_token"] = row["peak_over_weights_gib"] * 1024 / tokens
     row["goal2_share"] = row["mib_per_token"] / GOAL2_MIB_PER_TOKEN
     row["relevance_finite"] = bool(torch.isfinite(relevance).all())
-    row["auto_mode"] = str(decided[0]) if decided else None
+    record_decision(row, spy)
     del relevance
     if reps > 1:
         times.append(best(lambda: lrp.attribute(ids, target=1), reps - 1, warmup=0))
