@@ -100,7 +100,9 @@ what they keep, plus one mixer's working set, fits; else ``"projection"`` when t
 both projections' outputs plus one working set fit (not while a CUDA graph is captured); else,
 when the inputs plus one working set fit, ``"projection"`` in part: ``out_proj``'s output for as
 many mixers as the rest of the budget holds (the first ``output_mixers`` called in the pass),
-then ``in_proj``'s for as many as the room left holds (the first ``projection_mixers``); a mixer
+then a hybrid's recomputed layers' products for as many layers as the room left holds (the
+first ``product_layers``), then ``in_proj``'s for as many as the rest holds (the first
+``projection_mixers``); a mixer
 that keeps neither is recomputed whole (recompute when none keeps anything). ``out_proj``'s
 first: per value kept its output spares ``d_inner`` multiply-adds, ``in_proj``'s ``d_model``:
 twice as many at the usual expansion of 2 (Falcon-Mamba-7B shape: ``out_proj``'s output is a
@@ -109,7 +111,10 @@ device and the parked inputs 85 % of the host's ``MemAvailable`` (CUDA only, not
 graph is captured); else ``"sequence"`` (where mixers have piece functions or blocks can be
 recomputed; not while a CUDA graph is captured); else recompute. No token-count threshold. When
 the chosen mode's own estimate is over the budget, it warns (``ResourceWarning``) that the pass
-will likely run out of memory. Neither offloading nor ``"sequence"`` applies when relevance is
+will likely run out of memory. Before a pass, ``MambaLRP`` asks the same estimate how many sequences of a
+batch one pass can take keeping everything (:meth:`RecomputePlan.kept_batch`): where that is
+fewer than the batch and at least one, the batch runs in parts of that size, each a pass
+without recomputation (``attribution/batching.py``). Neither offloading nor ``"sequence"`` applies when relevance is
 read inside a mixer (nor the block recomputation when it is read inside a block).
 """
 
@@ -1059,7 +1064,8 @@ def recomputing_layer(
     non-reentrant) whenever the pass recomputes its mixers: every mode but ``False``. In
     ``"projection"`` mode (where the pass's plan gives this call products: :meth:`RecomputePlan.
     keeps_layer_products`) it also keeps the outputs of the products with the weights of
-    ``layer``'s linear layers and, for an attention layer (``attention``), of the fused
+    ``layer``'s linear layers and fused experts (``grouped_mm``) and, for an attention layer
+    (``attention``), of the fused
     attention (:data:`ATTENTION_OPS`): the recomputation then runs only the elementwise steps
     between them. Such a
     layer has no piece function and no state, and its input (``d_model`` per token) is small

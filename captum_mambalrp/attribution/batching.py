@@ -11,15 +11,13 @@ where 16 of them in one recomputing pass took 2.66x; docs/benchmarks.md, run 8).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, List, Sequence, Tuple, TypeVar, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .inputs import ForwardCall
 from .targets import TargetLike
-
-R = TypeVar("R")
 
 
 def _part(value: Any, batch: int, start: int, end: int) -> Any:
