@@ -21,6 +21,7 @@ mode (GiB; ``others``: the attention, MLP and expert layers, kept in every mode)
 
     python3 benchmarks/gpu_hybrids.py --shape nemotron_h_8b --length 8192 --out nemotron.json
     python3 benchmarks/gpu_hybrids.py --shape granite_4h_tiny --length 8192 --estimate
+    CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/gpu_hybrids.py --shape nemotron_h_8b --length 131072 --forward-only
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the N kernels with the most GPU time in each pass")
+    parser.add_argument("--forward-only", action="store_true", help="time transformers' forward only (no attribution)")
     parser.add_argument("--estimate", action="store_true", help="print auto's memory estimate per mode (no GPU, no weights)")
     args = parser.parse_args()
     if args.estimate:
@@ -195,6 +197,8 @@ def main() -> None:
     with torch.no_grad():
         t_fwd = cuda_time(lambda: model(ids, use_cache=False, logits_to_keep=1), args.repeats)
     print(f"forward: {t_fwd * 1e3:.1f} ms", flush=True)
+    if args.forward_only:  # (run it with CUDA_LAUNCH_BLOCKING=1 to see which kernel fails)
+        return
 
     spy = RecomputeSpy()  # what auto decided in the first pass
     lrp = MambaLRP(model, recompute=args.recompute, backend=args.backend)

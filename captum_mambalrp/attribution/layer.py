@@ -96,7 +96,7 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
     def has_convergence_delta(self) -> bool:
         return True
 
-    def _reads_head_output(self) -> bool:
+    def _may_trim_logits(self) -> bool:
         """The head at the explained position only, unless a layer read is the model itself or
         its output head."""
         model = self.explained_model

@@ -149,7 +149,7 @@ class MambaLRPOptions:
         """``run(call, selector)``: eagerly, or through the CUDA-graph cache (``run`` then returns
         one relevance tensor)."""
         target = resolve_class_names(target, self.explained_model)  # class names -> indices, before the plan
-        if self._reads_head_output():
+        if self._may_trim_logits():
             call = last_logits_only(self.explained_model, call, target)
         if self._use_graph(inputs):
             return cast(Tuple[R, Tensor], self.cuda_graphs.relevance(call, target, cast(Any, run), self._graph_state()))
@@ -188,7 +188,7 @@ class MambaLRPOptions:
         kept = self._batch_plan.kept_batch(batch, int(inputs.shape[1]), width, param.dtype, inputs.device)
         return kept if kept > 0 else batch
 
-    def _reads_head_output(self) -> bool:
+    def _may_trim_logits(self) -> bool:
         """May the pass compute the output head at the explained position only
         (:func:`~captum_mambalrp.attribution.inputs.last_logits_only`)? Yes, unless relevance is read
         at the head or after it (``LayerMambaLRP``)."""
