@@ -241,6 +241,7 @@ def part_time(a: argparse.Namespace) -> None:
     row["cuda_graph"] = a.cuda_graph
     row["tf32"] = not a.no_tf32
     row["triton_f32"] = os.environ.get("TRITON_F32_DEFAULT", "tf32")
+    row["decay_kernel"] = os.environ.get("CAPTUM_MAMBALRP_DECAY_KERNEL", "default")
 
     def forward():
         with torch.no_grad():
@@ -277,10 +278,19 @@ def part_time(a: argparse.Namespace) -> None:
     row["goal2_share"] = row["mib_per_token"] / GOAL2_MIB_PER_TOKEN
     row["relevance_finite"] = bool(torch.isfinite(relevance).all())
     record_decision(row, spy)
-    del relevance
     if reps > 1:
         times.append(best(lambda: lrp.attribute(ids, target=1), reps - 1, warmup=0))
     row["attribute_s"] = min(times)
+    if getattr(a, "decay_kernel", "default") == "compare":
+        os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "1"
+        with_kernel = lrp.attribute(ids, target=1)  # also the warm-up: compiles the kernel
+        row["decay_kernel_rel_l2"] = float((with_kernel.float() - relevance.float()).norm() / relevance.float().norm())
+        del with_kernel
+        row["attribute_decay_kernel_s"] = best(lambda: lrp.attribute(ids, target=1), reps, warmup=0)
+        row["decay_kernel_speedup"] = row["attribute_s"] / row["attribute_decay_kernel_s"]
+        if row.get("forward_s"):
+            row["ratio_decay_kernel"] = row["attribute_decay_kernel_s"] / row["forward_s"]
+    del relevance
     if row.get("forward_s"):
         row["ratio"] = row["attribute_s"] / row["forward_s"]
     if a.part == "throughput" and row.get("forward_s"):
@@ -360,9 +370,20 @@ def main() -> None:
         help="MambaLRP(model, cuda_graph=True): the attribution replayed from a CUDA graph (no host launches); "
         "the forward stays eager",
     )
+    p.add_argument(
+        "--decay-kernel",
+        choices=["default", "on", "off", "compare"],
+        default="default",
+        help="SSD's chunk-end recurrence as one Triton kernel: on/off sets CAPTUM_MAMBALRP_DECAY_KERNEL; compare times "
+        "the attribution without it, then with it, in this run (attribute_decay_kernel_s, decay_kernel_speedup)",
+    )
     p.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     p.add_argument("--out", default="")
     a = p.parse_args()
+    if a.decay_kernel in ("on", "off"):
+        os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "1" if a.decay_kernel == "on" else "0"
+    elif a.decay_kernel == "compare":
+        os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "0"
     if a.scan_inputs != "default":
         os.environ["CAPTUM_MAMBALRP_SCAN_INPUTS"] = a.scan_inputs
     if a.conv_kernel != "default":

@@ -26,16 +26,22 @@ SSM-rule ablation): saved tensors of ``O(b l h (p + T))`` instead of the step-by
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import fused_kernels_enabled
 from .precision import compute_dtype
 
 #: Steps per chunk of the SSD matrix form.
 CHUNK = 64
+
+#: the environment variable that runs :func:`decay_scan_` as one Triton kernel ("1"; off by
+#: default until timed on a GPU: docs/scaling.md)
+DECAY_KERNEL_ENV = "CAPTUM_MAMBALRP_DECAY_KERNEL"
 
 
 def _pad_time(t: Tensor, pad: int) -> Tensor:
@@ -48,7 +54,18 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
 def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
     """In place along axis 1: ``u_t <- decay_t * u_{t-1} + u_t`` (``u [b, t, ...]``, ``decay``
     broadcastable to it). Two levels of about ``sqrt(t)`` sequential steps each: within
-    blocks (all blocks at once), then across block ends, then one correction."""
+    blocks (all blocks at once), then across block ends, then one correction. With
+    ``CAPTUM_MAMBALRP_DECAY_KERNEL=1`` a float32 ``u`` on CUDA is solved by one Triton kernel
+    instead (:mod:`.triton_decay`: one read and one write of ``u``).
+
+    >>> u = torch.ones(1, 4)
+    >>> decay_scan_(u, torch.full((1, 4), 0.5))
+    tensor([[1.0000, 1.5000, 1.7500, 1.8750]])
+    """
+    if _decay_kernel_applies(u, decay):
+        from .triton_decay import decay_scan_ as kernel
+
+        return kernel(u, decay)
     t = u.shape[1]
     block = max(1, math.isqrt(t))
     blocks = t // block
@@ -66,6 +83,18 @@ def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
     for s in range(done, t):
         u[:, s].addcmul_(decay[:, s], u[:, s - 1])
     return u
+
+
+def _decay_kernel_applies(u: Tensor, decay: Tensor) -> bool:
+    """May :mod:`.triton_decay` solve ``decay_scan_(u, decay)``? Turned on, float32, at most 6
+    axes, more than one step, where the fused kernels run (CUDA, or Triton's interpreter)."""
+    return (
+        os.environ.get(DECAY_KERNEL_ENV, "0") == "1"
+        and u.dtype == decay.dtype == torch.float32
+        and 2 <= u.dim() <= 6
+        and u.shape[1] > 1
+        and fused_kernels_enabled(u, decay)
+    )
 
 
 def decay_scan(u: Tensor, decay: Tensor) -> Tensor:
