@@ -9,9 +9,11 @@ from conftest import make_lm
 from test_api import ids_for
 
 from captum_mambalrp import LayerMambaLRP, MambaLRP
+from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.adapters import recompute as rc
 from captum_mambalrp.attribution.batching import bounds, call_part, target_part
 from captum_mambalrp.attribution.inputs import ForwardCall
+from captum_mambalrp.rules import composite
 
 
 def keep_need(model, batch, length):
@@ -130,3 +132,57 @@ def test_slicing_helpers():
     assert target_part([1, 2, 3, 4, 5], 5, 2, 4) == [3, 4] and target_part((0, 1), 5, 2, 4) == (0, 1)
     assert torch.equal(target_part(torch.tensor([1, 2, 3, 4, 5]), 5, 1, 2), torch.tensor([2]))
     assert bounds(4, 4) == [(0, 4)] and bounds(3, 1) == [(0, 1), (1, 2), (2, 3)]
+
+
+def planned_keep(model, batch, length):
+    """What keeping every tensor of ``batch`` sequences needs, by the plan ``MambaLRP`` sizes the
+    parts with (its mixers, attention and recomputed layers: a hybrid's layers count too)."""
+    inst = install_rules(model, composite("mambalrp"), recompute="auto")
+    try:
+        plan = rc.plan_for(model, inst.mixers, attention_names=inst.attention, layer_names=inst.recomputed_layers, budget=1e15)
+    finally:
+        inst.patcher.restore()
+    width = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).embedding_dim
+    plan.choose(torch.zeros(batch, length, width))
+    return plan.needed["keep"]
+
+
+def _other_model(kind):
+    """``(model, takes an attention mask)`` of each kind (tiny, random)."""
+    if kind == "mamba2":
+        from test_mamba2 import make_mamba2
+
+        return make_mamba2(seed=7, num_hidden_layers=2), True
+    if kind in ("bamba", "nemotron_h"):
+        from test_hybrids import build
+
+        return build(kind, seed=7), True
+    if kind == "mamba_ssm_mamba1":
+        from test_mamba_ssm import make_ssm_lm
+
+        return make_ssm_lm("Mamba1", seed=7, d_model=16), False
+    from test_mamba3 import make_mamba3_lm
+
+    return make_mamba3_lm(mimo=kind == "mamba3_mimo", seed=7), False
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "bamba", "nemotron_h", "mamba_ssm_mamba1", "mamba3_siso", "mamba3_mimo"])
+def test_other_models_run_in_parts_with_the_same_relevance(kind, monkeypatch):
+    """transformers' Mamba2, two hybrids (Bamba; Nemotron-H with attention, MLP and MoE layers),
+    mamba-ssm's Mamba1 language model and one with Mamba3 mixers (SISO, MIMO): five sequences
+    where keeping fits two run as 2 + 2 + 1, each part keeping everything, and relevance and delta
+    equal one pass with ``recompute=False`` (per-example targets; left and right padding where the
+    model takes a mask)."""
+    model, masked = _other_model(kind)
+    ids, mask = padded()
+    call = dict(attention_mask=mask) if masked else {}
+    target = [1, 2, (-1, 3), None, (4, 5)]
+    whole, whole_delta = MambaLRP(model, recompute=False).attribute(ids, target=target, return_convergence_delta=True, **call)
+    seen = passes(model, monkeypatch, (planned_keep(model, 2, 24) + planned_keep(model, 3, 24)) / 2)
+    rel, delta = MambaLRP(model).attribute(ids, target=target, return_convergence_delta=True, **call)
+    assert [(b, m) for b, m, _ in seen] == [(2, False), (2, False), (1, False)]
+    torch.testing.assert_close(rel, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta, whole_delta, atol=1e-6, rtol=1e-5)
+    assert (whole.abs().sum(1) > 0).all()
+    if masked:
+        assert (rel[mask == 0] == 0).all()

@@ -114,3 +114,49 @@ def test_mamba_ssm_lm_uses_num_last_tokens():
         handle.remove()
     assert shapes == [(2, 1, 64), (2, 12, 64)]
     torch.testing.assert_close(rel, full, atol=1e-6, rtol=1e-5)
+
+
+def _other_lm(kind):
+    """``(model, output head, the keyword that keeps every position's logits)`` of each kind."""
+    if kind == "mamba2":
+        from test_mamba2 import make_mamba2
+
+        model = make_mamba2(seed=3, num_hidden_layers=2, vocab_size=96)
+    elif kind in ("bamba", "nemotron_h"):
+        from test_hybrids import build
+
+        model = build(kind, seed=3, vocab_size=96)
+    else:
+        from test_mamba3 import make_mamba3_lm
+
+        model = make_mamba3_lm(mimo=kind == "mamba3_mimo", seed=3)
+        return model, model.lm_head, "num_last_tokens"
+    return model, model.get_output_embeddings(), "logits_to_keep"
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "bamba", "nemotron_h", "mamba3_siso", "mamba3_mimo"])
+def test_other_lms_run_the_head_at_the_last_position_with_the_same_relevance(kind):
+    """transformers' Mamba2, two hybrids (Bamba; Nemotron-H with attention, MLP and MoE layers,
+    left padding) and mamba-ssm's language model with Mamba3 mixers (SISO, MIMO), per-example
+    targets at the last position: the head runs on one position, and relevance and delta equal
+    those of a pass whose head runs everywhere (``logits_to_keep=0`` / ``num_last_tokens=0``)."""
+    model, head, keep_all = _other_lm(kind)
+    vocab = head.out_features
+    x = ids() % vocab
+    call = {}
+    if kind in ("mamba2", "bamba", "nemotron_h"):
+        mask = torch.ones_like(x)
+        mask[1, :4] = 0
+        call["attention_mask"] = mask
+    target = [3, (-1, 7)]
+    shapes = []
+    handle = head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        rel, delta = MambaLRP(model).attribute(x, target=target, return_convergence_delta=True, **call)
+        full, full_delta = MambaLRP(model).attribute(x, target=target, return_convergence_delta=True, **call, **{keep_all: 0})
+    finally:
+        handle.remove()
+    assert shapes == [(2, 1, vocab), (2, 12, vocab)], shapes
+    assert (full.abs().sum(1) > 0).all()
+    torch.testing.assert_close(rel, full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta, full_delta, atol=1e-6, rtol=1e-5)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from mamba_ssm_env import load_mamba_ssm
 from test_api import assert_unchanged, snapshot
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from captum_mambalrp import MambaLRP
+from captum_mambalrp import MambaLRP, SequenceChunks
 from captum_mambalrp.adapters import install_rules
 from captum_mambalrp.rules import composite
 
@@ -205,3 +206,95 @@ def test_components_and_refusals():
             host.mixer(u, inference_params=object())
     finally:
         inst.patcher.restore()
+
+
+# ---------------------------------------------------------------- memory-saving paths
+
+
+def make_mamba3_lm(mimo: bool = False, seed: int = 0, n_layer: int = 2, d_model: int = 16) -> nn.Module:
+    """mamba-ssm's ``MambaLMHeadModel`` (its ``Block``s, fused add-norm, ``lm_head``, ``num_last_tokens``)
+    with a Mamba3 mixer in every block: its ``create_block`` builds Mamba1 and Mamba2 only, so the
+    model is built with Mamba2 mixers and each is swapped for a :func:`make_mamba3`."""
+    from test_mamba_ssm import make_ssm_lm
+
+    model = make_ssm_lm("Mamba2", seed=seed, d_model=d_model, n_layer=n_layer)
+    for i, block in enumerate(model.backbone.layers):
+        block.mixer = make_mamba3(seed=seed + 10 + i, d_model=d_model, mimo=mimo)
+    return model.eval()
+
+
+class CallCounts(TorchDispatchMode):
+    """How often the mixer's ``in_proj`` and ``out_proj`` products ran (``self.products``, keyed
+    by name; told by the weight's memory, read transposed as ``F.linear`` does) and how often the
+    modules were called (``self.calls``, forward hooks)."""
+
+    def __init__(self, mixer: nn.Module) -> None:
+        super().__init__()
+        self.weights = {name: getattr(mixer, name).weight for name in ("in_proj", "out_proj")}
+        self.products = dict.fromkeys(self.weights, 0)
+        self.calls = dict.fromkeys(self.weights, 0)
+        self.handles = [getattr(mixer, name).register_forward_hook(self._counter(name)) for name in self.weights]
+
+    def _counter(self, name):
+        def hook(module, args, out):
+            self.calls[name] += 1
+
+        return hook
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            operand = args[-1]
+            for name, w in self.weights.items():
+                if operand.data_ptr() == w.data_ptr() and tuple(operand.shape[-2:]) == tuple(w.t().shape):
+                    self.products[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+
+# mode -> (recompute, in_proj module calls, in_proj products, out_proj products) in one pass
+MEMORY_PATHS = {
+    "recompute": (True, 2, 2, 2),
+    "projection": ("projection", 2, 1, 1),  # the recomputation reads both saved products
+    "offload": ("offload", 2, 2, 2),
+    # Mamba3 has no piece function: "sequence" recomputes the mixer whole (docs/scaling.md);
+    # pieces of 4 tokens, which do not divide the 11 tokens, would call in_proj once per piece
+    "sequence": ("sequence", 2, 2, 2),
+    "sequence_chunks": (SequenceChunks(chunk=4, stride=2), 2, 2, 2),
+    "auto": ("auto", 1, 1, 1),  # this machine's memory holds everything
+    "auto_over_budget": ("auto", 2, 2, 2),  # CAPTUM_MAMBALRP_MEMORY_BUDGET=1: recompute, with a warning
+}
+
+
+@pytest.mark.parametrize("path", MEMORY_PATHS)
+@pytest.mark.parametrize("mimo", [False, True], ids=["siso", "mimo"])
+def test_every_memory_path_equals_keeping_and_conserves(mimo, path, monkeypatch):
+    """Relevance and delta with each memory-saving path equal those with ``recompute=False`` (to
+    1e-6), the relevance sums to the score of the step-by-step reference (1e-5 relative), and the
+    mixer ran as the path says: recomputed (``in_proj`` called twice), in ``"projection"`` mode
+    without running its two products again, kept once by ``"auto"`` when memory suffices and
+    recomputed when ``CAPTUM_MAMBALRP_MEMORY_BUDGET`` holds nothing."""
+    recompute, calls, in_products, out_products = MEMORY_PATHS[path]
+    host = Host(make_mamba3(seed=4, mimo=mimo, is_outproj_norm=True), seed=4)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(4))
+    _, score = reference_relevance(host, ids, -1, 2)
+    before = snapshot(host)
+    kept, kept_delta = MambaLRP(host, recompute=False).attribute(ids, target=2, return_convergence_delta=True)
+    assert ((kept.sum(1) - score).abs() <= 1e-5 * score.abs().clamp_min(0.1)).all(), (kept.sum(1), score)
+    lrp = MambaLRP(host, recompute=recompute)
+    if path == "auto_over_budget":
+        monkeypatch.setenv("CAPTUM_MAMBALRP_MEMORY_BUDGET", "1")
+    with CallCounts(host.mixer) as seen:
+        if path == "auto_over_budget":
+            with pytest.warns(ResourceWarning, match="run out of memory"):
+                relevance, delta = lrp.attribute(ids, target=2, return_convergence_delta=True)
+        else:
+            relevance, delta = lrp.attribute(ids, target=2, return_convergence_delta=True)
+    assert seen.calls == {"in_proj": calls, "out_proj": calls}, seen.calls
+    assert seen.products == {"in_proj": in_products, "out_proj": out_products}, seen.products
+    torch.testing.assert_close(relevance, kept, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta, kept_delta, atol=1e-6, rtol=1e-5)
+    assert_unchanged(host, before)
