@@ -9,9 +9,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! command -v "$PY" >/dev/null 2>&1; then
-  echo "setup: error: no Python interpreter '$PY' on PATH; install Python 3.9+ or set PYTHON=/path/to/python3" >&2
+  echo "setup: error: no Python interpreter '$PY' on PATH; install Python 3.11+ or set PYTHON=/path/to/python3" >&2
   exit 1
 fi
+# transformers >= 5.23 (setup.cfg) needs Python 3.11: say so here, not in pip's resolver output
+version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
+  echo "setup: error: '$PY' does not run as a Python interpreter; set PYTHON=/path/to/python3" >&2
+  exit 1
+}
+case "$version" in
+  3.1[1-9] | 3.[2-9][0-9] | [4-9].*) ;;
+  *)
+    echo "setup: error: '$PY' is Python $version; captum-mambalrp needs Python 3.11+ (transformers 5.23+ does); set PYTHON=/path/to/python3.11" >&2
+    exit 1
+    ;;
+esac
 managed=$("$PY" -c 'import os, sys, sysconfig
 venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
 print(int(not venv and os.path.isfile(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))') || {

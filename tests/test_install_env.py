@@ -70,7 +70,26 @@ def test_no_python_fails_in_one_line(script):
     assert done.returncode == 1
     assert (
         done.stderr.strip()
-        == "setup: error: no Python interpreter 'no-such-python3' on PATH; install Python 3.9+ or set PYTHON=/path/to/python3"
+        == "setup: error: no Python interpreter 'no-such-python3' on PATH; install Python 3.11+ or set PYTHON=/path/to/python3"
+    )
+
+
+def test_an_old_python_fails_in_one_line(tmp_path):
+    """A Python older than transformers 5.23 supports (3.11) is named before pip resolves anything."""
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/sh\necho 3.10\n")
+    old.chmod(0o755)
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "python_env.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(old)},
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == (
+        f"setup: error: '{old}' is Python 3.10; captum-mambalrp needs Python 3.11+ (transformers 5.23+ does); "
+        "set PYTHON=/path/to/python3.11"
     )
 
 

@@ -38,10 +38,11 @@ def attribute(model, ids, mask, recompute, names):
     """Relevance, delta and the linear calls of one pass, per module, in ``names``."""
     calls, handles = linear_calls(model, names)
     try:
-        # GraniteMoeHybridForCausalLM names no use_cache, and a cache handed to its attention keeps
-        # that layer from being recomputed (docs/scaling.md): ask for none, as the other models get
+        # no use_cache=False here: MambaLRP passes it, also to GraniteMoeHybridForCausalLM, whose
+        # forward takes it through **kwargs (a cache handed to its attention would keep that layer
+        # from being recomputed)
         relevance, delta = MambaLRP(model, composite="conservative", recompute=recompute).attribute(
-            ids, target=3, attention_mask=mask, return_convergence_delta=True, use_cache=False
+            ids, target=3, attention_mask=mask, return_convergence_delta=True
         )
     finally:
         for handle in handles:
@@ -75,11 +76,6 @@ def test_recompute_and_offload_equal_keeping(family):
     assert_unchanged(model, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='recompute="offload" leaves a hybrid\'s attention, MLP and expert layers to an auto plan, '
-    "which keeps them where memory suffices; docs/scaling.md says they are recomputed in every mode but False",
-)
 def test_offload_recomputes_the_hybrid_layers():
     """``"offload"`` recomputes a hybrid's attention, MLP and expert layers whole, as every mode
     but ``False`` does (docs/scaling.md, "Hybrids"): their linear layers run twice per pass."""

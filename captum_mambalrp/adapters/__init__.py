@@ -14,7 +14,7 @@ from . import (  # noqa: I001  (transformers' attention, MLPs and mixtures of ex
     moe,  # noqa: F401
 )
 from .base import ADAPTERS, Adapter, Component, MixerAdapter, find_adapter, register
-from .install import Installation, UnsupportedModelError, install_rules
+from .install import Installation, UnsupportedModelError, install_rules, supported_layers
 from .patching import Patcher
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "find_adapter",
     "install_rules",
     "register",
+    "supported_layers",
 ]

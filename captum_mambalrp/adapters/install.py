@@ -88,9 +88,18 @@ def _hook_activation(module: nn.Module, name: str, composite: Composite, inst: I
     inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.activation(args[0], m.forward)))
 
 
-def _mixer_labels() -> str:
-    """The mixers adapters take over (not the blocks that only wrap them)."""
-    return "; ".join([a.label for a in ADAPTERS if not a.wraps_children] + [f"attention: {', '.join(SUPPORTED_ATTENTION)}"])
+def supported_layers() -> List[str]:
+    """The layers MambaLRP takes over: each adapter's label (not the blocks that only wrap
+    mixers) and the attention classes; docs/architectures.md describes each.
+
+    >>> any("Mamba2" in label for label in supported_layers())
+    True
+    """
+    return [a.label for a in ADAPTERS if not a.wraps_children] + [f"attention: {', '.join(SUPPORTED_ATTENTION)}"]
+
+
+#: where an error about an unsupported model points for the list
+SUPPORTED_HINT = "the supported layers: captum_mambalrp.adapters.supported_layers(), docs/architectures.md"
 
 
 def _inside(name: str, roots: Set[str]) -> bool:
@@ -146,12 +155,10 @@ def _refuse_uncovered(found: List[Tuple[str, nn.Module]]) -> UnsupportedModelErr
 
 
 def _unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
-    supported = _mixer_labels()
     return UnsupportedModelError(
-        f"MambaLRP has no rule for module {name!r} ({type(module).__name__}): {why}. "
-        f"Supported mixers: {supported}. If plain gradient is acceptable there, set "
-        f"`module.rule = captum_mambalrp.rules.GradientRule()` on it (relevance is then "
-        f"not conserved through it)."
+        f"MambaLRP has no rule for module {name!r} ({type(module).__name__}): {why}. If plain gradient "
+        f"is acceptable there, set `module.rule = captum_mambalrp.rules.GradientRule()` on it (relevance is then "
+        f"not conserved through it); {SUPPORTED_HINT}."
     )
 
 
@@ -244,6 +251,6 @@ def install_rules(
         inst.patcher.restore()
         raise UnsupportedModelError(
             f"{type(model).__name__} contains no supported Mamba mixer or attention layer, so MambaLRP "
-            f"cannot explain it. Supported: {_mixer_labels()}."
+            f"cannot explain it; {SUPPORTED_HINT}."
         )
     return inst

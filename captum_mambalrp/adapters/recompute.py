@@ -1081,8 +1081,8 @@ def recomputing_layer(
         if not torch.is_grad_enabled() or _with_cache(kwargs):
             # a layer handed a cache writes it in its forward: running it twice would write twice
             return forward(*args, **kwargs)
-        mode: Any = recompute
-        if mode == "auto" or is_sequence(mode) or mode == "offload":
+        mode: Any = True if recompute == "offload" else recompute  # recomputed whole, its input on the device
+        if mode == "auto" or is_sequence(mode):
             plan = _PLAN.get()
             hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()), None)
             if plan is not None and hidden is not None and hidden.dim() >= 2:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
@@ -76,6 +78,85 @@ def _parameters(model: nn.Module) -> Dict[str, inspect.Parameter]:
 def _accepts(params: Dict[str, inspect.Parameter], name: str) -> bool:
     """Does ``forward`` name this parameter? (A bare ``**kwargs`` does not count.)"""
     return name in params
+
+
+#: ``attribute``'s own keywords: a keyword close to one of them is a typo, not a model argument
+ATTRIBUTE_KEYWORDS = ("target", "additional_forward_args", "return_convergence_delta", "verbose", "attention_mask")
+
+
+def check_keywords(model: nn.Module, params: Dict[str, inspect.Parameter], kwargs: Dict[str, Any]) -> None:
+    """Refuse a keyword for the model that ``forward`` does not name where it looks like a typo
+    of one it names or of ``attribute``'s own (``attention_maks=``, ``targets=``): behind a
+    ``**kwargs`` it would be dropped without a word. Other unnamed keywords pass (a transformers
+    model takes many through ``**kwargs``); a ``forward`` without ``**kwargs`` refuses them all.
+
+    Raises:
+        TypeError: the keyword, and what was probably meant.
+
+    >>> identity = nn.Identity()
+    >>> check_keywords(identity, _parameters(identity), {"inptu": 1})
+    Traceback (most recent call last):
+    ...
+    TypeError: attribute(inptu=...): Identity.forward has no parameter 'inptu'; did you mean 'input'?
+    """
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values()) or not params
+    for key in kwargs:
+        if key in named:
+            continue
+        close = difflib.get_close_matches(key, named + list(ATTRIBUTE_KEYWORDS), n=1, cutoff=0.8)
+        if close or not open_ended:
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(named) or 'no keywords'}"
+            raise TypeError(f"attribute({key}=...): {type(model).__name__}.forward has no parameter {key!r}; {hint}")
+
+
+def warn_unmasked_padding(model: nn.Module, ids: Tensor) -> None:
+    """Warn when token ids ``[B, L]`` look padded (some rows, not all, start or end with the
+    model's ``config.pad_token_id``) and no attention mask came with them: each row's last
+    position would then be explained even where it is padding."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if not isinstance(pad, int) or ids.dim() != 2 or ids.shape[0] < 2 or ids.shape[1] < 2:
+        return
+    for side, column in (("end", ids[:, -1]), ("start", ids[:, 0])):
+        padded = column == pad
+        if bool(padded.any()) and not bool(padded.all()):
+            rows = padded.nonzero().flatten().tolist()
+            shown = str(rows) if len(rows) <= 8 else f"{rows[:8]}..."
+            warnings.warn(
+                f"rows {shown} of the inputs {side} with the pad token ({pad}) but no attention_mask was given: "
+                "their padding is read as text and, at the end, explained; pass attention_mask=enc['attention_mask']",
+                stacklevel=_caller_level(),
+            )
+            return
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s ``stacklevel`` of the first frame outside this package and Captum (the
+    user's ``attribute`` call, through Captum's and our wrappers)."""
+    import sys
+
+    frame: Optional[Any] = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(("captum_mambalrp.", "captum.")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
+def _takes_use_cache(model: nn.Module, params: Dict[str, inspect.Parameter]) -> bool:
+    """Does ``forward`` take ``use_cache``: by name, or through the ``**kwargs`` of a transformers
+    model whose config has it (GraniteMoeHybrid's causal LM hands it on to its model, which builds
+    a cache by default: a layer given a cache is not recomputed)?"""
+    if _accepts(params, "use_cache"):
+        return True
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return open_ended and isinstance(model, PreTrainedModel) and getattr(model.config, "use_cache", None) is not None
 
 
 def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
@@ -176,6 +257,7 @@ def build_call(
         extra = additional_forward_args
     else:
         extra = (additional_forward_args,)
+    check_keywords(model, params, forward_kwargs)
     kwargs = dict(forward_kwargs)
     names = list(params)
     # find the attention mask among the positional extras (Captum passes them positionally)
@@ -187,7 +269,9 @@ def build_call(
     elif attention_mask is not None and "attention_mask" not in positional and _accepts(params, "attention_mask"):
         kwargs["attention_mask"] = attention_mask
     mask = None if attention_mask is None else check_mask(attention_mask, inputs)
-    if _accepts(params, "use_cache") and "use_cache" not in kwargs and "use_cache" not in positional:
+    if mask is None and token_ids:
+        warn_unmasked_padding(model, inputs)
+    if _takes_use_cache(model, params) and "use_cache" not in kwargs and "use_cache" not in positional:
         kwargs["use_cache"] = False
     if token_ids or not _accepts(params, "inputs_embeds"):
         return ForwardCall((inputs, *extra), kwargs, mask, token_ids)

@@ -17,7 +17,22 @@ from .inputs import ForwardCall
 from .mamba_lrp import MambaLRPOptions
 from .targets import TargetLike
 
-LayerLike = Union[nn.Module, List[nn.Module]]
+LayerLike = Union[nn.Module, str, List[nn.Module], List[str], List[Union[nn.Module, str]]]
+
+
+def _module_named(model: nn.Module, layer: Union[nn.Module, str]) -> Any:
+    """``layer`` itself, or the submodule of ``model`` that a dotted name names
+    (``"backbone.layers.0"``, as ``model.named_modules()`` lists them)."""
+    if not isinstance(layer, str):
+        return layer
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ValueError(
+            f"layer {layer!r} names no module of the model; names are those of model.named_modules(): {shown}"
+        ) from None
 
 
 class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
@@ -43,6 +58,8 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
             key that matches nothing.
         UnsupportedModelError: at construction, a model with layers MambaLRP has no rule for.
 
+    ``layer`` is a module of the model, its dotted name (``"backbone.layers.0"``), or a list of them.
+
     >>> lrp = LayerMambaLRP(model, model.backbone.layers[-1])  # doctest: +SKIP
     >>> lrp.attribute(input_ids, target=3).shape  # doctest: +SKIP
     torch.Size([1, 12, 768])
@@ -61,9 +78,10 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
         cuda_graph: bool = False,
     ) -> None:
         self._set_options(model, composite, rules, backend, embedding, recompute, cuda_graph)
-        layers = layer if isinstance(layer, list) else [layer]
+        layers = [_module_named(model, m) for m in (layer if isinstance(layer, list) else [layer])]
         if not layers:
             raise ValueError("LayerMambaLRP needs at least one layer (a module of the model, or a list of them)")
+        layer = layers if isinstance(layer, list) else layers[0]
         modules = set(map(id, model.modules()))
         for m in layers:
             if not isinstance(m, nn.Module) or id(m) not in modules:

@@ -230,8 +230,10 @@ class MambaLRP(MambaLRPOptions, LRP):
     embeddings. The model is restored afterwards, also when an error is raised.
 
     Args:
-        model: a transformers ``MambaForCausalLM``/``MambaModel``/``FalconMamba*`` or any
-            ``nn.Module`` containing their mixers (for example a classifier head on top).
+        model: a transformers or mamba-ssm Mamba, FalconMamba, Mamba2 or Mamba3 model, a hybrid
+            (Jamba, Bamba, Zamba2, Granite 4.0-H, Nemotron-H, Falcon-H1), Vision Mamba, or any
+            ``nn.Module`` containing their layers (for example a classifier head on top);
+            ``captum_mambalrp.adapters.supported_layers()`` lists the layers.
         composite: a named rule set (``"mambalrp"`` default, ``"gradient"``, ``"ln_only"``,
             ``"no_ssm_rule"``, ...; see ``captum_mambalrp.rules.COMPOSITES``), a mapping
             kind -> rule, or a :class:`~captum_mambalrp.rules.Composite`.
@@ -239,11 +241,13 @@ class MambaLRP(MambaLRPOptions, LRP):
             or by kind (``"ssm"``, ``"gate"``, ``"activation"``, ``"norm"``, ``"linear"``,
             ``"conv"``). ``module.rule = ...`` on a module takes precedence over both.
         backend: the relevance scan: ``"auto"`` (CUDA: for Mamba1 mamba-ssm's kernel, else our
-            Triton kernel; for Mamba2 the torch backend's chunked SSD; CPU: torch), ``"torch"``,
-            ``"triton"`` or ``"mamba_ssm"``.
+            Triton kernel; for Mamba2 in a float32 model the torch backend's chunked SSD, in a
+            bf16/fp16 model mamba-ssm's SSD kernels when installed; CPU: torch;
+            ``captum_mambalrp.scan.AUTO_ORDER``), ``"torch"``, ``"triton"`` or ``"mamba_ssm"``.
         recompute: recompute each mixer in the backward pass instead of keeping its
             intermediate tensors (``True``), keep them (``False``), recompute but keep each mixer's
-            ``in_proj`` output so that the recomputation skips that product (``"projection"``),
+            ``in_proj`` and ``out_proj`` outputs so that the recomputation skips both products
+            (``"projection"``; in a hybrid also the recomputed attention, MLP and expert layers' products),
             recompute with the mixer inputs parked in pinned host memory (``"offload"``), run each mixer in pieces of the
             sequence with its state carried and recompute the blocks from sparse checkpoints
             (``"sequence"``, or ``SequenceChunks(chunk=..., stride=..., slots=..., host=...)``

@@ -19,6 +19,7 @@ string (``"3"``) is that index; a word is never read as a vocabulary id.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -121,6 +122,8 @@ def _per_example(target: TargetLike, batch: int) -> List[object]:
     if not isinstance(target, (Tensor, list, Sequence)):
         return [_as_int(target)] * batch
     if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex():
+            raise ValueError(f"target is a {target.dtype} tensor: give class indices as integers (e.g. target.long())")
         if target.numel() == 1:
             return [int(target.item())] * batch
         if target.dim() != 1:
@@ -133,6 +136,10 @@ def _per_example(target: TargetLike, batch: int) -> List[object]:
 
 
 def _as_int(t: Any) -> object:
+    if isinstance(t, bool):
+        return t  # refused by the checks with their message
+    if isinstance(t, numbers.Real) and not isinstance(t, numbers.Integral):  # python and numpy floats
+        raise ValueError(f"target {t!r} is a float: give a class index as an int")
     try:
         return int(t)  # python, numpy and one-element torch integers
     except (TypeError, ValueError):
@@ -242,11 +249,14 @@ def select_targets(scores: Tensor, target: TargetLike, mask: Optional[Tensor] = 
 def _pair(t: tuple) -> Tuple[int, Optional[int]]:
     if len(t) != 2:
         raise ValueError(f"a tuple target must be (position, class); got {t!r}")
-    return int(t[0]), (None if t[1] is None else int(t[1]))
+    position, cls = _as_int(t[0]), (None if t[1] is None else _as_int(t[1]))
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise ValueError(f"target position {t[0]!r} in {t!r} is not an int")
+    return position, cls  # type: ignore[return-value]
 
 
 def _check_class(cls: int, classes: int) -> None:
     if not isinstance(cls, int) or isinstance(cls, bool):
-        raise ValueError(f"target class {cls!r} is not an int")
+        raise ValueError(f"target class {cls!r} is not an int: give a class index (0..{classes - 1}) or a class name")
     if not 0 <= cls < classes:
         raise IndexError(f"target class {cls} is out of range: the model has {classes} output classes (0..{classes - 1})")

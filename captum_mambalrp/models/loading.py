@@ -17,10 +17,11 @@ What is given is looked at in this order, and each failure is one clear
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 from urllib.parse import urlparse
 
 from torch import nn
@@ -213,10 +214,11 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
         kwargs["dtype"] = dtype
     model: nn.Module
     try:
-        if MambaForLastTokenClassification.__name__ in (getattr(config, "architectures", None) or []):
-            model = MambaForLastTokenClassification.from_pretrained(source, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _no_loading_bar(path_or_id is None):  # the embedded model loads at once: no bar for it
+            if MambaForLastTokenClassification.__name__ in (getattr(config, "architectures", None) or []):
+                model = MambaForLastTokenClassification.from_pretrained(source, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"cannot load the model weights from {name}: {_first_line(err)}") from None
     except ValueError as err:  # a model type transformers has no causal-LM class for (an encoder, ...)
@@ -228,6 +230,21 @@ def load_model_and_tokenizer(path_or_id: Optional[str] = None, device: str = "cp
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {name}: {_first_line(err)}") from None
     return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _no_loading_bar(quiet: bool) -> Iterator[None]:
+    """transformers' progress bars off inside the block (when ``quiet``), as they were after it."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            logging.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,137 @@
+"""Mistakes a new user makes that used to pass without a word (found by following the README as a
+stranger): a mistyped keyword, a padded batch without its mask, a float target, a layer given by
+name; and the one-line message for a model without supported layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from captum_mambalrp import LayerMambaLRP, MambaLRP
+from captum_mambalrp.adapters import UnsupportedModelError, supported_layers
+from captum_mambalrp.attribution.targets import plan_targets
+from captum_mambalrp.models import load_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    model, tokenizer = load_model_and_tokenizer()
+    enc = tokenizer(["i feel so happy and loved today", "what a scary night"], return_tensors="pt", padding=True)
+    return model, enc
+
+
+def untouched(model: nn.Module) -> bool:
+    return all(not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks) for m in model.modules()) and all(
+        "forward" not in m.__dict__ for m in model.modules()
+    )
+
+
+def test_a_mistyped_keyword_is_refused(embedded):
+    """``attention_maks=`` behind the classifier's ``**kwargs`` used to be dropped, explaining the
+    padding; a keyword close to one ``forward`` names, or to ``attribute``'s own, is refused."""
+    model, enc = embedded
+    lrp = MambaLRP(model)
+    with pytest.raises(TypeError, match=r"has no parameter 'attention_maks'; did you mean 'attention_mask'\?"):
+        lrp.attribute(enc["input_ids"], target="fear", attention_maks=enc["attention_mask"])
+    with pytest.raises(TypeError, match=r"did you mean 'target'\?"):
+        lrp.attribute(enc["input_ids"], targets=1, attention_mask=enc["attention_mask"])
+    assert untouched(model)
+    # a keyword unlike any named one still reaches a forward with **kwargs (transformers' extras)
+    right = lrp.attribute(enc["input_ids"], target="fear", attention_mask=enc["attention_mask"])
+    extra = lrp.attribute(enc["input_ids"], target="fear", attention_mask=enc["attention_mask"], output_attentions=False)
+    assert torch.equal(right, extra)
+
+
+def test_a_forward_without_kwargs_refuses_every_unknown_keyword(embedded):
+    model, enc = embedded
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids, attention_mask=attention_mask).logits
+
+    with pytest.raises(TypeError, match=r"Wrapper.forward has no parameter 'scale'; it takes input_ids, attention_mask"):
+        MambaLRP(Wrapper()).attribute(enc["input_ids"], target=1, attention_mask=enc["attention_mask"], scale=2)
+
+
+def test_padding_without_its_mask_warns(embedded):
+    """Right-padded rows without ``attention_mask``: one warning naming the rows and the fix,
+    pointing at the caller's line; none with the mask, for one row, or for unpadded rows."""
+    model, enc = embedded
+    ids = enc["input_ids"]
+    assert int(ids[1, -1]) == model.config.pad_token_id and int(ids[0, -1]) != model.config.pad_token_id
+    with pytest.warns(UserWarning, match=r"rows \[1\] of the inputs end with the pad token \(0\) but no attention_mask") as got:
+        MambaLRP(model).attribute(ids, target="fear")
+    assert got[0].filename == __file__
+    with pytest.warns(UserWarning, match="no attention_mask"):
+        LayerMambaLRP(model, model.backbone.layers[0]).attribute(ids.flip(1), target="fear")  # padded at the start
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MambaLRP(model).attribute(ids, target="fear", attention_mask=enc["attention_mask"])
+        MambaLRP(model).attribute(ids[1:], target="fear")
+        MambaLRP(model).attribute(ids[:, :4], target="fear")
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        (1.5, "target 1.5 is a float"),
+        (1.0, "target 1.0 is a float"),
+        ([1, 2.5], "target 2.5 is a float"),
+        ((-1, 2.0), "target 2.0 is a float"),
+        ((0.5, 1), "target 0.5 is a float"),
+        (torch.tensor([1.0, 2.0]), "float32 tensor: give class indices as integers"),
+        (True, r"target class True is not an int: give a class index \(0..3\)"),
+    ],
+)
+def test_a_float_target_is_refused(target, message):
+    """``target=1.5`` was explained as class 1 (``int()``); floats are refused in one line."""
+    with pytest.raises(ValueError, match=message):
+        plan_targets((2, 5, 4), target)
+
+
+def test_integer_targets_of_every_kind_still_work():
+    import numpy as np
+
+    for target in (1, np.int64(1), torch.tensor(1), [1, 1], torch.tensor([1, 1]), (-1, 1), (np.int64(-1), 1)):
+        assert plan_targets((2, 5, 4), target).classes == [1, 1], target
+
+
+def test_a_layer_by_its_dotted_name(embedded):
+    """``LayerMambaLRP(model, "backbone.layers.0")`` reads the same relevance as the module itself;
+    a name of no module is refused with the names there are."""
+    model, enc = embedded
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    by_name = LayerMambaLRP(model, "backbone.layers.0").attribute(ids, target="joy", attention_mask=mask)
+    by_module = LayerMambaLRP(model, model.backbone.layers[0]).attribute(ids, target="joy", attention_mask=mask)
+    assert torch.equal(by_name, by_module)
+    both = LayerMambaLRP(model, ["backbone.layers.0", model.backbone.layers[1]]).attribute(ids, target="joy", attention_mask=mask)
+    assert isinstance(both, list) and torch.equal(both[0], by_module)
+    with pytest.raises(ValueError, match=r"layer 'backbone.layer.0' names no module of the model; .*backbone.layers.0"):
+        LayerMambaLRP(model, "backbone.layer.0")
+
+
+def test_a_model_without_supported_layers_gets_a_short_line():
+    with pytest.raises(UnsupportedModelError) as err:
+        MambaLRP(nn.Linear(4, 2))
+    message = str(err.value)
+    assert len(message) < 300 and "\n" not in message
+    assert "contains no supported Mamba mixer or attention layer" in message and "supported_layers()" in message
+    labels = " ".join(supported_layers())
+    for name in ("Mamba2", "Mamba3", "Jamba", "NemotronH", "Vision Mamba", "LlamaAttention"):
+        assert name in labels, name
+
+
+def test_the_embedded_model_loads_without_a_progress_bar(capfd):
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()
+    load_model_and_tokenizer()
+    assert "Loading weights" not in capfd.readouterr().err
+    assert logging.is_progress_bar_enabled()  # put back for the user's own loads
