@@ -70,7 +70,7 @@ def test_gpu_backends_match_cpu_reference_and_conserve(name, backend):
     assert set(used) == {backend}
     err = (rel.cpu() - ref).abs().max() / ref.abs().max()
     assert err <= 1e-4, (backend, float(err))
-    explained = rel.sum(dim=tuple(range(1, rel.dim()))) - delta
+    explained = rel.sum(dim=tuple(range(1, rel.dim()))) + delta  # delta = explained - sum(relevance)
     assert (relative_delta(delta, explained) <= 1e-4).all(), (backend, delta)
 
 

@@ -35,3 +35,6 @@ def test_layer_input_and_padding():
     in_rel = LayerMambaLRP(model, block).attribute(ids, target=3, attention_mask=mask, attribute_to_layer_input=True)
     assert (out_rel[0, :4] == 0).all() and (in_rel[0, :4] == 0).all()
     assert not torch.allclose(out_rel, in_rel)
+    # block 1's input is block 0's output: the same relevance read at both sides of the seam
+    before = LayerMambaLRP(model, model.backbone.layers[0]).attribute(ids, target=3, attention_mask=mask)
+    torch.testing.assert_close(in_rel, before, atol=1e-6, rtol=1e-5)
