@@ -56,6 +56,41 @@ def test_identity_activation_rule_passes_relevance_unchanged():
     assert torch.equal(rule.activation(x, F.silu), x * torch.sigmoid(x))
 
 
+def test_identity_rule_on_squared_relu_is_exact():
+    """Squared ReLU (transformers' ``ReLUSquaredActivation``, Nemotron-H's MLPs): the default rule's
+    forward is ``relu(x)^2`` bit for bit and ``x * dout/dx`` is the output relevance ``out * c`` element
+    by element (``c`` the gradient reaching the output; zero where ``x <= 0``), with no stabiliser: at
+    ``|x| = 1e-3`` the stabilised form would lose 1e-3 of it. The plain gradient doubles it
+    (``x * 2 relu(x) = 2 out``); an activation not recognised as squared ReLU gets the stabilised form."""
+    from transformers.activations import ACT2FN
+
+    relu2 = ACT2FN["relu2"]
+    assert type(relu2).__name__ == "ReLUSquaredActivation"
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(40, dtype=torch.float64, generator=g), torch.tensor([1e-3, -1e-3, 0.0], dtype=torch.float64)])
+    c = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    out = torch.relu(x) ** 2
+
+    def relevance(rule, fn):
+        x_ = x.clone().requires_grad_(True)
+        y = rule.activation(x_, fn)
+        (grad,) = torch.autograd.grad(y, x_, grad_outputs=c)
+        return y.detach(), (x * grad).detach()
+
+    for fn in (relu2, relu2.forward):
+        y, r = relevance(IdentityActivationRule(), fn)
+        assert torch.equal(y, out) and torch.equal(y, relu2(x))
+        torch.testing.assert_close(r, out * c, rtol=1e-15, atol=0)
+        assert (r[x <= 0] == 0).all() and (r[x > 0] != 0).all()
+    assert torch.allclose(relevance(GradientRule(), relu2)[1], 2 * out * c, rtol=1e-15, atol=0)
+    stabilised = out * c * x / torch.where(x >= 0, x + 1e-6, x - 1e-6)
+    for rule, fn in ((IdentityActivationRule(epsilon=1e-6), relu2), (IdentityActivationRule(), lambda t: torch.relu(t) ** 2)):
+        y, r = relevance(rule, fn)
+        torch.testing.assert_close(y, out, rtol=1e-15, atol=0)  # x_s * (out / x_s): equal up to rounding
+        torch.testing.assert_close(r, stabilised, rtol=1e-12, atol=0)
+        assert (r - out * c).abs().max() > 1e-4 * (out * c).abs()[x.abs() == 1e-3].max()
+
+
 def test_half_gate_rule_splits_relevance_in_half():
     y, g = torch.randn(30, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
     r_out = torch.randn(30, dtype=torch.float64)
@@ -123,12 +158,60 @@ def test_gamma_rule_matches_explicit_formula():
     assert torch.allclose(got, expected, atol=1e-8)
 
 
-def test_gamma_rule_on_depthwise_conv():
-    conv = nn.Conv1d(3, 3, 4, groups=3, padding=3, bias=False).double()
-    x = torch.randn(2, 3, 9, dtype=torch.float64)
-    r_out = torch.randn(2, 3, 12, dtype=torch.float64)
-    r_in = relevance_through(lambda t: GammaRule(0.5).linear(conv, t, conv(t)), x, r_out)
-    assert torch.allclose(r_in.sum(), r_out.sum())  # no bias: conservative
+def depthwise_conv_matrices(weight, length, padding):
+    """A depthwise ``Conv1d`` (weight ``[c, 1, k]``) as one matrix per channel, entry by entry from
+    the cross-correlation's definition: ``z[c, t] = sum_j w[c, 0, j] x[c, t + j - padding]``, so
+    ``M[c, t, s] = w[c, 0, s - t + padding]`` where that tap exists."""
+    channels, _, k = weight.shape
+    out_len = length + 2 * padding - k + 1
+    M = torch.zeros(channels, out_len, length, dtype=weight.dtype)
+    for c in range(channels):
+        for t in range(out_len):
+            for j in range(k):
+                s = t + j - padding
+                if 0 <= s < length:
+                    M[c, t, s] = weight[c, 0, j]
+    return M
+
+
+@pytest.mark.parametrize("gamma, bias", [(0.5, False), (0.5, True), (0.1, True)])
+def test_gamma_rule_on_depthwise_conv(gamma, bias):
+    """LRP-gamma on a depthwise causal ``Conv1d`` (Mamba's, padding ``k - 1``) equals the gamma rule
+    written out per output position (``lrp_gamma_loop``) on the conv as an explicit per-channel matrix:
+    ``R_s = sum_t c_ts (1 + gamma [c_ts sign z_t > 0]) R_t / zp_t`` with ``c_ts = x_s M_ts``. The inputs
+    mix signs, so gamma matters: LRP-0 (``GammaRule(0)``, ``EpsilonRule``, the gradient) differs from the
+    expected relevance by far more than the tolerance."""
+    g = torch.Generator().manual_seed(12)
+    conv = nn.Conv1d(3, 3, 4, groups=3, padding=3, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+        if bias:
+            conv.bias.copy_(0.5 * torch.randn(3, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 3, 9, dtype=torch.float64, generator=g)
+    r_out = torch.randn(2, 3, 12, dtype=torch.float64, generator=g)
+    assert (conv.weight > 0).any() and (conv.weight < 0).any() and (x > 0).any() and (x < 0).any()
+    M = depthwise_conv_matrices(conv.weight.detach(), 9, 3)
+    b = conv.bias.detach() if bias else torch.zeros(3, dtype=torch.float64)
+    z = torch.einsum("cts,ncs->nct", M, x) + b[:, None]
+    assert torch.allclose(z, conv(x).detach(), atol=1e-12)  # the matrices are the conv
+
+    def expected(gam):
+        per_channel = [lrp_gamma_loop(x[:, c], M[c], b[c].expand(12), r_out[:, c], gam) for c in range(3)]
+        return torch.stack(per_channel, dim=1)
+
+    def package(rule):
+        return relevance_through(lambda t: rule.linear(conv, t, conv(t)), x, r_out)
+
+    want = expected(gamma)
+    scale = want.abs().max()
+    got = package(GammaRule(gamma))
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * scale)  # room for the rule's 1e-9 stabiliser only
+    # the check tells the rules apart: LRP-0 is far from LRP-gamma on these inputs
+    assert (expected(0.0) - want).abs().max() > 1e-2 * scale
+    for wrong in (GammaRule(0.0), GammaRule(gamma / 2), EpsilonRule(), GradientRule()):
+        assert (package(wrong) - want).abs().max() > 1e-2 * scale, wrong
+    if not bias:  # bias-free: conservative under any rule (so conservation alone checks nothing)
+        assert torch.allclose(got.sum(), r_out.sum())
 
 
 def test_ssm_rule_matches_explicit_linear_map():
