@@ -19,8 +19,6 @@ from test_moe import BLOCKS, init, nemotron_cfg
 from test_moe import relevance_through as package_relevance
 from torch import nn
 
-from captum_mambalrp.adapters import moe
-
 MOE_KINDS = ["jamba_moe", "granite_moe", "nemotron_h_moe", "qwen3_moe"]
 
 
@@ -93,23 +91,15 @@ def block_inputs(seed: int, dtype: torch.dtype):
     return (torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
 
 
-def no_float64_grouped_mm(monkeypatch):
-    """``grouped_mm_usable`` says yes to float64 on the CPU, where ``F.grouped_mm`` refuses it (see
-    ``test_float64_moe_runs_without_help``): float64 runs take the per-expert products."""
-    usable = moe.grouped_mm_usable
-    monkeypatch.setattr(moe, "grouped_mm_usable", lambda a, b: a.dtype != torch.float64 and usable(a, b))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", MOE_KINDS)
-def test_moe_block_matches_explicit_lrp(kind, dtype, monkeypatch):
+def test_moe_block_matches_explicit_lrp(kind, dtype):
     """Per token and feature, the relevance of a MoE block's input (package: rules installed on the
     block, ``x * grad``) equals the explicit LRP above: to 1e-10 in float64, to float32 rounding in
     float32 (reference in float64 on a float64 copy, with the float32 run's routing). The block's
     value, the reference's own conservation, and that the comparison tells the rules apart: routing
     weights by gradient (not detached), the product without the half rule, the activation by gradient
     (each a package ablation) all land far outside the tolerance."""
-    no_float64_grouped_mm(monkeypatch)
     block = init(BLOCKS[kind](), seed=len(kind)).to(dtype)
     x, c = block_inputs(1, dtype)
     w, idx = routing(block, x.view(-1, 16))
@@ -135,11 +125,10 @@ def test_moe_block_matches_explicit_lrp(kind, dtype, monkeypatch):
         assert (wrong - want).abs().max() > 1e-2 * scale, ablation
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="grouped_mm_usable accepts float64; CPU grouped_mm refuses it")
 def test_float64_moe_runs_without_help():
-    """A float64 MoE block runs under the rules as transformers runs it (bug: ``moe.grouped_mm_usable``
-    checks alignment, not the dtype, and ``F.grouped_mm`` raises 'Expected mat_a to be Float32, BFloat16
-    or Float16 matrix, got Double'); its relevance is then the explicit LRP's."""
+    """A float64 MoE block runs under the rules as transformers runs it (``moe.grouped_mm_usable``
+    refuses float64, which torch's CPU ``grouped_mm`` does not take: one product per expert); its
+    relevance is then the explicit LRP's."""
     block = init(BLOCKS["qwen3_moe"](), seed=3).double()
     x, c = block_inputs(2, torch.float64)
     w, idx = routing(block, x.view(-1, 16))

@@ -123,16 +123,19 @@ def _expert_activation(experts: Any, act_rule: MambaRule, gate_rule: Optional[Ma
 
 def grouped_mm_usable(x: Tensor, weight: Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` runs ``x @ weight[e].T`` here: on CUDA (compute
-    capability 8.0 or more) in bfloat16, on the CPU when every operand is 16-byte aligned.
+    capability 8.0 or more) in bfloat16, on the CPU in float32, bfloat16 or float16 when every
+    operand is 16-byte aligned (float64, which torch's CPU kernel refuses, takes one product per expert).
 
     >>> grouped_mm_usable(torch.ones(4, 3), torch.ones(2, 5, 3))  # rows of 12 bytes
+    False
+    >>> grouped_mm_usable(torch.ones(4, 4, dtype=torch.float64), torch.ones(2, 4, 4, dtype=torch.float64))
     False
     """
     if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     size = x.element_size()
     aligned = all(t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1]) for t in (x, weight))
