@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,41 @@ def test_unit_statistics_equal_direct_sums():
     assert group["mean"] == pytest.approx((1.5 + 3.0) / 2) and group["examples"] == 2
     assert report["groups"]["g"]["classes"]["one"]["examples"] == 0
     assert report["tests"]["n_tests"] == len(report["rows"]) == 6  # zero: a, b, c; one: b, x, y
+
+
+def test_special_tokens_are_left_out_and_no_unit_against_says_none():
+    """``[UNK]`` is a marker of the tokenizer, not a word of the texts: not ranked; a class whose
+    least relevant unit is not negative (to the 3 digits shown) reads "none", not ``-0.000``."""
+    records = [
+        {"units": ["[UNK]", "a", "b"], "relevance": [5.0, 1.0, -0.0001], "class": 0},
+        {"units": ["[UNK]", "a", "b"], "relevance": [4.0, 2.0, -0.0002], "class": 0},
+    ]
+    cfg = B.BiasConfig(min_freq=1, n_permutations=10, top=5)
+    report = B.aggregate(records, ["zero"], [], cfg, exclude=B.special_units(SimpleNamespace(all_special_tokens=["[UNK]"])))
+    assert [r["unit"] for r in report["classes"]["zero"]["top"]] == ["a", "b"] and report["excluded_units"] == ["[UNK]"]
+    assert [r["unit"] for r in report["classes"]["zero"]["against"]] == ["b"]  # -0.00015: negative, but -0.000 shown
+    text = B.report_markdown({**report, "n_examples": 2})
+    against = [line for line in text.splitlines() if line.startswith("Most against it")]
+    assert against == ["Most against it: none (no word in 1 or more of its examples has a mean relevance below -0.0005)."]
+    assert "- left out: the tokenizer's special tokens `[UNK]`" in text
+    records[0]["relevance"][2] = records[1]["relevance"][2] = -0.25
+    text = B.report_markdown({**B.aggregate(records, ["zero"], [], cfg), "n_examples": 2})
+    assert "Most against it: `b` -0.250 (2)." in text
+
+
+def test_bias_study_leaves_out_the_tokenizers_special_tokens():
+    """On the embedded Emotion model: words it does not know are ``[UNK]``, which the tables skip."""
+    from captum_mambalrp.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    texts = [f"i feel zzqx{k} and wwkq{k} today" for k in range(6)]
+    cfg = B.BiasConfig(min_freq=2, n_permutations=20, counterfactual=False, batch_size=8)
+    study = B.BiasStudy(model, tokenizer, texts, None, cfg)
+    report = study.run(progress=False, figures=False)
+    assert any("[UNK]" in r["units"] for r in study._memory)  # the texts do have unknown words
+    assert set(tokenizer.all_special_tokens) <= set(report["excluded_units"])
+    assert not {r["unit"] for r in report["rows"]} & set(tokenizer.all_special_tokens)
+    assert "feel" in {r["unit"] for r in report["rows"]}
 
 
 def test_words_keep_the_total_and_units_are_normalised():

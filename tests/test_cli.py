@@ -58,6 +58,9 @@ def test_explain_command_writes_html_and_json(tiny_checkpoint, tmp_path, capsys)
     )
     out = capsys.readouterr().out
     assert "prediction:" in out and "logit of 'joy'" in out
+    # delta is not zero: the biases take their share (README), said next to it
+    deltas = [line for line in out.splitlines() if "   delta = " in line]
+    assert len(deltas) == 2 and all(line.endswith(" (the share of the biases)") for line in deltas)
     data = json.loads(js.read_text())
     assert [d["tokens"] for d in data] == [["i", "feel", "happy", "today"], ["what", "a", "scary", "night"]]
     model, tok = load_model_and_tokenizer(tiny_checkpoint)
@@ -99,3 +102,66 @@ def test_compare_defaults_to_the_demo_sample_and_embedded_model(tmp_path, capsys
     truth = dict(zip(demo.texts, demo.label_ids(EMOTION_LABELS)))
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     assert len(examples) == 4 and all(e["label"] == truth[e["text"]] for e in examples)
+
+
+def test_compare_batching_options_reach_the_method_options(tmp_path):
+    """``--ig-internal-batch`` / ``--smoothgrad-per-pass`` (named by docs/evaluation.md and the
+    study's out-of-memory warning) set the study's MethodOptions; left out, the defaults stay."""
+    from captum_mambalrp.cli import build_parser
+    from captum_mambalrp.cli.compare import build_study
+    from captum_mambalrp.evaluation import MethodOptions
+
+    argv = ["compare", "--methods", "integrated_gradients,smoothgrad", "--n", "2", "--out", str(tmp_path / "s")]
+    study = build_study(build_parser().parse_args([*argv, "--ig-internal-batch", "8", "--smoothgrad-per-pass", "2"]))
+    options = study.config.options
+    assert (options.ig_internal_batch_size, options.smoothgrad_samples_per_pass) == (8, 2)
+    default = build_study(build_parser().parse_args(argv)).config.options
+    assert default.ig_internal_batch_size == MethodOptions().ig_internal_batch_size
+    assert default.smoothgrad_samples_per_pass == MethodOptions().smoothgrad_samples_per_pass
+    assert not (tmp_path / "s").exists()
+
+
+def fake_python(tmp_path, with_packages: bool) -> str:
+    """A virtualenv without pip (made in a blink) whose ``pip`` fails at once, so scripts/setup.sh
+    stops at its first install; ``with_packages``: it sees this Python's packages (all installed)."""
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True
+    )
+    packages = purelib.stdout.strip()
+    os.makedirs(os.path.join(packages, "pip"))
+    with open(os.path.join(packages, "pip", "__init__.py"), "w") as f:
+        f.write("")
+    with open(os.path.join(packages, "pip", "__main__.py"), "w") as f:
+        f.write(
+            "import sys\nif '--version' in sys.argv:\n    print('pip 0 (test)')\nelse:\n    sys.exit('pip (test): no index')\n"
+        )
+    if with_packages:
+        with open(os.path.join(packages, "outer.pth"), "w") as f:
+            f.write("\n".join([*site.getsitepackages(), sysconfig.get_path("purelib")]) + "\n")
+    return python
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_explain_script_says_when_it_installs(tmp_path, installed):
+    """scripts/explain.sh hides setup.sh's output: on a first run (packages missing) it says first
+    that it installs; with everything installed it says nothing of the kind."""
+    import subprocess
+
+    from cli_fixtures import REPO
+
+    env = {**os.environ, "PYTHON": fake_python(tmp_path, installed)}
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "explain.sh"), "hi"], capture_output=True, text=True, env=env, timeout=120
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and lines[-1].startswith("setup.sh: error: pip install"), done.stderr  # the test's pip
+    message = "explain.sh: installing captum-mambalrp and its dependencies (first run: about a minute)..."
+    assert (lines[0] == message) is not installed and (message in done.stderr) is not installed, done.stderr

@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+import torch
 from cli_fixtures import run_cli, save_tiny_classifier
 
 from captum_mambalrp.cli import main
@@ -88,13 +89,30 @@ def test_unknown_composite_method_and_option(ckpt, capsys):
     msg = fails(["explain", "hi", "--no-such-option"], capsys)
     assert "unrecognized arguments: --no-such-option" in msg
     assert "--out DIR" in fails(["compare", "--methods", "mambalrp"], capsys)
+    # a method's reference (docs/evaluation.md): taken where the method has one, refused where not
+    msg = fails(["compare", "--methods", "saliency@zero", "--out", "x"], capsys)
+    assert "method 'saliency' takes no reference" in msg and "integrated_gradients" in msg
+    assert "reference must be one of" in fails(["compare", "--methods", "ig@nope", "--out", "x"], capsys)
+
+
+def test_methods_with_their_reference():
+    """``--methods integrated_gradients@mean,ig@token:0,kernelshap@zero``: a reference per method,
+    aliases included, as docs/evaluation.md shows."""
+    from captum_mambalrp.cli.compare import parse_methods
+
+    keys = parse_methods("integrated_gradients@mean,ig@token:0,kernelshap@zero,lrp")
+    assert keys == ["integrated_gradients@mean", "integrated_gradients@token:0", "kernelshap@zero", "mambalrp", "gxi", "lrp_ln"]
 
 
 def test_target_by_name(ckpt, tmp_path, capsys):
     msg = fails(["explain", "i feel happy", "--model", ckpt, "--target", "happiness", "--no-html"], capsys)
     assert msg == "--target 'happiness' is not a class of the model; its classes are: sadness, joy, fear"
     assert "out of range" in fails(["explain", "i feel happy", "--model", ckpt, "--target", "7", "--no-html"], capsys)
-    assert "not one" in fails(["explain", "hi", "--model", ckpt, "--target", "token:so happy", "--no-html"], capsys)
+    msg = fails(["explain", "hi", "--model", ckpt, "--target", "token:happy", "--no-html"], capsys)
+    assert msg == (
+        "--target 'token:happy': token:WORD is for language models; this model is a classifier: "
+        "give one of its 3 classes (sadness, joy, fear) or an index 0..2"
+    )
     js = tmp_path / "e.json"
     assert main(["explain", "i feel happy", "--model", ckpt, "--target", "fear", "--no-html", "--json", str(js)]) == 0
     by_name = json.loads(js.read_text())[0]
@@ -107,6 +125,65 @@ def test_target_name_on_model_without_names(tmp_path, capsys):
     plain = save_tiny_classifier(str(tmp_path / "plain"), labels=None, n_classes=3)
     msg = fails(["explain", "i feel happy", "--model", plain, "--target", "joy", "--no-html"], capsys)
     assert "no class names" in msg and "token:WORD" in msg
+    msg = fails(["explain", "i feel happy", "--model", plain, "--target", "token:happy", "--no-html"], capsys)
+    assert msg.endswith("token:WORD is for language models; this model is a classifier: give a class index 0..2")
+
+
+def test_token_target_on_a_language_model(tmp_path, capsys):
+    """``token:WORD`` explains a language model's logit of that vocabulary token; a word of two
+    tokens is refused."""
+    from cli_fixtures import TEXTS
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from captum_mambalrp.models.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(TEXTS, min_freq=1)
+    torch.manual_seed(0)
+    lm = MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=1))
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    capsys.readouterr()
+    lm_path, js = str(tmp_path / "lm"), tmp_path / "lm.json"
+    assert "not one" in fails(["explain", "hi", "--model", lm_path, "--target", "token:so happy", "--no-html"], capsys)
+    assert main(["explain", "i feel", "--model", lm_path, "--target", "token:happy", "--no-html", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())[0]["target_index"] == tokenizer.convert_tokens_to_ids("happy")
+
+
+def test_device_is_checked_before_anything(tmp_path, capsys, monkeypatch):
+    """``--device cuda`` on a torch without CUDA: one line naming the fix, exit 2, from every
+    sub-command that has ``--device`` (was AssertionError, exit 1), nothing written; each
+    ``--device`` has a help text."""
+    import argparse
+
+    import torch
+
+    from captum_mambalrp.cli import build_parser
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = f"--device cuda: this torch has no CUDA (torch {torch.__version__}); use --device cpu, or install a CUDA build "
+    expected += "of torch"
+    for argv in (
+        ["explain", "hi", "--html", str(tmp_path / "e.html")],
+        ["compare", "--out", str(tmp_path / "c")],
+        ["dashboard", "--export", str(tmp_path / "d.html")],
+        ["bias", "--out", str(tmp_path / "b")],
+        ["longrange", "--out", str(tmp_path / "l")],
+    ):
+        assert fails([*argv, "--device", "cuda"], capsys) == expected, argv
+    assert fails(["explain", "hi", "--device", "gpu"], capsys) == "--device 'gpu' is not a device; give cpu, cuda, cuda:N or mps"
+    assert os.listdir(tmp_path) == []
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_device = {name: p for name, p in sub.choices.items() if any("--device" in a.option_strings for a in p._actions)}
+    assert set(with_device) == {"explain", "compare", "dashboard", "bias", "longrange"}
+    for name, p in with_device.items():
+        assert all(a.help for a in p._actions if "--device" in a.option_strings), name
+
+
+def test_compare_batching_options(capsys):
+    msg = fails(["compare", "--out", "x", "--ig-internal-batch", "0"], capsys)
+    assert msg.startswith("argument --ig-internal-batch: 0 is below 1")
 
 
 def test_data_errors(ckpt, tmp_path, capsys):

@@ -155,6 +155,26 @@ def test_longrange_lengths_shorter_than_a_needle_are_refused(tmp_path):
         study.run(progress=False)
 
 
+def test_longrange_command_refuses_short_lengths_before_writing(tmp_path, capsys):
+    """``--lengths`` shorter than the longest needle: one line, exit 2, and nothing in --out (not
+    even config.json), so the folder does not hold a run that never started."""
+    from captum_mambalrp.cli import main
+
+    _, _, folder = tiny_classifier(tmp_path)
+    texts, labels = tiny_data()
+    data = str(tmp_path / "data.txt")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write("text;label_name\n" + "".join(f"{t};{NAMES[y]}\n" for t, y in zip(texts, labels)))
+    out = tmp_path / "lr"
+    argv = ["longrange", "--model", folder, "--data", data, "--out", str(out), "--needles", "2", "--needle-max-tokens", "6"]
+    capsys.readouterr()  # the checkpoint's saving bar
+    with pytest.raises(SystemExit) as err:
+        main(argv + ["--lengths", "4,32", "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and "lengths [4] are shorter than the longest needle" in lines[0]
+    assert not out.exists()
+
+
 def _summary(lengths, share):
     curves = [
         {"length": n, "distance": d, "accuracy": [1.0 - d / n, 0.1], "abs_share": [share, 0.01], "uniform": 1.0 / n}

@@ -29,6 +29,48 @@ class UsageError(Exception):
     """
 
 
+DEVICE_HELP = "where the model runs: cpu (default), cuda, cuda:N or mps (a GPU needs a torch built for it)"
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this torch can use (else a user error naming the fix), checked
+    before any model is loaded.
+
+    Raises:
+        UsageError: not a device name, or a device this torch or this machine does not have.
+
+    >>> check_device("cpu")
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; give cpu, cuda, cuda:N or mps") from None
+    build = f"torch {torch.__version__}"
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise UsageError(
+                f"--device {device}: this torch has no CUDA ({build}); use --device cpu, or install a CUDA build of torch"
+            )
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {device}: {build} finds no CUDA GPU (no driver, or CUDA_VISIBLE_DEVICES hides them); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+        return
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available):
+        raise UsageError(f"--device {device}: the commands run on cpu, cuda, cuda:N or mps, not {dev.type}")
+    if not available():
+        raise UsageError(f"--device {device}: this torch cannot use {dev.type} here ({build}); use --device cpu")
+
+
 def user_errors() -> tuple:
     """The exceptions the library raises for bad input (a wrong value, a missing file, a model
     MambaLRP has no rule for): reported as user errors (exit 2); anything else is a runtime
@@ -117,6 +159,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)  # every sub-command with --device: before any model is loaded
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if debug:

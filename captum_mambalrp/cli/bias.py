@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any, List, Optional, Tuple
 
-from . import quiet_transformers
+from . import DEVICE_HELP, quiet_transformers
 
 
 def recompute_value(text: str) -> Any:
@@ -31,7 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composite", default="mambalrp", help="MambaLRP rule set (mambalrp; conservative for hybrids' attention)")
     p.add_argument("--backend", default="auto", help="MambaLRP scan backend: auto, torch, triton, mamba_ssm")
     p.add_argument("--recompute", default="auto", choices=["auto", "on", "off"], help="recompute mixers in the backward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="discard results in --out made with other settings")

@@ -6,30 +6,42 @@ import argparse
 import json
 import os
 
-from . import UsageError, quiet_transformers
+from . import DEVICE_HELP, UsageError, quiet_transformers
 
 # short names accepted by --methods, besides the registry's keys and groups
 METHOD_ALIASES = {"ig": "integrated_gradients", "ixg": "input_x_gradient", "shap": "kernelshap"}
 
 
 def parse_methods(value: str) -> list:
-    """The method keys of ``--methods`` (keys, groups, ``all``, or :data:`METHOD_ALIASES`).
+    """The method keys of ``--methods`` (keys, groups, ``all``, or :data:`METHOD_ALIASES`; a key
+    or alias may name its reference, ``integrated_gradients@mean``, ``ig@token:0``).
 
     Raises:
-        UsageError: an unknown name; the message lists the valid ones.
+        UsageError: an unknown name, or a reference on a method without one; the message lists
+            the valid ones.
     """
     from ..evaluation import GROUPS, METHODS, resolve_methods
+    from ..evaluation.methods import split_variant
 
-    names = [METHOD_ALIASES.get(n.strip(), n.strip()) for n in value.split(",") if n.strip()]
+    names = []
+    for item in (n.strip() for n in value.split(",")):
+        if item:
+            name, ref = split_variant(item)
+            name = METHOD_ALIASES.get(name, name)
+            names.append(name if ref is None else f"{name}@{ref}")
     if not names:
         raise UsageError("--methods is empty; give a comma list of methods (see compare --list-methods)")
     for n in names:
-        if n != "all" and n not in METHODS and n not in GROUPS:
+        name = split_variant(n)[0]
+        if n != "all" and name not in METHODS and n not in GROUPS:
             raise UsageError(
-                f"unknown method {n!r} in --methods; methods: {', '.join(METHODS)}; groups: {', '.join(GROUPS)}, all; "
+                f"unknown method {name!r} in --methods; methods: {', '.join(METHODS)}; groups: {', '.join(GROUPS)}, all; "
                 f"aliases: {', '.join(f'{a}={k}' for a, k in METHOD_ALIASES.items())}"
             )
-    return resolve_methods(names)
+    try:
+        return resolve_methods(names)
+    except ValueError as e:  # a reference the method does not take, or one that does not parse
+        raise UsageError(f"--methods: {e}") from None
 
 
 def load_data(args: argparse.Namespace):
@@ -61,6 +73,31 @@ def model_meta(path: str | None) -> dict:
         if "test_accuracy" in m:
             meta["model test accuracy (metrics.json)"] = f"{m['test_accuracy']:.4f} on {m.get('n_test', '?')} examples"
     return meta
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (``argparse`` type).
+
+    >>> positive_int("8")
+    8
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def batching_options(args: argparse.Namespace) -> dict:
+    """The :class:`~captum_mambalrp.evaluation.MethodOptions` fields of the batching options given
+    (``--ig-internal-batch``, ``--smoothgrad-per-pass``); unset ones keep the options' defaults."""
+    given = {
+        "ig_internal_batch_size": getattr(args, "ig_internal_batch", None),
+        "smoothgrad_samples_per_pass": getattr(args, "smoothgrad_per_pass", None),
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def build_study(args: argparse.Namespace):
@@ -98,6 +135,7 @@ def build_study(args: argparse.Namespace):
             smoothgrad_samples=args.smoothgrad_samples,
             smoothgrad_noise=args.smoothgrad_noise,
             kernelshap_samples=args.kernelshap_samples,
+            **batching_options(args),
         ),
         layer_analysis=not args.no_layers,
     )
@@ -157,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``compare`` to the ``captum-mambalrp`` sub-commands."""
+    from ..evaluation.base import MethodOptions
+
+    defaults = MethodOptions()
     p = sub.add_parser(
         "compare",
         help="compare attribution methods (faithfulness, cost, conservation, analyses)",
@@ -232,9 +273,25 @@ def register(sub) -> None:
     p.add_argument("--smoothgrad-samples", type=int, default=20)
     p.add_argument("--smoothgrad-noise", type=float, default=0.15)
     p.add_argument("--kernelshap-samples", type=int, default=200)
+    p.add_argument(
+        "--ig-internal-batch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"Integrated Gradients rows per forward pass (default {defaults.ig_internal_batch_size}; lower it when "
+        "the device runs out of memory: the same attributions, in more passes)",
+    )
+    p.add_argument(
+        "--smoothgrad-per-pass",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"SmoothGrad noise samples per forward pass (default {defaults.smoothgrad_samples_per_pass}; lower it "
+        "when the device runs out of memory)",
+    )
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer relevance analysis")
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP + "; under torchrun, cuda is each process's cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--overwrite", action="store_true", help="discard results in --out made with other settings")
     p.add_argument("--no-progress", action="store_true")

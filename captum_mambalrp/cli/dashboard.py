@@ -9,7 +9,7 @@ import socket
 import sys
 from typing import List
 
-from . import UsageError, quiet_transformers
+from . import DEVICE_HELP, UsageError, quiet_transformers
 
 
 def _examples(path: str) -> List[str]:
@@ -141,6 +141,6 @@ def register(sub) -> None:
     p.add_argument("--max-chars", type=int, default=2000, help="longest input accepted, in characters")
     p.add_argument("--max-tokens", type=int, default=256, help="longest input accepted, in tokens")
     p.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--verbose", action="store_true", help="log each request")
     p.set_defaults(func=run)

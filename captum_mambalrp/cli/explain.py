@@ -9,7 +9,7 @@ import sys
 from typing import Any, List, Optional, Union
 
 from ..text import MAX_CHARS  # the dashboard's cap too
-from . import UsageError, quiet_transformers
+from . import DEVICE_HELP, UsageError, quiet_transformers
 
 MAX_TOKENS = 4096  # explain_texts' truncation length: never cut a text silently
 DEFAULT_HTML = "mambalrp_explanation.html"
@@ -74,14 +74,23 @@ def make_lrp(model: Any, source: str, composite: str = "mambalrp") -> Any:
         ) from err
 
 
+def output_classes(model: Any) -> Optional[int]:
+    """The number of scores the model's output layer gives (``None`` when it has no linear
+    output layer): the vocabulary size for a language model, the classes for a classifier."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    out = getattr(head, "out_features", None)
+    return int(out) if isinstance(out, int) else None
+
+
 def cli_target(target: Optional[str], model: Any, tokenizer: Any) -> Union[None, int]:
     """The class index for ``--target``: a class name of ``config.id2label``, an index
     (``"3"``), or ``token:WORD`` for a vocabulary token of a language model. A word is never
     read as a vocabulary id.
 
     Raises:
-        UsageError: an unknown class name (the message lists the model's classes), or a
-            ``token:`` that is not a single token.
+        UsageError: an unknown class name (the message lists the model's classes), a
+            ``token:`` that is not a single token, or ``token:`` on a classifier.
     """
     from ..attribution.targets import class_names, resolve_class_names
 
@@ -89,6 +98,16 @@ def cli_target(target: Optional[str], model: Any, tokenizer: Any) -> Union[None,
         return None
     if target.startswith("token:"):
         word = target[len("token:") :]
+        outputs = output_classes(model)
+        vocab = min(len(tokenizer), getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer))
+        if outputs is not None and outputs < vocab:  # a classification head, not one score per vocabulary token
+            names = class_names(model)
+            fix = (
+                f"one of its {outputs} classes ({', '.join(names)}) or an index 0..{outputs - 1}"
+                if names
+                else f"a class index 0..{outputs - 1}"
+            )
+            raise UsageError(f"--target {target!r}: token:WORD is for language models; this model is a classifier: give {fix}")
         ids = tokenizer.encode(word, add_special_tokens=False)
         if len(ids) != 1:
             raise UsageError(f"--target {target!r}: {word!r} is {len(ids)} tokens of the tokenizer, not one")
@@ -135,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"prediction: {e.pred_label} (p={e.pred_prob:.3f})")
         print(
             f"explained:  logit of {e.target_label!r} at position {e.position} = {e.explained:.4f}"
-            f"   sum of relevance = {float(e.relevance.sum()):.4f}   delta = {e.delta:.2e}"
+            f"   sum of relevance = {float(e.relevance.sum()):.4f}   delta = {e.delta:.2e} (the share of the biases)"
         )
         if color:
             print(f"relevance for {e.target_label!r} (red = for, blue = against; colour scaled to the largest |relevance|):")
@@ -187,7 +206,7 @@ def register(sub) -> None:
         default=MAX_CHARS,
         help=f"longest text accepted, in characters (default {MAX_CHARS}, as the dashboard; 0: no cap)",
     )
-    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--device", default="cpu", help=DEVICE_HELP)
     ex.add_argument("--color", action="store_true", help="colour even when not writing to a terminal")
     ex.add_argument("--no-color", action="store_true", help="no colours: relevance printed as numbers")
     ex.set_defaults(func=run)

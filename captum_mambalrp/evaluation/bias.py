@@ -23,8 +23,9 @@ gendered words) a model relies on for each class. :class:`BiasStudy` does that i
 
    The ranked table of a class lists the units with ``N_wc >= min_freq`` by ``m_wc``
    (highest first: the units that most drive the class; lowest: the units that speak most
-   against it). A user-given **group** of words (``"he,his,him,himself"``) is a unit of its
-   own whose ``R_g(e)`` sums all its words in ``e``.
+   against it); the tokenizer's special tokens (``[UNK]``, ``[PAD]``, ...) are left out. A
+   user-given **group** of words (``"he,his,him,himself"``) is a unit of its own whose
+   ``R_g(e)`` sums all its words in ``e``.
 3. **Significance** by a permutation test over examples. The null hypothesis: a unit's
    relevance does not depend on the class, i.e. the class labels are exchangeable between
    examples. The statistic is ``S_wc`` (equivalently the contribution): the sum of ``w``'s
@@ -57,7 +58,7 @@ import os
 import re
 import string
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -254,9 +255,11 @@ class Pairs:
     count: np.ndarray
 
 
-def unit_pairs(records: Sequence[dict], groups: Sequence[TokenGroup] = ()) -> Tuple[List[str], Pairs, Pairs]:
+def unit_pairs(
+    records: Sequence[dict], groups: Sequence[TokenGroup] = (), exclude: Collection[str] = ()
+) -> Tuple[List[str], Pairs, Pairs]:
     """The units of ``records`` (each with ``units`` and ``relevance``) and their (unit, example)
-    pairs; then the pairs of the ``groups`` (unit ``k`` = group ``k``)."""
+    pairs, but for the units in ``exclude``; then the pairs of the ``groups`` (unit ``k`` = group ``k``)."""
     index: Dict[str, int] = {}
     u, e, v, n = [], [], [], []
     gu, ge, gv, gn = [], [], [], []
@@ -266,6 +269,8 @@ def unit_pairs(records: Sequence[dict], groups: Sequence[TokenGroup] = ()) -> Tu
         for name, rel in zip(r["units"], r["relevance"]):
             per.setdefault(name, []).append(rel)
         for name, rels in per.items():
+            if name in exclude:
+                continue
             u.append(index.setdefault(name, len(index)))
             e.append(k)
             v.append(sum(rels))
@@ -596,7 +601,7 @@ class BiasStudy:
         names = self.class_names or [str(c) for c in range(n_classes)]
         if len(names) < n_classes:
             raise ValueError(f"{len(names)} class names for {n_classes} classes")
-        report = aggregate(records, names, self.groups, self.config)
+        report = aggregate(records, names, self.groups, self.config, exclude=special_units(self.tokenizer))
         report["counterfactual"] = _public_counterfactual(self.counterfactual(records), names)
         report["meta"] = self.meta
         report["n_examples"] = len(records)
@@ -651,6 +656,18 @@ def _public_counterfactual(cf: Optional[dict], names: Sequence[str]) -> Optional
     return {**cf, "transitions": dict(sorted(transitions.items(), key=lambda kv: -kv[1]))}
 
 
+def special_units(tokenizer: Any) -> List[str]:
+    """The tokenizer's special tokens (``[UNK]``, ``[PAD]``, ``<|endoftext|>``, ...) as units
+    (:func:`normalize_word`): markers of the tokenizer, not words of the texts.
+
+    >>> from types import SimpleNamespace
+    >>> special_units(SimpleNamespace(all_special_tokens=["[UNK]", "[PAD]"]))
+    ['[PAD]', '[UNK]']
+    """
+    tokens = getattr(tokenizer, "all_special_tokens", None) or []
+    return sorted({normalize_word(str(t)) for t in tokens} | {str(t) for t in tokens})
+
+
 def _row(stats: UnitStats, w: int, c: int, p: np.ndarray, q: np.ndarray) -> dict:
     mean, se = stats.mean(), stats.se()
     return {
@@ -666,8 +683,16 @@ def _row(stats: UnitStats, w: int, c: int, p: np.ndarray, q: np.ndarray) -> dict
     }
 
 
-def aggregate(records: Sequence[dict], class_names: Sequence[str], groups: Sequence[TokenGroup], config: BiasConfig) -> dict:
-    """The tables of a bias study from its explanation records (see the module's docstring).
+def aggregate(
+    records: Sequence[dict],
+    class_names: Sequence[str],
+    groups: Sequence[TokenGroup],
+    config: BiasConfig,
+    exclude: Collection[str] = (),
+) -> dict:
+    """The tables of a bias study from its explanation records (see the module's docstring);
+    the units in ``exclude`` (the tokenizer's special tokens, :func:`special_units`) are left
+    out of the tables and the tests.
 
     Returns:
         ``{"classes": {name: {"n", "top", "against"}}, "groups": {name: {"words", "classes": {class: row}}},
@@ -675,7 +700,7 @@ def aggregate(records: Sequence[dict], class_names: Sequence[str], groups: Seque
     """
     n_classes = len(class_names)
     classes = np.asarray([r["class"] for r in records], dtype=np.int64)
-    units, pairs, group_pairs = unit_pairs(records, groups)
+    units, pairs, group_pairs = unit_pairs(records, groups, set(exclude))
     stats = unit_stats(units, pairs, classes, n_classes)
     tested = stats.examples >= config.min_freq
     p = permutation_pvalues(pairs, classes, len(units), n_classes, tested, config.n_permutations, config.seed)
@@ -712,6 +737,7 @@ def aggregate(records: Sequence[dict], class_names: Sequence[str], groups: Seque
     n_tests = int(tested.sum())
     return {
         "config": asdict(config),
+        "excluded_units": sorted(set(exclude)),
         "classes": out_classes,
         "groups": out_groups,
         "rows": all_rows,
@@ -752,6 +778,8 @@ def report_markdown(report: dict) -> str:
         f"{'words (subword pieces summed)' if cfg['unit'] == 'word' else 'tokens'}; a unit enters a class's table "
         f"when it occurs in at least {cfg['min_freq']} of its examples"
     )
+    if report.get("excluded_units"):
+        lines.append("- left out: the tokenizer's special tokens " + ", ".join(f"`{u}`" for u in report["excluded_units"]))
     lines.append(
         f"- significance: one-sided permutation test over examples, {tests['n_permutations']} permutations "
         f"(smallest p {tests['smallest_p']:.2g}); q = Benjamini-Hochberg over {tests['n_tests']} tests; "
@@ -779,13 +807,17 @@ def report_markdown(report: dict) -> str:
             for k, r in enumerate(cls["top"])
         ]
         lines += [markdown_table(header, rows), ""]
-        if cls["against"]:
+        against = [r for r in cls["against"][:5] if f"{r['mean']:.3f}" != "-0.000"]  # negative to the digits shown
+        if against:
             lines.append(
-                "Most against it: "
-                + ", ".join(f"`{r['unit']}` {r['mean']:+.3f} ({r['examples']})" for r in cls["against"][:5])
-                + "."
+                "Most against it: " + ", ".join(f"`{r['unit']}` {r['mean']:+.3f} ({r['examples']})" for r in against) + "."
             )
-            lines.append("")
+        else:
+            lines.append(
+                f"Most against it: none (no {cfg['unit']} in {cfg['min_freq']} or more of its examples has a mean "
+                "relevance below -0.0005)."
+            )
+        lines.append("")
     if report.get("groups"):
         lines += ["## Groups", ""]
         names = list(report["classes"])

@@ -270,18 +270,18 @@ class LongRangeStudy:
         from ..attribution import MambaLRP
 
         cfg = self.config
-        if self.folder is not None:
-            self.folder.prepare(["rows.jsonl"], {"config": asdict(cfg), "meta": self.meta})
         needles = self.needles()
-        done = {(r["length"], r["distance"], r["needle"]) for r in (self.rows.read() if self.rows is not None else self._memory)}
-        jobs: List[Tuple[int, int, List[dict]]] = []
         longest = max(n["tokens"] for n in needles)
         too_short = [length for length in cfg.lengths if not cfg.distances_for(length, longest)]
-        if too_short:
+        if too_short:  # refused before anything is written to out_dir
             raise ValueError(
                 f"lengths {too_short} are shorter than the longest needle ({longest} tokens): "
                 f"give lengths above {longest} or a smaller needle_max_tokens (--needle-max-tokens)"
             )
+        if self.folder is not None:
+            self.folder.prepare(["rows.jsonl"], {"config": asdict(cfg), "meta": self.meta})
+        done = {(r["length"], r["distance"], r["needle"]) for r in (self.rows.read() if self.rows is not None else self._memory)}
+        jobs: List[Tuple[int, int, List[dict]]] = []
         for length in cfg.lengths:
             for d in cfg.distances_for(length, longest):
                 todo = [n for n in needles if (length, d, n["index"]) not in done]
