@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -19,3 +21,13 @@ def unfused(fn: Callable[[], T]) -> T:
             del os.environ["CAPTUM_MAMBALRP_FUSED"]
         else:
             os.environ["CAPTUM_MAMBALRP_FUSED"] = previous
+
+
+def run_in_interpreter(script: str) -> None:
+    """Run ``script`` (Python source that prints ``ok`` last) in a fresh process under Triton's
+    interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported), the repository on
+    its path; fail with the end of its stderr unless it ends with ``ok``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

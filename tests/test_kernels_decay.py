@@ -5,13 +5,11 @@ and compiled on CUDA; and a whole Mamba2 pass with it against the pass without i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_helpers import run_in_interpreter
 
 from captum_mambalrp.kernels import triton_installed
 
@@ -139,11 +137,7 @@ def test_decay_kernel_in_interpreter():
     turned off, for one step, float64 or too many axes (the torch form does, correctly); it
     refuses those inputs itself with a ``ValueError``; the chunked SSD scan and a whole Mamba2
     pass with it equal them without it. Run by Triton's interpreter on the CPU."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    script = [sys.executable, "-c", INTERPRETER_SCRIPT]
-    out = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=root, env=env)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)
 
 
 def test_decay_kernel_is_off_by_default(monkeypatch):

@@ -5,13 +5,11 @@ the Mamba2 mixer now takes) against the pass without any fused kernel."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_helpers import run_in_interpreter
 
 from captum_mambalrp.kernels import triton_installed
 
@@ -122,11 +120,7 @@ def test_norm_kernel_in_interpreter():
     norms, strided rows, weights in the input's dtype or another, and an output dtype asked for;
     it does not run for other rules, a bias or a weight that wants its gradient; a whole Mamba2
     pass with it equals the pass without fused kernels. Run by Triton's interpreter on the CPU."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    script = [sys.executable, "-c", INTERPRETER_SCRIPT]
-    out = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=root, env=env)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)
 
 
 def test_norm_table_names_rule_classes():

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import run_in_interpreter
 from test_scan import rand, sequential_mamba1, sequential_ssd
 
 import captum_mambalrp.scan as scan
@@ -169,12 +170,7 @@ def test_triton_kernel_in_interpreter():
     """The Triton kernel (forward and adjoint; Mamba1, Mamba2 with groups, bf16 input,
     no D) against the float64 recurrence, run by Triton's interpreter on the CPU (in a
     fresh process: ``TRITON_INTERPRET`` must be set before triton is imported)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True, timeout=300, cwd=root, env=env
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)
 
 
 # ---------------------------------------------------------------- reversed adjoint
@@ -499,10 +495,7 @@ def test_fused_kernels_in_interpreter():
     reversed scan, the depthwise causal conv) equal their torch definitions, and a whole pass with
     them equals one without, run by Triton's interpreter on the CPU (float32 to rounding; bf16 to
     its rounding)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True, timeout=300, cwd=root, env=env)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_in_interpreter(FUSED_SCRIPT)
 
 
 # ---------------------------------------------------------------- CUDA backends

@@ -4,15 +4,13 @@ modified gradient), the model restored, and memory that scales with the piece, n
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
 import pytest
 import torch
 from conftest import LastTokenClassifier, make_lm, zero_biases
+from kernel_helpers import run_in_interpreter
 from test_api import assert_unchanged, snapshot
 from test_mamba2 import ids_for, make_mamba2
 from test_recompute_auto import spy_plans
@@ -285,11 +283,7 @@ def test_triton_scan_carries_the_state_in_the_interpreter():
     """Our Triton kernel from a carried state (forward) and from the last state's gradient
     (adjoint, giving the start state's gradient), pieces of 5, 1 and 5 steps against the torch
     backend, Mamba1 and SSD (groups) layouts, in Triton's interpreter on the CPU."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-c", INTERPRETER_SCRIPT]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)
 
 
 def test_mamba_ssm_backend_falls_back_for_pieces(monkeypatch):
