@@ -368,7 +368,7 @@ for _spec in [
         "attention",
         _hidden_attention(True),
         "rollout over all layers of mean_d (grad_alpha * alpha)^+, the exact gradient at the hidden attention "
-        "(this package's Mamba-Attr until 2026-12-02)",
+        "(this package's earlier Mamba-Attr; `mamba_attr` now follows Ali et al.'s code)",
     ),
     MethodSpec(
         "implicit_attn",

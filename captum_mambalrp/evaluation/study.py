@@ -39,6 +39,10 @@ from .scores import ForwardCounter, LastTokenScores, package_forward
 from .summary import summarize
 
 
+#: :class:`MethodOptions` fields that batch a computation without changing its numbers
+BATCHING_ONLY = ("perturbations_per_eval", "ig_internal_batch_size", "smoothgrad_samples_per_pass", "chunk_channels")
+
+
 @dataclass
 class StudyConfig:
     """What a study computes. A study resumes only with the same settings, except that
@@ -58,10 +62,14 @@ class StudyConfig:
 
     def identity(self) -> dict:
         """The settings a resumed study must share (methods and ``n_examples`` may grow:
-        the examples are a prefix of one seeded permutation)."""
+        the examples are a prefix of one seeded permutation; the options that only batch the
+        same computation, :data:`BATCHING_ONLY`, may change, e.g. lowered after running out of
+        memory)."""
         out = asdict(self)
         out.pop("methods")
         out.pop("n_examples")
+        for key in BATCHING_ONLY:
+            out["options"].pop(key, None)
         return out
 
 
