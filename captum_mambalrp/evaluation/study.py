@@ -38,7 +38,6 @@ from .records import RunFolder, ShardedLines
 from .scores import ForwardCounter, LastTokenScores, package_forward
 from .summary import summarize
 
-
 #: :class:`MethodOptions` fields that batch a computation without changing its numbers
 BATCHING_ONLY = ("perturbations_per_eval", "ig_internal_batch_size", "smoothgrad_samples_per_pass", "chunk_channels")
 
