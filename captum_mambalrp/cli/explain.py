@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"prediction: {e.pred_label} (p={e.pred_prob:.3f})")
         print(
             f"explained:  logit of {e.target_label!r} at position {e.position} = {e.explained:.4f}"
-            f"   sum of relevance = {float(e.relevance.sum()):.4f}   delta = {e.delta:.2e} (the share of the biases)"
+            f"   sum of relevance = {float(e.relevance.sum()):.4f}"
+            f"   delta = {e.delta:.2e} (absorbed by biases, and by AttnLRP at attention)"
         )
         if color:
             print(f"relevance for {e.target_label!r} (red = for, blue = against; colour scaled to the largest |relevance|):")
