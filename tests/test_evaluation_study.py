@@ -233,8 +233,9 @@ def test_gpu_options_and_a_partial_summary_of_the_finished_examples(tiny, tmp_pa
     args = ["--model", ckpt, "--data", data, "--methods", "mambalrp,feature_ablation,random", "--n", "6", "--batch-size", "2"]
     args += ["--out", out, "--no-figures", "--no-progress", "--perturbations-per-eval", "3", "--model-forward"]
     assert script.main(args) == 0
-    saved = json.load(open(os.path.join(out, "config.json")))["identity"]
-    assert saved["options"]["perturbations_per_eval"] == 3 and saved["package_scan"] is False
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["batching"]["perturbations_per_eval"] == 3 and saved["identity"]["package_scan"] is False
+    assert "perturbations_per_eval" not in saved["identity"]["options"]  # batching only: may change on resume
     rows = read_jsonl(os.path.join(out, "results.jsonl"))
     kept = [r for r in rows if not (r["method"] == "random" and r["batch"] == 0)]  # as if stopped before it
     with open(os.path.join(out, "results.jsonl"), "w") as f:

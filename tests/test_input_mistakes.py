@@ -131,7 +131,12 @@ def test_a_model_without_supported_layers_gets_a_short_line():
 def test_the_embedded_model_loads_without_a_progress_bar(capfd):
     from transformers.utils import logging
 
-    assert logging.is_progress_bar_enabled()
-    load_model_and_tokenizer()
-    assert "Loading weights" not in capfd.readouterr().err
-    assert logging.is_progress_bar_enabled()  # put back for the user's own loads
+    was_on = logging.is_progress_bar_enabled()  # the CLI's tests turn it off for the whole process
+    logging.enable_progress_bar()
+    try:
+        load_model_and_tokenizer()
+        assert "Loading weights" not in capfd.readouterr().err
+        assert logging.is_progress_bar_enabled()  # put back for the user's own loads
+    finally:
+        if not was_on:
+            logging.disable_progress_bar()

@@ -163,7 +163,8 @@ class Study:
         if os.path.isdir(self.out):
             stale += [n for n in os.listdir(self.out) if n.startswith("progress.rank")]
         methods = self._saved_methods + [m for m in self.config.methods if m not in self._saved_methods]
-        self.folder.prepare(stale, {"methods": methods, "meta": self.meta})
+        batching = {key: getattr(self.config.options, key) for key in BATCHING_ONLY}  # this run's, on record
+        self.folder.prepare(stale, {"methods": methods, "meta": self.meta, "batching": batching})
 
     def batches(self) -> List[List[int]]:
         """Length-sorted batches of the selected examples (less padding, same for every run)."""
