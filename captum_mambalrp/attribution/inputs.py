@@ -111,15 +111,17 @@ def check_keywords(model: nn.Module, params: Dict[str, inspect.Parameter], kwarg
 
 
 def warn_unmasked_padding(model: nn.Module, ids: Tensor) -> None:
-    """Warn when token ids ``[B, L]`` look padded (some rows, not all, start or end with the
-    model's ``config.pad_token_id``) and no attention mask came with them: each row's last
-    position would then be explained even where it is padding."""
+    """Warn when token ids ``[B, L]`` look padded (some rows, not all, end or start with the
+    model's ``config.pad_token_id``, at least one of them with two or more: one token can be a
+    text's own) and no attention mask came with them: each row's last position would then be
+    explained even where it is padding."""
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     if not isinstance(pad, int) or ids.dim() != 2 or ids.shape[0] < 2 or ids.shape[1] < 2:
         return
-    for side, column in (("end", ids[:, -1]), ("start", ids[:, 0])):
-        padded = column == pad
-        if bool(padded.any()) and not bool(padded.all()):
+    for side, ends in (("end", ids[:, -2:]), ("start", ids[:, :2])):
+        padded = ends[:, -1 if side == "end" else 0] == pad
+        run_of_two = (ends == pad).all(dim=1)
+        if bool(padded.any()) and not bool(padded.all()) and bool(run_of_two.any()):
             rows = padded.nonzero().flatten().tolist()
             shown = str(rows) if len(rows) <= 8 else f"{rows[:8]}..."
             warnings.warn(
