@@ -700,11 +700,54 @@ def test_auto_prefers_mamba_ssm_ssd_for_low_precision_models(monkeypatch):
     assert scan.resolve_backend("auto", "cuda", "ssd_low") == "mamba_ssm"
     assert scan.resolve_backend("auto", "cpu", "ssd_low") == "torch"
     seen = []
-    monkeypatch.setattr(scan, "_pick", lambda backend, x, linear, layout, stateful=False: seen.append(layout) or "torch")
+    monkeypatch.setattr(scan, "_pick", lambda backend, x, linear, layout, **kw: seen.append(layout) or "torch")
     x, dt, A, B, C, _ = (t.float() for t in ssd_case())
     for dtype in (torch.float32, torch.bfloat16, None):
         ssd_scan(x, dt, A, B, C, linear=True, model_dtype=dtype)
     assert seen == ["ssd", "ssd_low", "ssd"]
+
+
+def test_mamba_ssm_is_left_where_its_32_bit_offsets_would_overflow(monkeypatch):
+    """mamba-ssm's kernels address in 32 bits (state-spaces/mamba#1015, #884): a scan whose inputs
+    or kernel buffers reach 2^31 elements runs on the next backend of ``auto``'s order (Mamba1: our
+    Triton kernel; SSD of a bf16 model: the torch form), and an explicit ``"mamba_ssm"`` says so.
+    Shapes of the 7B-class goals, on the meta device (no memory)."""
+    from captum_mambalrp.scan import mamba_ssm_backend
+
+    monkeypatch.setattr(scan, "available_backends", lambda device=None: ["torch", "triton", "mamba_ssm"])
+    monkeypatch.setattr(
+        scan, "resolve_backend", lambda backend, device, layout: "mamba_ssm" if backend in ("auto", "mamba_ssm") else backend
+    )
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    def ssd(b, length, h, p, g, n, dt=None):
+        return meta(b, length, h, p), meta(b, length, h) if dt is None else dt, meta(b, length, g, n), meta(b, length, g, n)
+
+    def mamba1(b, d, length, n):
+        return meta(b, d, length), meta(b, d, length), meta(b, n, length), meta(b, n, length)
+
+    # Nemotron-H-8B's mixer at 131072 tokens: dt contiguous fits, dt as a view of in_proj's output
+    # (18816 columns, as transformers hands it to the kernel) does not
+    contiguous = ssd(1, 131072, 128, 64, 8, 128)
+    in_proj = meta(1, 131072, 18816)
+    viewed = ssd(1, 131072, 128, 64, 8, 128, dt=in_proj[..., -128:])
+    assert mamba_ssm_backend.offsets_fit("ssd", *contiguous) and not mamba_ssm_backend.offsets_fit("ssd", *viewed)
+    # Mamba2-2.7B: 131072 tokens fit; 2^19 tokens in a batch of 2 overflow its chunk states
+    assert mamba_ssm_backend.offsets_fit("ssd", *ssd(1, 131072, 80, 64, 1, 128))
+    assert not mamba_ssm_backend.offsets_fit("ssd", *ssd(2, 2**19, 80, 64, 1, 128))
+    # Falcon-Mamba-7B: x of 8192 channels fits to 2^18 tokens (2^31 elements, the last at offset
+    # 2^31 - 1), not 2^19
+    assert mamba_ssm_backend.offsets_fit("mamba1", *mamba1(1, 8192, 2**18, 16))
+    assert not mamba_ssm_backend.offsets_fit("mamba1", *mamba1(1, 8192, 2**19, 16))
+    # the dispatch: auto moves on silently, an explicit choice with a warning
+    big1, big2 = mamba1(1, 8192, 2**19, 16), ssd(2, 2**19, 80, 64, 1, 128)
+    assert scan._pick("auto", big1[0], True, "mamba1", operands=big1) == "triton"
+    assert scan._pick("auto", big2[0], True, "ssd_low", operands=big2) == "torch"
+    assert scan._pick("auto", contiguous[0], True, "ssd_low", operands=contiguous) == "mamba_ssm"
+    with pytest.warns(ResourceWarning, match=r"past mamba-ssm's 32-bit offsets .* on 'triton' instead"):
+        assert scan._pick("mamba_ssm", big1[0], True, "mamba1", operands=big1) == "triton"
 
 
 @pytest.mark.gpu

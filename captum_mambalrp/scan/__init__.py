@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
@@ -189,7 +190,13 @@ def _kernel(layout: str, name: str) -> Callable[..., Tensor]:
     return getattr(module, "selective_scan" if layout == "mamba1" else "ssd_scan")
 
 
-def _pick(backend: str, x: Tensor, linear: bool, layout: str, stateful: bool = False) -> str:
+def _pick(
+    backend: str, x: Tensor, linear: bool, layout: str, stateful: bool = False, operands: Optional[Tuple[Tensor, ...]] = None
+) -> str:
+    """The backend that runs this scan: ``backend`` resolved for the device and layout, then
+    the torch backend where only it computes what is asked (autograd in every input, float64),
+    our Triton kernel for a piece of a sequence, and another backend where mamba-ssm's 32-bit
+    offsets would not hold ``operands`` (``(x, dt, B, C)``; :func:`mamba_ssm_backend.offsets_fit`)."""
     name = resolve_backend(backend, x.device, layout)
     if not linear or x.dtype == torch.float64:
         # the differentiable ablation needs every gradient; the GPU kernels compute in float32,
@@ -201,6 +208,16 @@ def _pick(backend: str, x: Tensor, linear: bool, layout: str, stateful: bool = F
         # the torch backend's SSD matrix form neither (its stateful path is the step-by-step scan):
         # our Triton kernel, where it runs (mamba-ssm needs triton: installed with it)
         name = "triton" if "triton" in available_backends(x.device) and x.dtype != torch.float64 and linear else "torch"
+    kernel_layout = "mamba1" if layout == "mamba1" else "ssd"
+    if name == "mamba_ssm" and operands is not None and not mamba_ssm_backend.offsets_fit(kernel_layout, *operands):
+        name = next(b for b in (*AUTO_ORDER[layout], "torch") if b != "mamba_ssm" and b in available_backends(x.device))
+        if backend == "mamba_ssm":
+            warnings.warn(
+                f"scan backend 'mamba_ssm': a scan of {tuple(x.shape)} would address more than 2^31 elements, past "
+                f"mamba-ssm's 32-bit offsets (state-spaces/mamba#1015); running it on {name!r} instead",
+                ResourceWarning,
+                stacklevel=3,
+            )
     _note(name)
     return name
 
@@ -227,7 +244,7 @@ def selective_scan(
     (``delta_softplus``) and the steps around its reversed call, else computed first.
     ``x_model``: ``x`` in the model's dtype where the caller has that copy (mamba-ssm's kernel
     reads it when the scan reads its inputs rounded)."""
-    name = _pick(backend, x, linear, "mamba1")
+    name = _pick(backend, x, linear, "mamba1", operands=(x, delta, B, C))
     low = rounded_inputs(model_dtype, linear)
     if name == "mamba_ssm":
         return mamba_ssm_backend.selective_scan(x, delta, A, B, C, D, low, dt_bias, x_model if low is not None else None)
@@ -388,7 +405,7 @@ def ssd_scan(
     ``model_dtype``: the model's own dtype (the inputs are in the compute dtype); for bf16/fp16
     models ``"auto"`` on CUDA prefers mamba-ssm's SSD kernels (``AUTO_ORDER["ssd_low"]``), and
     :func:`rounded_inputs` applies."""
-    name = _pick(backend, x, linear, "ssd_low" if model_dtype in LOW_PRECISION else "ssd")
+    name = _pick(backend, x, linear, "ssd_low" if model_dtype in LOW_PRECISION else "ssd", operands=(x, dt, B, C))
     low = rounded_inputs(model_dtype, linear, "ssd")
     if name == "mamba_ssm":
         return mamba_ssm_backend.ssd_scan(x, dt, A, B, C, D, low)

@@ -15,11 +15,18 @@ are, provided that
 
 Inputs are cast to float32 first, so accumulation and the returned relevance are float32
 whatever the model's dtype.
+
+mamba-ssm's kernels compute some memory offsets in 32-bit integers (mamba-ssm 2.3; state-spaces/
+mamba#1015 for the SSD Triton kernels, #884 for the selective-scan CUDA kernel's chunk buffer): a
+tensor they address past 2^31 elements gives a crash or, worse, plausible wrong numbers.
+:func:`offsets_fit` bounds what a call addresses, and the scan's dispatch takes another backend
+where it does not fit (our kernels address in 64 bits).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Optional
 
 import torch
@@ -29,6 +36,44 @@ from .adjoint import relevance_scan_from
 
 #: Chunk length of mamba-ssm's chunked SSD scan (the value its Mamba2 layer uses).
 SSD_CHUNK = 256
+#: Steps per chunk of mamba-ssm's selective-scan CUDA kernel (its carried-state buffer has one
+#: entry per chunk: ``[b, d, chunks, 2 n]``).
+SELECTIVE_SCAN_CHUNK = 2048
+#: Elements a 32-bit signed offset reaches (offsets 0 to 2^31 - 1).
+INT32_OFFSETS = 2**31
+
+
+def _span(t: Tensor) -> int:
+    """Elements from a tensor's first to its last addressed element, plus one (its ``numel`` when
+    contiguous; more for a view into a wider tensor)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def offsets_fit(layout: str, x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
+    """Do the offsets a mamba-ssm scan of these inputs computes fit 32 bits? The inputs' spans
+    (views of a wide ``in_proj`` output count their parent's rows) and the kernels' own buffers:
+    Mamba1's per-chunk state buffer ``[b, d, chunks, 2 n]``; SSD's chunk states ``[b, chunks, h, p,
+    n]`` and chunk products ``[b, chunks, g, 256, 256]``. The reversed call has the same shapes.
+
+    >>> x = torch.empty(1, 8, 4, 2)  # [b, l, h, p]
+    >>> offsets_fit("ssd", x, torch.empty(1, 8, 4), torch.empty(1, 8, 1, 16), torch.empty(1, 8, 1, 16))
+    True
+    >>> x = torch.empty(1, 4, 2**30, device="meta")  # [b, d, l]: 2^32 elements (no memory on "meta")
+    >>> offsets_fit("mamba1", x, x, torch.empty(1, 16, 2**30, device="meta"), torch.empty(1, 16, 2**30, device="meta"))
+    False
+    """
+    spans = [_span(t) for t in (x, dt, B, C)]
+    if layout == "mamba1":  # x [b, d, l], B [b, n, l]
+        b, d, length = x.shape
+        spans.append(b * d * math.ceil(length / SELECTIVE_SCAN_CHUNK) * 2 * B.shape[1])
+    else:  # x [b, l, h, p], B [b, l, g, n]
+        b, length, h, p = x.shape
+        groups, n = B.shape[2], B.shape[3]
+        chunks = math.ceil(length / SSD_CHUNK)
+        spans += [b * chunks * h * p * n, b * chunks * groups * SSD_CHUNK * SSD_CHUNK]
+    return max(spans) <= INT32_OFFSETS
 
 
 def available() -> bool:
