@@ -68,7 +68,9 @@ def _scan_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # 64-bit channel and head indices: Mamba1's x and dt are [b, d, l], a channel's offset d * l
+    # passes 2^31 at 8192 channels and 2^18 steps (mamba-ssm's kernels fail there: mamba#1015)
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_state
