@@ -259,3 +259,19 @@ def test_bias_command_user_errors_are_one_line(tmp_path, capsys):
         assert err.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("captum-mambalrp: error:") and message in lines[0]
+
+
+def test_every_recompute_mode_on_the_command_line():
+    """``bias`` and ``longrange`` take every memory mode of the API by name (``on``/``off`` as
+    True/False), and refuse others."""
+    from captum_mambalrp.cli import build_parser
+    from captum_mambalrp.cli.bias import recompute_value
+
+    parser = build_parser()
+    for command in ("bias", "longrange"):
+        modes = (("on", True), ("off", False), ("auto", "auto"), ("projection", "projection"), ("sequence", "sequence"))
+        for text, value in modes:
+            args = parser.parse_args([command, "--recompute", text, "--out", "x"])
+            assert recompute_value(args.recompute) == value
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--recompute", "sometimes", "--out", "x"])

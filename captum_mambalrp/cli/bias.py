@@ -9,10 +9,25 @@ from typing import Any, List, Optional, Tuple
 
 from . import DEVICE_HELP, quiet_transformers
 
+#: ``--recompute`` values and MambaLRP's ``recompute`` for each (docs/usage.md)
+RECOMPUTE_CHOICES = {
+    "auto": "auto",
+    "on": True,
+    "off": False,
+    "projection": "projection",
+    "offload": "offload",
+    "sequence": "sequence",
+}
+
 
 def recompute_value(text: str) -> Any:
-    """``--recompute auto|on|off`` as MambaLRP's ``recompute`` (``"auto"``, True, False)."""
-    return {"auto": "auto", "on": True, "off": False}[text]
+    """``--recompute`` as MambaLRP's ``recompute``: ``on``/``off`` are True/False, the others
+    (``auto``, ``projection``, ``offload``, ``sequence``) the modes of that name.
+
+    >>> recompute_value("on"), recompute_value("sequence")
+    (True, 'sequence')
+    """
+    return RECOMPUTE_CHOICES[text]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +37,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         default=None,
         help="a file (.txt TEXT;LABEL, .csv, .tsv, .jsonl, .json, .parquet), a folder with <split>.<ext>, or a datasets id "
-        "(default: the package's 96-example Emotion demo sample); e.g. ../shared/data/emotion",
+        "(default: the package's 96-example Emotion demo sample)",
     )
     p.add_argument("--split", default="test", help="split of a folder or a datasets id (default: test)")
     p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl/parquet/datasets")
@@ -30,7 +45,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--composite", default="mambalrp", help="MambaLRP rule set (mambalrp; conservative for hybrids' attention)")
     p.add_argument("--backend", default="auto", help="MambaLRP scan backend: auto, torch, triton, mamba_ssm")
-    p.add_argument("--recompute", default="auto", choices=["auto", "on", "off"], help="recompute mixers in the backward pass")
+    p.add_argument(
+        "--recompute",
+        default="auto",
+        choices=list(RECOMPUTE_CHOICES),
+        help="MambaLRP's memory mode: recompute mixers in the backward pass (on), keep everything (off), or "
+        "projection, offload, sequence; auto (default) picks from the memory a pass needs",
+    )
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
