@@ -78,6 +78,12 @@ def test_mambalrp_in_the_insights_page(served):
     with chromium_context() as browser:
         page = browser.new_page()
         page.goto(url)
+        # the page fills its method list from the server's /init after loading: wait for it (a loaded
+        # machine answered later than the page's load event; an empty list was read once in CI)
+        try:
+            page.wait_for_selector("select[name=selected_method] option", state="attached", timeout=120_000)
+        except Exception as err:  # playwright's TimeoutError: the server's log says why
+            raise AssertionError(f"no methods on the page ({err}); server log:\n{open(log).read()[-3000:]}") from None
         methods = page.eval_on_selector_all("select[name=selected_method] option", "os => os.map(o => o.value)")
         assert "MambaLRP" in methods and {"Integrated Gradients", "Saliency", "Occlusion"} <= set(methods)
         page.select_option("select[name=selected_method]", "Integrated Gradients")  # start from Captum's own
