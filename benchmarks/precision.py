@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -77,17 +78,30 @@ _KERNEL_NAMES = (
 )
 
 
+def _kernel_wrapped(value: object, module: object) -> bool:
+    """A function of ``module`` that transformers (5.2x) wrapped to call a kernel package when
+    installed (``use_kernel_func_from_hub_with_fallback``: ``functools.wraps`` of its torch
+    definition, kept as ``__wrapped__``)."""
+    return callable(value) and hasattr(value, "__wrapped__") and getattr(value, "__module__", None) == module.__name__
+
+
 @contextlib.contextmanager
 def torch_path() -> Iterator[None]:
-    """transformers' Mamba models on their torch path (float64 has no kernels)."""
+    """transformers' Mamba models on their torch path (float64 has no kernels): kernel wrappers
+    replaced by the torch definitions they wrap (transformers 5.2x), and the older releases'
+    fast-path switches and kernel names turned off."""
     saved = []
     for name in ("mamba", "mamba2", "falcon_mamba"):
         try:
             mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
         except ImportError:
             continue
+        for attr, value in list(vars(mod).items()):
+            if _kernel_wrapped(value, mod):
+                saved.append((mod, attr, value))
+                setattr(mod, attr, inspect.unwrap(value))  # type: ignore[arg-type]
         for attr in _KERNEL_NAMES:
-            if hasattr(mod, attr):
+            if hasattr(mod, attr) and not any(m is mod and a == attr for m, a, _ in saved):
                 saved.append((mod, attr, getattr(mod, attr)))
                 setattr(mod, attr, False if attr == "is_fast_path_available" else None)
     try:

@@ -107,3 +107,27 @@ def test_bf16_mamba1_score_is_as_faithful_as_transformers_bf16_forward():
     on these models: reported, not asserted)."""
     bf16 = _pooled_errors("mamba1", "bfloat16")
     assert bf16["mambalrp_score"] <= MARGIN * bf16["transformers_score"], bf16
+
+
+def test_torch_path_unwraps_transformers_kernel_functions():
+    """``benchmarks/precision.py``'s ``torch_path`` (float64 truth on a machine with mamba-ssm, where
+    transformers would call its kernels): every kernel wrapper of transformers' Mamba modules is
+    its torch definition inside, the wrapper again after; the float64 hidden states are the same."""
+    import importlib
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from precision import _kernel_wrapped, hidden_states, torch_path
+
+    modules = [importlib.import_module(f"transformers.models.{n}.modeling_{n}") for n in ("mamba", "mamba2", "falcon_mamba")]
+    before = [dict(vars(m)) for m in modules]
+    wrapped = [[k for k, v in vars(m).items() if _kernel_wrapped(v, m)] for m in modules]
+    assert all(len(names) >= 4 for names in wrapped), wrapped  # the scan, conv and decode functions
+    model = make_mamba2(seed=3).double()
+    ids = ids_for(1, 20)
+    plain = hidden_states(model, ids)
+    with torch_path():
+        for m, names in zip(modules, wrapped):
+            assert all(not hasattr(getattr(m, k), "__wrapped__") for k in names), names
+        inside = model.backbone(input_ids=ids, use_cache=False).last_hidden_state
+    assert all(vars(m)[k] is b[k] for m, b, names in zip(modules, before, wrapped) for k in names)
+    assert plain is not None and torch.equal(plain, inside)
