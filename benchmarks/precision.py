@@ -112,15 +112,13 @@ def torch_path() -> Iterator[None]:
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.Tensor]:
-    """The backbone's last hidden states (a float64 model: transformers' torch path; None if
-    that cannot run here)."""
+    """The backbone's last hidden states as transformers computes them: a float64 model (the
+    truth) on its torch path, where no kernel may round it or refuse it; another dtype as the model
+    runs (its kernels where installed). None if that cannot run here."""
+    path = torch_path() if next(model.parameters()).dtype == torch.float64 else contextlib.nullcontext()
     with torch.no_grad():
         try:
-            return model.backbone(input_ids=ids, use_cache=False).last_hidden_state
-        except Exception:
-            pass
-        try:
-            with torch_path():
+            with path:
                 return model.backbone(input_ids=ids, use_cache=False).last_hidden_state
         except Exception as e:  # noqa: BLE001
             print(f"no float64 hidden states: {type(e).__name__}: {str(e)[:200]}", flush=True)
