@@ -1,0 +1,38 @@
+"""``benchmarks/plot_goals.py``: which rows the goal figure shows (the latest per shape, batch,
+length, dtype and CUDA-graph flag; none without a ratio), from both result formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from plot_goals import latest, plot  # noqa: E402
+
+
+def test_latest_rows_from_both_formats_and_the_figure(tmp_path):
+    scale = tmp_path / "gpu_scale.jsonl"  # gpu_scale.py: one JSON object per line
+    rows = [
+        {"shape": "falcon7b", "dtype": "bfloat16", "batch": 1, "length": 4096, "cuda_graph": False, "ratio": 2.4},
+        {"shape": "falcon7b", "dtype": "bfloat16", "batch": 1, "length": 131072, "cuda_graph": False, "error": "out of memory"},
+        {"shape": "no_such_shape", "dtype": "bfloat16", "batch": 1, "length": 4096, "ratio": 9.0},
+        {"shape": "mamba2_2p7b", "dtype": "bfloat16", "batch": 1, "length": 4096, "cuda_graph": True, "ratio": 2.01},
+        {"shape": "mamba2_2p7b", "dtype": "bfloat16", "batch": 1, "length": 4096, "cuda_graph": False, "ratio": 4.76},
+    ]
+    scale.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    later = tmp_path / "gpu_scale_2.jsonl"
+    later.write_text(json.dumps({**rows[0], "ratio": 2.11}) + "\n")
+    hybrids = tmp_path / "nemotron.json"  # gpu_hybrids.py: {"rows": [...]} with L
+    hybrids.write_text(json.dumps({"rows": [{"shape": "nemotron_h_8b", "L": 4096, "batch": 16, "ratio": 2.66}]}))
+    got = latest([str(scale), str(later), str(hybrids)])
+    assert {k: round(r["ratio"], 2) for k, r in got.items()} == {
+        ("falcon7b", 1, 4096, "bfloat16", False): 2.11,  # the later file's row
+        ("mamba2_2p7b", 1, 4096, "bfloat16", True): 2.01,
+        ("mamba2_2p7b", 1, 4096, "bfloat16", False): 4.76,
+        ("nemotron_h_8b", 16, 4096, "bfloat16", False): 2.66,
+    }
+    out = tmp_path / "goals.png"
+    plot(got, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
