@@ -97,7 +97,10 @@ def test_command_line_writes_table_csv_plots_and_resumes(tiny, tmp_path, capsys)
         assert os.path.getsize(os.path.join(out, png)) > 1000, png
     first = read_jsonl(os.path.join(out, "results.jsonl"))
     # resume: nothing is recomputed, an added method is computed alone
+    capsys.readouterr()
     assert main(args[:6] + ["mambalrp,gxi,random,feature_ablation,saliency"] + args[7:] + ["--no-figures"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("results in ") and ".png" not in last  # no figures written, none announced
     second = read_jsonl(os.path.join(out, "results.jsonl"))
     assert second[: len(first)] == first and len(second) == len(first) + 4
     assert {r["method"] for r in second[len(first) :]} == {"saliency"}

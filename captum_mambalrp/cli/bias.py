@@ -108,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
     study.run(progress=not args.no_progress, figures=not args.no_figures)
     with open(os.path.join(args.out, "bias.md"), encoding="utf-8") as f:
         print(f.read())
-    print(
-        f"results in {os.path.abspath(args.out)} (bias.md, bias.json, units.csv, groups.csv, counterfactual.csv, top_units.png)"
-    )
+    figures = "" if args.no_figures else ", top_units.png"
+    print(f"results in {os.path.abspath(args.out)} (bias.md, bias.json, units.csv, groups.csv, counterfactual.csv{figures})")
     return 0
 
 

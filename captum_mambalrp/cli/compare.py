@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         print(f.read())
-    print(f"results in {os.path.abspath(args.out)} (summary.md, summary.json, per_example.csv, results.jsonl, *.png)")
+    figures = "" if args.no_figures else ", *.png"
+    print(f"results in {os.path.abspath(args.out)} (summary.md, summary.json, per_example.csv, results.jsonl{figures})")
     return 0
 
 

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     study.run(progress=not args.no_progress, figures=not args.no_figures)
     with open(os.path.join(args.out, "longrange.md"), encoding="utf-8") as f:
         print(f.read())
-    print(f"results in {os.path.abspath(args.out)} (longrange.md, longrange.json, longrange.csv, per_input.csv, longrange.png)")
+    figures = "" if args.no_figures else ", longrange.png"
+    print(f"results in {os.path.abspath(args.out)} (longrange.md, longrange.json, longrange.csv, per_input.csv{figures})")
     return 0
 
 
