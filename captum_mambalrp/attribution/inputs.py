@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
@@ -135,8 +136,6 @@ def warn_unmasked_padding(model: nn.Module, ids: Tensor) -> None:
 def _caller_level() -> int:
     """``warnings.warn``'s ``stacklevel`` of the first frame outside this package and Captum (the
     user's ``attribute`` call, through Captum's and our wrappers)."""
-    import sys
-
     frame: Optional[Any] = sys._getframe(1)
     level = 1
     while frame is not None:
