@@ -60,7 +60,7 @@ def test_explain_command_writes_html_and_json(tiny_checkpoint, tmp_path, capsys)
     assert "prediction:" in out and "logit of 'joy'" in out
     # delta is not zero: the biases take their share (README), said next to it
     deltas = [line for line in out.splitlines() if "   delta = " in line]
-    assert len(deltas) == 2 and all(line.endswith(" (absorbed by biases, and by AttnLRP at attention)") for line in deltas)
+    assert len(deltas) == 2 and all(line.endswith(" (absorbed by biases)") for line in deltas)
     data = json.loads(js.read_text())
     assert [d["tokens"] for d in data] == [["i", "feel", "happy", "today"], ["what", "a", "scary", "night"]]
     model, tok = load_model_and_tokenizer(tiny_checkpoint)

@@ -88,6 +88,10 @@ def test_explain_a_saved_hybrid(granite_dir, tmp_path, capsys):
     assert torch.allclose(torch.tensor(data["relevance"]), expected, atol=1e-6)
     assert data["explained_logit"] == pytest.approx(logit, abs=1e-5)
     assert abs(sum(data["relevance"]) - logit) <= 1e-5 * max(abs(logit), 0.1)
+    assert "(absorbed by biases)" in out  # CP-LRP at attention conserves: only biases take a share
+    # the default composite (AttnLRP) lets a share go at the attention's softmax, and says so
+    assert main(["explain", TEXT, "--model", granite_dir, "--target", "joy", "--html", ""]) == 0
+    assert "(absorbed by biases, and by AttnLRP's softmax at attention layers)" in capsys.readouterr().out
 
 
 def test_compare_on_a_saved_hybrid(granite_dir, tmp_path):

@@ -145,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     lrp = make_lrp(model, args.model or "the model", args.composite)
     target = cli_target(args.target, model, tokenizer)
     explanations = explain_texts(model, tokenizer, args.text, target=target, lrp=lrp, max_length=MAX_TOKENS)
+    installed = getattr(lrp, "last_installation", None)
+    attention = bool(getattr(installed, "attention", None)) and args.composite != "conservative"
+    absorbed = "absorbed by biases" + (", and by AttnLRP's softmax at attention layers" if attention else "")
     color = not args.no_color and (sys.stdout.isatty() or args.color)
     print(f"model: {source}   rules: {args.composite}")
     print(legend(color))
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"explained:  logit of {e.target_label!r} at position {e.position} = {e.explained:.4f}"
             f"   sum of relevance = {float(e.relevance.sum()):.4f}"
-            f"   delta = {e.delta:.2e} (absorbed by biases, and by AttnLRP at attention)"
+            f"   delta = {e.delta:.2e} ({absorbed})"
         )
         if color:
             print(f"relevance for {e.target_label!r} (red = for, blue = against; colour scaled to the largest |relevance|):")
