@@ -1,44 +1,88 @@
-"""The default composite on a hybrid (Bamba: Mamba2 mixer, attention, Mamba2 mixer, gated MLPs)
+"""The default composite on hybrids (Mamba2 mixers with attention, gated, squared-ReLU and MoE MLPs)
 against an independent reference: LXT's AttnLRP on the transformer parts, the step-by-step
-Mamba2 reference on the mixers.
+Mamba2 reference on the mixers, explicit LRP on the mixtures of experts.
+
+Families, each a tiny random model of ``tests/test_hybrids.py:build`` with a mixer after its first
+attention layer (relevance crosses a mixer after attention and before it):
+
+- Bamba: Mamba2 mixer, attention, Mamba2 mixer, each followed by a gated MLP;
+- NemotronH: Mamba2 mixer, attention, Mamba2 mixer, squared-ReLU MLP, MoE (squared-ReLU experts
+  and a shared expert);
+- GraniteMoeHybrid: Mamba2 mixer, attention, Mamba2 mixer, each followed by a MoE (gated experts)
+  plus a shared gated MLP; embedding and residual multipliers, logits scaling;
+- Zamba2: Mamba2 layers and hybrid layers (shared attention block on the concatenation with the
+  embeddings, its LoRA adapters on q/k/v and on the GELU MLP, RoPE, a linear layer, a Mamba2 mixer);
+- FalconH1: Mamba2 mixer (grouped norm after the gate) and attention in parallel in every layer,
+  gated MLPs, every muP multiplier different from 1 (``mup_vector``, ssm in/out, attention in/out,
+  key, MLP gate/down, embedding, lm_head).
 
 The reference uses no code of the package. On the model's own forward, patched per instance and
 undone in ``finally``:
 
-- attention, block norms and MLPs as ``tests/test_lxt_reference.py`` applies LXT 2.1's efficient
-  rules to Llama (Bamba's attention is Llama's: q/k/v projections, RoPE, GQA, transformers'
-  attention function): ``patch_attention`` on ``modeling_bamba`` (q and k gradients / 4, v / 2),
-  ``rms_norm_forward`` on every ``BambaRMSNorm``, and ``gated_mlp_forward`` on every ``BambaMLP``;
-- each ``BambaMixer``'s forward by ``tests/mamba2_reference.py:_mixer``. ``BambaMixer`` has every
-  attribute that reference reads, under the same names (``intermediate_size``, ``num_heads``,
-  ``head_dim``, ``n_groups``, ``ssm_state_size``, ``conv_dim``, ``in_proj``, ``conv1d``,
-  ``dt_bias``, ``A_log``, ``D``, ``time_step_limit``, ``norm.weight``/``variance_epsilon``,
-  ``out_proj``), the same computation as ``Mamba2Mixer`` (mask, ``in_proj`` split
-  ``[z, xBC, dt]``, SiLU after the causal conv, mask, SSD with ``D`` skip, ``BambaRMSNormGated``:
-  ``y * silu(z)`` then the norm over ``n_groups`` groups) and SiLU as ``hidden_act``: no adapter
-  needed. It receives the 2-D padding mask the model hands its mixers (``None`` without padding).
+- attention and block norms as ``tests/test_lxt_reference.py`` applies LXT 2.1's efficient rules to
+  Llama (every attention class here calls its modeling module's attention functions with q, k, v
+  already projected, rotated or scaled: linear maps): ``patch_attention`` on the family's modeling
+  module (q and k gradients / 4, v / 2) and ``rms_norm_forward`` on every block ``*RMSNorm``;
+- the MLPs: LXT's ``gated_mlp_forward`` written out for each family's layout (Granite's and Zamba2's
+  fused ``input_linear`` / ``gate_up_proj``, Zamba2's LoRA adapter added to it, Falcon-H1's gate and
+  down multipliers): identity rule on the activation, ``divide_gradient(., 2)`` on the product;
+  NemotronH's ``down(relu2(up(x)))`` as LXT's ``mlp_forward`` (identity rule on the whole
+  activation), written exactly as ``u * relu(u).detach()`` (``relu(u)^2 = u relu(u)``);
+- each Mamba2 mixer's forward by ``tests/mamba2_reference.py:_mixer``. ``BambaMixer``,
+  ``NemotronHMamba2Mixer``, ``GraniteMoeHybridMambaLayer`` and ``Zamba2MambaMixer`` were read in
+  transformers' modeling files: the same attributes under the same names (``intermediate_size``,
+  ``num_heads``, ``head_dim``, ``n_groups``, ``ssm_state_size``, ``conv_dim``, ``in_proj``,
+  ``conv1d``, ``dt_bias``, ``A_log``, ``D``, ``time_step_limit``, ``norm.weight`` /
+  ``variance_epsilon``, ``out_proj``), the same computation as ``Mamba2Mixer`` (mask, ``in_proj``
+  split ``[z, xBC, dt]``, SiLU after the causal conv, mask, SSD with ``D`` skip, gated norm
+  ``y * silu(z)`` then the norm over ``n_groups`` groups of ``intermediate_size / n_groups``); the
+  conv's activation is checked to be SiLU. ``FalconH1Mixer`` adds ``in_proj(x * ssm_in_multiplier)
+  * mup_vector`` and an optional norm: ``tests/test_hybrids.py:falcon_h1_reference_mixer`` (test
+  code, written from its modeling file). Each receives the 2-D padding mask the model hands it;
+- each MoE block (``NemotronHMoE``, ``GraniteMoeHybridMoE``) by ``tests/test_moe_reference.py:
+  moe_reference``, explicit message-passing LRP in float64 (routing held fixed, each selected
+  expert's summand ``w_k E_k(x)`` its share, identity and half rules inside, LRP-epsilon per expert
+  matrix; NemotronH's shared expert included), composed into Gradient x Input by an autograd
+  function: forward the block's own, backward ``R_x / x`` with ``R_x`` that reference for the
+  output relevance ``y * grad_y`` (so ``x * grad_x = R_x``).
 
-Relevance is Gradient x Input at the embeddings of the explained logit(s).
+Relevance is Gradient x Input at the embeddings of the explained logit(s) (at the embedding
+output; Falcon-H1 scales it by ``embedding_multiplier`` only for ``input_ids``, so the reference
+passes ``embed(ids) * embedding_multiplier``: the same relevance, a linear scaling).
 
 Where the package documents a choice that differs from LXT's, the reference follows the package
-(``docs/rules.md``; together the two move relevance by at most 2e-6 of a row's largest token
-relevance here, below the tolerance: plain LXT there agrees with the package to 2e-6, this
+(``docs/rules.md``; on Bamba the two together move relevance by at most 2e-6 of a row's largest
+token relevance, below the tolerance: plain LXT there agrees with the package to 2e-6, this
 reference to 9e-7):
 
-- the MLP's SiLU: the identity rule exactly, ``x * sigmoid(x).detach()`` (LXT divides by
-  ``x + 1e-10``); the MLP product still gets LXT's ``divide_gradient(., 2)``;
+- SiLU and squared ReLU: the identity rule exactly, ``x * sigmoid(x).detach()`` and
+  ``x * relu(x).detach()`` (LXT divides ``f(x)`` by ``x + 1e-10``); other activations (Zamba2's
+  GELU) the stabilised form ``x_s * (f(x) / x_s).detach()``, ``x_s = x + 1e-6 sign(x)``, that
+  ``docs/rules.md`` and ``IdentityActivationRule``'s docstring document;
 - linear layers and the causal conv: LRP-epsilon with epsilon 1e-9 (``EpsilonRule()``, float32),
   the gradient reaching ``z`` scaled by ``|z| / (|z| + 1e-9)``, written here as forward hooks
-  (LXT keeps the plain gradient).
+  (LXT keeps the plain gradient); the experts' matrices inside ``moe_reference`` use LRP-epsilon in
+  float64 without an epsilon, as that reference writes it.
 
-The test can fail: the conservative composite (CP-LRP on attention) differs from this reference
-by 6e-2 to 2e-1 of a row's largest token relevance (required: more than 1000 x the tolerance), and
-even ``composite="mambalrp_reference"`` (the SiLU rule with the authors' 1e-6 stabiliser, nothing
-else changed) by 4e-5 to 1.5e-3 (required: more than twice the tolerance on some row).
+Measured (float32, the largest over rows of the difference relative to the row's largest token
+relevance, with and without left padding): Bamba 9.2e-7, NemotronH 6.0e-7, GraniteMoeHybrid 3.8e-7,
+Zamba2 1.4e-6 (3.1e-6 with LXT's 1e-10 in the GELU rule instead), FalconH1 2.9e-7; required: 1e-5.
+
+The test can fail: for every family the conservative composite (CP-LRP on attention) differs from
+this reference by 6e-2 to 0.99 of a row's largest token relevance (required: more than 1000 x the
+tolerance on every row), and ``composite="mambalrp_reference"`` (the SiLU rule with the authors'
+1e-6 stabiliser, nothing else changed) by 1e-5 to 6e-3 (required: more than twice the tolerance on
+some row); on the MoE families ``composite="no_router_rule"`` (routing weights by gradient) by up to
+1.5e-4 (NemotronH) and 2.1e-4 (Granite) (required: more than twice the tolerance on some row).
+
+Not referenced here: Jamba (its Mamba1 mixer's step-by-step reference, ``tests/reference_mambalrp.py``,
+is the authors' recipe with a 1e-6 stabilised SiLU and no padding mask, so it does not describe the
+default composite; ``tests/test_hybrids.py`` checks Jamba's mixer alone).
 """
 
 from __future__ import annotations
 
+import copy
 import types
 from contextlib import contextmanager
 
@@ -46,30 +90,19 @@ import pytest
 import torch
 from mamba2_reference import _mixer as mamba2_reference_mixer
 from test_api import assert_unchanged, snapshot
-from test_hybrids import build, explained_scores, ids_for, left_padded, mixers_of
+from test_hybrids import build, explained_scores, falcon_h1_reference_mixer, ids_for, left_padded
 from test_lxt_reference import load_lxt, lxt_applied
+from test_moe_reference import moe_reference, routing
 from torch import nn
 
 from captum_mambalrp import MambaLRP
 
 EPSILON = 1e-9  # the package's documented LRP-epsilon for float32 linear layers and convs
-TOLERANCE = 1e-5  # of the row's largest token relevance (measured: 9.2e-7 at most, float32)
+ACTIVATION_EPSILON = 1e-6  # the package's stabiliser in the identity rule of activations other than SiLU and relu2
+TOLERANCE = 1e-5  # of the row's largest token relevance (measured: 1.4e-6 at most, float32)
 
 
-def _reference_mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-    assert cache is None, "the reference runs without a cache"
-    return mamba2_reference_mixer(self, hidden_states, attention_mask)
-
-
-def _exact_gated_mlp_forward(divide_gradient):
-    """LXT's ``gated_mlp_forward`` with the package's exact SiLU identity rule (no 1e-10)."""
-
-    def forward(self, x):
-        gate = self.gate_proj(x)
-        gate = gate * torch.sigmoid(gate).detach()
-        return self.down_proj(divide_gradient(gate * self.up_proj(x), 2))
-
-    return forward
+# ---------------------------------------------------------------- rules written out
 
 
 def _epsilon_hook(module, inputs, z):
@@ -77,22 +110,123 @@ def _epsilon_hook(module, inputs, z):
     return z * ratio + (z - z * ratio).detach()  # value z, gradient scaled by ratio
 
 
-@contextmanager
-def reference_applied(model):
-    from transformers.models.bamba import modeling_bamba
+def _identity(act_fn, x):
+    """The identity rule on an element-wise activation: exact for SiLU and squared ReLU."""
+    name = type(act_fn).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return x * torch.sigmoid(x).detach()
+    if name == "ReLUSquaredActivation":
+        return x * torch.relu(x).detach()
+    assert name in ("GELUActivation",), name
+    x_s = x + ACTIVATION_EPSILON * torch.where(x >= 0, 1.0, -1.0)
+    return x_s * (act_fn(x) / x_s).detach()
 
+
+def _mlp_forwards(divide_gradient):
+    """Each family's MLP with LXT's rules (identity on the activation, the product halved)."""
+
+    def gated(act_fn, gate, up):
+        return divide_gradient(_identity(act_fn, gate) * up, 2)
+
+    def bamba(self, x):
+        return self.down_proj(gated(self.act_fn, self.gate_proj(x), self.up_proj(x)))
+
+    def nemotron_h(self, x):  # LXT's mlp_forward: down(act(up(x)))
+        return self.down_proj(_identity(self.act_fn, self.up_proj(x)))
+
+    def granite(self, x):
+        gate, up = self.input_linear(x).chunk(2, dim=-1)
+        return self.output_linear(gated(self.activation, gate, up))
+
+    def zamba2(self, x, layer_idx=None):
+        gate_up = self.gate_up_proj(x) + self.gate_up_proj_adapter_list[self.layer_dic[layer_idx]](x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(gated(self.act_fn, gate, up))
+
+    def falcon_h1(self, x):
+        y = gated(self.act_fn, self.gate_proj(x) * self.gate_multiplier, self.up_proj(x))
+        return self.down_proj(y) * self.down_multiplier
+
+    return {
+        "BambaMLP": bamba,
+        "NemotronHMLP": nemotron_h,
+        "GraniteMoeHybridMLP": granite,
+        "Zamba2MLP": zamba2,
+        "FalconH1MLP": falcon_h1,
+    }
+
+
+def _mamba2_mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    assert cache is None, "the reference runs without a cache"
+    assert self.activation == "silu" and self.norm.group_size == self.intermediate_size // self.n_groups
+    return mamba2_reference_mixer(self, hidden_states, attention_mask)
+
+
+def _falcon_h1_mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    assert cache is None, "the reference runs without a cache"
+    assert self.activation == "silu"
+    return falcon_h1_reference_mixer(self, hidden_states, attention_mask)
+
+
+MIXER_FORWARDS = {
+    "BambaMixer": _mamba2_mixer_forward,
+    "NemotronHMamba2Mixer": _mamba2_mixer_forward,
+    "GraniteMoeHybridMambaLayer": _mamba2_mixer_forward,
+    "Zamba2MambaMixer": _mamba2_mixer_forward,
+    "FalconH1Mixer": _falcon_h1_mixer_forward,
+}
+
+
+class _ExplicitMoE(torch.autograd.Function):
+    """A MoE block whose backward is ``tests/test_moe_reference.py:moe_reference``: the gradient
+    ``R_x / x``, so that Gradient x Input at its input is the explicit LRP's relevance for the
+    output relevance ``y * grad_y``."""
+
+    @staticmethod
+    def forward(ctx, x, block, block64):
+        flat = x.reshape(-1, x.shape[-1])
+        ctx.routing = routing(block, flat)
+        ctx.block64 = block64
+        ctx.save_for_backward(flat)
+        return type(block).forward(block, x)  # transformers' value
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        w, idx = ctx.routing
+        x64 = flat.double()
+        _, relevance = moe_reference(ctx.block64, x64, grad.reshape(flat.shape).double(), w.double(), idx)
+        grad_x = torch.where(x64 == 0, 0.0, relevance / x64)
+        return grad_x.to(flat.dtype).reshape(grad.shape), None, None
+
+
+def _moe_forward(block64):
+    def forward(self, hidden_states):
+        return _ExplicitMoE.apply(hidden_states, self, block64)
+
+    return forward
+
+
+MOE_CLASSES = ("NemotronHMoE", "GraniteMoeHybridMoE")
+
+
+@contextmanager
+def reference_applied(model, modeling):
     patches = load_lxt()
-    mlp_forward = _exact_gated_mlp_forward(patches.divide_gradient)
+    mlp_forwards = _mlp_forwards(patches.divide_gradient)
     handles = []
-    with lxt_applied(model, modeling_bamba, patches):
+    with lxt_applied(model, modeling, patches):
         try:
             for m in model.modules():
                 name = type(m).__name__
-                if name == "BambaMixer":
-                    m.forward = types.MethodType(_reference_mixer_forward, m)
-                elif name == "BambaMLP":
+                if name in MIXER_FORWARDS:
+                    m.forward = types.MethodType(MIXER_FORWARDS[name], m)
+                elif name in MOE_CLASSES:
+                    assert not m.training
+                    m.forward = types.MethodType(_moe_forward(copy.deepcopy(m).double()), m)
+                elif name.endswith("MLP"):
                     assert m.__dict__["forward"].__func__ is patches.gated_mlp_forward  # LXT's, replaced as documented
-                    m.forward = types.MethodType(mlp_forward, m)
+                    m.forward = types.MethodType(mlp_forwards[name], m)
                 elif isinstance(m, (nn.Linear, nn.Conv1d)):
                     handles.append(m.register_forward_hook(_epsilon_hook))
             yield
@@ -103,22 +237,91 @@ def reference_applied(model):
                 m.__dict__.pop("forward", None)
 
 
-def reference_relevance(model, ids, mask, targets):
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    with reference_applied(model):
+def _embeddings(model, ids):
+    embeds = model.get_input_embeddings()(ids)
+    if type(model).__name__ == "FalconH1ForCausalLM":  # applied for input_ids only
+        embeds = embeds * model.model.embedding_multiplier
+    return embeds.detach().requires_grad_(True)
+
+
+def reference_relevance(model, modeling, ids, mask, targets):
+    embeds = _embeddings(model, ids)
+    with reference_applied(model, modeling):
         logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
         score = explained_scores(logits, mask, targets)
         (grad,) = torch.autograd.grad(score.sum(), embeds)
     return (embeds * grad).sum(-1).detach(), logits.detach(), score.detach()
 
 
-def _hybrid():
-    """Mamba2 mixer, attention, Mamba2 mixer (each followed by a gated MLP): relevance crosses
-    a mixer after the attention layer and before it."""
-    model = build("bamba", seed=31, num_hidden_layers=3, attn_layer_indices=[1])
-    kinds = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("BambaMixer", "BambaAttention")]
-    assert kinds == ["BambaMixer", "BambaAttention", "BambaMixer"], kinds
-    assert len(mixers_of(model, "bamba")) == 2
+# ---------------------------------------------------------------- the models
+
+
+def _modeling(family):
+    from transformers.models.bamba import modeling_bamba
+    from transformers.models.falcon_h1 import modeling_falcon_h1
+    from transformers.models.granitemoehybrid import modeling_granitemoehybrid
+    from transformers.models.nemotron_h import modeling_nemotron_h
+    from transformers.models.zamba2 import modeling_zamba2
+
+    return {
+        "bamba": modeling_bamba,
+        "nemotron_h": modeling_nemotron_h,
+        "granite": modeling_granitemoehybrid,
+        "zamba2": modeling_zamba2,
+        "falcon_h1": modeling_falcon_h1,
+    }[family]
+
+
+# family -> (build overrides, the mixers, attention layers, MLPs and MoEs in the order the forward calls them)
+MODELS = {
+    "bamba": (
+        dict(seed=31, num_hidden_layers=3, attn_layer_indices=[1]),
+        ["BambaMixer", "BambaMLP", "BambaAttention", "BambaMLP", "BambaMixer", "BambaMLP"],
+    ),
+    "nemotron_h": (
+        dict(seed=34),  # "M*M-E"; the MoE's shared expert is a NemotronHMLP
+        ["NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMamba2Mixer", "NemotronHMLP", "NemotronHMoE", "NemotronHMLP"],
+    ),
+    "granite": (
+        # two of four experts per token: routing weights below 1, so the router rule matters
+        dict(
+            seed=35, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=4, num_experts_per_tok=2
+        ),
+        [
+            *("GraniteMoeHybridMambaLayer", "GraniteMoeHybridMoE", "GraniteMoeHybridMLP"),
+            *("GraniteMoeHybridAttention", "GraniteMoeHybridMoE", "GraniteMoeHybridMLP"),
+            *("GraniteMoeHybridMambaLayer", "GraniteMoeHybridMoE", "GraniteMoeHybridMLP"),
+        ],
+    ),
+    "zamba2": (
+        # mamba, hybrid, mamba, hybrid; transformers' q/k/v adapters assume as many key/value heads as heads
+        dict(seed=36, use_shared_attention_adapter=True, use_mem_rope=True, num_key_value_heads=2),
+        ["Zamba2MambaMixer", *("Zamba2Attention", "Zamba2MLP", "Zamba2MambaMixer")] * 2,
+    ),
+    "falcon_h1": (
+        dict(seed=37, key_multiplier=0.8),  # the other multipliers as tests/test_hybrids.py sets them
+        ["FalconH1Mixer", "FalconH1Attention", "FalconH1MLP"] * 2,
+    ),
+}
+KINDS = ("Mixer", "MambaLayer", "Attention", "MLP", "MoE")
+
+
+def _hybrid(family):
+    overrides, kinds = MODELS[family]
+    model = build(family, **overrides)
+    called = []
+    handles = [
+        m.register_forward_pre_hook(lambda m, args: called.append(type(m).__name__))
+        for m in model.modules()
+        if type(m).__name__.endswith(KINDS)
+    ]
+    try:
+        with torch.no_grad():
+            model(ids_for(1, 4), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert called == kinds, called
     return model
 
 
@@ -129,21 +332,23 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_default_composite_on_bamba_equals_lxt_and_mamba2_reference(case):
-    model = _hybrid()
+@pytest.mark.parametrize("family", list(MODELS))
+def test_default_composite_on_hybrid_equals_lxt_and_mamba2_reference(family, case):
+    model = _hybrid(family)
+    modeling = _modeling(family)
     ids, mask, target = CASES[case]()
     rows = ids.shape[0]
     full_mask = torch.ones_like(ids) if mask is None else mask
     targets = target if isinstance(target, list) else [target] * rows
     before = snapshot(model)
 
-    ref, ref_logits, score = reference_relevance(model, ids, full_mask, targets)
+    ref, ref_logits, score = reference_relevance(model, modeling, ids, full_mask, targets)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, use_cache=False).logits
     # the reference's patches keep the forward values (and are gone afterwards)
     assert torch.allclose(ref_logits, logits, atol=1e-5), (ref_logits - logits).abs().max()
     assert_unchanged(model, before)
-    assert modeling_attention_functions_restored()
+    assert modeling.ALL_ATTENTION_FUNCTIONS.__class__.__name__ == "AttentionInterface"
 
     ours, delta = MambaLRP(model).attribute(ids, target=target, attention_mask=mask, return_convergence_delta=True)
     assert torch.allclose(ours.sum(1) + delta, score, atol=1e-5), (ours.sum(1) + delta, score)
@@ -158,10 +363,7 @@ def test_default_composite_on_bamba_equals_lxt_and_mamba2_reference(case):
     # and the tolerance is tight enough to see a 1e-6 stabiliser in the SiLU rule
     stabilised = MambaLRP(model, composite="mambalrp_reference").attribute(ids, target=target, attention_mask=mask)
     assert ((stabilised - ref).abs() / scale).max() > 2 * TOLERANCE
+    if any(kind.endswith("MoE") for kind in MODELS[family][1]):  # and the MoE's reference matters
+        by_gradient = MambaLRP(model, composite="no_router_rule").attribute(ids, target=target, attention_mask=mask)
+        assert ((by_gradient - ref).abs() / scale).max() > 2 * TOLERANCE
     assert_unchanged(model, before)
-
-
-def modeling_attention_functions_restored() -> bool:
-    from transformers.models.bamba import modeling_bamba
-
-    return modeling_bamba.ALL_ATTENTION_FUNCTIONS.__class__.__name__ == "AttentionInterface"
