@@ -1,10 +1,12 @@
-"""The default composite on hybrids (Mamba2 mixers with attention, gated, squared-ReLU and MoE MLPs)
-against an independent reference: LXT's AttnLRP on the transformer parts, the step-by-step
-Mamba2 reference on the mixers, explicit LRP on the mixtures of experts.
+"""The default composite on hybrids (Mamba1 and Mamba2 mixers with attention, gated, squared-ReLU and
+MoE MLPs) against an independent reference: LXT's AttnLRP on the transformer parts, step-by-step
+Mamba1 (Jamba) and Mamba2 references on the mixers, explicit LRP on the mixtures of experts.
 
 Families, each a tiny random model of ``tests/test_hybrids.py:build`` with a mixer after its first
 attention layer (relevance crosses a mixer after attention and before it):
 
+- Jamba: Mamba1 mixer (RMSNorms on dt, B, C), attention, Mamba1 mixer; a MoE (two of four gated
+  experts per token) after each mixer, a gated MLP after attention;
 - Bamba: Mamba2 mixer, attention, Mamba2 mixer, each followed by a gated MLP;
 - NemotronH: Mamba2 mixer, attention, Mamba2 mixer, squared-ReLU MLP, MoE (squared-ReLU experts
   and a shared expert);
@@ -38,8 +40,14 @@ undone in ``finally``:
   ``y * silu(z)`` then the norm over ``n_groups`` groups of ``intermediate_size / n_groups``); the
   conv's activation is checked to be SiLU. ``FalconH1Mixer`` adds ``in_proj(x * ssm_in_multiplier)
   * mup_vector`` and an optional norm: ``tests/test_hybrids.py:falcon_h1_reference_mixer`` (test
-  code, written from its modeling file). Each receives the 2-D padding mask the model hands it;
-- each MoE block (``NemotronHMoE``, ``GraniteMoeHybridMoE``) by ``tests/test_moe_reference.py:
+  code, written from its modeling file). ``JambaMambaMixer`` (Mamba1) by ``jamba_reference_mixer``
+  below, written from ``modeling_jamba.py`` (not ``tests/reference_mambalrp.py``, which has the
+  authors' 1e-6-stabilised SiLU and no padding mask): mask on the input and on the conv's activated
+  output as transformers applies it, exact SiLU identity rule, the recurrence as a loop with delta,
+  A, B, C detached (so the dt/B/C RMSNorms, whose factor the package holds constant, carry no
+  gradient in either), the gate ``y * silu(z)`` halved. Each receives the 2-D padding mask the model
+  hands it;
+- each MoE block (``JambaSparseMoeBlock``, ``NemotronHMoE``, ``GraniteMoeHybridMoE``) by ``tests/test_moe_reference.py:
   moe_reference``, explicit message-passing LRP in float64 (routing held fixed, each selected
   expert's summand ``w_k E_k(x)`` its share, identity and half rules inside, LRP-epsilon per expert
   matrix; NemotronH's shared expert included), composed into Gradient x Input by an autograd
@@ -65,7 +73,7 @@ reference to 9e-7):
   float64 without an epsilon, as that reference writes it.
 
 Measured (float32, the largest over rows of the difference relative to the row's largest token
-relevance, with and without left padding): Bamba 9.2e-7, NemotronH 6.0e-7, GraniteMoeHybrid 3.8e-7,
+relevance, with and without left padding): Jamba 2.0e-6, Bamba 9.2e-7, NemotronH 6.0e-7, GraniteMoeHybrid 3.8e-7,
 Zamba2 1.4e-6 (3.1e-6 with LXT's 1e-10 in the GELU rule instead), FalconH1 2.9e-7; required: 1e-5.
 
 The test can fail: for every family the conservative composite (CP-LRP on attention) differs from
@@ -73,11 +81,10 @@ this reference by 6e-2 to 0.99 of a row's largest token relevance (required: mor
 tolerance on every row), and ``composite="mambalrp_reference"`` (the SiLU rule with the authors'
 1e-6 stabiliser, nothing else changed) by 1e-5 to 6e-3 (required: more than twice the tolerance on
 some row); on the MoE families ``composite="no_router_rule"`` (routing weights by gradient) by up to
-1.5e-4 (NemotronH) and 2.1e-4 (Granite) (required: more than twice the tolerance on some row).
-
-Not referenced here: Jamba (its Mamba1 mixer's step-by-step reference, ``tests/reference_mambalrp.py``,
-is the authors' recipe with a 1e-6 stabilised SiLU and no padding mask, so it does not describe the
-default composite; ``tests/test_hybrids.py`` checks Jamba's mixer alone).
+1.5e-4 (NemotronH), 2.1e-4 (Granite) and 5.3e-3 (Jamba) (required: more than twice the tolerance
+on some row). On Jamba the conservative composite is 0.42 to 0.93 away, ``mambalrp_reference``
+5.9e-6 to 4.1e-4 (largest per case: 4.1e-4 unpadded, 2.9e-5 padded), and the reference without
+the mixers' padding mask 0.72 on a padded row.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mamba2_reference import _mixer as mamba2_reference_mixer
 from test_api import assert_unchanged, snapshot
 from test_hybrids import build, explained_scores, falcon_h1_reference_mixer, ids_for, left_padded
@@ -108,6 +116,10 @@ TOLERANCE = 1e-5  # of the row's largest token relevance (measured: 1.4e-6 at mo
 def _epsilon_hook(module, inputs, z):
     ratio = (z.abs() / (z.abs() + EPSILON)).detach()
     return z * ratio + (z - z * ratio).detach()  # value z, gradient scaled by ratio
+
+
+def _silu_identity(x):
+    return x * torch.sigmoid(x).detach()
 
 
 def _identity(act_fn, x):
@@ -148,12 +160,60 @@ def _mlp_forwards(divide_gradient):
         return self.down_proj(y) * self.down_multiplier
 
     return {
+        "JambaMLP": bamba,  # the same layout: down(act(gate(x)) * up(x))
         "BambaMLP": bamba,
         "NemotronHMLP": nemotron_h,
         "GraniteMoeHybridMLP": granite,
         "Zamba2MLP": zamba2,
         "FalconH1MLP": falcon_h1,
     }
+
+
+def _masked(x, mask):
+    return x if mask is None else x * mask[:, :, None].to(x.dtype)
+
+
+def _rms_value(norm, x):
+    """transformers' ``JambaRMSNorm`` value, written out (it feeds only the scan's parameters, detached)."""
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def jamba_reference_mixer(m, hidden, mask):
+    """``JambaMambaMixer`` with MambaLRP's rules, step by step (written from transformers'
+    ``modeling_jamba.py`` and the paper's rules, sharing no code with the package or with
+    ``tests/reference_mambalrp.py``): the padding mask zeroes the input and the conv's activated
+    output; ``in_proj`` split ``[x, z]``; causal depthwise conv, SiLU by the exact identity rule
+    ``x * sigmoid(x).detach()``; ``x_proj`` split ``[dt, B, C]``, each through its RMSNorm;
+    ``delta = softplus(dt_proj.weight @ dt + dt_proj.bias)``; the Mamba1 recurrence
+    ``h_t = exp(delta_t A) h_{t-1} + delta_t x_t B_t``, ``y_t = C_t h_t + D x_t`` as a Python loop
+    with ``delta``, ``A``, ``B``, ``C`` detached (so the dt/B/C norms carry no gradient whatever
+    rule they get); the gate ``y * silu(z)`` (SiLU whatever ``hidden_act``) by the identity rule and
+    halved in the gradient; ``out_proj``."""
+    b, l, _ = hidden.shape
+    d, N, R = m.intermediate_size, m.ssm_state_size, m.time_step_rank
+    x, z = m.in_proj(_masked(hidden, mask)).split([d, d], dim=-1)  # transformers chunks [x, z] on channels
+    x = _silu_identity(m.conv1d(x.transpose(1, 2))[..., :l]).transpose(1, 2)
+    x = _masked(x, mask)  # [b, l, d]
+    dt, B, C = m.x_proj(x).split([R, N, N], dim=-1)
+    dt, B, C = _rms_value(m.dt_layernorm, dt), _rms_value(m.b_layernorm, B), _rms_value(m.c_layernorm, C)
+    delta = F.softplus(dt @ m.dt_proj.weight.T + m.dt_proj.bias).detach()  # [b, l, d]
+    A = -torch.exp(m.A_log.float()).detach()  # [d, N]
+    B, C = B.detach(), C.detach()
+    h = torch.zeros(b, d, N)
+    ys = []
+    for t in range(l):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1) + m.D * x[:, t])
+    y = torch.stack(ys, dim=1)
+    gated = y * _silu_identity(z)
+    gated = gated / 2.0 + (gated / 2.0).detach()
+    return m.out_proj(gated)
+
+
+def _jamba_mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    assert cache is None, "the reference runs without a cache"
+    assert self.activation == "silu" and self.dt_proj.bias is not None
+    return jamba_reference_mixer(self, hidden_states, attention_mask)
 
 
 def _mamba2_mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
@@ -169,6 +229,7 @@ def _falcon_h1_mixer_forward(self, hidden_states, cache=None, attention_mask=Non
 
 
 MIXER_FORWARDS = {
+    "JambaMambaMixer": _jamba_mixer_forward,
     "BambaMixer": _mamba2_mixer_forward,
     "NemotronHMamba2Mixer": _mamba2_mixer_forward,
     "GraniteMoeHybridMambaLayer": _mamba2_mixer_forward,
@@ -207,7 +268,7 @@ def _moe_forward(block64):
     return forward
 
 
-MOE_CLASSES = ("NemotronHMoE", "GraniteMoeHybridMoE")
+MOE_CLASSES = ("JambaSparseMoeBlock", "NemotronHMoE", "GraniteMoeHybridMoE")
 
 
 @contextmanager
@@ -260,10 +321,12 @@ def _modeling(family):
     from transformers.models.bamba import modeling_bamba
     from transformers.models.falcon_h1 import modeling_falcon_h1
     from transformers.models.granitemoehybrid import modeling_granitemoehybrid
+    from transformers.models.jamba import modeling_jamba
     from transformers.models.nemotron_h import modeling_nemotron_h
     from transformers.models.zamba2 import modeling_zamba2
 
     return {
+        "jamba": modeling_jamba,
         "bamba": modeling_bamba,
         "nemotron_h": modeling_nemotron_h,
         "granite": modeling_granitemoehybrid,
@@ -274,6 +337,15 @@ def _modeling(family):
 
 # family -> (build overrides, the mixers, attention layers, MLPs and MoEs in the order the forward calls them)
 MODELS = {
+    "jamba": (
+        # mamba, attention, mamba; MoE (two of four gated experts per token) after the mixers, a gated MLP after attention
+        dict(seed=38, num_hidden_layers=3, expert_layer_offset=0, num_experts=4, num_experts_per_tok=2),
+        [
+            *("JambaMambaMixer", "JambaSparseMoeBlock"),
+            *("JambaAttention", "JambaMLP"),
+            *("JambaMambaMixer", "JambaSparseMoeBlock"),
+        ],
+    ),
     "bamba": (
         dict(seed=31, num_hidden_layers=3, attn_layer_indices=[1]),
         ["BambaMixer", "BambaMLP", "BambaAttention", "BambaMLP", "BambaMixer", "BambaMLP"],
@@ -303,7 +375,7 @@ MODELS = {
         ["FalconH1Mixer", "FalconH1Attention", "FalconH1MLP"] * 2,
     ),
 }
-KINDS = ("Mixer", "MambaLayer", "Attention", "MLP", "MoE")
+KINDS = ("Mixer", "MambaLayer", "Attention", "MLP", "MoE", "MoeBlock")
 
 
 def _hybrid(family):
@@ -363,7 +435,7 @@ def test_default_composite_on_hybrid_equals_lxt_and_mamba2_reference(family, cas
     # and the tolerance is tight enough to see a 1e-6 stabiliser in the SiLU rule
     stabilised = MambaLRP(model, composite="mambalrp_reference").attribute(ids, target=target, attention_mask=mask)
     assert ((stabilised - ref).abs() / scale).max() > 2 * TOLERANCE
-    if any(kind.endswith("MoE") for kind in MODELS[family][1]):  # and the MoE's reference matters
+    if any(kind in MOE_CLASSES for kind in MODELS[family][1]):  # and the MoE's reference matters
         by_gradient = MambaLRP(model, composite="no_router_rule").attribute(ids, target=target, attention_mask=mask)
         assert ((by_gradient - ref).abs() / scale).max() > 2 * TOLERANCE
     assert_unchanged(model, before)
