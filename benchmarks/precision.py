@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
-import inspect
 import json
 import os
 import sys
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -42,6 +40,7 @@ from common import mamba1_classifier, mamba2_classifier  # noqa: E402
 
 from captum_mambalrp import MambaLRP  # noqa: E402
 from captum_mambalrp.evaluation.analysis import layer_relevance  # noqa: E402
+from captum_mambalrp.models.kernel_path import torch_path  # noqa: E402
 
 
 def build(arch: str, layers: int, d_model: int, seed: int, head_dim: int, state: int) -> torch.nn.Module:
@@ -63,52 +62,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def topk_common(a: torch.Tensor, b: torch.Tensor, k: int) -> int:
     k = min(k, a.numel())
     return len(set(a.abs().topk(k).indices.tolist()) & set(b.abs().topk(k).indices.tolist()))
-
-
-#: transformers' fast-path switches and kernel entry points, hidden to force its torch path
-_KERNEL_NAMES = (
-    "is_fast_path_available",
-    "causal_conv1d_fn",
-    "causal_conv1d_update",
-    "mamba_chunk_scan_combined",
-    "mamba_split_conv1d_scan_combined",
-    "selective_scan_fn",
-    "mamba_inner_fn",
-    "selective_state_update",
-)
-
-
-def _kernel_wrapped(value: object, module: object) -> bool:
-    """A function of ``module`` that transformers (5.2x) wrapped to call a kernel package when
-    installed (``use_kernel_func_from_hub_with_fallback``: ``functools.wraps`` of its torch
-    definition, kept as ``__wrapped__``)."""
-    return callable(value) and hasattr(value, "__wrapped__") and getattr(value, "__module__", None) == module.__name__
-
-
-@contextlib.contextmanager
-def torch_path() -> Iterator[None]:
-    """transformers' Mamba models on their torch path (float64 has no kernels): kernel wrappers
-    replaced by the torch definitions they wrap (transformers 5.2x), and the older releases'
-    fast-path switches and kernel names turned off."""
-    saved = []
-    for name in ("mamba", "mamba2", "falcon_mamba"):
-        try:
-            mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
-        except ImportError:
-            continue
-        for attr, value in list(vars(mod).items()):
-            if _kernel_wrapped(value, mod):
-                saved.append((mod, attr, value))
-                setattr(mod, attr, inspect.unwrap(value))  # type: ignore[arg-type]
-        for attr in _KERNEL_NAMES:
-            if hasattr(mod, attr) and not any(m is mod and a == attr for m, a, _ in saved):
-                saved.append((mod, attr, getattr(mod, attr)))
-                setattr(mod, attr, False if attr == "is_fast_path_available" else None)
-    try:
-        yield
-    finally:
-        for mod, attr, value in saved:
-            setattr(mod, attr, value)
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.Tensor]:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .attribution import LayerMambaLRP, find_embedding
 from .attribution.targets import output_scores
+from .models.kernel_path import call_off_cuda, off_cuda
 
 AttrTarget = Literal["logit", "log_prob"]
 ATTR_TARGETS = ("logit", "log_prob")
@@ -55,7 +56,7 @@ class TokenScoreFunc(GradientForwardFunc):
         if cur_target_idx:
             done = target_tokens[:cur_target_idx].unsqueeze(0).expand(ids.size(0), -1).to(ids.device)
             ids = torch.cat([ids, done], dim=1)
-        logits = output_scores(self.model(ids))[:, -1]
+        logits = output_scores(call_off_cuda(self.model, ids))[:, -1]
         return _token_scores(logits, target_tokens[cur_target_idx], self.attr_target)
 
 
@@ -171,7 +172,8 @@ class MambaLLMAttribution(LLMGradientAttribution):
         self, inp: Any, target: Union[str, Tensor, None] = None, gen_args: Optional[Dict[str, Any]] = None
     ) -> Tensor:
         """Captum's (generate when no target is given), remembered for the explained scores."""
-        tokens = super()._get_target_tokens(inp, target, gen_args)
+        with off_cuda(self.model):  # generation on the CPU: transformers' torch path
+            tokens = super()._get_target_tokens(inp, target, gen_args)
         self._target_ids = tokens.detach().reshape(-1).cpu()
         return tokens
 
@@ -180,7 +182,7 @@ class MambaLLMAttribution(LLMGradientAttribution):
         """The explained score of each target token after the prompt, in one forward pass."""
         target_ids = target_ids.to(prompt_ids.device).reshape(1, -1)
         ids = torch.cat([prompt_ids, target_ids], dim=1)
-        logits = output_scores(self.model(ids))[0].float()
+        logits = output_scores(call_off_cuda(self.model, ids))[0].float()
         start = prompt_ids.shape[1] - 1
         rows = logits[start : start + target_ids.shape[1]]
         return torch.stack([_token_scores(rows[i], int(t), self.attr_target) for i, t in enumerate(target_ids[0])]).cpu()

@@ -110,13 +110,17 @@ def test_bf16_mamba1_score_is_as_faithful_as_transformers_bf16_forward():
 
 
 def test_torch_path_unwraps_transformers_kernel_functions():
-    """``benchmarks/precision.py``'s ``torch_path`` (float64 truth on a machine with mamba-ssm, where
-    transformers would call its kernels): every kernel wrapper of transformers' Mamba modules is
-    its torch definition inside, the wrapper again after; the float64 hidden states are the same."""
+    """``models.kernel_path.torch_path`` (``benchmarks/precision.py``'s float64 truth on a machine
+    with mamba-ssm, where transformers would call its kernels): every kernel wrapper of
+    transformers' Mamba modules is its torch definition inside, the wrapper again after; the
+    float64 hidden states are the same."""
     import importlib
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from precision import _kernel_wrapped, hidden_states, torch_path
+    from precision import hidden_states
+
+    from captum_mambalrp.models.kernel_path import kernel_wrapped as _kernel_wrapped
+    from captum_mambalrp.models.kernel_path import torch_path
 
     modules = [importlib.import_module(f"transformers.models.{n}.modeling_{n}") for n in ("mamba", "mamba2", "falcon_mamba")]
     before = [dict(vars(m)) for m in modules]

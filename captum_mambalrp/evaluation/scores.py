@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attribution.targets import output_scores
+from ..models.kernel_path import off_cuda
 
 
 def last_positions(mask: Optional[Tensor], batch: int, length: int, device: torch.device) -> Tensor:
@@ -39,10 +40,11 @@ class LastTokenScores(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        if x.dim() == 3:
-            out = self.model(inputs_embeds=x, attention_mask=attention_mask)
-        else:
-            out = self.model(input_ids=x.long(), attention_mask=attention_mask)
+        with off_cuda(self.model):  # transformers would call mamba-ssm's CUDA kernels on the CPU
+            if x.dim() == 3:
+                out = self.model(inputs_embeds=x, attention_mask=attention_mask)
+            else:
+                out = self.model(input_ids=x.long(), attention_mask=attention_mask)
         scores = output_scores(out).float()
         if scores.dim() == 2:
             return scores
