@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .attribution import MambaLRP
 from .attribution.targets import class_names, output_scores, resolve_class_names, select_targets
+from .models.kernel_path import call_off_cuda
 
 MAX_CHARS = 2000  # the longest text the dashboard (and the CLI) accept by default: longer ones take seconds on a CPU
 
@@ -85,7 +86,7 @@ def explain_texts(
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     with torch.no_grad():
-        scores = output_scores(model(input_ids=ids, attention_mask=mask)).float()
+        scores = output_scores(call_off_cuda(model, input_ids=ids, attention_mask=mask)).float()
     labels = label_names(model, tokenizer, scores.shape[-1])
     if isinstance(target, str) and class_names(model) is not None:  # a classifier: names only, never a token
         target = resolve_class_names(target, model)  # type: ignore[assignment]

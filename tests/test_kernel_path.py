@@ -115,3 +115,16 @@ def test_llm_explained_scores_on_the_cpu(kernels_installed):
     with torch_path():
         logits = model(torch.cat([prompt, targets[None]], dim=1)).logits[0]
     torch.testing.assert_close(scores, torch.stack([logits[4, 3], logits[5, 4]]).float())
+
+
+def test_explain_texts_predicts_on_the_cpu(kernels_installed):
+    """``explain_texts`` (the prediction is the model's own forward, the relevance the package's
+    pass) on the embedded default model, a Mamba classifier on the CPU."""
+    from captum_mambalrp.models import load_model_and_tokenizer
+    from captum_mambalrp.text import explain_texts
+
+    model, tokenizer = load_model_and_tokenizer()
+    with pytest.raises(RuntimeError, match="is_cuda"):
+        model(input_ids=tokenizer(["i feel happy"], return_tensors="pt")["input_ids"])
+    (e,) = explain_texts(model, tokenizer, ["i feel happy"], target="joy")
+    assert e.target_label == "joy" and torch.isfinite(torch.as_tensor(e.relevance)).all()
