@@ -283,6 +283,11 @@ def part_time(a: argparse.Namespace) -> None:
     row["attribute_s"] = min(times)
     if getattr(a, "decay_kernel", "default") == "compare":
         os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "1"
+        if a.cuda_graph:  # the recorded graph would replay the pass without the kernel: record another
+            del lrp
+            torch.cuda.empty_cache()
+            lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=True, backend=a.backend)
+            lrp.attribute(ids, target=1)
         with_kernel = lrp.attribute(ids, target=1)  # also the warm-up: compiles the kernel
         row["decay_kernel_rel_l2"] = float((with_kernel.float() - relevance.float()).norm() / relevance.float().norm())
         del with_kernel

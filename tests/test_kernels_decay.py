@@ -1,5 +1,5 @@
-"""SSD's chunk-end recurrence as one Triton kernel (``scan/triton_decay.py``, turned on by
-``CAPTUM_MAMBALRP_DECAY_KERNEL=1``) against the float64 step-by-step recurrence and against the
+"""SSD's chunk-end recurrence as one Triton kernel (``scan/triton_decay.py``, on by default, off
+with ``CAPTUM_MAMBALRP_DECAY_KERNEL=0``) against the float64 step-by-step recurrence and against the
 torch form it replaces (``scan/ssd_chunked.decay_scan_``): in Triton's interpreter on the CPU,
 and compiled on CUDA; and a whole Mamba2 pass with it against the pass without it."""
 
@@ -140,17 +140,21 @@ def test_decay_kernel_in_interpreter():
     run_in_interpreter(INTERPRETER_SCRIPT)
 
 
-def test_decay_kernel_is_off_by_default(monkeypatch):
-    """Without ``CAPTUM_MAMBALRP_DECAY_KERNEL=1`` the torch form runs, even where fused kernels may."""
+def test_decay_kernel_is_on_by_default_and_off_with_zero(monkeypatch):
+    """The kernel runs where fused kernels may unless ``CAPTUM_MAMBALRP_DECAY_KERNEL=0``; not on
+    plain CPU tensors (no interpreter)."""
     import importlib
 
     ssd_chunked = importlib.import_module("captum_mambalrp.scan.ssd_chunked")
     monkeypatch.delenv(ssd_chunked.DECAY_KERNEL_ENV, raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused kernels allowed on CPU tensors
     u = torch.ones(1, 3)
-    assert not ssd_chunked._decay_kernel_applies(u, u)
-    monkeypatch.setenv(ssd_chunked.DECAY_KERNEL_ENV, "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not ssd_chunked._decay_kernel_applies(u, u)  # CPU tensors, no interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused kernels allowed on CPU tensors
     assert ssd_chunked._decay_kernel_applies(u, u) == HAS_TRITON
+    assert not ssd_chunked._decay_kernel_applies(u.double(), u.double())
+    monkeypatch.setenv(ssd_chunked.DECAY_KERNEL_ENV, "0")
+    assert not ssd_chunked._decay_kernel_applies(u, u)
 
 
 @pytest.mark.gpu

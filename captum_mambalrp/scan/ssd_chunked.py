@@ -54,9 +54,9 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
 def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
     """In place along axis 1: ``u_t <- decay_t * u_{t-1} + u_t`` (``u [b, t, ...]``, ``decay``
     broadcastable to it). Two levels of about ``sqrt(t)`` sequential steps each: within
-    blocks (all blocks at once), then across block ends, then one correction. With
-    ``CAPTUM_MAMBALRP_DECAY_KERNEL=1`` a float32 ``u`` on CUDA is solved by one Triton kernel
-    instead (:mod:`.triton_decay`: one read and one write of ``u``).
+    blocks (all blocks at once), then across block ends, then one correction. A float32 ``u``
+    on CUDA is solved by one Triton kernel instead (:mod:`.triton_decay`: one read and one write
+    of ``u``), unless ``CAPTUM_MAMBALRP_DECAY_KERNEL=0``.
 
     >>> u = torch.ones(1, 4)
     >>> decay_scan_(u, torch.full((1, 4), 0.5))
@@ -86,10 +86,12 @@ def decay_scan_(u: Tensor, decay: Tensor) -> Tensor:
 
 
 def _decay_kernel_applies(u: Tensor, decay: Tensor) -> bool:
-    """May :mod:`.triton_decay` solve ``decay_scan_(u, decay)``? Turned on, float32, at most 6
-    axes, more than one step, where the fused kernels run (CUDA, or Triton's interpreter)."""
+    """May :mod:`.triton_decay` solve ``decay_scan_(u, decay)``? Not turned off
+    (``CAPTUM_MAMBALRP_DECAY_KERNEL=0``), float32, at most 6 axes, more than one step, where the
+    fused kernels run (CUDA, or Triton's interpreter). On by default since H200 run 9 (3.6 %
+    faster Mamba2-130M fp32 passes at 16384 tokens)."""
     return (
-        os.environ.get(DECAY_KERNEL_ENV, "0") == "1"
+        os.environ.get(DECAY_KERNEL_ENV, "1") != "0"
         and u.dtype == decay.dtype == torch.float32
         and 2 <= u.dim() <= 6
         and u.shape[1] > 1
