@@ -20,6 +20,23 @@ def test_latest_rows_from_both_formats_and_the_figure(tmp_path):
         {"shape": "no_such_shape", "dtype": "bfloat16", "batch": 1, "length": 4096, "ratio": 9.0},
         {"shape": "mamba2_2p7b", "dtype": "bfloat16", "batch": 1, "length": 4096, "cuda_graph": True, "ratio": 2.01},
         {"shape": "mamba2_2p7b", "dtype": "bfloat16", "batch": 1, "length": 4096, "cuda_graph": False, "ratio": 4.76},
+        # --decay-kernel compare: eager rows count with the kernel (the default), graph rows without
+        {
+            "shape": "mamba2_130m",
+            "dtype": "float32",
+            "length": 16384,
+            "cuda_graph": False,
+            "ratio": 2.29,
+            "ratio_decay_kernel": 2.21,
+        },
+        {
+            "shape": "mamba2_130m",
+            "dtype": "float32",
+            "length": 16384,
+            "cuda_graph": True,
+            "ratio": 2.16,
+            "ratio_decay_kernel": 2.16,
+        },
     ]
     scale.write_text("".join(json.dumps(r) + "\n" for r in rows))
     later = tmp_path / "gpu_scale_2.jsonl"
@@ -32,6 +49,8 @@ def test_latest_rows_from_both_formats_and_the_figure(tmp_path):
         ("mamba2_2p7b", 1, 4096, "bfloat16", True): 2.01,
         ("mamba2_2p7b", 1, 4096, "bfloat16", False): 4.76,
         ("nemotron_h_8b", 16, 4096, "bfloat16", False): 2.66,
+        ("mamba2_130m", 1, 16384, "float32", False): 2.21,
+        ("mamba2_130m", 1, 16384, "float32", True): 2.16,
     }
     out = tmp_path / "goals.png"
     plot(got, str(out))
