@@ -128,3 +128,17 @@ def test_explain_texts_predicts_on_the_cpu(kernels_installed):
         model(input_ids=tokenizer(["i feel happy"], return_tensors="pt")["input_ids"])
     (e,) = explain_texts(model, tokenizer, ["i feel happy"], target="joy")
     assert e.target_label == "joy" and torch.isfinite(torch.as_tensor(e.relevance)).all()
+
+
+def test_overlapping_blocks_restore_when_the_last_leaves(kernels_installed):
+    """Blocks that overlap out of order (two threads of a dashboard): the first to enter swaps,
+    the last to leave restores; a block that leaves early leaves the other's torch path alone."""
+    mod = importlib.import_module("transformers.models.mamba.modeling_mamba")
+    names = [attr for (m, attr) in kernels_installed if m is mod]
+    first, second = torch_path([mod]), torch_path([mod])
+    assert first.__enter__() > 0
+    assert second.__enter__() > 0
+    first.__exit__(None, None, None)
+    assert all(getattr(mod, a) is not kernels_installed[(mod, a)] for a in names)  # still the torch path
+    second.__exit__(None, None, None)
+    assert all(getattr(mod, a) is kernels_installed[(mod, a)] for a in names)

@@ -12,8 +12,9 @@ explained scores of :mod:`captum_mambalrp.llm` and a CPU reference on a GPU mach
 definition it wraps (kept as ``__wrapped__`` by ``functools.wraps``) and turns older releases'
 fast-path switches off, then puts everything back; :func:`off_cuda` does so for the modules of one
 model when its weights are not on CUDA. The swap changes module attributes for the whole process
-while it lasts: a CUDA model of the same family running at that moment in another thread would
-take the torch path too (slower, same values).
+while it lasts (blocks in several threads share it: the last to leave restores), so a CUDA model
+of the same family running at that moment in another thread would take the torch path too
+(slower, same values).
 
 Decision (2026-12-02): found on the H200, where the CPU halves of
 ``tests/test_evaluation_methods.py``'s CUDA tests failed with mamba-ssm installed; transformers
@@ -25,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import threading
 import types
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import nn
 
@@ -61,11 +63,55 @@ def modeling_modules(model: nn.Module) -> List[types.ModuleType]:
     return [sys.modules[n] for n in sorted(names) if n.startswith("transformers.models.") and n in sys.modules]
 
 
+#: the modules on the torch path now: name -> (blocks inside, the attributes as they were)
+_HELD: Dict[str, Tuple[int, List[Tuple[str, object]]]] = {}
+_LOCK = threading.Lock()
+
+
+def _swap(mod: types.ModuleType) -> List[Tuple[str, object]]:
+    """Point ``mod``'s kernel wrappers at their torch definitions; the attributes as they were."""
+    saved: List[Tuple[str, object]] = []
+    for attr, value in list(vars(mod).items()):
+        if kernel_wrapped(value, mod):
+            saved.append((attr, value))
+            setattr(mod, attr, inspect.unwrap(value))  # type: ignore[arg-type]
+    for attr in KERNEL_NAMES:  # older releases: a switch, and kernel functions imported as such
+        value = getattr(mod, attr, None)
+        if any(a == attr for a, _ in saved) or not value:
+            continue
+        if attr != "is_fast_path_available" and str(getattr(value, "__module__", "")).startswith("transformers"):
+            continue  # transformers' own definition: a torch path already
+        saved.append((attr, value))
+        setattr(mod, attr, False if attr == "is_fast_path_available" else None)
+    return saved
+
+
+def _enter(mod: types.ModuleType) -> int:
+    with _LOCK:
+        count, saved = _HELD.get(mod.__name__, (0, []))
+        if count == 0:
+            saved = _swap(mod)
+        _HELD[mod.__name__] = (count + 1, saved)
+        return len(saved)
+
+
+def _leave(mod: types.ModuleType) -> None:
+    with _LOCK:
+        count, saved = _HELD.pop(mod.__name__)
+        if count > 1:
+            _HELD[mod.__name__] = (count - 1, saved)
+            return
+        for attr, value in reversed(saved):
+            setattr(mod, attr, value)
+
+
 @contextlib.contextmanager
 def torch_path(modules: Optional[Iterable[types.ModuleType]] = None) -> Iterator[int]:
     """Within the block, ``modules`` (default: transformers' Mamba, Mamba2 and FalconMamba
     modeling modules) call their torch definitions instead of kernel packages; yields how many
-    attributes were swapped. Restored on exit, also after an exception.
+    attributes are swapped. Restored on exit, also after an exception. Blocks may nest and
+    overlap across threads: a module is swapped by the first block that enters it and restored
+    by the last that leaves it.
 
     >>> import transformers.models.mamba.modeling_mamba as m
     >>> with torch_path([m]) as swapped:
@@ -80,25 +126,16 @@ def torch_path(modules: Optional[Iterable[types.ModuleType]] = None) -> Iterator
             except ImportError:
                 continue
         modules = found
-    saved: List[Tuple[types.ModuleType, str, object]] = []
+    entered: List[types.ModuleType] = []
+    swapped = 0
     try:
         for mod in modules:
-            for attr, value in list(vars(mod).items()):
-                if kernel_wrapped(value, mod):
-                    saved.append((mod, attr, value))
-                    setattr(mod, attr, inspect.unwrap(value))  # type: ignore[arg-type]
-            for attr in KERNEL_NAMES:  # older releases: a switch, and kernel functions imported as such
-                value = getattr(mod, attr, None)
-                if any(m is mod and a == attr for m, a, _ in saved) or not value:
-                    continue
-                if attr != "is_fast_path_available" and str(getattr(value, "__module__", "")).startswith("transformers"):
-                    continue  # transformers' own definition (a torch path already, as inside an outer block)
-                saved.append((mod, attr, value))
-                setattr(mod, attr, False if attr == "is_fast_path_available" else None)
-        yield len(saved)
+            swapped += _enter(mod)
+            entered.append(mod)
+        yield swapped
     finally:
-        for mod, attr, value in reversed(saved):
-            setattr(mod, attr, value)
+        for mod in reversed(entered):
+            _leave(mod)
 
 
 def _on_cuda(model: nn.Module) -> bool:
