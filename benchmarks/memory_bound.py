@@ -54,7 +54,9 @@ def _macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def bound(shape: str, lengths: List[int], device_gib: float, inputs_on_host: bool = False, no_working_set: bool = False) -> List[Dict[str, float]]:
+def bound(
+    shape: str, lengths: List[int], device_gib: float, inputs_on_host: bool = False, no_working_set: bool = False
+) -> List[Dict[str, float]]:
     """One row per length (see the module docstring)."""
     model = build(shape, torch.bfloat16)
     inst = install_rules(model, composite("mambalrp"), recompute="auto")
@@ -73,7 +75,9 @@ def bound(shape: str, lengths: List[int], device_gib: float, inputs_on_host: boo
         rows = []
         for length in lengths:
             plan = rc.plan_for(model, inst.mixers, budget=budget)
-            hidden = SimpleNamespace(shape=(1, length, model.config.hidden_size), dtype=torch.bfloat16, device=torch.device("cuda"))
+            hidden = SimpleNamespace(
+                shape=(1, length, model.config.hidden_size), dtype=torch.bfloat16, device=torch.device("cuda")
+            )
             plan._decide(hidden)  # type: ignore[arg-type]
             needed = dict(plan.needed)
             inputs = sum(p["input"] for p in per) * length
