@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import sys
 import threading
 import types
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -57,8 +58,6 @@ def kernel_wrapped(value: object, module: types.ModuleType) -> bool:
 def modeling_modules(model: nn.Module) -> List[types.ModuleType]:
     """The transformers modeling modules that define ``model``'s submodules (``modeling_mamba``,
     ``modeling_nemotron_h``, ...), each once."""
-    import sys
-
     names = {type(m).__module__ for m in model.modules()}
     return [sys.modules[n] for n in sorted(names) if n.startswith("transformers.models.") and n in sys.modules]
 
