@@ -27,6 +27,7 @@ mode (GiB; ``others``: the attention, MLP and expert layers, kept in every mode)
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -172,6 +173,7 @@ def contiguous_dt(model: torch.nn.Module) -> List[str]:
         fn = getattr(module, name)
         if "chunk_scan" in name and "split" not in name and callable(fn) and not isinstance(fn, type):
 
+            @functools.wraps(fn)  # (kept as __wrapped__: models.kernel_path still finds the torch definition)
             def call(hidden_states, dt, *rest, _fn=fn, **kwargs):
                 return _fn(hidden_states, dt.contiguous(), *rest, **kwargs)
 

@@ -44,6 +44,7 @@ from gpu_scale import SHAPES, build  # noqa: E402
 
 from captum_mambalrp.adapters import recompute as rc  # noqa: E402
 from captum_mambalrp.adapters.install import install_rules  # noqa: E402
+from captum_mambalrp.kernels import fused_kernels_on  # noqa: E402
 from captum_mambalrp.rules.composites import composite  # noqa: E402
 
 GIB = 2**30
@@ -92,7 +93,8 @@ def bound(
                 left -= take * per_token * length
                 if left <= 0:
                     break
-            f = 1.0 - spared / forward_macs
+            keeps_everything = needed["keep"] <= budget
+            f = 0.0 if keeps_everything else 1.0 - spared / forward_macs  # (x_proj and dt_proj: recomputed)
             rows.append(
                 {
                     "length": length,
@@ -103,7 +105,7 @@ def bound(
                     "kept_share": min(1.0, max(room, 0.0) / products),
                     "f": f,
                     "floor": 2.0 + f,
-                    "auto_keeps_everything": needed["keep"] <= budget,
+                    "auto_keeps_everything": keeps_everything,
                     "fits": room >= 0,  # else recomputation alone does not fit: auto offloads or goes by pieces
                 }
             )
@@ -123,6 +125,8 @@ def main() -> None:
     rows = bound(a.shape, a.lengths, a.device_gib, a.inputs_on_host, a.no_working_set)
     cases = [c for c, on in (("layer inputs on the host", a.inputs_on_host), ("no working set", a.no_working_set)) if on]
     print(f"{a.shape}, bf16, one device of {a.device_gib} GiB" + "".join(", " + c for c in cases))
+    if not fused_kernels_on("cuda"):
+        print("(Triton is not installed here: the estimates use the unfused kernels' constants, not CUDA's)")
     print(f"{'L':>7} {'budget':>7} {'needs':>7} {'room':>7} {'products':>9} {'kept':>6} {'f':>6} {'floor':>6}")
     for r in rows:
         print(

@@ -153,6 +153,10 @@ def test_decay_kernel_is_on_by_default_and_off_with_zero(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused kernels allowed on CPU tensors
     assert ssd_chunked._decay_kernel_applies(u, u) == HAS_TRITON
     assert not ssd_chunked._decay_kernel_applies(u.double(), u.double())
+    needs_grad = u.clone().requires_grad_(True)  # autograd would not see the kernel's in-place writes
+    assert not ssd_chunked._decay_kernel_applies(needs_grad, u)
+    with torch.no_grad():
+        assert ssd_chunked._decay_kernel_applies(needs_grad, u) == HAS_TRITON
     monkeypatch.setenv(ssd_chunked.DECAY_KERNEL_ENV, "0")
     assert not ssd_chunked._decay_kernel_applies(u, u)
 

@@ -51,7 +51,9 @@ MAMBA_MODULES = ("mamba", "mamba2", "falcon_mamba")
 
 def kernel_wrapped(value: object, module: types.ModuleType) -> bool:
     """Is ``value`` a function of ``module`` that transformers wrapped to call a kernel package
-    when installed (its torch definition kept as ``__wrapped__``)?"""
+    when installed (its torch definition kept as ``__wrapped__``)? Deliberately broad: in a few
+    other model families it also matches a cached or script-if-tracing helper, which runs
+    undecorated for the block (same values)."""
     return callable(value) and hasattr(value, "__wrapped__") and getattr(value, "__module__", None) == module.__name__
 
 
