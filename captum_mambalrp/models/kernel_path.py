@@ -16,9 +16,8 @@ while it lasts (blocks in several threads share it: the last to leave restores),
 of the same family running at that moment in another thread would take the torch path too
 (slower, same values).
 
-Decision (2026-12-02): found on the H200, where the CPU halves of
-``tests/test_evaluation_methods.py``'s CUDA tests failed with mamba-ssm installed; transformers
-has no device check there, so the package makes its own model calls take the torch path off CUDA.
+Decision: transformers has no device check there, so the package makes its own model calls take
+the torch path off CUDA (docs/compatibility.md, "A CPU model on a machine with mamba-ssm").
 """
 
 from __future__ import annotations
