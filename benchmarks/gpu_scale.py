@@ -47,6 +47,8 @@ from common import RecomputeSpy  # noqa: E402
 
 #: goal 2 of issue 14: peak memory over the weights per token at 2^19 tokens (Falcon-Mamba-7B, bf16)
 GOAL2_MIB_PER_TOKEN = 0.24
+#: the Triton kernels a run may turn on / off / compare (--decay-kernel, --ssd-kernel), and their switches
+KERNEL_SWITCHES = {"decay": "CAPTUM_MAMBALRP_DECAY_KERNEL", "ssd": "CAPTUM_MAMBALRP_SSD_KERNEL"}
 #: where models live ("cuda"; "cpu" only for a smoke test of the script itself)
 DEVICE = os.environ.get("GPU_SCALE_DEVICE", "cuda")
 
@@ -241,7 +243,8 @@ def part_time(a: argparse.Namespace) -> None:
     row["cuda_graph"] = a.cuda_graph
     row["tf32"] = not a.no_tf32
     row["triton_f32"] = os.environ.get("TRITON_F32_DEFAULT", "tf32")
-    row["decay_kernel"] = os.environ.get("CAPTUM_MAMBALRP_DECAY_KERNEL", "default")
+    for name, env in KERNEL_SWITCHES.items():
+        row[f"{name}_kernel"] = os.environ.get(env, "default")
 
     def forward():
         with torch.no_grad():
@@ -281,20 +284,23 @@ def part_time(a: argparse.Namespace) -> None:
     if reps > 1:
         times.append(best(lambda: lrp.attribute(ids, target=1), reps - 1, warmup=0))
     row["attribute_s"] = min(times)
-    if getattr(a, "decay_kernel", "default") == "compare":
-        os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "1"
+    for name, env in KERNEL_SWITCHES.items():
+        if getattr(a, f"{name}_kernel", "default") != "compare":
+            continue
+        os.environ[env] = "1"
         if a.cuda_graph:  # the recorded graph would replay the pass without the kernel: record another
             del lrp
             torch.cuda.empty_cache()
             lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=True, backend=a.backend)
             lrp.attribute(ids, target=1)
         with_kernel = lrp.attribute(ids, target=1)  # also the warm-up: compiles the kernel
-        row["decay_kernel_rel_l2"] = float((with_kernel.float() - relevance.float()).norm() / relevance.float().norm())
+        row[f"{name}_kernel_rel_l2"] = float((with_kernel.float() - relevance.float()).norm() / relevance.float().norm())
         del with_kernel
-        row["attribute_decay_kernel_s"] = best(lambda: lrp.attribute(ids, target=1), reps, warmup=0)
-        row["decay_kernel_speedup"] = row["attribute_s"] / row["attribute_decay_kernel_s"]
+        row[f"attribute_{name}_kernel_s"] = best(lambda m=lrp: m.attribute(ids, target=1), reps, warmup=0)
+        row[f"{name}_kernel_speedup"] = row["attribute_s"] / row[f"attribute_{name}_kernel_s"]
         if row.get("forward_s"):
-            row["ratio_decay_kernel"] = row["attribute_decay_kernel_s"] / row["forward_s"]
+            row[f"ratio_{name}_kernel"] = row[f"attribute_{name}_kernel_s"] / row["forward_s"]
+        break  # one comparison per run: the baseline is the pass without that kernel
     del relevance
     if row.get("forward_s"):
         row["ratio"] = row["attribute_s"] / row["forward_s"]
@@ -375,20 +381,21 @@ def main() -> None:
         help="MambaLRP(model, cuda_graph=True): the attribution replayed from a CUDA graph (no host launches); "
         "the forward stays eager",
     )
-    p.add_argument(
-        "--decay-kernel",
-        choices=["default", "on", "off", "compare"],
-        default="default",
-        help="SSD's chunk-end recurrence as one Triton kernel: on/off sets CAPTUM_MAMBALRP_DECAY_KERNEL; compare times "
-        "the attribution without it, then with it, in this run (attribute_decay_kernel_s, decay_kernel_speedup)",
-    )
+    for name, what in (("decay", "SSD's chunk-end recurrence as one Triton kernel"), ("ssd", "SSD's chunked form in Triton")):
+        p.add_argument(
+            f"--{name}-kernel",
+            choices=["default", "on", "off", "compare"],
+            default="default",
+            help=f"{what}: on/off sets {KERNEL_SWITCHES[name]}; compare times the attribution without it, then with "
+            f"it, in this run (attribute_{name}_kernel_s, {name}_kernel_speedup); one compare per run",
+        )
     p.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     p.add_argument("--out", default="")
     a = p.parse_args()
-    if a.decay_kernel in ("on", "off"):
-        os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "1" if a.decay_kernel == "on" else "0"
-    elif a.decay_kernel == "compare":
-        os.environ["CAPTUM_MAMBALRP_DECAY_KERNEL"] = "0"
+    for name, env in KERNEL_SWITCHES.items():
+        mode = getattr(a, f"{name}_kernel")
+        if mode != "default":
+            os.environ[env] = "1" if mode == "on" else "0"  # compare: off first
     if a.scan_inputs != "default":
         os.environ["CAPTUM_MAMBALRP_SCAN_INPUTS"] = a.scan_inputs
     if a.conv_kernel != "default":

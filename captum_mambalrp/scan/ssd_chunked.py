@@ -39,9 +39,11 @@ from .precision import compute_dtype
 #: Steps per chunk of the SSD matrix form.
 CHUNK = 64
 
-#: the environment variable that runs :func:`decay_scan_` as one Triton kernel ("1"; off by
-#: default until timed on a GPU: docs/scaling.md)
+#: the environment variable that turns off (``"0"``) the Triton kernel of :func:`decay_scan_`
 DECAY_KERNEL_ENV = "CAPTUM_MAMBALRP_DECAY_KERNEL"
+#: the environment variable that turns off (``"0"``) the Triton kernels of the chunked form
+#: (:mod:`.triton_ssd`)
+SSD_KERNEL_ENV = "CAPTUM_MAMBALRP_SSD_KERNEL"
 
 
 def _pad_time(t: Tensor, pad: int) -> Tensor:
@@ -101,6 +103,19 @@ def _decay_kernel_applies(u: Tensor, decay: Tensor) -> bool:
     )
 
 
+def _ssd_kernel_applies(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, cd: torch.dtype, differentiable: bool) -> bool:
+    """May :mod:`.triton_ssd` compute :func:`ssd_chunked`? Not turned off
+    (``CAPTUM_MAMBALRP_SSD_KERNEL=0``), the forward-only form with no gradient to record, a
+    float32 computation, where the fused kernels run (CUDA, or Triton's interpreter)."""
+    return (
+        os.environ.get(SSD_KERNEL_ENV, "1") != "0"
+        and not differentiable
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, B, C)))
+        and cd == torch.float32
+        and fused_kernels_enabled(x, dt, B, C)
+    )
+
+
 def decay_scan(u: Tensor, decay: Tensor) -> Tensor:
     """:func:`decay_scan_` out of place, step by step along axis 1 (for autograd; the chunk ends
     of :func:`ssd_chunked` are few: one per ``CHUNK`` steps)."""
@@ -128,9 +143,11 @@ def ssd_chunked(
     groups, n = B.shape[2], B.shape[3]
     hg = heads // groups  # heads per group share B and C
     cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
-    x32, dt32 = x.to(cd), dt.to(cd)
     pad = (-length) % chunk
     nc = (length + pad) // chunk
+    if _ssd_kernel_applies(x, dt, B, C, cd, differentiable):
+        return _ssd_triton(x, dt, A, B, C, D, chunk)
+    x32, dt32 = x.to(cd), dt.to(cd)
     xdt = _pad_time(x32 * dt32[..., None], pad).view(b, nc, chunk, groups, hg, p)
     a = _pad_time(dt32 * A.to(cd), pad).view(b, nc, chunk, groups, hg)
     s = a.permute(0, 1, 3, 4, 2).cumsum(-1)  # [b, c, g, h, T]
@@ -167,3 +184,24 @@ def ssd_chunked(
         Dx = D.to(cd).reshape(groups, hg, -1)  # per head ([h]) or per channel ([h, p])
         torch.addcmul(y, Dx, _pad_time(x32, pad).view(b, nc, chunk, groups, hg, p), out=blocked)
     return out[:, :length]
+
+
+def _ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int) -> Tensor:
+    """:func:`ssd_chunked`'s forward-only form with its two large steps as Triton kernels
+    (:mod:`.triton_ssd`): the chunks' own states, then the outputs; the prefix sums, the chunk
+    products ``<C_i, B_j>`` and the chunk-end recurrence as in the torch form."""
+    from .triton_ssd import chunk_outputs, chunk_states
+
+    b, length, heads, _ = x.shape
+    groups = B.shape[2]
+    pad = (-length) % chunk
+    nc = (length + pad) // chunk
+    a = _pad_time(dt.float() * A.float(), pad).view(b, nc, chunk, heads)
+    s = a.transpose(2, 3).cumsum(-1).contiguous()  # [b, c, h, T]
+    Bc = _pad_time(B.float(), pad).view(b, nc, chunk, groups, -1)
+    Cc = _pad_time(C.float(), pad).view(b, nc, chunk, groups, -1)
+    cb = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc).contiguous()
+    states = chunk_states(x, dt, B, s, chunk)  # [b, c, g, n, h / g, p]
+    chunk_decay = torch.exp(s[..., -1]).view(b, nc, groups, 1, heads // groups, 1)
+    decay_scan_(states, chunk_decay)
+    return chunk_outputs(x, dt, C, s, cb, states, D, chunk)
