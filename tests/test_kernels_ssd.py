@@ -1,4 +1,4 @@
-"""SSD's chunked form in Triton (``scan/triton_ssd.py``; ``CAPTUM_MAMBALRP_SSD_KERNEL=0`` turns it
+"""SSD's chunk outputs in Triton (``scan/triton_ssd.py``; ``CAPTUM_MAMBALRP_SSD_KERNEL=0`` turns it
 off) against the float64 step-by-step recurrence and against the torch form it replaces
 (``scan/ssd_chunked.ssd_chunked``): in Triton's interpreter on the CPU, and compiled on CUDA; and a
 whole Mamba2 pass with it against the pass without it."""
@@ -52,11 +52,10 @@ CHECK = textwrap.dedent(
                 os.environ[ssd_chunked.SSD_KERNEL_ENV] = previous
 
     def counting():
-        calls, kernels = [], (triton_ssd.chunk_states, triton_ssd.chunk_outputs)
-        triton_ssd.chunk_states = lambda *a: calls.append("states") or kernels[0](*a)
-        triton_ssd.chunk_outputs = lambda *a: calls.append("outputs") or kernels[1](*a)
+        calls, kernel = [], triton_ssd.chunk_outputs
+        triton_ssd.chunk_outputs = lambda *a: calls.append("outputs") or kernel(*a)
         def restore():
-            triton_ssd.chunk_states, triton_ssd.chunk_outputs = kernels
+            triton_ssd.chunk_outputs = kernel
         return calls, restore
 
     def check_ssd(device):
@@ -65,7 +64,7 @@ CHECK = textwrap.dedent(
         # (b, L, heads, p, groups, n, chunk, D): a remainder chunk, one chunk, a chunk shorter than
         # a tile and not a power of two, p and n below 16 and above one tile, D per head / channel
         cases = [(2, 100, 4, 3, 2, 5, 16, "head"), (1, 64, 2, 16, 1, 16, 64, None), (1, 150, 6, 20, 3, 80, 64, "channel"),
-                 (1, 37, 2, 8, 1, 8, 12, "head"), (1, 1, 2, 4, 1, 4, 64, "head")]
+                 (1, 37, 2, 8, 1, 8, 12, "head"), (1, 1, 2, 4, 1, 4, 64, "head"), (1, 70, 2, 80, 2, 16, 32, "channel")]
         for b, L, heads, p, groups, n, chunk, d_kind in cases:
             x, dt = torch.randn(b, L, heads, p, device=device), torch.rand(b, L, heads, device=device) * 0.5
             A = -torch.rand(heads, device=device) * 2
@@ -75,24 +74,26 @@ CHECK = textwrap.dedent(
             n_calls = len(calls)
             got = with_kernel(True, lambda: ssd_chunked.ssd_chunked(x, dt, A, B, C, D, chunk=chunk))
             torch_form = with_kernel(False, lambda: ssd_chunked.ssd_chunked(x, dt, A, B, C, D, chunk=chunk))
-            assert calls[n_calls:] == ["states", "outputs"], (L, chunk)
+            assert calls[n_calls:] == ["outputs"], (L, chunk)
             assert got.dtype == torch.float32 and got.shape == (b, L, heads, p) and got.is_contiguous()
             scale = want.abs().max()
             assert (got.double() - want).abs().max() <= 1e-5 * scale, (L, chunk, d_kind)
             assert (got - torch_form).abs().max() <= 1e-5 * scale, (L, chunk, d_kind)
-        # strided views (x and dt inside wider tensors, B and C interleaved) and bf16 inputs, read as they are
+        # strided views (x and dt inside wider tensors, x's channels at stride 2, B and C interleaved
+        # with a group stride other than n and C's state entries at stride 2) and bf16 inputs, read as they are
         b, L, heads, p, groups, n = 2, 130, 4, 8, 2, 16
-        wide = torch.randn(b, L, heads * p + 7, device=device)
-        x = wide[..., 3 : 3 + heads * p].unflatten(-1, (heads, p))
+        wide = torch.randn(b, L, 2 * heads * p + 7, device=device)
+        x = wide[..., 3 : 3 + 2 * heads * p].unflatten(-1, (heads, 2 * p))[..., ::2]
         dt = torch.rand(b, L, heads + 2, device=device)[..., 1 : heads + 1] * 0.5
         A, D = -torch.rand(heads, device=device) * 2, torch.randn(heads, device=device)
-        BC = torch.randn(b, L, 2, groups, n, device=device)
-        B, C = BC[:, :, 0], BC[:, :, 1]
+        BC = torch.randn(b, L, 2, groups, 2 * n + 3, device=device)
+        B, C = BC[:, :, 0, :, :n], BC[:, :, 1, :, 3::2]
+        assert x.stride(-1) == 2 and B.stride(2) != n and C.stride(-1) == 2
         for inputs in ((x, dt, B, C), tuple(t.bfloat16() for t in (x, dt, B, C))):
             xi, dti, Bi, Ci = inputs
             want = recurrence(xi, dti, A, Bi, Ci, D)
             got = with_kernel(True, lambda: ssd_chunked.ssd_chunked(xi, dti, A, Bi, Ci, D))
-            assert got.dtype == torch.float32 and calls[-2:] == ["states", "outputs"]
+            assert got.dtype == torch.float32 and calls[-1:] == ["outputs"]
             assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), xi.dtype
         # where it must not run: turned off, float64, the differentiable form, a gradient to record
         n_calls = len(calls)
@@ -100,6 +101,13 @@ CHECK = textwrap.dedent(
         x64 = (x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
         got64 = with_kernel(True, lambda: ssd_chunked.ssd_chunked(*x64))
         assert got64.dtype == torch.float64 and (got64 - recurrence(*x64)).abs().max() <= 1e-10 * got64.abs().max()
+        for A_or_D in ("A", "D"):  # a gradient to record in a constant: the torch form, which refuses it
+            needs = {"A": A, "D": D, A_or_D: (A if A_or_D == "A" else D).clone().requires_grad_(True)}
+            assert not ssd_chunked._ssd_kernel_applies(x, dt, B, C, torch.float32, False, 64, (needs["A"], needs["D"]))
+        empty = with_kernel(True, lambda: ssd_chunked.ssd_chunked(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D))
+        assert empty.shape == (b, 0, heads, p)
+        long_chunks = with_kernel(True, lambda: ssd_chunked.ssd_chunked(x, dt, A, B, C, D, chunk=128))
+        assert (long_chunks.double() - recurrence(x, dt, A, B, C, D)).abs().max() <= 1e-5 * long_chunks.abs().max()
         needs_grad = x.clone().requires_grad_(True)
         y = with_kernel(True, lambda: ssd_chunked.ssd_chunked(needs_grad, dt, A, B, C, None, differentiable=True))
         y.sum().backward()
@@ -109,7 +117,7 @@ CHECK = textwrap.dedent(
         restore()
 
     def check_pass(device):
-        # a whole Mamba2 pass (several chunks per sequence) with the kernels equals it without them;
+        # a whole Mamba2 pass (several chunks per sequence) with the kernel equals it without it;
         # the model is left as it was
         from transformers import Mamba2Config, Mamba2ForCausalLM
         from captum_mambalrp import MambaLRP
@@ -122,7 +130,7 @@ CHECK = textwrap.dedent(
         lrp = MambaLRP(model, backend="torch")
         on = with_kernel(True, lambda: lrp.attribute(ids, target=5))
         restore()
-        assert calls.count("states") == calls.count("outputs") == 2 * 2  # each layer's scan and its reversed adjoint
+        assert calls.count("outputs") == 2 * 2  # each layer's scan and its reversed adjoint
         off = with_kernel(False, lambda: lrp.attribute(ids, target=5))
         assert (on - off).abs().max() <= 1e-5 * off.abs().max()
         assert all("forward" not in m.__dict__ for m in model.modules())
@@ -139,18 +147,20 @@ INTERPRETER_SCRIPT = CHECK + textwrap.dedent(
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_ssd_kernels_in_interpreter():
-    """The two kernels' result equals the float64 recurrence and the torch form to float32
+def test_ssd_kernel_in_interpreter():
+    """The kernel's result equals the float64 recurrence and the torch form to float32
     rounding: chunks with a remainder, a chunk not a power of two, state and channel counts below
-    and above one tile, D per head and per channel, strided views and bf16 inputs; they do not run
-    when turned off, for float64, for the differentiable form or where a gradient would be
-    recorded (the torch form does, correctly); a whole Mamba2 pass with them equals it without them.
+    and above one tile, D per head and per channel, strided views (channels, state entries and
+    groups at strides of their own) and bf16 inputs; they do not run when turned off, for float64,
+    for the differentiable form, where a gradient would be recorded (in A and D too), for chunks
+    longer than they take or empty inputs (the torch form does, correctly); a whole Mamba2 pass with
+    them equals it without them.
     Run by Triton's interpreter on the CPU."""
     run_in_interpreter(INTERPRETER_SCRIPT)
 
 
-def test_ssd_kernels_are_on_by_default_and_off_with_zero(monkeypatch):
-    """The kernels run where fused kernels may unless ``CAPTUM_MAMBALRP_SSD_KERNEL=0``; not on
+def test_ssd_kernel_is_on_by_default_and_off_with_zero(monkeypatch):
+    """The kernel runs where fused kernels may unless ``CAPTUM_MAMBALRP_SSD_KERNEL=0``; not on
     plain CPU tensors (no interpreter), nor for a float64 computation."""
     import importlib
 
@@ -169,8 +179,8 @@ def test_ssd_kernels_are_on_by_default_and_off_with_zero(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_ssd_kernels_products_follow_torchs_tf32_setting():
-    """The kernels' float32 products run in TF32 exactly where torch's float32 matmuls may (the
+def test_ssd_kernel_products_follow_torchs_tf32_setting():
+    """The kernel's float32 products run in TF32 exactly where torch's float32 matmuls may (the
     torch form's products follow that setting too)."""
     from captum_mambalrp.scan import triton_ssd
 
@@ -186,7 +196,7 @@ def test_ssd_kernels_products_follow_torchs_tf32_setting():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
-def test_cuda_ssd_kernels_equal_the_recurrence():
+def test_cuda_ssd_kernel_equals_the_recurrence():
     """The same checks compiled on CUDA (IEEE float32 products: the bounds are float32's)."""
     scope: dict = {}
     exec(CHECK, scope)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ DECAY_KERNEL_ENV = "CAPTUM_MAMBALRP_DECAY_KERNEL"
 #: the environment variable that turns off (``"0"``) the Triton kernels of the chunked form
 #: (:mod:`.triton_ssd`)
 SSD_KERNEL_ENV = "CAPTUM_MAMBALRP_SSD_KERNEL"
+#: The longest chunk :mod:`.triton_ssd` takes (its ``[T, T]`` decay matrix lives in registers;
+#: 128 spills, 256 does not fit an H200's shared memory)
+MAX_KERNEL_CHUNK = 64
 
 
 def _pad_time(t: Tensor, pad: int) -> Tensor:
@@ -103,15 +106,29 @@ def _decay_kernel_applies(u: Tensor, decay: Tensor) -> bool:
     )
 
 
-def _ssd_kernel_applies(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, cd: torch.dtype, differentiable: bool) -> bool:
+def _ssd_kernel_applies(
+    x: Tensor,
+    dt: Tensor,
+    B: Tensor,
+    C: Tensor,
+    cd: torch.dtype,
+    differentiable: bool,
+    chunk: int = CHUNK,
+    constants: Tuple[Optional[Tensor], ...] = (),
+) -> bool:
     """May :mod:`.triton_ssd` compute :func:`ssd_chunked`? Not turned off
-    (``CAPTUM_MAMBALRP_SSD_KERNEL=0``), the forward-only form with no gradient to record, a
-    float32 computation, where the fused kernels run (CUDA, or Triton's interpreter)."""
+    (``CAPTUM_MAMBALRP_SSD_KERNEL=0``), the forward-only form with no gradient to record (in x, dt,
+    B, C or ``constants``, i.e. A and D), a float32 computation, chunks of at most
+    :data:`MAX_KERNEL_CHUNK` steps (a chunk's decay matrix is held in registers), a non-empty
+    input, where the fused kernels run (CUDA, or Triton's interpreter)."""
+    operands = (x, dt, B, C) + tuple(t for t in constants if t is not None)
     return (
         os.environ.get(SSD_KERNEL_ENV, "1") != "0"
         and not differentiable
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, B, C)))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
         and cd == torch.float32
+        and chunk <= MAX_KERNEL_CHUNK
+        and x.numel() > 0
         and fused_kernels_enabled(x, dt, B, C)
     )
 
@@ -145,7 +162,7 @@ def ssd_chunked(
     cd = compute_dtype(torch.promote_types(x.dtype, dt.dtype))
     pad = (-length) % chunk
     nc = (length + pad) // chunk
-    if _ssd_kernel_applies(x, dt, B, C, cd, differentiable):
+    if _ssd_kernel_applies(x, dt, B, C, cd, differentiable, chunk, (A, D)):
         return _ssd_triton(x, dt, A, B, C, D, chunk)
     x32, dt32 = x.to(cd), dt.to(cd)
     xdt = _pad_time(x32 * dt32[..., None], pad).view(b, nc, chunk, groups, hg, p)
@@ -187,21 +204,25 @@ def ssd_chunked(
 
 
 def _ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], chunk: int) -> Tensor:
-    """:func:`ssd_chunked`'s forward-only form with its two large steps as Triton kernels
-    (:mod:`.triton_ssd`): the chunks' own states, then the outputs; the prefix sums, the chunk
-    products ``<C_i, B_j>`` and the chunk-end recurrence as in the torch form."""
-    from .triton_ssd import chunk_outputs, chunk_states
+    """:func:`ssd_chunked`'s forward-only form with its outputs by one Triton kernel
+    (:mod:`.triton_ssd`); the prefix sums, the chunk products ``<C_i, B_j>``, the chunks' own
+    states and the chunk-end recurrence as in the torch form."""
+    from .triton_ssd import chunk_outputs
 
-    b, length, heads, _ = x.shape
-    groups = B.shape[2]
+    b, length, heads, p = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    hg = heads // groups
     pad = (-length) % chunk
     nc = (length + pad) // chunk
-    a = _pad_time(dt.float() * A.float(), pad).view(b, nc, chunk, heads)
-    s = a.transpose(2, 3).cumsum(-1).contiguous()  # [b, c, h, T]
-    Bc = _pad_time(B.float(), pad).view(b, nc, chunk, groups, -1)
-    Cc = _pad_time(C.float(), pad).view(b, nc, chunk, groups, -1)
+    dt32 = _pad_time(dt.float(), pad).view(b, nc, chunk, heads)
+    s = (dt32 * A.float()).transpose(2, 3).cumsum(-1).contiguous()  # [b, c, h, T]
+    Bc = _pad_time(B.float(), pad).view(b, nc, chunk, groups, n)
+    Cc = _pad_time(C.float(), pad).view(b, nc, chunk, groups, n)
     cb = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc).contiguous()
-    states = chunk_states(x, dt, B, s, chunk)  # [b, c, g, n, h / g, p]
-    chunk_decay = torch.exp(s[..., -1]).view(b, nc, groups, 1, heads // groups, 1)
-    decay_scan_(states, chunk_decay)
+    # what each chunk adds to the state at its end: sum_j B_j (exp(s_T - s_j) dt_j x_j)
+    to_end = dt32 * torch.exp(s[..., -1:] - s).transpose(2, 3)  # [b, c, T, h]
+    xw = (_pad_time(x.float(), pad).view(b, nc, chunk, heads, p) * to_end[..., None]).view(b, nc, chunk, groups, hg, p)
+    states = torch.einsum("bcjgn,bcjghp->bcgnhp", Bc, xw).contiguous()
+    del xw
+    decay_scan_(states, torch.exp(s[..., -1]).view(b, nc, groups, 1, hg, 1))
     return chunk_outputs(x, dt, C, s, cb, states, D, chunk)

@@ -1,19 +1,18 @@
-"""SSD's chunked matrix form in two Triton kernels (CUDA; also runs under ``TRITON_INTERPRET=1``).
+"""SSD's chunk outputs as one Triton kernel (CUDA; also runs under ``TRITON_INTERPRET=1``).
 
-:func:`captum_mambalrp.scan.ssd_chunked.ssd_chunked`'s forward-only form, with the same prefix
-sums ``s`` (per chunk of ``T`` steps) and chunk products ``CB_ij = <C_i, B_j>`` made by torch:
+The last and largest step of :func:`captum_mambalrp.scan.ssd_chunked.ssd_chunked`'s forward-only
+form: with the prefix sums ``s`` of ``dt A`` per chunk of ``T`` steps, the chunk products
+``CB_ij = <C_i, B_j>`` and the states ``H_c`` at the chunks' ends (all made by torch), per (chunk,
+head) ::
 
-- :func:`chunk_states`: what each chunk adds to the state at its end,
-  ``S_c = sum_j B_j^T (exp(s_T - s_j) dt_j x_j)``, one ``[n, p]`` matrix product per (chunk, head),
-  written in the layout :func:`~captum_mambalrp.scan.ssd_chunked.decay_scan_` takes
-  (``[b, c, g, n, h, p]``), which then makes them the states at the chunks' ends;
-- :func:`chunk_outputs`: per (chunk, head), ``y_i = sum_{j <= i} CB_ij exp(s_i - s_j) dt_j x_j
-  + exp(s_i) <C_i, H_{c-1}> + D x_i`` (Dao and Gu, 2024, Sec. 6), the decay matrix made in
-  registers, written once into ``y [b, l, h, p]``.
+    y_i = sum_{j <= i} CB_ij exp(s_i - s_j) dt_j x_j  +  exp(s_i) <C_i, H_{c-1}>  +  D x_i
 
-Neither the ``[b, c, h, T, T]`` decay matrices nor ``dt x`` are written to memory (the torch form
-writes and rereads them in some ten launches). float32 accumulation; the products run in TF32
-exactly where torch's float32 matmuls may (``torch.backends.cuda.matmul.allow_tf32``).
+(Dao and Gu, 2024, Sec. 6), the decay matrix made in registers and ``y`` written once. The torch
+form writes the ``[b, c, h, T, T]`` decay matrices and ``dt x`` to memory and rereads them in some
+ten launches. float32 accumulation; the products run in TF32 exactly where torch's float32 matmuls
+may (``torch.backends.cuda.matmul.allow_tf32``). The chunks' own states stay a torch batched
+matrix product: cuBLAS takes their ``[n, T] x [T, h p]`` products faster than a kernel per
+(chunk, head) (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -27,10 +26,10 @@ from torch import Tensor
 
 from ..kernels import jit
 
-#: State entries (``n``) and channels (``p``) per program, at most.
+#: Channels (``p``) per program, at most.
 MAX_BLOCK = 64
 #: Warps per program of either kernel.
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def _block(size: int, cap: int = MAX_BLOCK) -> int:
@@ -41,72 +40,6 @@ def _block(size: int, cap: int = MAX_BLOCK) -> int:
 def _block_t(chunk: int) -> int:
     """The steps' tile: the chunk, rounded up to a power of two >= 16."""
     return max(16, triton.next_power_of_2(chunk))
-
-
-def _chunk_states_kernel(
-    x_ptr,
-    dt_ptr,
-    B_ptr,
-    s_ptr,
-    out_ptr,
-    length,
-    chunks,
-    heads,
-    hg,
-    n,
-    p,
-    s_xb,
-    s_xl,
-    s_xh,
-    s_xp,
-    s_db,
-    s_dl,
-    s_dh,
-    s_Bb,
-    s_Bl,
-    s_Bg,
-    s_Bn,
-    T: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    bc = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    p_blocks = tl.cdiv(p, BLOCK_P)
-    nb = tl.program_id(2) // p_blocks
-    pb = tl.program_id(2) % p_blocks
-    b = bc // chunks
-    c = bc % chunks
-    g = h // hg
-    i = tl.arange(0, BLOCK_T)
-    t = c * T + i
-    in_t = (i < T) & (t < length)
-    nn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    # s: [b, c, h, T] contiguous; s_T is the prefix sum at the chunk's end (padded steps add 0)
-    s_row = s_ptr + (bc * heads + h) * T
-    s = tl.load(s_row + i, mask=i < T, other=0.0)
-    s_end = tl.load(s_row + T - 1)
-    dt = tl.load(dt_ptr + b * s_db + t * s_dl + h * s_dh, mask=in_t, other=0.0).to(tl.float32)
-    w = dt * tl.exp(s_end - s)  # 0 past the sequence (dt loads 0)
-    xv = tl.load(
-        x_ptr + b * s_xb + t[:, None] * s_xl + h * s_xh + pp[None, :] * s_xp,
-        mask=in_t[:, None] & (pp < p)[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    Bt = tl.load(
-        B_ptr + b * s_Bb + t[None, :] * s_Bl + g * s_Bg + nn[:, None] * s_Bn,
-        mask=(nn < n)[:, None] & in_t[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    acc = tl.dot(Bt, xv * w[:, None], input_precision=PRECISION)  # [n, p]
-    # out: [b, c, g, n, hg, p] contiguous
-    hh = h % hg
-    groups = heads // hg
-    row = ((bc * groups + g) * n + nn) * hg + hh
-    tl.store(out_ptr + row[:, None] * p + pp[None, :], acc, mask=(nn < n)[:, None] & (pp < p)[None, :])
 
 
 def _chunk_outputs_kernel(
@@ -169,7 +102,7 @@ def _chunk_outputs_kernel(
         mask=(i < T)[:, None] & (i < T)[None, :],
         other=0.0,
     )
-    causal = (i[None, :] <= i[:, None]) & (i < T)[None, :]
+    causal = (i[None, :] <= i[:, None]) & (i < T)[None, :] & (i < T)[:, None]  # rows past T: 0, not inf
     weights = tl.where(causal, tl.exp(tl.where(causal, s[:, None] - s[None, :], 0.0)), 0.0) * cb
     acc = tl.dot(weights, xv * dt[:, None], input_precision=PRECISION)  # [T, p]
     # the state entering the chunk: H_{c-1} (st: [b, c, g, n, hg, p] contiguous), zero for chunk 0
@@ -201,48 +134,14 @@ def _precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def chunk_states(x: Tensor, dt: Tensor, B: Tensor, s: Tensor, chunk: int) -> Tensor:
-    """What each chunk adds to the state at its end: ``x [b, l, h, p]``, ``dt [b, l, h]``, ``B [b, l,
-    g, n]`` (any float dtype, any strides), ``s [b, c, h, T]`` float32 contiguous (the prefix sums of
-    ``dt A`` within each chunk, ``T = chunk``, zero steps past ``l``) -> ``[b, c, g, n, h / g, p]``
-    float32."""
-    b, length, heads, p = x.shape
-    groups, n = B.shape[2], B.shape[3]
-    chunks = s.shape[1]
-    out = torch.empty(b, chunks, groups, n, heads // groups, p, dtype=torch.float32, device=x.device)
-    block_n, block_p = _block(n), _block(p)
-    grid = (b * chunks, heads, triton.cdiv(n, block_n) * triton.cdiv(p, block_p))
-    jit(_chunk_states_kernel)[grid](
-        x,
-        dt,
-        B,
-        s,
-        out,
-        length,
-        chunks,
-        heads,
-        heads // groups,
-        n,
-        p,
-        *x.stride(),
-        *dt.stride(),
-        *B.stride(),
-        T=chunk,
-        BLOCK_T=_block_t(chunk),
-        BLOCK_N=block_n,
-        BLOCK_P=block_p,
-        PRECISION=_precision(),
-        num_warps=NUM_WARPS,
-    )
-    return out
-
-
 def chunk_outputs(
     x: Tensor, dt: Tensor, C: Tensor, s: Tensor, cb: Tensor, states: Tensor, D: Optional[Tensor], chunk: int
 ) -> Tensor:
-    """The scan's output ``y [b, l, h, p]`` (float32) from the inputs of :func:`chunk_states`, ``C``
-    like ``B``, the chunk products ``cb [b, c, g, T, T]`` and the states at the chunks' ends
-    ``states [b, c, g, n, h / g, p]`` (both float32 contiguous); ``D [h]`` or ``[h, p]``."""
+    """The scan's output ``y [b, l, h, p]`` (float32) from ``x [b, l, h, p]``, ``dt [b, l, h]``, ``C
+    [b, l, g, n]`` (any float dtype, any strides), ``s [b, c, h, T]`` (the prefix sums of ``dt A``
+    within each chunk, ``T = chunk``, zero steps past ``l``), the chunk products ``cb [b, c, g, T,
+    T]`` and the states at the chunks' ends ``states [b, c, g, n, h / g, p]`` (float32
+    contiguous); ``D [h]`` or ``[h, p]``."""
     b, length, heads, p = x.shape
     groups, n = C.shape[2], C.shape[3]
     chunks = s.shape[1]
