@@ -5,14 +5,16 @@ A later file's row replaces an earlier one's for the same shape, batch, length, 
 ``cuda_graph`` (pass the files oldest first). Rows without a ratio (out of memory, a forward that
 failed) are left out. Goal lines: 2.5x for the 7B-class shapes in bf16, 2.0x for the 130M shapes in
 fp32, 40 % of the forward's tokens per second for a batch of 16 x 4096. A ``--decay-kernel
-compare`` row (eager) counts with the kernel, the default since run 9.
+compare`` row (eager) and an ``--ssd-kernel compare`` row (eager or graph) count with the kernel,
+on by default.
 
     R=docs/results/2026-12-02
     python3 benchmarks/plot_goals.py $R/h200_run7/gpu_scale_call{1,2,3,4,6}.jsonl \\
         $R/h200_run8/gpu_scale_call1.jsonl $R/h200_run8/nemotron_1x4096_call3.json \\
         $R/h200_run8/nemotron_1x32768_call4.json $R/h200_run8/nemotron_16x4096_call4.json \\
         $R/h200_run9/gpu_scale_call2.jsonl $R/h200_run9/nemotron_16x4096_call2.json \\
-        $R/h200_run9/nemotron_131072_call3.json --out docs/img/issue14_goals.png
+        $R/h200_run9/nemotron_131072_call3.json docs/results/2026-12-03/h200_run10/gpu_scale_call3.jsonl \\
+        --out docs/img/issue14_goals.png
 """
 
 from __future__ import annotations
@@ -66,8 +68,12 @@ def latest(paths: List[str]) -> Dict[Key, Dict[str, Any]]:
                 str(row.get("dtype")),
                 bool(row.get("cuda_graph")),
             )
-            if row.get("ratio_decay_kernel") is not None and not row.get("cuda_graph"):
-                # ``--decay-kernel compare``: the kernel is the default since run 9
+            if row.get("ratio_ssd_kernel") is not None:
+                # ``--ssd-kernel compare`` (run 10 on): the kernel is on by default; a fresh graph is recorded
+                row = {**row, "ratio": row["ratio_ssd_kernel"]}
+            elif row.get("ratio_decay_kernel") is not None and not row.get("cuda_graph"):
+                # ``--decay-kernel compare``: the kernel is the default since run 9 (run 9's graph
+                # comparison replayed the graph recorded without it)
                 row = {**row, "ratio": row["ratio_decay_kernel"]}
             out[key] = row
     return out

@@ -52,6 +52,18 @@ def test_latest_rows_from_both_formats_and_the_figure(tmp_path):
         ("mamba2_130m", 1, 16384, "float32", False): 2.21,
         ("mamba2_130m", 1, 16384, "float32", True): 2.16,
     }
+    # --ssd-kernel compare (a fresh graph recorded for the second pass): both rows count with the kernel
+    ssd = tmp_path / "gpu_scale_ssd.jsonl"
+    base = {"shape": "mamba2_130m", "dtype": "float32", "length": 16384}
+    ssd.write_text(
+        json.dumps({**base, "cuda_graph": False, "ratio": 2.18, "ratio_ssd_kernel": 2.10})
+        + "\n"
+        + json.dumps({**base, "cuda_graph": True, "ratio": 2.07, "ratio_ssd_kernel": 2.006})
+        + "\n"
+    )
+    with_ssd = latest([str(scale), str(ssd)])
+    assert round(with_ssd[("mamba2_130m", 1, 16384, "float32", False)]["ratio"], 3) == 2.10
+    assert round(with_ssd[("mamba2_130m", 1, 16384, "float32", True)]["ratio"], 3) == 2.006
     out = tmp_path / "goals.png"
     plot(got, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
