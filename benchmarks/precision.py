@@ -103,8 +103,9 @@ def measure(
 ) -> Dict[str, Any]:
     target = 1
     blocks64 = block_outputs(model64, lambda: MambaLRP(model64).attribute(ids, target=target)) if per_layer else []
+    # the convergence delta is ``explained score - sum(R)``: the explained score is sum(R) + delta
     r64, d64 = MambaLRP(model64).attribute(ids, target=target, return_convergence_delta=True)
-    truth_score = float((r64.sum() - d64.sum()).item())
+    truth_score = float((r64.sum() + d64.sum()).item())
     truth_rel = per_token(r64)
     truth_hidden = hidden_states(model64, ids)
     out: Dict[str, Any] = {"truth_score": truth_score, "truth_conservation": float(d64.abs().max())}
@@ -116,7 +117,7 @@ def measure(
             logit = float((scores if torch.is_tensor(scores) else scores.logits)[0, -1, target])
         hid = hidden_states(model, ids)
         r, delta = MambaLRP(model).attribute(ids, target=target, return_convergence_delta=True)
-        score = float((r.double().sum() - delta.double().sum()).item())
+        score = float((r.double().sum() + delta.double().sum()).item())  # the score the pass explains
         row = {
             "transformers_logit": logit,
             "transformers_score_err": abs(logit - truth_score) / max(abs(truth_score), 1e-12),
@@ -126,6 +127,7 @@ def measure(
             "mambalrp_relevance_relL2": rel(per_token(r), truth_rel),
             f"mambalrp_top{k}_common": topk_common(per_token(r), truth_rel, k),
             "mambalrp_conservation": float(delta.abs().max() / max(abs(score), 1e-12)),
+            "mambalrp_delta": float(delta.double().sum()),  # explained score - sum(R), signed
         }
         if split:  # the error in two parts, through the model with rounded weights computed in float64
             rounded = copy.deepcopy(model64).to(dtype).to(torch.float64)

@@ -4,6 +4,7 @@ bf16 forward computes it."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -24,7 +25,7 @@ def _check_float64(model, ids, target, plain_forward=True):
     relevance, delta = MambaLRP(model).attribute(ids, target=target, return_convergence_delta=True)
     assert relevance.dtype == torch.float64 and delta.dtype == torch.float64
     total = relevance.sum(dim=tuple(range(1, relevance.dim())))
-    logit = total - delta  # the explained score of the pass
+    logit = total + delta  # the explained score of the pass (delta = explained - sum R)
     scale = max(logit.abs().max().item(), 1.0)
     assert delta.abs().max() <= 1e-10 * scale
     if plain_forward:  # the pass explains the model's own logit (transformers' RMSNorms round to float32 inside)
@@ -135,3 +136,24 @@ def test_torch_path_unwraps_transformers_kernel_functions():
         inside = model.backbone(input_ids=ids, use_cache=False).last_hidden_state
     assert all(vars(m)[k] is b[k] for m, b, names in zip(modules, before, wrapped) for k in names)
     assert plain is not None and torch.equal(plain, inside)
+
+
+def test_precision_benchmark_reports_the_score_the_pass_explains():
+    """``benchmarks/precision.py``'s MambaLRP score is the logit the bf16 pass computes (``sum R +
+    delta``, the convergence delta being ``explained - sum R``), not ``sum R`` nor ``sum R - delta``."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from precision import build, measure
+
+    model = build("mamba1", 4, 64, 0, head_dim=16, state=16)
+    ids = torch.randint(0, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
+    row = measure(model, ids, ["bfloat16"], 10)["bfloat16"]
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    logits = []
+    handle = low.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1, 1].double().item()))
+    try:
+        MambaLRP(low).attribute(ids, target=1)
+    finally:
+        handle.remove()
+    delta = row["mambalrp_delta"]
+    assert abs(delta) > 1e-4 * abs(logits[-1])  # a bf16 pass: sum R and the explained score differ
+    assert abs(row["mambalrp_score"] - logits[-1]) <= 1e-6 * max(abs(logits[-1]), 1.0)
