@@ -94,6 +94,18 @@ def block_outputs(model: torch.nn.Module, run) -> List[torch.Tensor]:
     return got
 
 
+def head_logits(model: torch.nn.Module, run) -> torch.Tensor:
+    """The logits at every position (float64 copy) that ``model.lm_head`` computes while ``run()``
+    runs: in a MambaLRP pass, the scores it could explain at any position."""
+    got: List[torch.Tensor] = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: got.append(out.detach().double().clone()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return got[-1]
+
+
 def per_token(r: torch.Tensor) -> torch.Tensor:
     return r[0].sum(-1) if r.dim() == 3 else r[0]
 
@@ -104,7 +116,11 @@ def measure(
     target = 1
     blocks64 = block_outputs(model64, lambda: MambaLRP(model64).attribute(ids, target=target)) if per_layer else []
     # the convergence delta is ``explained score - sum(R)``: the explained score is sum(R) + delta
-    r64, d64 = MambaLRP(model64).attribute(ids, target=target, return_convergence_delta=True)
+    found: List[Any] = []
+    logits64 = head_logits(
+        model64, lambda: found.append(MambaLRP(model64).attribute(ids, target=target, return_convergence_delta=True))
+    )
+    r64, d64 = found[0]
     truth_score = float((r64.sum() + d64.sum()).item())
     truth_rel = per_token(r64)
     truth_hidden = hidden_states(model64, ids)
@@ -116,12 +132,20 @@ def measure(
             scores = model(ids)
             logit = float((scores if torch.is_tensor(scores) else scores.logits)[0, -1, target])
         hid = hidden_states(model, ids)
-        r, delta = MambaLRP(model).attribute(ids, target=target, return_convergence_delta=True)
+        found.clear()
+        logits = head_logits(
+            model, lambda m=model: found.append(MambaLRP(m).attribute(ids, target=target, return_convergence_delta=True))
+        )
+        r, delta = found[0]
         score = float((r.double().sum() + delta.double().sum()).item())  # the score the pass explains
         row = {
             "transformers_logit": logit,
             "transformers_score_err": abs(logit - truth_score) / max(abs(truth_score), 1e-12),
             "transformers_hidden_relL2": None if truth_hidden is None else rel(hid, truth_hidden),
+            # the logits at every position (every score the pass could explain): one sample per
+            # position where the score above is one per model
+            "transformers_logits_relL2": rel(torch.as_tensor(scores if torch.is_tensor(scores) else scores.logits), logits64),
+            "mambalrp_logits_relL2": rel(logits, logits64),
             "mambalrp_score": score,
             "mambalrp_score_err": abs(score - truth_score) / max(abs(truth_score), 1e-12),
             "mambalrp_relevance_relL2": rel(per_token(r), truth_rel),
@@ -145,11 +169,30 @@ def measure(
                 theirs = block_outputs(model, lambda m=model: m(ids))
             row["blocks_relL2"] = [[rel(t, b64), rel(o, b64)] for t, o, b64 in zip(theirs, ours, blocks64)]
         row["goal3_score"] = row["mambalrp_score_err"] <= row["transformers_score_err"]
+        row["goal3_logits"] = row["mambalrp_logits_relL2"] <= row["transformers_logits_relL2"]
         ref = row["transformers_hidden_relL2"]
         row["goal3_relevance"] = None if ref is None else row["mambalrp_relevance_relL2"] <= ref
         out[name] = row
         del model
     return out
+
+
+def pooled(rows: List[Dict[str, Any]], name: str) -> str:
+    """One line over the seeds: the explained score's error pooled (``|scores - truths| / |truths|``
+    over the seeds' vectors), the mean relative L2 error of the logits at every position, and of
+    the relevance against transformers' hidden states; transformers' / MambaLRP's."""
+    truth = torch.tensor([r["truth_score"] for r in rows], dtype=torch.float64)
+    theirs = torch.tensor([r[name]["transformers_logit"] for r in rows], dtype=torch.float64)
+    ours = torch.tensor([r[name]["mambalrp_score"] for r in rows], dtype=torch.float64)
+    norm = truth.norm().clamp_min(1e-300)
+    keys = ("transformers_logits_relL2", "mambalrp_logits_relL2", "transformers_hidden_relL2", "mambalrp_relevance_relL2")
+    mean = {k: sum(r[name][k] or 0.0 for r in rows) / len(rows) for k in keys}
+    return (
+        f"{name}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {(theirs - truth).norm() / norm:.3e} / "
+        f"{(ours - truth).norm() / norm:.3e}; logits at every position {mean['transformers_logits_relL2']:.3e} / "
+        f"{mean['mambalrp_logits_relL2']:.3e}; hidden states / relevance {mean['transformers_hidden_relL2']:.3e} / "
+        f"{mean['mambalrp_relevance_relL2']:.3e}"
+    )
 
 
 def main() -> None:
@@ -188,6 +231,7 @@ def main() -> None:
             print(
                 f"{a.arch} {a.layers}x{a.d_model} L={a.length} seed={seed} {name}: "
                 f"score err transformers {r['transformers_score_err']:.2e} / MambaLRP {r['mambalrp_score_err']:.2e}; "
+                f"logits at every position {r['transformers_logits_relL2']:.2e} / {r['mambalrp_logits_relL2']:.2e}; "
                 f"relL2 hidden (transformers) {r['transformers_hidden_relL2'] or float('nan'):.2e} / relevance (MambaLRP) "
                 f"{r['mambalrp_relevance_relL2']:.2e}; top-{a.topk} common {r[f'mambalrp_top{a.topk}_common']}; "
                 f"goal 3 score {'met' if r['goal3_score'] else 'MISSED'}, "
@@ -215,6 +259,8 @@ def main() -> None:
                 f"{name}, mean over {len(rows)} seeds (hidden states / relevance): total {total[0]:.2e} / {total[1]:.2e}; "
                 f"rounded weights alone {mean[0]:.2e} / {mean[1]:.2e}; arithmetic alone {mean[2]:.2e} / {mean[3]:.2e}"
             )
+    for name in a.dtypes.split(","):
+        print(pooled(rows, name))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
