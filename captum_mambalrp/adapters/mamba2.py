@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rules.activation import activation_in
+from ..kernels.dispatch import fused_split_activation
+from ..rules.activation import activation_in, is_silu
 from ..rules.base import NORM, GradientRule, MambaRule
 from ..rules.composites import Composite
 from ..rules.gate import gate_with_activation
@@ -126,15 +127,21 @@ def mamba2_piece(
     # dt and the rule factors (a bf16 model's activations are rounded once, where out_proj reads them)
     cd = compute_dtype(dtype)
     xBC_in = xBC.transpose(1, 2)
-    if state is None:
-        conv = parts.conv1d(xBC_in)[..., :length]
-    else:  # the conv's window reaches k - 1 steps into the previous piece
+    start = 0
+    if state is not None:  # the conv's window reaches k - 1 steps into the previous piece
         xBC_in = torch.cat([state[0], xBC_in], dim=-1)
-        pad = int(parts.conv1d.padding[0])
-        conv = parts.conv1d(xBC_in)[..., pad : pad + length]
-    xBC = activation_in(rules.conv_act, conv, parts.act, cd)
-    xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
-    x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
+        start = int(parts.conv1d.padding[0])
+    conv = parts.conv1d(xBC_in)  # [b, d_ssm + 2 g n, steps]: the steps start .. start + length are the mixer's
+    split = None
+    if attention_mask is None and rules.ssm.ssm_is_linear:  # B and C are the SSM rule's constants
+        split = fused_split_activation(rules.conv_act, conv, start, length, parts.d_ssm, is_silu(parts.act), cd)
+    if split is not None:  # one kernel each way for the activation's rule, the slice, transpose and split
+        x, BC = split
+        B, C = BC.split([gn, gn], dim=-1)
+    else:
+        xBC = activation_in(rules.conv_act, conv[..., start : start + length], parts.act, cd)
+        xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
+        x, B, C = torch.split(xBC, [parts.d_ssm, gn, gn], dim=-1)
     dt = F.softplus(dt.to(cd) + parts.dt_bias.to(cd)).clamp(parts.dt_limit[0], parts.dt_limit[1])
     A = -torch.exp(parts.A_log.to(cd))
     grouped = (batch, length, parts.n_groups, parts.d_state)

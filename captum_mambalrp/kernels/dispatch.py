@@ -59,6 +59,10 @@ GATE_KERNELS: Dict[Tuple[str, str], GateEntry] = {
 }
 
 
+#: ``applies(act_rule, conv, act_is_silu, dtype)`` and ``kernel(conv, start, length, d_x, dtype)``
+SplitActivationEntry = Tuple[
+    Callable[[object, Tensor, bool, torch.dtype], bool], Callable[[Tensor, int, int, int, torch.dtype], Tuple[Tensor, Tensor]]
+]
 #: ``applies(act_rule, x, act_is_silu, dtype)`` and ``kernel(x, dtype)``
 ActivationEntry = Tuple[Callable[[object, Tensor, bool, torch.dtype], bool], Callable[[Tensor, torch.dtype], Tensor]]
 
@@ -99,6 +103,48 @@ def fused_activation(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torc
     if entry is None or not entry[0](act_rule, x, act_is_silu, dtype):
         return None
     return entry[1](x, dtype)
+
+
+def _identity_silu_split_applies(act_rule: object, conv: Tensor, act_is_silu: bool, dtype: torch.dtype) -> bool:
+    return (
+        getattr(act_rule, "epsilon", None) is None
+        and act_is_silu
+        and conv.dim() == 3
+        and conv.dtype in (torch.float32, *LOW_PRECISION)
+        and dtype == torch.float32
+        and fused_kernels_enabled(conv)
+    )
+
+
+def _identity_silu_split_kernel(conv: Tensor, start: int, length: int, d_x: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    from . import elementwise
+
+    return elementwise.identity_silu_split(conv, start, length, d_x, dtype)
+
+
+#: ``activation rule type -> (applies, kernel)``: the rule on the activation of a Mamba2 mixer's conv
+#: output, with the slice, transpose and split into x and the SSM rule's constants that follow it
+SPLIT_ACTIVATION_KERNELS: Dict[str, SplitActivationEntry] = {
+    "captum_mambalrp.rules.activation.IdentityActivationRule": (_identity_silu_split_applies, _identity_silu_split_kernel),
+}
+
+
+def fused_split_activation(
+    act_rule: object, conv: Tensor, start: int, length: int, d_x: int, act_is_silu: bool, dtype: torch.dtype
+) -> Optional[Tuple[Tensor, Tensor]]:
+    """``act_rule.activation(conv[:, :, start:start + length].to(dtype), act)`` transposed to ``[b,
+    length, channels]`` and split at ``d_x`` into ``x`` and the other channels (which must be
+    constants for the caller: they carry no gradient), by a fused kernel; or ``None`` when no kernel
+    is listed for this rule type or its conditions do not hold here (the caller runs the torch steps).
+
+    >>> from captum_mambalrp.rules import GradientRule
+    >>> fused_split_activation(GradientRule(), torch.ones(1, 4, 5), 0, 5, 2, True, torch.float32) is None
+    True
+    """
+    entry = SPLIT_ACTIVATION_KERNELS.get(rule_key(act_rule))
+    if entry is None or not entry[0](act_rule, conv, act_is_silu, dtype):
+        return None
+    return entry[1](conv, start, length, d_x, dtype)
 
 
 def fused_gate(
