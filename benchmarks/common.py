@@ -95,6 +95,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
+    """The median seconds of ``fn()`` over ``repeats`` calls after one warm-up, timed by CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup: int = 0) -> Dict[str, float]:
     """Best and median wall time of ``fn`` (seconds) after ``warmup`` calls."""
     for _ in range(warmup):

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RecomputeSpy, print_ratios, versions, write_results  # noqa: E402
+from common import RecomputeSpy, cuda_time, print_ratios, versions, write_results  # noqa: E402
 
 # 52 layers as in Nemotron-H-8B: 24 Mamba2 (M), 24 MLPs (-), 4 attention layers (*) spread through the depth
 NEMOTRON_PATTERN_8B = "*".join("M-" * 6 for _ in range(4)) + "*"
@@ -97,20 +97,6 @@ def granite_4h_tiny(layers: int) -> Any:
 
 
 SHAPES: Dict[str, Callable[[int], Any]] = {"nemotron_h_8b": nemotron_h_8b, "granite_4h_tiny": granite_4h_tiny}
-
-
-def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times: List[float] = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _count(kept, total: int) -> str:

@@ -15,29 +15,20 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cuda_time  # noqa: E402
 
 ssd = importlib.import_module("captum_mambalrp.scan.ssd_chunked")  # the package exports a function of that name
 triton_ssd = importlib.import_module("captum_mambalrp.scan.triton_ssd")
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_time(fn, repeats) * 1e3
 
 
 def main() -> None:
