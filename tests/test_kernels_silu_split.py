@@ -1,8 +1,8 @@
-"""The identity rule on SiLU of a Mamba2 mixer's conv output, fused with the slice, transpose and
-split into x and the SSM rule's constants B, C (``kernels/elementwise.identity_silu_split``,
-dispatched by ``kernels.dispatch.fused_split_activation``): against the torch steps it replaces, in
-Triton's interpreter on the CPU, and compiled on CUDA; whole Mamba2 passes with it against passes
-without it (whole sequences and sequence pieces; with a padding mask the torch steps run)."""
+"""The identity rule on SiLU of a Mamba2 mixer's conv output, fused with the slice, transpose,
+padding mask and split into x and the SSM rule's constants B, C
+(``kernels/elementwise.identity_silu_split``, dispatched by ``kernels.dispatch.fused_split_activation``):
+against the torch steps it replaces, in Triton's interpreter on the CPU, and compiled on CUDA; whole
+Mamba2 passes with it against passes without it (whole sequences, sequence pieces, left padding)."""
 
 from __future__ import annotations
 
@@ -22,29 +22,37 @@ CHECK = textwrap.dedent(
     import sys
     import torch
     import torch.nn.functional as F
+    from captum_mambalrp.adapters.common import mask_padding
     from captum_mambalrp.kernels import dispatch, elementwise
     from captum_mambalrp.rules import GradientRule, IdentityActivationRule
 
     sys.path.insert(0, "tests")
     from kernel_helpers import unfused  # the same call with the fused kernels off: the torch definitions
 
-    def torch_steps(conv, start, length, d_x):
+    def torch_steps(conv, start, length, d_x, mask=None):
         act = IdentityActivationRule().activation(conv[..., start : start + length].float(), F.silu).transpose(1, 2)
+        act = mask_padding(act, mask)
         return act[..., :d_x], act[..., d_x:]
 
     def check_kernel(device):
         torch.manual_seed(0)
-        # (channels, steps, start, length, d_x, dtype, transposed storage): whole-sequence and piece
-        # offsets, ragged tiles, a bf16 conv output, a conv output stored [b, steps, channels]
-        cases = [(70, 40, 0, 37, 50, torch.float32, False), (70, 40, 3, 37, 50, torch.float32, False),
-                 (33, 100, 2, 90, 1, torch.float32, True), (70, 40, 0, 37, 64, torch.bfloat16, False)]
-        for channels, steps, start, length, d_x, dtype, transposed in cases:
-            base = torch.randn(2, steps, channels, device=device) if transposed else torch.randn(2, channels, steps, device=device)
+        # (channels, steps, start, length, d_x, dtype, transposed storage, padding mask): whole-sequence
+        # and piece offsets, ragged tiles, a bf16 conv output, a conv output stored [b, steps, channels],
+        # left padding (an integer mask, as users pass it)
+        cases = [(70, 40, 0, 37, 50, torch.float32, False, False), (70, 40, 3, 37, 50, torch.float32, False, True),
+                 (33, 100, 2, 90, 1, torch.float32, True, False), (70, 40, 0, 37, 64, torch.bfloat16, False, True)]
+        for channels, steps, start, length, d_x, dtype, transposed, padded in cases:
+            shape = (2, steps, channels) if transposed else (2, channels, steps)
+            base = torch.randn(shape, device=device)
             conv = (base.transpose(1, 2) if transposed else base).to(dtype).requires_grad_(True)
-            split = dispatch.fused_split_activation(IdentityActivationRule(), conv, start, length, d_x, True, torch.float32)
+            mask = None
+            if padded:
+                mask = torch.ones(2, length, dtype=torch.long, device=device)
+                mask[0, :7] = 0
+            split = dispatch.fused_split_activation(IdentityActivationRule(), conv, start, length, d_x, True, torch.float32, mask)
             assert split is not None
             x, rest = split
-            x_ref, rest_ref = torch_steps(conv, start, length, d_x)
+            x_ref, rest_ref = torch_steps(conv, start, length, d_x, mask)
             assert x.dtype == rest.dtype == torch.float32 and x.is_contiguous() and rest.is_contiguous()
             assert x.shape == x_ref.shape and rest.shape == rest_ref.shape
             assert (x - x_ref).abs().max() <= 1e-6 * x_ref.abs().max()
@@ -56,17 +64,19 @@ CHECK = textwrap.dedent(
             bound = (2 ** -7 if dtype == torch.bfloat16 else 1e-6) * want.float().abs().max()
             assert (got.float() - want.float()).abs().max() <= bound, (channels, start, d_x)
             assert (got[:, d_x:] == 0).all() and (got[..., :start] == 0).all() and (got[..., start + length :] == 0).all()
+            if padded:
+                assert (x[0, :7] == 0).all() and (got[0, :, start : start + 7] == 0).all()
         # where it does not apply: another rule, an epsilon, another activation, a float64 computation
         conv = torch.randn(1, 8, 10, device=device)
-        for rule, silu, dtype in ((GradientRule(), True, torch.float32), (IdentityActivationRule(1e-6), True, torch.float32),
-                                  (IdentityActivationRule(), False, torch.float32), (IdentityActivationRule(), True, torch.float64)):
+        identity, f32 = IdentityActivationRule(), torch.float32
+        for rule, silu, dtype in ((GradientRule(), True, f32), (IdentityActivationRule(1e-6), True, f32),
+                                  (identity, False, f32), (identity, True, torch.float64)):
             assert dispatch.fused_split_activation(rule, conv, 0, 7, 4, silu, dtype) is None
-        assert unfused(lambda: dispatch.fused_split_activation(IdentityActivationRule(), conv, 0, 7, 4, True, torch.float32)) is None
+        assert unfused(lambda: dispatch.fused_split_activation(identity, conv, 0, 7, 4, True, f32)) is None
 
     def check_pass(device):
         # whole Mamba2 passes with the kernel equal the passes without it: whole sequences, pieces of
-        # the sequence (the conv window reaching into the previous piece), bf16; with a padding mask
-        # the torch steps run (the mask multiplies after the activation)
+        # the sequence (the conv window reaching into the previous piece), left padding, bf16
         from transformers import Mamba2Config, Mamba2ForCausalLM
         from captum_mambalrp import MambaLRP
         from captum_mambalrp.adapters.recompute import SequenceChunks
@@ -88,7 +98,7 @@ CHECK = textwrap.dedent(
             mask = torch.ones_like(ids)
             mask[0, :5] = 0
             masked = MambaLRP(model).attribute(ids, target=5, attention_mask=mask)
-            assert not calls
+            assert calls
             assert (masked - unfused(lambda: MambaLRP(model).attribute(ids, target=5, attention_mask=mask))).abs().max() <= (
                 1e-5 * masked.abs().max())
             low = model.bfloat16()
@@ -115,9 +125,9 @@ INTERPRETER_SCRIPT = CHECK + textwrap.dedent(
 def test_silu_split_kernel_in_interpreter():
     """Forward values (x and the constants), the input gradient of the whole conv output (zero past
     x's channels and outside the mixer's steps), for whole-sequence and piece offsets, bf16 and a
-    transposed conv output, equal the torch steps; the dispatch refuses other rules, an epsilon,
-    another activation and float64; whole Mamba2 passes (sequence pieces, bf16) equal passes without
-    it, and a padding mask takes the torch steps. Run by Triton's interpreter on the CPU."""
+    transposed conv output and a padding mask, equal the torch steps; the dispatch refuses other
+    rules, an epsilon, another activation and float64; whole Mamba2 passes (sequence pieces, left
+    padding, bf16) equal passes without it. Run by Triton's interpreter on the CPU."""
     run_in_interpreter(INTERPRETER_SCRIPT)
 
 

@@ -133,8 +133,8 @@ def mamba2_piece(
         start = int(parts.conv1d.padding[0])
     conv = parts.conv1d(xBC_in)  # [b, d_ssm + 2 g n, steps]: the steps start .. start + length are the mixer's
     split = None
-    if attention_mask is None and rules.ssm.ssm_is_linear:  # B and C are the SSM rule's constants
-        split = fused_split_activation(rules.conv_act, conv, start, length, parts.d_ssm, is_silu(parts.act), cd)
+    if rules.ssm.ssm_is_linear:  # B and C are the SSM rule's constants
+        split = fused_split_activation(rules.conv_act, conv, start, length, parts.d_ssm, is_silu(parts.act), cd, attention_mask)
     if split is not None:  # one kernel each way for the activation's rule, the slice, transpose and split
         x, BC = split
         B, C = BC.split([gn, gn], dim=-1)

@@ -59,9 +59,10 @@ GATE_KERNELS: Dict[Tuple[str, str], GateEntry] = {
 }
 
 
-#: ``applies(act_rule, conv, act_is_silu, dtype)`` and ``kernel(conv, start, length, d_x, dtype)``
+#: ``applies(act_rule, conv, act_is_silu, dtype)`` and ``kernel(conv, start, length, d_x, dtype, mask)``
 SplitActivationEntry = Tuple[
-    Callable[[object, Tensor, bool, torch.dtype], bool], Callable[[Tensor, int, int, int, torch.dtype], Tuple[Tensor, Tensor]]
+    Callable[[object, Tensor, bool, torch.dtype], bool],
+    Callable[[Tensor, int, int, int, torch.dtype, Optional[Tensor]], Tuple[Tensor, Tensor]],
 ]
 #: ``applies(act_rule, x, act_is_silu, dtype)`` and ``kernel(x, dtype)``
 ActivationEntry = Tuple[Callable[[object, Tensor, bool, torch.dtype], bool], Callable[[Tensor, torch.dtype], Tensor]]
@@ -116,10 +117,12 @@ def _identity_silu_split_applies(act_rule: object, conv: Tensor, act_is_silu: bo
     )
 
 
-def _identity_silu_split_kernel(conv: Tensor, start: int, length: int, d_x: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _identity_silu_split_kernel(
+    conv: Tensor, start: int, length: int, d_x: int, dtype: torch.dtype, mask: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
     from . import elementwise
 
-    return elementwise.identity_silu_split(conv, start, length, d_x, dtype)
+    return elementwise.identity_silu_split(conv, start, length, d_x, dtype, mask)
 
 
 #: ``activation rule type -> (applies, kernel)``: the rule on the activation of a Mamba2 mixer's conv
@@ -130,12 +133,20 @@ SPLIT_ACTIVATION_KERNELS: Dict[str, SplitActivationEntry] = {
 
 
 def fused_split_activation(
-    act_rule: object, conv: Tensor, start: int, length: int, d_x: int, act_is_silu: bool, dtype: torch.dtype
+    act_rule: object,
+    conv: Tensor,
+    start: int,
+    length: int,
+    d_x: int,
+    act_is_silu: bool,
+    dtype: torch.dtype,
+    mask: Optional[Tensor] = None,
 ) -> Optional[Tuple[Tensor, Tensor]]:
     """``act_rule.activation(conv[:, :, start:start + length].to(dtype), act)`` transposed to ``[b,
-    length, channels]`` and split at ``d_x`` into ``x`` and the other channels (which must be
-    constants for the caller: they carry no gradient), by a fused kernel; or ``None`` when no kernel
-    is listed for this rule type or its conditions do not hold here (the caller runs the torch steps).
+    length, channels]``, times the padding mask ``[b, length]`` where one is given, and split at
+    ``d_x`` into ``x`` and the other channels (which must be constants for the caller: they carry no
+    gradient), by a fused kernel; or ``None`` when no kernel is listed for this rule type or its
+    conditions do not hold here (the caller runs the torch steps).
 
     >>> from captum_mambalrp.rules import GradientRule
     >>> fused_split_activation(GradientRule(), torch.ones(1, 4, 5), 0, 5, 2, True, torch.float32) is None
@@ -144,7 +155,7 @@ def fused_split_activation(
     entry = SPLIT_ACTIVATION_KERNELS.get(rule_key(act_rule))
     if entry is None or not entry[0](act_rule, conv, act_is_silu, dtype):
         return None
-    return entry[1](conv, start, length, d_x, dtype)
+    return entry[1](conv, start, length, d_x, dtype, mask)
 
 
 def fused_gate(

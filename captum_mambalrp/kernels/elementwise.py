@@ -232,8 +232,9 @@ def identity_silu_upcast(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _silu_split_forward_kernel(
-    c_ptr, x_ptr, rest_ptr, start, length, d_x, channels, sc0, sc1, sc2, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr
-):
+    c_ptr, m_ptr, x_ptr, rest_ptr, start, length, d_x, channels, sc0, sc1, sc2, sm0, sm1,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -242,6 +243,8 @@ def _silu_split_forward_kernel(
     v = tl.load(c_ptr + b * sc0 + c * sc1 + (t + start) * sc2, mask=t_ok[:, None] & (c < channels), other=0.0)
     v = v.to(tl.float32)
     out = v * tl.sigmoid(v)
+    if HAS_MASK:  # padded positions zeroed after the activation, as the mixers do
+        out = out * tl.load(m_ptr + b * sm0 + t * sm1, mask=t_ok[:, None], other=0.0)
     is_x = c < d_x
     tl.store(x_ptr + (b * length + t) * d_x + c, out.to(x_ptr.dtype.element_ty), mask=t_ok[:, None] & is_x)
     rest = channels - d_x
@@ -250,8 +253,8 @@ def _silu_split_forward_kernel(
 
 
 def _silu_split_backward_kernel(
-    g_ptr, c_ptr, d_ptr, start, length, d_x, channels, full, sg0, sg1, sg2, sc0, sc1, sc2,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr, c_ptr, m_ptr, d_ptr, start, length, d_x, channels, full, sg0, sg1, sg2, sc0, sc1, sc2, sm0, sm1,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # along the conv's whole output
@@ -261,6 +264,8 @@ def _silu_split_backward_kernel(
     t, c, s = t.to(tl.int64)[:, None], c.to(tl.int64)[None, :], s.to(tl.int64)[:, None]
     g = tl.load(g_ptr + b * sg0 + s * sg1 + c * sg2, mask=live, other=0.0).to(tl.float32)
     v = tl.load(c_ptr + b * sc0 + c * sc1 + t * sc2, mask=live, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        g = g * tl.load(m_ptr + b * sm0 + s * sm1, mask=(s >= 0) & (s < length), other=0.0)
     # every element of the conv's gradient is written: zero past the x channels and outside the steps
     tl.store(d_ptr + (b * channels + c) * full + t, g * tl.sigmoid(v), mask=(t < full) & (c < channels))
 
@@ -270,45 +275,51 @@ _SPLIT_BLOCK = (64, 32)
 
 class _SiluSplit(torch.autograd.Function):
     """Forward: ``silu`` of ``conv[:, :, start:start + length]`` in ``dtype``, transposed to ``[b,
-    length, channels]`` and split at ``d_x``: ``x`` (differentiable) and the rest (B and C: constants
-    of the SSM rule, not differentiable). Backward: the identity rule, ``g * sigmoid(conv)`` for
-    ``x``'s channels, written into the gradient of the whole conv output (zero elsewhere)."""
+    length, channels]``, times the padding mask, and split at ``d_x``: ``x`` (differentiable) and the
+    rest (B and C: constants of the SSM rule, not differentiable). Backward: the identity rule,
+    ``g * mask * sigmoid(conv)`` for ``x``'s channels, written into the gradient of the whole conv
+    output (zero elsewhere)."""
 
     @staticmethod
-    def forward(ctx, conv: Tensor, start: int, length: int, d_x: int, dtype: torch.dtype):  # type: ignore[override]
-        ctx.save_for_backward(conv)
+    def forward(ctx, conv: Tensor, mask: Optional[Tensor], start: int, length: int, d_x: int, dtype: torch.dtype):  # type: ignore[override]
+        ctx.save_for_backward(conv, mask)
         ctx.start, ctx.length, ctx.d_x = start, length, d_x
         b, channels, _ = conv.shape
         x = torch.empty(b, length, d_x, device=conv.device, dtype=dtype)
         rest = torch.empty(b, length, channels - d_x, device=conv.device, dtype=dtype)
         grid = (triton.cdiv(length, _SPLIT_BLOCK[0]), triton.cdiv(channels, _SPLIT_BLOCK[1]), b)
+        m, m_strides = (conv, (0, 0)) if mask is None else (mask, mask.stride())
         jit(_silu_split_forward_kernel)[grid](
-            conv, x, rest, start, length, d_x, channels, *conv.stride(),
-            BLOCK_T=_SPLIT_BLOCK[0], BLOCK_C=_SPLIT_BLOCK[1], num_warps=4,
+            conv, m, x, rest, start, length, d_x, channels, *conv.stride(), *m_strides,
+            HAS_MASK=mask is not None, BLOCK_T=_SPLIT_BLOCK[0], BLOCK_C=_SPLIT_BLOCK[1], num_warps=4,
         )  # fmt: skip
         ctx.mark_non_differentiable(rest)
         return x, rest
 
     @staticmethod
     def backward(ctx, grad_x: Tensor, grad_rest: Optional[Tensor]):  # type: ignore[override]
-        (conv,) = ctx.saved_tensors
+        conv, mask = ctx.saved_tensors
         b, channels, full = conv.shape
         dconv = torch.empty(b, channels, full, device=conv.device, dtype=conv.dtype)
         grid = (triton.cdiv(full, _SPLIT_BLOCK[0]), triton.cdiv(channels, _SPLIT_BLOCK[1]), b)
+        m, m_strides = (conv, (0, 0)) if mask is None else (mask, mask.stride())
         jit(_silu_split_backward_kernel)[grid](
-            grad_x, conv, dconv, ctx.start, ctx.length, ctx.d_x, channels, full, *grad_x.stride(), *conv.stride(),
-            BLOCK_T=_SPLIT_BLOCK[0], BLOCK_C=_SPLIT_BLOCK[1], num_warps=4,
+            grad_x, conv, m, dconv, ctx.start, ctx.length, ctx.d_x, channels, full, *grad_x.stride(), *conv.stride(),
+            *m_strides, HAS_MASK=mask is not None, BLOCK_T=_SPLIT_BLOCK[0], BLOCK_C=_SPLIT_BLOCK[1], num_warps=4,
         )  # fmt: skip
-        return dconv, None, None, None, None
+        return dconv, None, None, None, None, None
 
 
-def identity_silu_split(conv: Tensor, start: int, length: int, d_x: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def identity_silu_split(
+    conv: Tensor, start: int, length: int, d_x: int, dtype: torch.dtype, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """The identity rule on ``silu`` of the steps ``start .. start + length`` of a conv output
-    ``[b, channels, steps]`` (any strides, any float dtype), computed in ``dtype`` and returned as
-    ``x [b, length, d_x]`` (differentiable) and the other channels ``[b, length, channels - d_x]``
-    (not: the SSM rule's constants), both contiguous; the backward pass writes the conv output's
-    whole gradient in one pass (no slice, transpose or concatenation of gradients)."""
-    return _SiluSplit.apply(conv, start, length, d_x, dtype)
+    ``[b, channels, steps]`` (any strides, any float dtype), computed in ``dtype``, zeroed where the
+    padding mask ``[b, length]`` is 0, and returned as ``x [b, length, d_x]`` (differentiable) and the
+    other channels ``[b, length, channels - d_x]`` (not: the SSM rule's constants), both contiguous;
+    the backward pass writes the conv output's whole gradient in one pass (no slice, transpose or
+    concatenation of gradients)."""
+    return _SiluSplit.apply(conv, None if mask is None else mask.to(torch.float32), start, length, d_x, dtype)
 
 
 # ---------------------------------------------------------------- around the reversed adjoint scan
