@@ -47,8 +47,13 @@ from common import RecomputeSpy  # noqa: E402
 
 #: goal 2 of issue 14: peak memory over the weights per token at 2^19 tokens (Falcon-Mamba-7B, bf16)
 GOAL2_MIB_PER_TOKEN = 0.24
-#: the Triton kernels a run may turn on / off / compare (--decay-kernel, --ssd-kernel), and their switches
-KERNEL_SWITCHES = {"decay": "CAPTUM_MAMBALRP_DECAY_KERNEL", "ssd": "CAPTUM_MAMBALRP_SSD_KERNEL"}
+#: the Triton kernels a run may turn on / off / compare (--decay-kernel, --ssd-kernel, --split-kernel),
+#: and their switches
+KERNEL_SWITCHES = {
+    "decay": "CAPTUM_MAMBALRP_DECAY_KERNEL",
+    "ssd": "CAPTUM_MAMBALRP_SSD_KERNEL",
+    "split": "CAPTUM_MAMBALRP_SPLIT_KERNEL",
+}
 #: where models live ("cuda"; "cpu" only for a smoke test of the script itself)
 DEVICE = os.environ.get("GPU_SCALE_DEVICE", "cuda")
 
@@ -381,7 +386,11 @@ def main() -> None:
         help="MambaLRP(model, cuda_graph=True): the attribution replayed from a CUDA graph (no host launches); "
         "the forward stays eager",
     )
-    for name, what in (("decay", "SSD's chunk-end recurrence as one Triton kernel"), ("ssd", "SSD's chunked form in Triton")):
+    for name, what in (
+        ("decay", "SSD's chunk-end recurrence as one Triton kernel"),
+        ("ssd", "SSD's chunk outputs in Triton"),
+        ("split", "Mamba2's SiLU rule after the conv, fused with its split into x, B, C"),
+    ):
         p.add_argument(
             f"--{name}-kernel",
             choices=["default", "on", "off", "compare"],
@@ -392,6 +401,9 @@ def main() -> None:
     p.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     p.add_argument("--out", default="")
     a = p.parse_args()
+    compares = [name for name in KERNEL_SWITCHES if getattr(a, f"{name}_kernel") == "compare"]
+    if len(compares) > 1:
+        p.error(f"one --*-kernel compare per run (the baseline is the pass without that kernel), got {compares}")
     for name, env in KERNEL_SWITCHES.items():
         mode = getattr(a, f"{name}_kernel")
         if mode != "default":

@@ -19,6 +19,7 @@ CUDA = torch.cuda.is_available()
 
 CHECK = textwrap.dedent(
     """
+    import os
     import sys
     import torch
     import torch.nn.functional as F
@@ -73,6 +74,17 @@ CHECK = textwrap.dedent(
                                   (identity, False, f32), (identity, True, torch.float64)):
             assert dispatch.fused_split_activation(rule, conv, 0, 7, 4, silu, dtype) is None
         assert unfused(lambda: dispatch.fused_split_activation(identity, conv, 0, 7, 4, True, f32)) is None
+        os.environ[dispatch.SPLIT_KERNEL_ENV] = "0"  # this kernel alone turned off
+        try:
+            assert dispatch.fused_split_activation(identity, conv, 0, 7, 4, True, f32) is None
+        finally:
+            del os.environ[dispatch.SPLIT_KERNEL_ENV]
+        try:  # a mask that is not [b, length]: one line, not a read past its end
+            elementwise.identity_silu_split(conv, 0, 7, 4, f32, torch.ones(1, 9, device=device))
+        except ValueError as e:
+            assert "padding mask of shape (1, 9)" in str(e), e
+        else:
+            raise AssertionError("a mask of the wrong shape was taken")
 
     def check_pass(device):
         # whole Mamba2 passes with the kernel equal the passes without it: whole sequences, pieces of
@@ -101,6 +113,11 @@ CHECK = textwrap.dedent(
             assert calls
             assert (masked - unfused(lambda: MambaLRP(model).attribute(ids, target=5, attention_mask=mask))).abs().max() <= (
                 1e-5 * masked.abs().max())
+            calls.clear()  # B needs its gradient (the SSM rule's ablation on B): the torch steps
+            ablation = MambaLRP(model, composite="no_ssm_rule_b").attribute(ids, target=5)
+            assert not calls
+            plain = unfused(lambda: MambaLRP(model, composite="no_ssm_rule_b").attribute(ids, target=5))
+            assert (ablation - plain).abs().max() <= 1e-5 * plain.abs().max()
             low = model.bfloat16()
             fused = MambaLRP(low).attribute(ids, target=5)
             assert calls

@@ -106,9 +106,14 @@ def fused_activation(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torc
     return entry[1](x, dtype)
 
 
+#: the environment variable that turns off (``"0"``) :func:`fused_split_activation`'s kernel alone
+SPLIT_KERNEL_ENV = "CAPTUM_MAMBALRP_SPLIT_KERNEL"
+
+
 def _identity_silu_split_applies(act_rule: object, conv: Tensor, act_is_silu: bool, dtype: torch.dtype) -> bool:
     return (
-        getattr(act_rule, "epsilon", None) is None
+        os.environ.get(SPLIT_KERNEL_ENV, "1") != "0"
+        and getattr(act_rule, "epsilon", None) is None
         and act_is_silu
         and conv.dim() == 3
         and conv.dtype in (torch.float32, *LOW_PRECISION)

@@ -318,7 +318,12 @@ def identity_silu_split(
     padding mask ``[b, length]`` is 0, and returned as ``x [b, length, d_x]`` (differentiable) and the
     other channels ``[b, length, channels - d_x]`` (not: the SSM rule's constants), both contiguous;
     the backward pass writes the conv output's whole gradient in one pass (no slice, transpose or
-    concatenation of gradients)."""
+    concatenation of gradients).
+
+    Raises:
+        ValueError: the mask is not ``[b, length]``."""
+    if mask is not None and tuple(mask.shape) != (conv.shape[0], length):
+        raise ValueError(f"identity_silu_split: a padding mask of shape {tuple(mask.shape)} for {conv.shape[0]} x {length} steps")
     return _SiluSplit.apply(conv, None if mask is None else mask.to(torch.float32), start, length, d_x, dtype)
 
 
