@@ -1,9 +1,9 @@
-"""SSD's chunked form: the Triton kernels (``scan/triton_ssd.py``) against the torch form, one
+"""SSD's chunked form: with its Triton kernel (``scan/triton_ssd.py``) and without, one
 layer's scan in isolation (CUDA, one process, ratios measured in this run).
 
 For one shape (default: Mamba2-130M's layer, 24 heads x 64, state 128, one group, 16384 tokens)
 and each chunk length and warp count asked: the median time of ``ssd_chunked`` (the relevance
-pass's forward-only form, no grad) with the kernels and without (``CAPTUM_MAMBALRP_SSD_KERNEL``),
+pass's forward-only form, no grad) with the kernel and without (``CAPTUM_MAMBALRP_SSD_KERNEL``),
 their ratio, and the largest difference of the two results relative to the largest output::
 
     python3 benchmarks/gpu_ssd_kernel.py --length 16384 --chunks 32 64 --warps 4 8 --no-tf32
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[ssd.CHUNK])
     p.add_argument("--warps", type=int, nargs="+", default=[triton_ssd.NUM_WARPS])
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--no-tf32", action="store_true", help="float32 products in IEEE (torch's and the kernels')")
+    p.add_argument("--no-tf32", action="store_true", help="float32 products in IEEE (torch's and the kernel's)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
@@ -56,7 +56,7 @@ def main() -> None:
     D = torch.randn(a.heads, device="cuda", generator=g)
     for chunk in a.chunks:
         if chunk > ssd.MAX_KERNEL_CHUNK:
-            print(f"chunk {chunk}: longer than the kernels take ({ssd.MAX_KERNEL_CHUNK}); the torch form runs", flush=True)
+            print(f"chunk {chunk}: longer than the kernel takes ({ssd.MAX_KERNEL_CHUNK}); the torch form runs", flush=True)
             continue
         os.environ[ssd.SSD_KERNEL_ENV] = "0"
         with torch.no_grad():

@@ -186,7 +186,9 @@ def pooled(rows: List[Dict[str, Any]], name: str) -> str:
     ours = torch.tensor([r[name]["mambalrp_score"] for r in rows], dtype=torch.float64)
     norm = truth.norm().clamp_min(1e-300)
     keys = ("transformers_logits_relL2", "mambalrp_logits_relL2", "transformers_hidden_relL2", "mambalrp_relevance_relL2")
-    mean = {k: sum(r[name][k] or 0.0 for r in rows) / len(rows) for k in keys}
+    # a column some seed could not compute (transformers' float64 hidden states) is nan, not a 0 in the mean
+    found = {k: [r[name][k] for r in rows] for k in keys}
+    mean = {k: sum(v) / len(v) if None not in v else float("nan") for k, v in found.items()}
     return (
         f"{name}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {(theirs - truth).norm() / norm:.3e} / "
         f"{(ours - truth).norm() / norm:.3e}; logits at every position {mean['transformers_logits_relL2']:.3e} / "

@@ -98,8 +98,9 @@ MARGIN = 2.0
 # the tighter check of the pass's forward: 1.02x (Mamba1) and 0.98x (Mamba2) transformers' error in
 # bf16 on those 16 seeds, 1.00x / 0.99x on the 8 here, 1.01x / 0.99x in float32. One extra bf16
 # rounding of Mamba2's scan output adds 4 % here (0.0202 -> 0.0210), under this margin; the score
-# check above caught that one (0.0125 -> 0.0202). The margin holds the pass's forward at parity.
-LOGITS_MARGIN = 1.05
+# check above caught that one (0.0125 -> 0.0202). The margin holds the pass's forward at parity
+# with room for another CPU's rounding order (per-seed ratios range 0.86-1.28).
+LOGITS_MARGIN = 1.1
 
 
 def test_bf16_mamba2_is_as_faithful_as_transformers_bf16_forward():
