@@ -41,11 +41,11 @@ CHUNK = 64
 
 #: the environment variable that turns off (``"0"``) the Triton kernel of :func:`decay_scan_`
 DECAY_KERNEL_ENV = "CAPTUM_MAMBALRP_DECAY_KERNEL"
-#: the environment variable that turns off (``"0"``) the Triton kernels of the chunked form
-#: (:mod:`.triton_ssd`)
+#: the environment variable that turns off (``"0"``) the Triton kernel of the chunked form's
+#: outputs (:mod:`.triton_ssd`)
 SSD_KERNEL_ENV = "CAPTUM_MAMBALRP_SSD_KERNEL"
-#: The longest chunk :mod:`.triton_ssd` takes (its ``[T, T]`` decay matrix lives in registers;
-#: 128 spills, 256 does not fit an H200's shared memory)
+#: The longest chunk :mod:`.triton_ssd` takes (its ``[T, T]`` decay matrix lives in registers:
+#: 128 ran slower than 64 on the H200, 256 does not fit its shared memory)
 MAX_KERNEL_CHUNK = 64
 
 
