@@ -10,17 +10,22 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 
-def unfused(fn: Callable[[], T]) -> T:
-    """``fn()`` with the fused kernels turned off (``CAPTUM_MAMBALRP_FUSED=0``): the torch definitions."""
-    previous = os.environ.get("CAPTUM_MAMBALRP_FUSED")
-    os.environ["CAPTUM_MAMBALRP_FUSED"] = "0"
+def with_env(name: str, value: str, fn: Callable[[], T]) -> T:
+    """``fn()`` with the environment variable ``name`` set to ``value``, restored afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         return fn()
     finally:
         if previous is None:
-            del os.environ["CAPTUM_MAMBALRP_FUSED"]
+            del os.environ[name]
         else:
-            os.environ["CAPTUM_MAMBALRP_FUSED"] = previous
+            os.environ[name] = previous
+
+
+def unfused(fn: Callable[[], T]) -> T:
+    """``fn()`` with the fused kernels turned off (``CAPTUM_MAMBALRP_FUSED=0``): the torch definitions."""
+    return with_env("CAPTUM_MAMBALRP_FUSED", "0", fn)
 
 
 def run_in_interpreter(script: str) -> None:

@@ -19,8 +19,11 @@ CUDA = torch.cuda.is_available()
 CHECK = textwrap.dedent(
     """
     import importlib
-    import os
+    import sys
     import torch
+
+    sys.path.insert(0, "tests")
+    from kernel_helpers import with_env
 
     ssd_chunked = importlib.import_module("captum_mambalrp.scan.ssd_chunked")  # the package exports a function of that name
     triton_decay = importlib.import_module("captum_mambalrp.scan.triton_decay")
@@ -32,15 +35,7 @@ CHECK = textwrap.dedent(
         return out
 
     def with_kernel(on, fn):
-        previous = os.environ.get(ssd_chunked.DECAY_KERNEL_ENV)
-        os.environ[ssd_chunked.DECAY_KERNEL_ENV] = "1" if on else "0"
-        try:
-            return fn()
-        finally:
-            if previous is None:
-                del os.environ[ssd_chunked.DECAY_KERNEL_ENV]
-            else:
-                os.environ[ssd_chunked.DECAY_KERNEL_ENV] = previous
+        return with_env(ssd_chunked.DECAY_KERNEL_ENV, "1" if on else "0", fn)
 
     def check_decay(device):
         calls, kernel = [], triton_decay.decay_scan_

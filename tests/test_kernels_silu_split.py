@@ -19,7 +19,6 @@ CUDA = torch.cuda.is_available()
 
 CHECK = textwrap.dedent(
     """
-    import os
     import sys
     import torch
     import torch.nn.functional as F
@@ -28,7 +27,7 @@ CHECK = textwrap.dedent(
     from captum_mambalrp.rules import GradientRule, IdentityActivationRule
 
     sys.path.insert(0, "tests")
-    from kernel_helpers import unfused  # the same call with the fused kernels off: the torch definitions
+    from kernel_helpers import unfused, with_env  # unfused: the same call with the fused kernels off
 
     def torch_steps(conv, start, length, d_x, mask=None):
         act = IdentityActivationRule().activation(conv[..., start : start + length].float(), F.silu).transpose(1, 2)
@@ -73,12 +72,9 @@ CHECK = textwrap.dedent(
         for rule, silu, dtype in ((GradientRule(), True, f32), (IdentityActivationRule(1e-6), True, f32),
                                   (identity, False, f32), (identity, True, torch.float64)):
             assert dispatch.fused_split_activation(rule, conv, 0, 7, 4, silu, dtype) is None
-        assert unfused(lambda: dispatch.fused_split_activation(identity, conv, 0, 7, 4, True, f32)) is None
-        os.environ[dispatch.SPLIT_KERNEL_ENV] = "0"  # this kernel alone turned off
-        try:
-            assert dispatch.fused_split_activation(identity, conv, 0, 7, 4, True, f32) is None
-        finally:
-            del os.environ[dispatch.SPLIT_KERNEL_ENV]
+        split_of_conv = lambda: dispatch.fused_split_activation(identity, conv, 0, 7, 4, True, f32)
+        assert unfused(split_of_conv) is None
+        assert with_env(dispatch.SPLIT_KERNEL_ENV, "0", split_of_conv) is None  # this kernel alone turned off
         try:  # a mask that is not [b, length]: one line, not a read past its end
             elementwise.identity_silu_split(conv, 0, 7, 4, f32, torch.ones(1, 9, device=device))
         except ValueError as e:

@@ -19,8 +19,11 @@ CUDA = torch.cuda.is_available()
 CHECK = textwrap.dedent(
     """
     import importlib
-    import os
+    import sys
     import torch
+
+    sys.path.insert(0, "tests")
+    from kernel_helpers import with_env
 
     ssd_chunked = importlib.import_module("captum_mambalrp.scan.ssd_chunked")  # the package exports a function of that name
     triton_ssd = importlib.import_module("captum_mambalrp.scan.triton_ssd")
@@ -41,15 +44,7 @@ CHECK = textwrap.dedent(
         return y
 
     def with_kernel(on, fn):
-        previous = os.environ.get(ssd_chunked.SSD_KERNEL_ENV)
-        os.environ[ssd_chunked.SSD_KERNEL_ENV] = "1" if on else "0"
-        try:
-            return fn()
-        finally:
-            if previous is None:
-                del os.environ[ssd_chunked.SSD_KERNEL_ENV]
-            else:
-                os.environ[ssd_chunked.SSD_KERNEL_ENV] = previous
+        return with_env(ssd_chunked.SSD_KERNEL_ENV, "1" if on else "0", fn)
 
     def counting():
         calls, kernel = [], triton_ssd.chunk_outputs
