@@ -305,7 +305,6 @@ def part_time(a: argparse.Namespace) -> None:
         row[f"{name}_kernel_speedup"] = row["attribute_s"] / row[f"attribute_{name}_kernel_s"]
         if row.get("forward_s"):
             row[f"ratio_{name}_kernel"] = row[f"attribute_{name}_kernel_s"] / row["forward_s"]
-        break  # one comparison per run: the baseline is the pass without that kernel
     del relevance
     if row.get("forward_s"):
         row["ratio"] = row["attribute_s"] / row["forward_s"]

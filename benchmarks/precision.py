@@ -177,23 +177,34 @@ def measure(
     return out
 
 
-def pooled(rows: List[Dict[str, Any]], name: str) -> str:
-    """One line over the seeds: the explained score's error pooled (``|scores - truths| / |truths|``
-    over the seeds' vectors), the mean relative L2 error of the logits at every position, and of
-    the relevance against transformers' hidden states; transformers' / MambaLRP's."""
+def pooled_errors(rows: List[Dict[str, Any]], name: str) -> Dict[str, float]:
+    """Over the seeds' rows of :func:`measure` for dtype ``name``, transformers' / MambaLRP's: the
+    explained score's error pooled (``|scores - truths| / |truths|`` over the seeds' vectors), and the
+    mean relative L2 error of the logits at every position and of the hidden states / relevance (nan
+    where some seed could not compute a column: transformers' float64 hidden states)."""
     truth = torch.tensor([r["truth_score"] for r in rows], dtype=torch.float64)
-    theirs = torch.tensor([r[name]["transformers_logit"] for r in rows], dtype=torch.float64)
-    ours = torch.tensor([r[name]["mambalrp_score"] for r in rows], dtype=torch.float64)
     norm = truth.norm().clamp_min(1e-300)
-    keys = ("transformers_logits_relL2", "mambalrp_logits_relL2", "transformers_hidden_relL2", "mambalrp_relevance_relL2")
-    # a column some seed could not compute (transformers' float64 hidden states) is nan, not a 0 in the mean
-    found = {k: [r[name][k] for r in rows] for k in keys}
-    mean = {k: sum(v) / len(v) if None not in v else float("nan") for k, v in found.items()}
+    out = {}
+    for key, column in (("transformers_score", "transformers_logit"), ("mambalrp_score", "mambalrp_score")):
+        out[key] = float((torch.tensor([r[name][column] for r in rows], dtype=torch.float64) - truth).norm() / norm)
+    for key, column in (
+        ("transformers_logits", "transformers_logits_relL2"),
+        ("mambalrp_logits", "mambalrp_logits_relL2"),
+        ("transformers_hidden", "transformers_hidden_relL2"),
+        ("mambalrp_relevance", "mambalrp_relevance_relL2"),
+    ):
+        values = [r[name][column] for r in rows]
+        out[key] = sum(values) / len(values) if None not in values else float("nan")
+    return out
+
+
+def pooled(rows: List[Dict[str, Any]], name: str) -> str:
+    """:func:`pooled_errors` as one line."""
+    e = pooled_errors(rows, name)
     return (
-        f"{name}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {(theirs - truth).norm() / norm:.3e} / "
-        f"{(ours - truth).norm() / norm:.3e}; logits at every position {mean['transformers_logits_relL2']:.3e} / "
-        f"{mean['mambalrp_logits_relL2']:.3e}; hidden states / relevance {mean['transformers_hidden_relL2']:.3e} / "
-        f"{mean['mambalrp_relevance_relL2']:.3e}"
+        f"{name}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {e['transformers_score']:.3e} / "
+        f"{e['mambalrp_score']:.3e}; logits at every position {e['transformers_logits']:.3e} / {e['mambalrp_logits']:.3e}; "
+        f"hidden states / relevance {e['transformers_hidden']:.3e} / {e['mambalrp_relevance']:.3e}"
     )
 
 

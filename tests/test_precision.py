@@ -59,34 +59,18 @@ def test_float64_mamba_ssm_conserves_to_1e10():
 
 
 def _pooled_errors(arch, dtype, seeds=tuple(range(8)), layers=8, d_model=64, length=64):
-    """Pooled over seeds, against MambaLRP's float64 pass: the score error of transformers' own
-    forward in ``dtype`` and of MambaLRP's pass (``|err| / |truth|`` over the seeds' vectors), and
-    the relative L2 error of transformers' last hidden states and of MambaLRP's relevance."""
+    """Pooled over seeds, against MambaLRP's float64 pass (``benchmarks/precision.py``'s
+    ``pooled_errors``): the score error of transformers' own forward in ``dtype`` and of MambaLRP's
+    pass, the logits at every position, transformers' last hidden states and MambaLRP's relevance."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from precision import build, measure
+    from precision import build, measure, pooled_errors
 
-    truth, theirs, ours, hidden, relevance, their_logits, our_logits = [], [], [], [], [], [], []
+    rows = []
     for seed in seeds:
         model = build(arch, layers, d_model, seed, head_dim=16, state=16)
         ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(seed))
-        res = measure(model, ids, [dtype], 10)
-        row = res[dtype]
-        truth.append(res["truth_score"])
-        theirs.append(row["transformers_logit"])
-        ours.append(row["mambalrp_score"])
-        hidden.append(row["transformers_hidden_relL2"])
-        relevance.append(row["mambalrp_relevance_relL2"])
-        their_logits.append(row["transformers_logits_relL2"])
-        our_logits.append(row["mambalrp_logits_relL2"])
-    t = torch.tensor(truth, dtype=torch.float64)
-    return {
-        "transformers_score": float((torch.tensor(theirs, dtype=torch.float64) - t).norm() / t.norm()),
-        "mambalrp_score": float((torch.tensor(ours, dtype=torch.float64) - t).norm() / t.norm()),
-        "transformers_hidden": sum(hidden) / len(hidden),
-        "mambalrp_relevance": sum(relevance) / len(relevance),
-        "transformers_logits": sum(their_logits) / len(their_logits),
-        "mambalrp_logits": sum(our_logits) / len(our_logits),
-    }
+        rows.append(measure(model, ids, [dtype], 10))
+    return pooled_errors(rows, dtype)
 
 
 # Random deep models amplify rounding: one explained score per model is a noisy sample (over 16
