@@ -5,8 +5,8 @@ A later file's row replaces an earlier one's for the same shape, batch, length, 
 ``cuda_graph`` (pass the files oldest first). Rows without a ratio (out of memory, a forward that
 failed) are left out. Goal lines: 2.5x for the 7B-class shapes in bf16, 2.0x for the 130M shapes in
 fp32, 40 % of the forward's tokens per second for a batch of 16 x 4096. A ``--decay-kernel
-compare`` row (eager) and an ``--ssd-kernel compare`` row (eager or graph) count with the kernel,
-on by default.
+compare`` row (eager) and an ``--ssd-kernel compare`` or ``--split-kernel compare`` row (eager or
+graph) count with the kernel, on by default.
 
     R=docs/results/2026-12-02
     python3 benchmarks/plot_goals.py $R/h200_run7/gpu_scale_call{1,2,3,4,6}.jsonl \\
@@ -14,7 +14,7 @@ on by default.
         $R/h200_run8/nemotron_1x32768_call4.json $R/h200_run8/nemotron_16x4096_call4.json \\
         $R/h200_run9/gpu_scale_call2.jsonl $R/h200_run9/nemotron_16x4096_call2.json \\
         $R/h200_run9/nemotron_131072_call3.json docs/results/2026-12-03/h200_run10/gpu_scale_call3.jsonl \\
-        --out docs/img/issue14_goals.png
+        docs/results/2026-12-03/h200_run11/gpu_scale_call2.jsonl --out docs/img/issue14_goals.png
 """
 
 from __future__ import annotations
@@ -68,9 +68,11 @@ def latest(paths: List[str]) -> Dict[Key, Dict[str, Any]]:
                 str(row.get("dtype")),
                 bool(row.get("cuda_graph")),
             )
-            if row.get("ratio_ssd_kernel") is not None:
-                # ``--ssd-kernel compare`` (run 10 on): the kernel is on by default; a fresh graph is recorded
-                row = {**row, "ratio": row["ratio_ssd_kernel"]}
+            compared = [k for k in ("ratio_ssd_kernel", "ratio_split_kernel") if row.get(k) is not None]
+            if compared:
+                # ``--ssd-kernel compare`` (run 10 on) or ``--split-kernel compare`` (run 11 on): the
+                # kernel is on by default; a fresh graph is recorded for each half
+                row = {**row, "ratio": row[compared[0]]}
             elif row.get("ratio_decay_kernel") is not None and not row.get("cuda_graph"):
                 # ``--decay-kernel compare``: the kernel is the default since run 9 (run 9's graph
                 # comparison replayed the graph recorded without it)

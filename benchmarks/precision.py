@@ -7,10 +7,14 @@ For one random model (weights made in float64, then cast), per dtype:
 - **transformers**: the model's own forward in that dtype (no grad): the logit's relative error
   against the truth, and the relative L2 error of its last hidden states (every token), the
   per-token output of the same computation;
+- **transformers' gradient x input**: autograd through the same forward (a plain backward pass in
+  that dtype), its per-token relative L2 error against the float64 value: the baseline for the
+  rounding of a backward pass;
 - **MambaLRP**: the explained score's relative error, the relevance per token's relative L2
   error and its top-k tokens (by ``|R|``) in common with the truth's.
 
-Goal 3: MambaLRP's errors <= transformers' (score vs logit; relevance vs hidden states).
+Goal 3: MambaLRP's errors <= transformers' (score vs logit, logits at every position; relevance vs
+hidden states, and vs gradient x input).
 
     python benchmarks/precision.py --arch mamba2 --layers 16 --d-model 256 --length 512
     python benchmarks/precision.py --arch mamba2 --device cuda --layers 16 --d-model 1024 --length 4096 --out p.json
@@ -78,6 +82,23 @@ def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.T
             return None
 
 
+def gradient_x_input(model: torch.nn.Module, ids: torch.Tensor, target: int) -> Optional[torch.Tensor]:
+    """Gradient x input per token of the target logit at the last position, by autograd through
+    transformers' own forward (float64: its torch path; another dtype as the model runs, its kernels
+    where installed): what a plain backward pass in that dtype gives, the baseline for the rounding
+    of MambaLRP's own backward pass. None if that cannot run here."""
+    path = torch_path() if next(model.parameters()).dtype == torch.float64 else contextlib.nullcontext()
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    try:
+        with path:
+            out = model(inputs_embeds=emb)
+            (torch.as_tensor(out if torch.is_tensor(out) else out.logits)[0, -1, target]).backward()
+    except Exception as e:  # noqa: BLE001
+        print(f"no gradient x input: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    return (emb.detach().double() * emb.grad.double()).sum(-1)[0]
+
+
 def block_outputs(model: torch.nn.Module, run) -> List[torch.Tensor]:
     """Every backbone block's output (float64 copies) while ``run()`` runs ``model``."""
     got: List[torch.Tensor] = []
@@ -124,6 +145,7 @@ def measure(
     truth_score = float((r64.sum() + d64.sum()).item())
     truth_rel = per_token(r64)
     truth_hidden = hidden_states(model64, ids)
+    truth_gxi = gradient_x_input(model64, ids, target)
     out: Dict[str, Any] = {"truth_score": truth_score, "truth_conservation": float(d64.abs().max())}
     for name in dtypes:
         dtype = getattr(torch, name)
@@ -132,6 +154,7 @@ def measure(
             scores = model(ids)
             logit = float((scores if torch.is_tensor(scores) else scores.logits)[0, -1, target])
         hid = hidden_states(model, ids)
+        gxi = gradient_x_input(model, ids, target)
         found.clear()
         logits = head_logits(
             model, lambda m=model: found.append(MambaLRP(m).attribute(ids, target=target, return_convergence_delta=True))
@@ -146,6 +169,9 @@ def measure(
             # position where the score above is one per model
             "transformers_logits_relL2": rel(torch.as_tensor(scores if torch.is_tensor(scores) else scores.logits), logits64),
             "mambalrp_logits_relL2": rel(logits, logits64),
+            # a plain backward pass through transformers' own forward in this dtype: gradient x input
+            # against its float64 value, the baseline for the relevance (a backward pass's rounding too)
+            "transformers_gxi_relL2": None if truth_gxi is None or gxi is None else rel(gxi, truth_gxi),
             "mambalrp_score": score,
             "mambalrp_score_err": abs(score - truth_score) / max(abs(truth_score), 1e-12),
             "mambalrp_relevance_relL2": rel(per_token(r), truth_rel),
@@ -172,6 +198,8 @@ def measure(
         row["goal3_logits"] = row["mambalrp_logits_relL2"] <= row["transformers_logits_relL2"]
         ref = row["transformers_hidden_relL2"]
         row["goal3_relevance"] = None if ref is None else row["mambalrp_relevance_relL2"] <= ref
+        ref = row["transformers_gxi_relL2"]
+        row["goal3_relevance_gxi"] = None if ref is None else row["mambalrp_relevance_relL2"] <= ref
         out[name] = row
         del model
     return out
@@ -180,8 +208,9 @@ def measure(
 def pooled_errors(rows: List[Dict[str, Any]], name: str) -> Dict[str, float]:
     """Over the seeds' rows of :func:`measure` for dtype ``name``, transformers' / MambaLRP's: the
     explained score's error pooled (``|scores - truths| / |truths|`` over the seeds' vectors), and the
-    mean relative L2 error of the logits at every position and of the hidden states / relevance (nan
-    where some seed could not compute a column: transformers' float64 hidden states)."""
+    mean relative L2 error of the logits at every position, of the hidden states / relevance and of
+    transformers' gradient x input (nan where some seed could not compute a column: transformers'
+    float64 hidden states)."""
     truth = torch.tensor([r["truth_score"] for r in rows], dtype=torch.float64)
     norm = truth.norm().clamp_min(1e-300)
     out = {}
@@ -191,6 +220,7 @@ def pooled_errors(rows: List[Dict[str, Any]], name: str) -> Dict[str, float]:
         ("transformers_logits", "transformers_logits_relL2"),
         ("mambalrp_logits", "mambalrp_logits_relL2"),
         ("transformers_hidden", "transformers_hidden_relL2"),
+        ("transformers_gxi", "transformers_gxi_relL2"),
         ("mambalrp_relevance", "mambalrp_relevance_relL2"),
     ):
         values = [r[name][column] for r in rows]
@@ -204,7 +234,8 @@ def pooled(rows: List[Dict[str, Any]], name: str) -> str:
     return (
         f"{name}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {e['transformers_score']:.3e} / "
         f"{e['mambalrp_score']:.3e}; logits at every position {e['transformers_logits']:.3e} / {e['mambalrp_logits']:.3e}; "
-        f"hidden states / relevance {e['transformers_hidden']:.3e} / {e['mambalrp_relevance']:.3e}"
+        f"hidden states / relevance {e['transformers_hidden']:.3e} / {e['mambalrp_relevance']:.3e}; "
+        f"gradient x input (transformers) / relevance {e['transformers_gxi']:.3e} / {e['mambalrp_relevance']:.3e}"
     )
 
 
@@ -246,7 +277,8 @@ def main() -> None:
                 f"score err transformers {r['transformers_score_err']:.2e} / MambaLRP {r['mambalrp_score_err']:.2e}; "
                 f"logits at every position {r['transformers_logits_relL2']:.2e} / {r['mambalrp_logits_relL2']:.2e}; "
                 f"relL2 hidden (transformers) {r['transformers_hidden_relL2'] or float('nan'):.2e} / relevance (MambaLRP) "
-                f"{r['mambalrp_relevance_relL2']:.2e}; top-{a.topk} common {r[f'mambalrp_top{a.topk}_common']}; "
+                f"{r['mambalrp_relevance_relL2']:.2e}; gradient x input (transformers) "
+                f"{r['transformers_gxi_relL2'] or float('nan'):.2e}; top-{a.topk} common {r[f'mambalrp_top{a.topk}_common']}; "
                 f"goal 3 score {'met' if r['goal3_score'] else 'MISSED'}, "
                 f"relevance {'met' if r['goal3_relevance'] else 'MISSED'}",
                 flush=True,

@@ -64,6 +64,12 @@ def test_latest_rows_from_both_formats_and_the_figure(tmp_path):
     with_ssd = latest([str(scale), str(ssd)])
     assert round(with_ssd[("mamba2_130m", 1, 16384, "float32", False)]["ratio"], 3) == 2.10
     assert round(with_ssd[("mamba2_130m", 1, 16384, "float32", True)]["ratio"], 3) == 2.006
+    # --split-kernel compare: the same, with the SiLU-split kernel's ratio
+    split = tmp_path / "gpu_scale_split.jsonl"
+    split.write_text(json.dumps({**base, "cuda_graph": True, "ratio": 1.88, "ratio_split_kernel": 1.71}) + "\n")
+    with_split = latest([str(ssd), str(split)])
+    assert round(with_split[("mamba2_130m", 1, 16384, "float32", True)]["ratio"], 3) == 1.71
+    assert round(with_split[("mamba2_130m", 1, 16384, "float32", False)]["ratio"], 3) == 2.10
     out = tmp_path / "goals.png"
     plot(got, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
