@@ -120,9 +120,9 @@ class LastToken(nn.Module):
         return out if out.dtype == torch.float64 else out.float()
 
 
-def build(shape: str, dtype: torch.dtype, layers: int = 0, hidden: int = 0) -> nn.Module:
-    """Random weights made on the GPU in ``dtype`` (``layers`` / ``hidden``: a reduced copy of
-    the shape; Mamba2 keeps its head size and sets the number of heads)."""
+def build(shape: str, dtype: torch.dtype, layers: int = 0, hidden: int = 0, seed: int = 0) -> nn.Module:
+    """Random weights made on the GPU in ``dtype`` from ``seed`` (``layers`` / ``hidden``: a
+    reduced copy of the shape; Mamba2 keeps its head size and sets the number of heads)."""
     import transformers
 
     cfg = dict(SHAPES[shape])
@@ -138,7 +138,7 @@ def build(shape: str, dtype: torch.dtype, layers: int = 0, hidden: int = 0) -> n
         "mamba": (transformers.MambaConfig, transformers.MambaModel),
         "mamba2": (transformers.Mamba2Config, transformers.Mamba2Model),
     }[kind]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -338,14 +338,24 @@ def part_check(a: argparse.Namespace) -> None:
 
 
 def part_precision(a: argparse.Namespace) -> None:
-    from precision import measure
+    """One row per seed (its own random model and tokens; seed 0's tokens are those drawn after
+    building, as before ``--seeds``), then, for more than one seed, the pooled errors per dtype
+    (``precision.pooled_errors``)."""
+    from precision import measure, pooled_errors
 
-    model = build(a.shape_for_precision, torch.float64, a.layers, a.hidden).double()
-    ids = torch.randint(0, 1000, (1, a.length), device=DEVICE)
-    res = measure(model, ids, a.dtypes.split(","), 10)
-    res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
-    res["scan_inputs"] = os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default")
-    emit(res, a.out)
+    rows = []
+    for seed in a.seeds:
+        model = build(a.shape_for_precision, torch.float64, a.layers, a.hidden, seed).double()
+        ids = torch.randint(0, 1000, (1, a.length), device=DEVICE)
+        res = measure(model, ids, a.dtypes.split(","), 10)
+        res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
+        res.update(seed=seed, scan_inputs=os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default"))
+        emit(res, a.out)
+        rows.append(res)
+        del model
+    if len(rows) > 1:
+        pooled = {name: pooled_errors(rows, name) for name in a.dtypes.split(",")}
+        emit({"part": "precision_pooled", "shape": a.shape_for_precision, "seeds": a.seeds, **pooled}, a.out)
 
 
 def main() -> None:
@@ -359,6 +369,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=0, help="override d_model (0: the shape's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="bfloat16,float32", help="precision part: dtypes compared with float64")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="precision part: one random model per seed")
     p.add_argument("--no-tf32", action="store_true")
     p.add_argument("--recompute", default="auto", choices=["auto", "true", "false", "projection", "offload", "sequence"])
     p.add_argument("--chunk", type=int, default=None, help="sequence: tokens per piece (default: from the budget)")
