@@ -245,6 +245,7 @@ def part_time(a: argparse.Namespace) -> None:
     row["recompute"] = a.recompute if a.recompute != "sequence" else str(recompute_option(a))
     row["conv_kernel"] = os.environ.get("CAPTUM_MAMBALRP_CONV_KERNEL", "default")
     row["scan_inputs"] = os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default")
+    row["conv_output"] = os.environ.get("CAPTUM_MAMBALRP_CONV_OUTPUT", "default")
     row["cuda_graph"] = a.cuda_graph
     row["tf32"] = not a.no_tf32
     row["triton_f32"] = os.environ.get("TRITON_F32_DEFAULT", "tf32")
@@ -350,6 +351,7 @@ def part_precision(a: argparse.Namespace) -> None:
         res = measure(model, ids, a.dtypes.split(","), 10)
         res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
         res.update(seed=seed, scan_inputs=os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default"))
+        res["conv_output"] = os.environ.get("CAPTUM_MAMBALRP_CONV_OUTPUT", "default")
         emit(res, a.out)
         rows.append(res)
         del model

@@ -459,6 +459,16 @@ FUSED_SCRIPT = textwrap.dedent(
     x = torch.randn(1, 6, 11).bfloat16()
     want = m.float()(x.float())
     assert ((conv.depthwise_causal_conv(m.bfloat16(), x).float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+    # CAPTUM_MAMBALRP_CONV_OUTPUT=compute: a bf16 mixer conv's output in float32, not rounded to bf16
+    # (the kernel and torch's path alike)
+    wide = conv.depthwise_causal_conv(m, x, torch.float32)
+    assert wide.dtype == torch.float32 and (wide - want).abs().max() <= 1e-6 * want.abs().max()
+    os.environ[dispatch.CONV_OUTPUT_ENV] = "compute"
+    for path in (lambda: dispatch.conv_forward(m, m.forward)(x), lambda: unfused(lambda: dispatch.conv_forward(m, m.forward)(x))):
+        out = path()
+        assert out.dtype == torch.float32 and (out - want).abs().max() <= 1e-6 * want.abs().max()
+    del os.environ[dispatch.CONV_OUTPUT_ENV]
+    assert dispatch.conv_forward(m, m.forward)(x).dtype == torch.bfloat16  # the default: the input's dtype
     for other in (torch.nn.Conv1d(6, 6, 4, groups=6, padding=0), torch.nn.Conv1d(6, 6, 4, groups=3, padding=3),
                   torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)):  # not causal / not depthwise / weights trained
         assert not dispatch.conv_applies(other.requires_grad_(other.padding == (3,) and other.groups == 6), torch.ones(1, 6, 5))
@@ -472,7 +482,7 @@ FUSED_SCRIPT = textwrap.dedent(
     ids = torch.randint(0, 50, (2, 9))
     calls = []
     kernel = conv.depthwise_causal_conv
-    conv.depthwise_causal_conv = lambda m, x: calls.append(m) or kernel(m, x)
+    conv.depthwise_causal_conv = lambda m, x, *a: calls.append(m) or kernel(m, x, *a)
     fused = MambaLRP(model).attribute(ids, target=5)
     assert len(calls) == 2  # each layer's conv through the kernel
     plain = unfused(lambda: MambaLRP(model).attribute(ids, target=5))
@@ -487,6 +497,52 @@ FUSED_SCRIPT = textwrap.dedent(
     print("ok")
     """
 )
+
+
+def test_mixer_conv_output_in_float32_on_request(monkeypatch):
+    """A mixer's depthwise conv, as installed (``kernels.dispatch.conv_forward``; torch's path on the
+    CPU): by default the module's value in its dtype; with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` a
+    bf16 input gives the float32 sum of the bf16 values, not rounded back to bf16 (the models' fused
+    conv-and-SiLU kernels keep it so), float32 and float64 inputs keep their dtype, and a whole bf16
+    pass then reads the float32 conv output and conserves; another value is one clear error."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from captum_mambalrp import MambaLRP
+    from captum_mambalrp.kernels import dispatch
+
+    torch.manual_seed(0)
+    m = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).requires_grad_(False).bfloat16()
+    x = torch.randn(2, 6, 9).bfloat16()
+    exact = torch.nn.functional.conv1d(x.double(), m.weight.double(), m.bias.double(), padding=3, groups=6)
+    assert torch.equal(dispatch.conv_forward(m, m.forward)(x), m(x))  # the default: the module's own
+    assert (m(x).double() - exact).abs().max() > 1e-4 * exact.abs().max()  # rounded to bf16
+    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "compute")
+    out = dispatch.conv_forward(m, m.forward)(x)
+    assert out.dtype == torch.float32 and (out.double() - exact).abs().max() <= 1e-6 * exact.abs().max()
+    for dtype in (torch.float32, torch.float64):
+        m, x = m.to(dtype), x.to(dtype)
+        assert torch.equal(dispatch.conv_forward(m, m.forward)(x), m(x))
+
+    model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, state_size=8))
+    model = model.eval().bfloat16()
+    seen = []
+    handles = [
+        layer.mixer.conv1d.register_forward_hook(lambda mod, a, out: seen.append(out.dtype)) for layer in model.backbone.layers
+    ]
+    ids = torch.randint(0, 40, (1, 12))
+    r, delta = MambaLRP(model).attribute(ids, target=3, return_convergence_delta=True)
+    assert seen == [torch.float32, torch.float32]
+    assert delta.abs().max() <= 1e-2 * (r.sum() + delta).abs().max()
+    monkeypatch.delenv(dispatch.CONV_OUTPUT_ENV)
+    seen.clear()
+    default = MambaLRP(model).attribute(ids, target=3)
+    assert seen == [torch.bfloat16, torch.bfloat16] and not torch.equal(default, r)
+    for h in handles:
+        h.remove()
+    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "fp32")
+    with pytest.raises(ValueError, match=r"CAPTUM_MAMBALRP_CONV_OUTPUT='fp32': set it to 'model' \(the default\) or 'compute'"):
+        MambaLRP(model).attribute(ids, target=3)
+    assert all("forward" not in mod.__dict__ for mod in model.modules())  # the model as it was
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -541,6 +597,9 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     g = torch.randn_like(ref)
     (got,), (want,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g)
     assert (got - want).float().abs().max() <= tol * want.float().abs().max()
+    if dtype == torch.bfloat16:  # a mixer's conv in a bf16 model: float32 out, summed in float32, not rounded
+        wide, exact = conv.depthwise_causal_conv(m, x, torch.float32), m.float()(x.float())
+        assert wide.dtype == torch.float32 and (wide - exact).abs().max() <= 1e-6 * exact.abs().max()
 
     cfg = FalconMambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
     model = FalconMambaForCausalLM(cfg).cuda().to(dtype).eval()

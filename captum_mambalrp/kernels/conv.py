@@ -14,9 +14,11 @@ torch runs this module through a generic depthwise kernel (on the H200, Falcon-M
 at 32768 tokens: 2.8 ms forward and 2.5 ms input gradient per layer, where causal-conv1d's
 forward takes 0.33 ms; docs/benchmarks.md). These kernels read ``x`` with its strides (the
 mixers pass a transposed view of ``in_proj``'s output: no copy first), accumulate in float32
-and round once to ``x``'s dtype, as the module does. LRP's rule for the conv stays where it is
-(the module's forward hook); weights and bias are constants here (MambaLRP freezes them):
-``kernels.dispatch.conv_forward`` says when this path replaces the module's own forward.
+and round once to the output's dtype: ``x``'s, as the module does, or float32 for a bf16 input
+(``kernels.dispatch.conv_output_dtype``, as causal-conv1d's kernel keeps it for its SiLU). LRP's
+rule for the conv stays where it is (the module's forward hook); weights and bias are constants
+here (MambaLRP freezes them): ``kernels.dispatch.conv_forward`` says when this path replaces the
+module's own forward.
 """
 
 from __future__ import annotations
@@ -79,12 +81,13 @@ def _grid(batch: int, channels: int, steps: int):
     return (triton.cdiv(channels, BLOCK_C), triton.cdiv(steps, BLOCK_T), batch)
 
 
-def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``nn.Conv1d(d, d, K, groups=d, padding=K - 1)`` on ``x [b, d, l]`` (any strides):
-    ``[b, d, l + K - 1]`` in ``x``'s dtype; ``weight [d, K]`` contiguous."""
+    ``[b, d, l + K - 1]`` in ``out_dtype`` (default ``x``'s), rounded once from the float32 sum;
+    ``weight [d, K]`` contiguous."""
     batch, channels, length = x.shape
     k = weight.shape[1]
-    out = torch.empty(batch, channels, length + k - 1, device=x.device, dtype=x.dtype)
+    out = torch.empty(batch, channels, length + k - 1, device=x.device, dtype=out_dtype or x.dtype)
     jit(_forward_kernel)[_grid(batch, channels, out.shape[2])](
         x, weight, weight if bias is None else bias, out, channels, length, out.shape[2], *x.stride(), *out.stride(),
         K=k, HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=4,
@@ -113,19 +116,19 @@ class DepthwiseCausalConv(torch.autograd.Function):
     """:func:`conv_forward` with :func:`conv_input_grad` as its backward (weights constant)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(weight)
         ctx.length, ctx.dtype = x.shape[2], x.dtype
         ctx.channels_last = x.stride(1) == 1 and x.shape[1] > 1
-        return conv_forward(x, weight, bias)
+        return conv_forward(x, weight, bias, out_dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        return conv_input_grad(grad, weight, ctx.length, ctx.dtype, ctx.channels_last), None, None
+        return conv_input_grad(grad, weight, ctx.length, ctx.dtype, ctx.channels_last), None, None, None
 
 
-def depthwise_causal_conv(module: nn.Conv1d, x: Tensor) -> Tensor:
-    """``module(x)``'s value (``[b, d, l + K - 1]``) by these kernels."""
+def depthwise_causal_conv(module: nn.Conv1d, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``module(x)``'s value (``[b, d, l + K - 1]``, in ``out_dtype``, default ``x``'s) by these kernels."""
     weight = module.weight.reshape(module.out_channels, module.kernel_size[0]).contiguous()
-    return DepthwiseCausalConv.apply(x, weight, module.bias)
+    return DepthwiseCausalConv.apply(x, weight, module.bias, out_dtype)

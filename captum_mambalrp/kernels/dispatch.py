@@ -280,16 +280,58 @@ def conv_applies(module: nn.Module, x: Tensor) -> bool:
     )
 
 
+#: the environment variable that sets the dtype of a bf16 / fp16 mixer conv's output: ``model``
+#: (the default: the input's dtype, as the module computes it) or ``compute`` (float32)
+CONV_OUTPUT_ENV = "CAPTUM_MAMBALRP_CONV_OUTPUT"
+
+
+def conv_output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a mixer conv's output for an input of ``dtype``: ``dtype`` itself, or float32
+    for bf16 / fp16 with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``. The models' fused kernels
+    (causal-conv1d's conv with its SiLU, mamba-ssm's conv-and-scan) keep the conv's value in
+    float32 for the activation that follows; rounding it to bf16 there is one rounding per layer
+    more than that forward makes. ``compute`` removes it (on the CPU, bf16, pooled over seeds: the
+    pass's logits 3-6 % and its relevance 7-24 % closer to the float64 truth, docs/benchmarks.md)
+    at the price of the conv's output kept in float32 for the backward pass (2 more bytes per inner
+    channel and token; Falcon-Mamba-7B: 1 MiB per token), not yet measured on the GPU.
+
+    Raises:
+        ValueError: the variable holds another value.
+
+    >>> conv_output_dtype(torch.bfloat16), conv_output_dtype(torch.float32)
+    (torch.bfloat16, torch.float32)
+    """
+    value = os.environ.get(CONV_OUTPUT_ENV, "model")
+    if value not in ("model", "compute"):
+        raise ValueError(f"{CONV_OUTPUT_ENV}={value!r}: set it to 'model' (the default) or 'compute'")
+    return torch.float32 if value == "compute" and dtype in LOW_PRECISION else dtype
+
+
 def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """A forward for ``module`` (a mixer's conv) that computes its value by ``kernels.conv``
-    where :func:`conv_applies`, else by ``own_forward``; installed reversibly by the adapters'
-    installation (``Patcher.replace_forward``), so the module's hooks (its LRP rule) still run."""
+    """A forward for ``module`` (a mixer's depthwise conv) that computes its value by
+    ``kernels.conv`` where :func:`conv_applies`, else by ``own_forward``; installed reversibly by
+    the adapters' installation (``Patcher.replace_forward``), so the module's hooks (its LRP rule)
+    still run.
+
+    The output's dtype is :func:`conv_output_dtype`'s: the input's by default, float32 for a bf16
+    / fp16 input with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` (summed in float32, not rounded).
+
+    >>> conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3).bfloat16().requires_grad_(False)
+    >>> conv_forward(conv, conv.forward)(torch.randn(1, 4, 5).bfloat16()).dtype
+    torch.bfloat16
+    """
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or not conv_applies(module, x):
+        if args or kwargs:
             return own_forward(x, *args, **kwargs)
-        from . import conv
+        out_dtype = conv_output_dtype(x.dtype)
+        if conv_applies(module, x):
+            from . import conv
 
-        return conv.depthwise_causal_conv(module, x)
+            return conv.depthwise_causal_conv(module, x, out_dtype)
+        weight, bias = module.weight, module.bias
+        if out_dtype != x.dtype and isinstance(module, nn.Conv1d) and weight.dtype == x.dtype and weight.device == x.device:
+            return module._conv_forward(x.to(out_dtype), weight.to(out_dtype), None if bias is None else bias.to(out_dtype))
+        return own_forward(x)
 
     return forward
