@@ -401,9 +401,19 @@ FUSED_SCRIPT = textwrap.dedent(
     (got,), (want,) = torch.autograd.grad(act, conv_out, g), torch.autograd.grad(ref, conv_out, g)
     assert got.dtype == want.dtype == torch.bfloat16
     assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-30).all()
-    x32 = torch.randn(1, 3, 4, requires_grad=True)  # a float32 input: the rule's own torch code
-    act32 = activation_in(IdentityActivationRule(), x32, F.silu, torch.float32)
-    assert "IdentitySiluUpcast" not in type(act32.grad_fn).__name__
+    # a float32 conv output (a float32 model, or CAPTUM_MAMBALRP_CONV_OUTPUT=compute): the same kernel
+    # keeps it, not a float32 factor of its own; a float64 one takes the rule's own torch code
+    conv32 = torch.randn(2, 70, 40, requires_grad=True)
+    act32 = activation_in(IdentityActivationRule(), conv32[..., :37], F.silu, torch.float32)
+    assert "IdentitySiluUpcast" in type(act32.grad_fn).__name__
+    assert act32.grad_fn.saved_tensors[0].untyped_storage().data_ptr() == conv32.untyped_storage().data_ptr()
+    ref32 = unfused(lambda: activation_in(IdentityActivationRule(), conv32[..., :37], F.silu, torch.float32))
+    assert (act32 - ref32).abs().max() <= 1e-6 * ref32.abs().max()
+    (got,), (want,) = torch.autograd.grad(act32, conv32, g), torch.autograd.grad(ref32, conv32, g)
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    x64 = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    act64 = activation_in(IdentityActivationRule(), x64, F.silu, torch.float64)
+    assert "IdentitySiluUpcast" not in type(act64.grad_fn).__name__
 
     # the steps around the reversed scan, both layouts, D per channel / head / (head, p), none
     cases = [("mamba1", torch.randn(2, 6, 23), torch.rand(2, 6, 23), torch.randn(6)),

@@ -73,7 +73,7 @@ def _identity_silu_upcast_applies(act_rule: object, x: Tensor, act_is_silu: bool
         getattr(act_rule, "epsilon", None) is None
         and act_is_silu
         and x.dim() == 3
-        and x.dtype in LOW_PRECISION
+        and x.dtype in (torch.float32, *LOW_PRECISION)
         and dtype == torch.float32
         and fused_kernels_enabled(x)
     )
@@ -85,8 +85,8 @@ def _identity_silu_upcast_kernel(x: Tensor, dtype: torch.dtype) -> Tensor:
     return elementwise.identity_silu_upcast(x, dtype)
 
 
-#: ``activation rule type -> (applies, kernel)``: the rule on ``act(x.to(dtype))`` from a
-#: lower-precision ``x`` (the conv output of a bf16 model), keeping ``x`` for the backward pass
+#: ``activation rule type -> (applies, kernel)``: the rule on ``act(x.to(dtype))`` from ``x`` as
+#: it is (a mixer's conv output: bf16, or float32), keeping ``x`` for the backward pass
 ACTIVATION_KERNELS: Dict[str, ActivationEntry] = {
     "captum_mambalrp.rules.activation.IdentityActivationRule": (_identity_silu_upcast_applies, _identity_silu_upcast_kernel),
 }

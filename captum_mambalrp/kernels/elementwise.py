@@ -4,8 +4,8 @@ interpreter). Each computes in float32 what its torch definition computes:
 - :func:`epsilon_scaled`: ``grad * |z| / (|z| + eps)`` (``rules/linear.py``);
 - :func:`half_silu_gate`: ``y * silu(z)`` with the half and identity rules, forward and
   backward (``rules/gate.py``; ``z`` may be bf16 / fp16 beside a float32 ``y``);
-- :func:`identity_silu_upcast`: the identity rule on ``silu(x.to(float32))`` of a bf16 / fp16
-  ``x``, keeping ``x`` rather than a float32 factor (``rules/activation.py``);
+- :func:`identity_silu_upcast`: the identity rule on ``silu(x.to(float32))`` of a float32, bf16
+  or fp16 ``x``, keeping ``x`` rather than a float32 factor (``rules/activation.py``);
 - :func:`identity_silu_split`: the same rule on a Mamba2 mixer's conv output, with the slice,
   transpose and split into x and the SSM rule's constants B, C that follow it (``adapters/mamba2.py``);
 - :func:`reversed_prepare`, :func:`reversed_finish`: the steps around the reversed adjoint
@@ -223,8 +223,9 @@ class _IdentitySiluUpcast(torch.autograd.Function):
 
 
 def identity_silu_upcast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """The identity rule on ``silu(x.to(dtype))`` for a ``[b, r, c]`` tensor of a lower precision
-    (any strides), in one pass each way; the result is ``[b, r, c]``-contiguous in ``dtype``."""
+    """The identity rule on ``silu(x.to(dtype))`` for a ``[b, r, c]`` tensor of ``dtype`` or a lower
+    precision (any strides), in one pass each way; the result is ``[b, r, c]``-contiguous in
+    ``dtype``."""
     return _IdentitySiluUpcast.apply(x, dtype)
 
 

@@ -65,9 +65,9 @@ def activation_in(rule: MambaRule, x: Tensor, fn: Callable[[Tensor], Tensor], dt
     dtype) on an input that may be of a lower precision (a bf16 model's conv output). Where a
     fused kernel computes the same from ``x`` as it is (``kernels.dispatch.ACTIVATION_KERNELS``;
     on CUDA, the identity rule on SiLU), it runs instead and keeps ``x`` for the backward pass,
-    not a factor in ``dtype`` (half the bytes for bf16, and none when ``x`` is kept anyway)."""
-    if x.dtype != dtype:
-        fused = fused_activation(rule, x, is_silu(fn), dtype)
-        if fused is not None:
-            return fused
+    not a factor in ``dtype`` (half the bytes for bf16, and none when ``x`` is kept anyway, as a
+    conv output is by the conv's LRP-epsilon rule)."""
+    fused = fused_activation(rule, x, is_silu(fn), dtype)
+    if fused is not None:
+        return fused
     return rule.activation(x.to(dtype), fn)
