@@ -351,7 +351,6 @@ def part_precision(a: argparse.Namespace) -> None:
         res = measure(model, ids, a.dtypes.split(","), 10)
         res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
         res.update(seed=seed, scan_inputs=os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default"))
-        res["conv_output"] = os.environ.get("CAPTUM_MAMBALRP_CONV_OUTPUT", "default")
         emit(res, a.out)
         rows.append(res)
         del model

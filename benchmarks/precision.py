@@ -88,15 +88,16 @@ def gradient_x_input(model: torch.nn.Module, ids: torch.Tensor, target: int) -> 
     where installed): what a plain backward pass in that dtype gives, the baseline for the rounding
     of MambaLRP's own backward pass. None if that cannot run here."""
     path = torch_path() if next(model.parameters()).dtype == torch.float64 else contextlib.nullcontext()
-    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     try:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         with path:
             out = model(inputs_embeds=emb)
-            (torch.as_tensor(out if torch.is_tensor(out) else out.logits)[0, -1, target]).backward()
+            logit = torch.as_tensor(out if torch.is_tensor(out) else out.logits)[0, -1, target]
+            (grad,) = torch.autograd.grad(logit, emb)  # no .grad left on the model's parameters
     except Exception as e:  # noqa: BLE001
         print(f"no gradient x input: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return None
-    return (emb.detach().double() * emb.grad.double()).sum(-1)[0]
+    return (emb.detach().double() * grad.double()).sum(-1)[0]
 
 
 def block_outputs(model: torch.nn.Module, run) -> List[torch.Tensor]:
@@ -147,6 +148,7 @@ def measure(
     truth_hidden = hidden_states(model64, ids)
     truth_gxi = gradient_x_input(model64, ids, target)
     out: Dict[str, Any] = {"truth_score": truth_score, "truth_conservation": float(d64.abs().max())}
+    out["conv_output"] = os.environ.get("CAPTUM_MAMBALRP_CONV_OUTPUT", "default")
     for name in dtypes:
         dtype = getattr(torch, name)
         model = copy.deepcopy(model64).to(dtype)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, List, Optional, Set, Tuple
 
+import torch
 from torch import nn
 
-from ..kernels.dispatch import conv_forward
+from ..kernels.dispatch import conv_forward, conv_output_dtype
 from ..rules.activation import SILU_CLASSES
 from ..rules.base import ACTIVATION, ATTENTION, CONV, LINEAR, NORM, SSM, GradientRule
 from ..rules.composites import Composite
@@ -59,12 +60,16 @@ class Installation:
         return "\n".join(f"{c.name:<{width}}  {c.kind:<10}  {c.rule!r}" for c in self.components)
 
 
-def _hook_affine(module: nn.Module, name: str, kind: str, composite: Composite, inst: Installation) -> None:
+def _hook_affine(
+    module: nn.Module, name: str, kind: str, composite: Composite, inst: Installation, in_mixer: bool = False
+) -> None:
+    """Hook ``module``'s rule; ``in_mixer``: a part of a sequence mixer (its depthwise conv's output
+    may then be kept in float32, ``kernels.dispatch.conv_output_dtype``)."""
     rule = composite.rule_for(name, kind, module)
     inst.components.append(Component(name, kind, rule))
     if kind == CONV and isinstance(module, nn.Conv1d) and module.groups == module.in_channels > 1:
         # a depthwise conv: its value by our kernel where one applies (kernels.dispatch.conv_forward)
-        inst.patcher.replace_forward(module, conv_forward(module, inst.patcher.inner_forward(module)))
+        inst.patcher.replace_forward(module, conv_forward(module, inst.patcher.inner_forward(module), in_mixer))
     if isinstance(rule, GradientRule):
         return
     inst.patcher.add_handle(module.register_forward_hook(lambda m, args, out: rule.linear(m, args[0], out)))
@@ -186,6 +191,7 @@ def install_rules(
             no attention layer), or a layer without a rule (an unknown mixer or attention class,
             an unknown module type), naming the module and its class; nothing is left installed.
     """
+    conv_output_dtype(torch.float32)  # a bad CAPTUM_MAMBALRP_CONV_OUTPUT: its one-line error now
     uncovered = _uncovered_layers(model)
     if uncovered:  # name every layer type that has no rule (hybrids), before installing anything
         raise _refuse_uncovered(uncovered)
@@ -214,7 +220,7 @@ def install_rules(
                 inst.recomputed_layers.append(name)
             for part_name, part in adapter.affine_parts(module).items():
                 kind = LINEAR if isinstance(part, nn.Linear) else CONV
-                _hook_affine(part, f"{name}.{part_name}", kind, composite, inst)
+                _hook_affine(part, f"{name}.{part_name}", kind, composite, inst, in_mixer=has_ssm)
             if adapter.wraps_children:
                 continue  # a block taken over as a whole: its norm and mixer are installed as reached
             done.add(name)

@@ -134,6 +134,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..kernels import fused_kernels_on
+from ..kernels.dispatch import conv_output_dtype
 from ..scan.precision import compute_dtype
 from .mamba3 import is_mamba3
 
@@ -256,7 +257,8 @@ def mixer_bytes_per_token(
     ``"projection"`` mode (its input and its ``in_proj`` and ``out_proj`` outputs; infinite for a
     mixer without an ``in_proj`` linear layer, whose ``out_proj`` output alone is ``"output"``),
     ``"output"`` with it keeping only ``out_proj``'s output (its input and that output; infinite
-    for a mixer without an ``out_proj`` linear layer); see the module docstring for the constants.
+    for a mixer without an ``out_proj`` linear layer); see the module docstring for the constants
+    (and ``"kept"`` grows by the conv output's wider bytes with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``).
 
     Returns:
         ``{"kept": ..., "input": ..., "projection": ..., "output": ...}`` (bytes per token).
@@ -282,8 +284,12 @@ def mixer_bytes_per_token(
         a, b = KEPT_FUSED if _fused_mixer(mixer) else KEPT_FUSED_OTHER
     else:
         a, b = KEPT_UNFUSED
+    conv = getattr(mixer, "conv1d", None)
+    wide_conv = 0.0  # CAPTUM_MAMBALRP_CONV_OUTPUT=compute: the conv output the rules keep is float32
+    if isinstance(conv, nn.Conv1d) and conv_output_dtype(dtype) != dtype:
+        wide_conv = float(conv.out_channels * (s_compute - s_model))
     return {
-        "kept": float(width * (a * s_model + b * s_compute)),
+        "kept": float(width * (a * s_model + b * s_compute)) + wide_conv,
         "input": float(d_model * s_model),
         "projection": projection,
         "output": output,

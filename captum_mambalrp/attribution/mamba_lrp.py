@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple, TypeVar, Union, cast
 
@@ -196,11 +197,13 @@ class MambaLRPOptions:
 
     def _graph_state(self) -> Hashable:
         """What recorded graphs depend on besides the call: train/eval mode, autocast, where
-        each weight lives and each ``module.rule`` assigned."""
+        each weight lives, each ``module.rule`` assigned and the package's ``CAPTUM_MAMBALRP_*``
+        settings in the environment (backends, kernels, precision)."""
         model = self.explained_model
         rules = tuple((name, id(rule)) for name, m in model.named_modules() if (rule := getattr(m, "rule", None)) is not None)
         weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        return (model.training, _cuda_autocast(), weights, rules)
+        settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("CAPTUM_MAMBALRP_")))
+        return (model.training, _cuda_autocast(), weights, rules, settings)
 
     def clear_cuda_graphs(self) -> None:
         """Drop the recorded CUDA graphs and their memory (needed after changing the

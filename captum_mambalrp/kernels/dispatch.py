@@ -307,14 +307,15 @@ def conv_output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if value == "compute" and dtype in LOW_PRECISION else dtype
 
 
-def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor], in_mixer: bool = False) -> Callable[..., Tensor]:
     """A forward for ``module`` (a mixer's depthwise conv) that computes its value by
     ``kernels.conv`` where :func:`conv_applies`, else by ``own_forward``; installed reversibly by
     the adapters' installation (``Patcher.replace_forward``), so the module's hooks (its LRP rule)
     still run.
 
-    The output's dtype is :func:`conv_output_dtype`'s: the input's by default, float32 for a bf16
-    / fp16 input with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` (summed in float32, not rounded).
+    The output's dtype is the input's, but in a sequence mixer (``in_mixer``, whose callers take the
+    activation in float32) :func:`conv_output_dtype`'s: float32 for a bf16 / fp16 input with
+    ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` (summed in float32, not rounded).
 
     >>> conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3).bfloat16().requires_grad_(False)
     >>> conv_forward(conv, conv.forward)(torch.randn(1, 4, 5).bfloat16()).dtype
@@ -324,7 +325,7 @@ def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor]) -> Calla
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args or kwargs:
             return own_forward(x, *args, **kwargs)
-        out_dtype = conv_output_dtype(x.dtype)
+        out_dtype = conv_output_dtype(x.dtype) if in_mixer else x.dtype
         if conv_applies(module, x):
             from . import conv
 
