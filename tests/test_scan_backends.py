@@ -653,9 +653,9 @@ def test_cuda_backend_matches_sequential(backend, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     """On CUDA the depthwise causal conv kernel gives nn.Conv1d's value and input gradient (the
-    mixers' transposed-view input, lengths over several tiles), and a whole MambaLRP pass with it
-    and the other fused kernels (for bf16: the bf16-input gate and SiLU) equals the pass with
-    every fused kernel off."""
+    mixers' transposed-view input, lengths over several tiles; for bf16 also its float32 output),
+    and a whole MambaLRP pass with it and the other fused kernels (for bf16: the bf16-input gate and
+    SiLU) equals the pass with every fused kernel off, also with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
     from captum_mambalrp import MambaLRP
@@ -679,10 +679,16 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     model = FalconMambaForCausalLM(cfg).cuda().to(dtype).eval()
     ids = torch.randint(0, 64, (2, 200), device="cuda")
     fused = MambaLRP(model).attribute(ids, target=3)
+    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_OUTPUT", "compute")  # float32 conv output (bf16): kernels vs torch too
+    wide = MambaLRP(model).attribute(ids, target=3)
     monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
     monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_KERNEL", "0")
+    wide_plain = MambaLRP(model).attribute(ids, target=3)
+    monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_OUTPUT")
     plain = MambaLRP(model).attribute(ids, target=3)
-    assert (fused - plain).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * plain.abs().max()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (fused - plain).abs().max() <= tol * plain.abs().max()
+    assert (wide - wide_plain).abs().max() <= tol * wide_plain.abs().max()
 
 
 @pytest.mark.gpu
