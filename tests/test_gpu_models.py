@@ -105,7 +105,7 @@ def test_gpu_transformers_hybrids_match_cpu_and_conserve(family, backend):
     assert err <= 1e-4, (family, backend, float(err))
     explained = rel.sum(1) + delta
     # float32 sums: 1e-5 of the score or of the relevance's mass, whichever is larger, since the sum
-    # of relevance cancels (run 9 of docs/benchmarks.md: Bamba on the torch backend, delta 1.0e-6 for a
+    # of relevance cancels (run 9 of docs/benchmarks_history.md: Bamba on the torch backend, delta 1.0e-6 for a
     # score of 0.0985, its relevance equal to the CPU's to 1e-4)
     mass = torch.maximum(explained.abs(), rel.abs().sum(1))
     assert (delta.abs() <= 1e-5 * mass).all(), (family, backend, delta, explained, mass)

@@ -4,7 +4,7 @@ torch path (``models/kernel_path.py``).
 mamba-ssm is not installed here, so the tests install its failure: every kernel wrapper of the
 modeling modules (``use_kernel_func_from_hub_with_fallback``) is replaced by one that raises as
 mamba-ssm's CUDA functions do on CPU tensors, keeping the torch definition as ``__wrapped__``, as
-transformers' wrappers do. The failure was seen on the H200 (run 9 of docs/benchmarks.md).
+transformers' wrappers do. The failure was seen on the H200 (run 9 of docs/benchmarks_history.md).
 """
 
 from __future__ import annotations

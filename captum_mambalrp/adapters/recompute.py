@@ -39,7 +39,7 @@ Modes (``MambaLRP(model, recompute=...)``):
 recomputation: about ``in_proj.out_features * (a * s_model + b * s_compute)`` bytes (``s_model``
 the model dtype's size, ``s_compute`` the compute dtype's: 4, or 8 for float64). Where the fused
 kernels run (CUDA with Triton, the default) ``(a, b)`` is fitted, 15 % over, to the peaks measured
-on the H200 with them (2026-12-02, run 5 of docs/benchmarks.md, per unit of ``in_proj``'s width and
+on the H200 with them (2026-12-02, run 5 of docs/benchmarks_history.md, per unit of ``in_proj``'s width and
 layer): Mamba1 and Mamba2 mixers ``(3.4, 0.5)`` (Falcon-Mamba-7B bf16 7.7 B, Mamba-130M fp32
 13.6 B; Mamba2-2.7B bf16 7.6 B and Mamba2-130M fp32 13.9 B in run 6, since its gate and norm run
 fused), other mixers (Mamba3, unknown ones) ``(3.4, 1.6)`` (fitted to Mamba2 before run 6);
@@ -230,7 +230,7 @@ def check_recompute(recompute: Recompute) -> Recompute:
 #: temporaries. Fitted to the H200's peaks (Falcon-Mamba-7B bf16, ``recompute=True``, run 5: 24.8
 #: GiB at 32768 tokens and 99.0 at 131072 where one working set gives 20.4 and 81.6, a gap of 0.98
 #: and 0.97 working sets; with one, ``auto``'s partial plan at 131072 tokens, estimated 105.6 GiB,
-#: ran out of memory at 117.1 in run 7: docs/benchmarks.md)
+#: ran out of memory at 117.1 in run 7: docs/benchmarks_history.md)
 RECOMPUTE_WORKING = 2
 
 #: ``(a, b)`` of the kept-bytes estimate per unit of ``in_proj``'s width (module docstring):
@@ -541,7 +541,7 @@ class RecomputePlan:
         cpu_length = 0.0 if cuda else float(length)
         kept_all = (self.others + self.others_per_length * cpu_length) * tokens
         # a recomputed layer keeps its input, and its pre-norm (outside it) the norm's input, except
-        # where the fused norm runs (it keeps its factor only: run 8 of docs/benchmarks.md)
+        # where the fused norm runs (it keeps its factor only: run 8 of docs/benchmarks_history.md)
         s_compute = torch.tensor([], dtype=compute_dtype(hidden.dtype)).element_size()
         s_norm = 0 if fused_kernels_on(device.type) else s_compute
         layer_input = hidden.shape[-1] * (torch.tensor([], dtype=hidden.dtype).element_size() + s_norm)

@@ -5,7 +5,7 @@ back together. Each sequence's relevance is its own (the rules act per example; 
 score is a sum over examples), so the result is the whole batch's, without the recomputation
 that one pass over the batch would need. A part costs what a pass without recomputation costs
 (on an H200 at Nemotron-H-8B shape, bf16: 2.30x the forward for one sequence of 4096 tokens,
-where 16 of them in one recomputing pass took 2.66x; docs/benchmarks.md, run 8).
+where 16 of them in one recomputing pass took 2.66x; docs/benchmarks_history.md, run 8).
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ NormEntry = Tuple[
 #: of host time, more than torch's handful of element-wise launches; where a pass is bound by its
 #: launches (Mamba2-2.7B shape, bf16, 4096 tokens: 58 ms of host time against 20 ms of GPU time
 #: for 8 layers) the kernel made it 5.9 ms slower; bound by the GPU, Falcon-Mamba-7B's 8 layers at
-#: 4096 tokens gained 1.9 ms from it (docs/benchmarks.md, run 6). 2^24: Falcon-Mamba-7B's block norm
+#: 4096 tokens gained 1.9 ms from it (docs/benchmarks_history.md, run 6). 2^24: Falcon-Mamba-7B's block norm
 #: at 4096 tokens (4096 x 4096) runs it, Mamba2-2.7B's (4096 x 2560) does not.
 NORM_KERNEL_MIN_ELEMENTS = 1 << 24
 

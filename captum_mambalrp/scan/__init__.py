@@ -127,7 +127,7 @@ def record_backends() -> Iterator[Counter]:
 #: how a bf16 / fp16 model's relevance scan reads x, dt, B and C: ``"model"`` rounded to the
 #: model's dtype, as the model's own scan kernel reads them; ``"compute"`` as the pass computes
 #: them (float32); ``"auto"`` (default): ``"model"`` for Mamba1's scan (faster, less memory, and
-#: no less precise on the H200: docs/benchmarks.md, run 7), ``"compute"`` for SSD (Mamba2,
+#: no less precise on the H200: docs/benchmarks_history.md, run 7), ``"compute"`` for SSD (Mamba2,
 #: Mamba3), where the rounded form was slower at 4096 tokens (run 5). Either way the scan
 #: accumulates and its backward pass runs in float32.
 SCAN_INPUTS_ENV = "CAPTUM_MAMBALRP_SCAN_INPUTS"
