@@ -118,6 +118,24 @@ def test_bf16_mamba1_is_as_faithful_as_transformers_bf16_forward_and_backward():
     assert bf16["mambalrp_relevance"] <= GXI_MARGIN * bf16["transformers_gxi"], bf16
 
 
+def test_float64_gradient_x_input_of_the_package_is_transformers():
+    """``benchmarks/precision.py`` takes the float64 gradient x input (the truth of its baseline
+    column) from the package's ``"gradient"`` composite: per token it equals autograd through
+    transformers' own float64 forward to the float32 rounding inside transformers' RMSNorms (1e-5
+    of the largest, where the bf16 errors it measures are 1e-2), Mamba1 and Mamba2."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from precision import build, gradient_x_input, per_token
+
+    for arch in ("mamba1", "mamba2"):
+        model = build(arch, 3, 32, 0, head_dim=16, state=16)
+        model.backbone.config.residual_in_fp32 = False
+        ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(1))
+        theirs = gradient_x_input(model, ids, 1)
+        ours = per_token(MambaLRP(model, composite="gradient").attribute(ids, target=1))
+        assert theirs is not None and ours.dtype == torch.float64
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max(), arch
+
+
 def test_torch_path_unwraps_transformers_kernel_functions():
     """``models.kernel_path.torch_path`` (``benchmarks/precision.py``'s float64 truth on a machine
     with mamba-ssm, where transformers would call its kernels): every kernel wrapper of
