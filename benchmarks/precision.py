@@ -149,7 +149,8 @@ def measure(
     truth_hidden = hidden_states(model64, ids)
     # the float64 gradient x input by the package's plain-gradient pass (its vectorised scans: on a GPU
     # transformers' float64 torch path steps through the sequence, minutes per model); equal to
-    # transformers' own float64 value to its RMSNorms' float32 rounding (tests/test_precision.py)
+    # transformers' own float64 value to its RMSNorms' and residual stream's float32 rounding
+    # (tests/test_precision.py)
     truth_gxi = per_token(MambaLRP(model64, composite="gradient").attribute(ids, target=target))
     out: Dict[str, Any] = {"truth_score": truth_score, "truth_conservation": float(d64.abs().max())}
     out["conv_output"] = os.environ.get("CAPTUM_MAMBALRP_CONV_OUTPUT", "default")

@@ -121,14 +121,14 @@ def test_bf16_mamba1_is_as_faithful_as_transformers_bf16_forward_and_backward():
 def test_float64_gradient_x_input_of_the_package_is_transformers():
     """``benchmarks/precision.py`` takes the float64 gradient x input (the truth of its baseline
     column) from the package's ``"gradient"`` composite: per token it equals autograd through
-    transformers' own float64 forward to the float32 rounding inside transformers' RMSNorms (1e-5
-    of the largest, where the bf16 errors it measures are 1e-2), Mamba1 and Mamba2."""
+    transformers' own float64 forward to the float32 rounding inside transformers' RMSNorms and
+    residual stream (1e-5 of the largest, where the bf16 errors it measures are 1e-2), Mamba1 and
+    Mamba2."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from precision import build, gradient_x_input, per_token
 
     for arch in ("mamba1", "mamba2"):
         model = build(arch, 3, 32, 0, head_dim=16, state=16)
-        model.backbone.config.residual_in_fp32 = False
         ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(1))
         theirs = gradient_x_input(model, ids, 1)
         ours = per_token(MambaLRP(model, composite="gradient").attribute(ids, target=1))

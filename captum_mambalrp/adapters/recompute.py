@@ -62,7 +62,7 @@ mixers (:func:`recomputing_layer`; a layer handed a cache keeps its tensors): ea
 input and its pre-norm's, ``d_model * (s_model + s_compute)`` (``d_model * s_model`` where the
 fused kernels run: the fused norm keeps its factor, not its input; at the Nemotron-H-8B shape
 the larger figure put the estimate 640 KiB per token over the H200's peaks, run 8 of
-docs/benchmarks.md), and the largest one's tensors are counted once more as the working set
+docs/benchmarks_history.md), and the largest one's tensors are counted once more as the working set
 of its backward pass. In ``"projection"`` mode a recomputed layer may also keep the outputs of
 its linear layers and of the fused attention (:func:`layer_product_bytes`); per value kept, an
 MLP's products spare ``2 d f / (d + f)`` multiply-adds (``d_model`` ``d``, width ``f``): fewer

@@ -257,7 +257,8 @@ def conv_applies(module: nn.Module, x: Tensor) -> bool:
     (``K - 1``, zeros), stride and dilation 1, constant weight and bias, on a 3-d input of its
     dtype where the fused kernels run (CUDA, or Triton's interpreter; ``CAPTUM_MAMBALRP_FUSED``),
     unless ``CAPTUM_MAMBALRP_CONV_KERNEL=0`` is in the environment (torch's convolution then; on the
-    H200 the kernel took a Falcon-Mamba-7B pass from 3.15x to 2.68x the forward, docs/benchmarks.md).
+    H200 the kernel took a Falcon-Mamba-7B pass from 3.15x to 2.68x the forward, run 5 of
+    docs/benchmarks_history.md).
 
     >>> import torch
     >>> conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3).requires_grad_(False)
