@@ -440,3 +440,30 @@ def test_sequence_pieces_give_the_same_relevance(layer, monkeypatch):
     again = MambaLRP(model, composite=name, recompute=SequenceChunks(chunk=5)).attribute(ids, target=(-1, 5))
     assert calls and set(calls) == {5}, calls
     assert ((again - kept).norm() / kept.norm()).item() < 1e-5
+
+
+def test_conv_output_compute_leaves_the_attention_conv_in_its_dtype(monkeypatch):
+    """``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` on a bf16 hybrid with an ``MHA`` conv: the Mamba
+    mixers' convs give float32, the attention's conv keeps bf16 (what its projections read), and the
+    pass conserves to bf16 rounding."""
+    from captum_mambalrp.kernels.dispatch import CONV_OUTPUT_ENV
+
+    model = make_ssm_hybrid(seed=5, **HYBRID_CONFIGS["mamba1_mha_conv_mlp_half"]).bfloat16()
+    seen = {}
+    convs = {n: m for n, m in model.named_modules() if n.endswith("conv1d")}
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out.dtype)) for n, m in convs.items()]
+    monkeypatch.setenv(CONV_OUTPUT_ENV, "compute")
+    try:
+        lrp = MambaLRP(model, composite="conservative")  # conservative on this hybrid (test above)
+        relevance, delta = lrp.attribute(ids_for(1, 12, seed=5), target=3, return_convergence_delta=True)
+    finally:
+        for h in handles:
+            h.remove()
+    inst = install_rules(model, composite("conservative"))
+    inst.patcher.restore()
+    attention_layers = {c.name.rsplit(".attention", 1)[0] for c in inst.components if c.kind == "attention"}
+    for name, dtype in seen.items():
+        in_attention = any(name.startswith(layer + ".") for layer in attention_layers)
+        assert dtype == (torch.bfloat16 if in_attention else torch.float32), (name, dtype)
+    assert any(dtype == torch.bfloat16 for dtype in seen.values()) and any(dtype == torch.float32 for dtype in seen.values())
+    assert delta.abs().max() <= 1e-2 * relevance.float().abs().sum()

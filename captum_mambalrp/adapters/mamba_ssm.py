@@ -307,8 +307,7 @@ def mha_forward(module: Any, act_rule: MambaRule, gate_rule: MambaRule, x: Tenso
         up, gate = x_mlp.chunk(2, dim=-1)
         x_mlp = gate_rule.gate(up, act_rule.activation(gate, F.silu))
     if module.d_conv > 0:
-        # in qkv's dtype, as mamba-ssm's MHA (causal-conv1d without an activation) rounds it
-        qkv = module.conv1d(qkv.transpose(1, 2))[..., :length].transpose(1, 2).to(qkv.dtype)
+        qkv = module.conv1d(qkv.transpose(1, 2))[..., :length].transpose(1, 2)
     heads, heads_kv, dim = module.num_heads, module.num_heads_kv, module.head_dim
     q, kv = qkv.split([heads * dim, heads_kv * 2 * dim], dim=-1)
     q = q.reshape(batch, length, heads, dim).transpose(1, 2)

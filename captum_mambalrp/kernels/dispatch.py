@@ -293,8 +293,9 @@ def conv_output_dtype(dtype: torch.dtype) -> torch.dtype:
     float32 for the activation that follows; rounding it to bf16 there is one rounding per layer
     more than that forward makes. ``compute`` removes it (on the CPU, bf16, pooled over seeds: the
     pass's logits 3-6 % and its relevance 7-24 % closer to the float64 truth, docs/benchmarks.md)
-    at the price of the conv's output kept in float32 for the backward pass (2 more bytes per inner
-    channel and token; Falcon-Mamba-7B: 1 MiB per token), not yet measured on the GPU.
+    at the price of the conv's output kept in float32 for the backward pass (2 more bytes per conv
+    channel and token, as ``benchmarks/memory_estimate.py --pure`` measures on the kernels' path;
+    Falcon-Mamba-7B: 1 MiB per token); its speed is not yet measured on the GPU.
 
     Raises:
         ValueError: the variable holds another value.
@@ -332,7 +333,7 @@ def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor], in_mixer
 
             return conv.depthwise_causal_conv(module, x, out_dtype)
         weight, bias = module.weight, module.bias
-        if out_dtype != x.dtype and isinstance(module, nn.Conv1d) and weight.dtype == x.dtype and weight.device == x.device:
+        if out_dtype != x.dtype and weight.dtype == x.dtype and weight.device == x.device:
             return module._conv_forward(x.to(out_dtype), weight.to(out_dtype), None if bias is None else bias.to(out_dtype))
         return own_forward(x)
 
