@@ -54,6 +54,11 @@ KERNEL_SWITCHES = {
     "ssd": "CAPTUM_MAMBALRP_SSD_KERNEL",
     "split": "CAPTUM_MAMBALRP_SPLIT_KERNEL",
 }
+#: what ``compare`` switches, in one run: row label -> (option, variable, baseline value, compared value)
+COMPARES = {
+    **{f"{name}_kernel": (f"{name}_kernel", env, "0", "1") for name, env in KERNEL_SWITCHES.items()},
+    "conv_compute": ("conv_output", "CAPTUM_MAMBALRP_CONV_OUTPUT", "model", "compute"),
+}
 #: where models live ("cuda"; "cpu" only for a smoke test of the script itself)
 DEVICE = os.environ.get("GPU_SCALE_DEVICE", "cuda")
 
@@ -290,22 +295,31 @@ def part_time(a: argparse.Namespace) -> None:
     if reps > 1:
         times.append(best(lambda: lrp.attribute(ids, target=1), reps - 1, warmup=0))
     row["attribute_s"] = min(times)
-    for name, env in KERNEL_SWITCHES.items():
-        if getattr(a, f"{name}_kernel", "default") != "compare":
+    for label, (option, env, _, value) in COMPARES.items():
+        if getattr(a, option, "default") != "compare":
             continue
-        os.environ[env] = "1"
-        if a.cuda_graph:  # the recorded graph would replay the pass without the kernel: record another
+        os.environ[env] = value
+        if a.cuda_graph:  # the recorded graph would replay the baseline's pass: record another
             del lrp
             torch.cuda.empty_cache()
             lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=True, backend=a.backend)
-            lrp.attribute(ids, target=1)
-        with_kernel = lrp.attribute(ids, target=1)  # also the warm-up: compiles the kernel
-        row[f"{name}_kernel_rel_l2"] = float((with_kernel.float() - relevance.float()).norm() / relevance.float().norm())
-        del with_kernel
-        row[f"attribute_{name}_kernel_s"] = best(lambda m=lrp: m.attribute(ids, target=1), reps, warmup=0)
-        row[f"{name}_kernel_speedup"] = row["attribute_s"] / row[f"attribute_{name}_kernel_s"]
+            lrp.attribute(ids[:, :4096] if long else ids, target=1)
+        else:  # the warm-up (compiles the kernels), outside the peak below
+            lrp.attribute(ids[:, :4096] if long else ids, target=1)
+        base = memory.start()
+        sync()
+        t = time.perf_counter()
+        other = lrp.attribute(ids, target=1)
+        sync()
+        first = time.perf_counter() - t
+        row[f"peak_over_weights_{label}_gib"] = memory.peak(base) / 2**30
+        row[f"{label}_rel_l2"] = float((other.float() - relevance.float()).norm() / relevance.float().norm())
+        del other
+        seconds = [first] if reps == 1 else [first, best(lambda m=lrp: m.attribute(ids, target=1), reps - 1, warmup=0)]
+        row[f"attribute_{label}_s"] = min(seconds)
+        row[f"{label}_speedup"] = row["attribute_s"] / row[f"attribute_{label}_s"]
         if row.get("forward_s"):
-            row[f"ratio_{name}_kernel"] = row[f"attribute_{name}_kernel_s"] / row["forward_s"]
+            row[f"ratio_{label}"] = row[f"attribute_{label}_s"] / row["forward_s"]
     del relevance
     if row.get("forward_s"):
         row["ratio"] = row["attribute_s"] / row["forward_s"]
@@ -348,7 +362,7 @@ def part_precision(a: argparse.Namespace) -> None:
     for seed in a.seeds:
         model = build(a.shape_for_precision, torch.float64, a.layers, a.hidden, seed).double()
         ids = torch.randint(0, 1000, (1, a.length), device=DEVICE)
-        res = measure(model, ids, a.dtypes.split(","), 10)
+        res = measure(model, ids, a.dtypes.split(","), 10, conv_compare=a.conv_output == "compare")
         res.update(part="precision", shape=a.shape_for_precision, layers=a.layers, hidden=a.hidden, length=a.length)
         res.update(seed=seed, scan_inputs=os.environ.get("CAPTUM_MAMBALRP_SCAN_INPUTS", "default"))
         emit(res, a.out)
@@ -356,6 +370,8 @@ def part_precision(a: argparse.Namespace) -> None:
         del model
     if len(rows) > 1:
         pooled = {name: pooled_errors(rows, name) for name in a.dtypes.split(",")}
+        wide = [n for n in pooled if "conv_compute" in rows[0][n]]
+        pooled.update({f"{n}_conv_compute": pooled_errors(rows, n, "conv_compute") for n in wide})
         emit({"part": "precision_pooled", "shape": a.shape_for_precision, "seeds": a.seeds, **pooled}, a.out)
 
 
@@ -386,6 +402,14 @@ def main() -> None:
         help="the depthwise conv through kernels.conv: on/off sets CAPTUM_MAMBALRP_CONV_KERNEL",
     )
     p.add_argument(
+        "--conv-output",
+        choices=["default", "model", "compute", "compare"],
+        default="default",
+        help="a bf16 model's mixer conv output: rounded to its dtype or kept in float32 (sets "
+        "CAPTUM_MAMBALRP_CONV_OUTPUT); compare times model, then compute, in this run (attribute_conv_compute_s, "
+        "peak_over_weights_conv_compute_gib, conv_compute_rel_l2)",
+    )
+    p.add_argument(
         "--scan-inputs",
         choices=["default", "model", "compute"],
         default="default",
@@ -412,13 +436,15 @@ def main() -> None:
     p.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     p.add_argument("--out", default="")
     a = p.parse_args()
-    compares = [name for name in KERNEL_SWITCHES if getattr(a, f"{name}_kernel") == "compare"]
+    compares = [option for option, *_ in COMPARES.values() if getattr(a, option) == "compare"]
     if len(compares) > 1:
-        p.error(f"one --*-kernel compare per run (the baseline is the pass without that kernel), got {compares}")
+        p.error(f"one compare per run (the baseline is the pass without that switch), got {compares}")
     for name, env in KERNEL_SWITCHES.items():
         mode = getattr(a, f"{name}_kernel")
         if mode != "default":
             os.environ[env] = "1" if mode == "on" else "0"  # compare: off first
+    if a.conv_output != "default":
+        os.environ["CAPTUM_MAMBALRP_CONV_OUTPUT"] = "model" if a.conv_output == "compare" else a.conv_output
     if a.scan_inputs != "default":
         os.environ["CAPTUM_MAMBALRP_SCAN_INPUTS"] = a.scan_inputs
     if a.conv_kernel != "default":

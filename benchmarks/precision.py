@@ -36,7 +36,7 @@ import copy
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,7 @@ from common import mamba1_classifier, mamba2_classifier  # noqa: E402
 
 from captum_mambalrp import MambaLRP  # noqa: E402
 from captum_mambalrp.evaluation.analysis import layer_relevance  # noqa: E402
+from captum_mambalrp.kernels.dispatch import CONV_OUTPUT_ENV  # noqa: E402
 from captum_mambalrp.models.kernel_path import torch_path  # noqa: E402
 
 
@@ -133,9 +134,73 @@ def per_token(r: torch.Tensor) -> torch.Tensor:
     return r[0].sum(-1) if r.dim() == 3 else r[0]
 
 
+@contextlib.contextmanager
+def setting(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` inside the block, as it was after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def explain(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    target: int,
+    k: int,
+    truth_score: float,
+    truth_rel: torch.Tensor,
+    logits64: torch.Tensor,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """MambaLRP on ``model`` against the float64 truth: its relevance and the ``mambalrp_*`` columns
+    (the logits at every position its pass computes, the explained score, the relevance per token,
+    its top-k tokens in common, its conservation)."""
+    found: List[Any] = []
+    logits = head_logits(
+        model, lambda: found.append(MambaLRP(model).attribute(ids, target=target, return_convergence_delta=True))
+    )
+    r, delta = found[0]
+    score = float((r.double().sum() + delta.double().sum()).item())  # the score the pass explains
+    return r, {
+        "mambalrp_logits_relL2": rel(logits, logits64),
+        "mambalrp_score": score,
+        "mambalrp_score_err": abs(score - truth_score) / max(abs(truth_score), 1e-12),
+        "mambalrp_relevance_relL2": rel(per_token(r), truth_rel),
+        f"mambalrp_top{k}_common": topk_common(per_token(r), truth_rel, k),
+        "mambalrp_conservation": float(delta.abs().max() / max(abs(score), 1e-12)),
+        "mambalrp_delta": float(delta.double().sum()),  # explained score - sum(R), signed
+    }
+
+
+def goals(ours: Dict[str, Any], theirs: Dict[str, Any]) -> Dict[str, Any]:
+    """Goal 3's comparisons of MambaLRP's columns (``ours``) with transformers' (``theirs``): None
+    where transformers' column could not be computed."""
+    hidden, gxi = theirs["transformers_hidden_relL2"], theirs["transformers_gxi_relL2"]
+    return {
+        "goal3_score": ours["mambalrp_score_err"] <= theirs["transformers_score_err"],
+        "goal3_logits": ours["mambalrp_logits_relL2"] <= theirs["transformers_logits_relL2"],
+        "goal3_relevance": None if hidden is None else ours["mambalrp_relevance_relL2"] <= hidden,
+        "goal3_relevance_gxi": None if gxi is None else ours["mambalrp_relevance_relL2"] <= gxi,
+    }
+
+
 def measure(
-    model64: torch.nn.Module, ids: torch.Tensor, dtypes: List[str], k: int, per_layer: bool = False, split: bool = False
+    model64: torch.nn.Module,
+    ids: torch.Tensor,
+    dtypes: List[str],
+    k: int,
+    per_layer: bool = False,
+    split: bool = False,
+    conv_compare: bool = False,
 ) -> Dict[str, Any]:
+    """The truth, then one row per dtype (see the module's docstring); with ``conv_compare`` a bf16 /
+    fp16 row also holds ``"conv_compute"``: MambaLRP's columns on the same model with
+    ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``."""
     target = 1
     blocks64 = block_outputs(model64, lambda: MambaLRP(model64).attribute(ids, target=target)) if per_layer else []
     # the convergence delta is ``explained score - sum(R)``: the explained score is sum(R) + delta
@@ -162,12 +227,7 @@ def measure(
             logit = float((scores if torch.is_tensor(scores) else scores.logits)[0, -1, target])
         hid = hidden_states(model, ids)
         gxi = gradient_x_input(model, ids, target)
-        found.clear()
-        logits = head_logits(
-            model, lambda m=model: found.append(MambaLRP(m).attribute(ids, target=target, return_convergence_delta=True))
-        )
-        r, delta = found[0]
-        score = float((r.double().sum() + delta.double().sum()).item())  # the score the pass explains
+        r, row = explain(model, ids, target, k, truth_score, truth_rel, logits64)
         row = {
             "transformers_logit": logit,
             "transformers_score_err": abs(logit - truth_score) / max(abs(truth_score), 1e-12),
@@ -175,17 +235,14 @@ def measure(
             # the logits at every position (every score the pass could explain): one sample per
             # position where the score above is one per model
             "transformers_logits_relL2": rel(torch.as_tensor(scores if torch.is_tensor(scores) else scores.logits), logits64),
-            "mambalrp_logits_relL2": rel(logits, logits64),
             # a plain backward pass through transformers' own forward in this dtype: gradient x input
             # against its float64 value, the baseline for the relevance (a backward pass's rounding too)
             "transformers_gxi_relL2": None if truth_gxi is None or gxi is None else rel(gxi, truth_gxi),
-            "mambalrp_score": score,
-            "mambalrp_score_err": abs(score - truth_score) / max(abs(truth_score), 1e-12),
-            "mambalrp_relevance_relL2": rel(per_token(r), truth_rel),
-            f"mambalrp_top{k}_common": topk_common(per_token(r), truth_rel, k),
-            "mambalrp_conservation": float(delta.abs().max() / max(abs(score), 1e-12)),
-            "mambalrp_delta": float(delta.double().sum()),  # explained score - sum(R), signed
+            **row,
         }
+        if conv_compare and dtype in (torch.bfloat16, torch.float16):  # the same model, the conv output in float32
+            with setting(CONV_OUTPUT_ENV, "compute"):
+                row["conv_compute"] = explain(model, ids, target, k, truth_score, truth_rel, logits64)[1]
         if split:  # the error in two parts, through the model with rounded weights computed in float64
             rounded = copy.deepcopy(model64).to(dtype).to(torch.float64)
             r_w = per_token(MambaLRP(rounded).attribute(ids, target=target))
@@ -201,45 +258,47 @@ def measure(
             with torch.no_grad():
                 theirs = block_outputs(model, lambda m=model: m(ids))
             row["blocks_relL2"] = [[rel(t, b64), rel(o, b64)] for t, o, b64 in zip(theirs, ours, blocks64)]
-        row["goal3_score"] = row["mambalrp_score_err"] <= row["transformers_score_err"]
-        row["goal3_logits"] = row["mambalrp_logits_relL2"] <= row["transformers_logits_relL2"]
-        ref = row["transformers_hidden_relL2"]
-        row["goal3_relevance"] = None if ref is None else row["mambalrp_relevance_relL2"] <= ref
-        ref = row["transformers_gxi_relL2"]
-        row["goal3_relevance_gxi"] = None if ref is None else row["mambalrp_relevance_relL2"] <= ref
+        for ours in (row, row.get("conv_compute")):
+            if ours is not None:
+                ours.update(goals(ours, row))
         out[name] = row
         del model
     return out
 
 
-def pooled_errors(rows: List[Dict[str, Any]], name: str) -> Dict[str, float]:
+def pooled_errors(rows: List[Dict[str, Any]], name: str, variant: str = "") -> Dict[str, float]:
     """Over the seeds' rows of :func:`measure` for dtype ``name``, transformers' / MambaLRP's: the
     explained score's error pooled (``|scores - truths| / |truths|`` over the seeds' vectors), and the
     mean relative L2 error of the logits at every position, of the hidden states / relevance and of
     transformers' gradient x input (nan where some seed could not compute a column: transformers'
-    float64 hidden states)."""
+    float64 hidden states). ``variant``: MambaLRP's columns from that sub-row (``"conv_compute"``)."""
     truth = torch.tensor([r["truth_score"] for r in rows], dtype=torch.float64)
     norm = truth.norm().clamp_min(1e-300)
+
+    def column(r: Dict[str, Any], key: str) -> Any:
+        return (r[name][variant] if variant and key.startswith("mambalrp") else r[name])[key]
+
     out = {}
-    for key, column in (("transformers_score", "transformers_logit"), ("mambalrp_score", "mambalrp_score")):
-        out[key] = float((torch.tensor([r[name][column] for r in rows], dtype=torch.float64) - truth).norm() / norm)
-    for key, column in (
+    for key, col in (("transformers_score", "transformers_logit"), ("mambalrp_score", "mambalrp_score")):
+        out[key] = float((torch.tensor([column(r, col) for r in rows], dtype=torch.float64) - truth).norm() / norm)
+    for key, col in (
         ("transformers_logits", "transformers_logits_relL2"),
         ("mambalrp_logits", "mambalrp_logits_relL2"),
         ("transformers_hidden", "transformers_hidden_relL2"),
         ("transformers_gxi", "transformers_gxi_relL2"),
         ("mambalrp_relevance", "mambalrp_relevance_relL2"),
     ):
-        values = [r[name][column] for r in rows]
+        values = [column(r, col) for r in rows]
         out[key] = sum(values) / len(values) if None not in values else float("nan")
     return out
 
 
-def pooled(rows: List[Dict[str, Any]], name: str) -> str:
+def pooled(rows: List[Dict[str, Any]], name: str, variant: str = "") -> str:
     """:func:`pooled_errors` as one line."""
-    e = pooled_errors(rows, name)
+    e = pooled_errors(rows, name, variant)
+    label = f"{name} {variant}".strip()
     return (
-        f"{name}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {e['transformers_score']:.3e} / "
+        f"{label}, over {len(rows)} seeds (transformers / MambaLRP): score pooled {e['transformers_score']:.3e} / "
         f"{e['mambalrp_score']:.3e}; logits at every position {e['transformers_logits']:.3e} / {e['mambalrp_logits']:.3e}; "
         f"hidden states / relevance {e['transformers_hidden']:.3e} / {e['mambalrp_relevance']:.3e}; "
         f"gradient x input (transformers) / relevance {e['transformers_gxi']:.3e} / {e['mambalrp_relevance']:.3e}"
@@ -267,6 +326,11 @@ def main() -> None:
         help="split each error (hidden states / relevance) into the weights' rounding to the dtype (computed in "
         "float64) and the dtype's arithmetic (against the rounded model in float64); means over the seeds at the end",
     )
+    p.add_argument(
+        "--conv-compare",
+        action="store_true",
+        help="bf16 / fp16: MambaLRP's columns also with CAPTUM_MAMBALRP_CONV_OUTPUT=compute, same model (conv_compute)",
+    )
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -274,7 +338,7 @@ def main() -> None:
     for seed in a.seeds:
         model = build(a.arch, a.layers, a.d_model, seed, a.head_dim, a.state).to(a.device)
         ids = torch.randint(0, 1024, (1, a.length), generator=torch.Generator().manual_seed(seed)).to(a.device)
-        res = measure(model, ids, a.dtypes.split(","), a.topk, a.per_layer, a.split)
+        res = measure(model, ids, a.dtypes.split(","), a.topk, a.per_layer, a.split, a.conv_compare)
         res.update(arch=a.arch, layers=a.layers, d_model=a.d_model, length=a.length, seed=seed, device=a.device)
         rows.append(res)
         for name in a.dtypes.split(","):
@@ -313,6 +377,8 @@ def main() -> None:
             )
     for name in a.dtypes.split(","):
         print(pooled(rows, name))
+        if "conv_compute" in rows[0][name]:
+            print(pooled(rows, name, "conv_compute"))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -164,15 +164,32 @@ def test_torch_path_unwraps_transformers_kernel_functions():
     assert plain is not None and torch.equal(plain, inside)
 
 
-def test_precision_benchmark_reports_the_score_the_pass_explains():
+def test_precision_benchmark_reports_the_score_the_pass_explains(monkeypatch):
     """``benchmarks/precision.py``'s MambaLRP score is the logit the bf16 pass computes (``sum R +
-    delta``, the convergence delta being ``explained - sum R``), not ``sum R`` nor ``sum R - delta``."""
+    delta``, the convergence delta being ``explained - sum R``), not ``sum R`` nor ``sum R - delta``;
+    with ``conv_compare`` its ``conv_compute`` columns are those of a pass with
+    ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` (the variable as it was afterwards)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from precision import build, measure
+    from precision import build, measure, pooled_errors
+
+    from captum_mambalrp.kernels.dispatch import CONV_OUTPUT_ENV
 
     model = build("mamba1", 4, 64, 0, head_dim=16, state=16)
     ids = torch.randint(0, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
-    row = measure(model, ids, ["bfloat16"], 10)["bfloat16"]
+    monkeypatch.delenv(CONV_OUTPUT_ENV, raising=False)
+    res = measure(model, ids, ["bfloat16", "float32"], 10, conv_compare=True)
+    assert CONV_OUTPUT_ENV not in os.environ and "conv_compute" not in res["float32"]
+    row = res["bfloat16"]
+    wide = row["conv_compute"]
+    monkeypatch.setenv(CONV_OUTPUT_ENV, "compute")
+    r, delta = MambaLRP(copy.deepcopy(model).to(torch.bfloat16)).attribute(ids, target=1, return_convergence_delta=True)
+    monkeypatch.delenv(CONV_OUTPUT_ENV)
+    assert wide["mambalrp_score"] == float((r.double().sum() + delta.double().sum()).item())
+    assert wide["mambalrp_score"] != row["mambalrp_score"]  # the float32 conv output changes the pass
+    assert set(wide) >= {"goal3_score", "goal3_logits", "goal3_relevance_gxi"}
+    pooled = pooled_errors([res], "bfloat16", "conv_compute")
+    assert pooled["transformers_score"] == pooled_errors([res], "bfloat16")["transformers_score"]
+    assert pooled["mambalrp_relevance"] == wide["mambalrp_relevance_relL2"]
     low = copy.deepcopy(model).to(torch.bfloat16)
     logits = []
     handle = low.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1, 1].double().item()))
