@@ -11,8 +11,9 @@ launch and Python overhead), and the kernels that take the most GPU time::
 ``--shape`` takes a shape of ``gpu_scale.py`` (the 7B-class ones of issue 14), built on the GPU
 with random weights, optionally with fewer ``--layers`` (the per-layer work is the same);
 ``--conv-kernel both`` times the attribution without and with the depthwise conv kernel
-(``CAPTUM_MAMBALRP_CONV_KERNEL``) in one run; ``--device cpu`` runs a smoke test of the script
-(CPU kernels only).
+(``CAPTUM_MAMBALRP_CONV_KERNEL``) in one run, ``--conv-output both`` with the mixers' conv output
+rounded to the model's dtype and kept in float32 (``CAPTUM_MAMBALRP_CONV_OUTPUT``); ``--device
+cpu`` runs a smoke test of the script (CPU kernels only).
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def main() -> None:
         "CUDA on); both: off and on, in one run",
     )
     p.add_argument(
+        "--conv-output",
+        choices=["default", "model", "compute", "both"],
+        default="default",
+        help="a bf16 model's mixer conv output (CAPTUM_MAMBALRP_CONV_OUTPUT); both: model and compute, in one run",
+    )
+    p.add_argument(
         "--recompute",
         nargs="*",
         default=["auto"],
@@ -161,21 +168,24 @@ def main() -> None:
                 print(f"\n== {arch} L={length} transformers forward: {t_fwd * 1e3:.1f} ms", flush=True)
                 print(kernel_table(lambda model=model, ids=ids: model(ids), args.rows), flush=True)
             conv_settings = {"default": [None], "off": ["0"], "on": ["1"], "both": ["0", "1"]}[args.conv_kernel]
-            for backend, mode in [(b, m) for b in args.backends for m in modes]:
-                for conv in conv_settings:
-                    if conv is not None:
-                        os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = conv
-                    lrp = MambaLRP(model, backend=backend, recompute=mode)
-                    with scan.record_backends() as used:
-                        t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
-                    print(
-                        f"\n== {arch} L={length} MambaLRP backend={backend} recompute={mode} "
-                        f"conv kernel={conv or 'default'} ({dict(used)}): "
-                        f"{t * 1e3:.1f} ms, ratio to forward {t / t_fwd:.2f}",
-                        flush=True,
-                    )
-                    table = kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows, args.ops)
-                    print(table, flush=True)
+            outputs = {"default": [None], "both": ["model", "compute"]}.get(args.conv_output, [args.conv_output])
+            settings = [(b, m, c, o) for b in args.backends for m in modes for c in conv_settings for o in outputs]
+            for backend, mode, conv, output in settings:
+                if conv is not None:
+                    os.environ["CAPTUM_MAMBALRP_CONV_KERNEL"] = conv
+                if output is not None:
+                    os.environ["CAPTUM_MAMBALRP_CONV_OUTPUT"] = output
+                lrp = MambaLRP(model, backend=backend, recompute=mode)
+                with scan.record_backends() as used:
+                    t = wall(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1))
+                print(
+                    f"\n== {arch} L={length} MambaLRP backend={backend} recompute={mode} "
+                    f"conv kernel={conv or 'default'} conv output={output or 'default'} ({dict(used)}): "
+                    f"{t * 1e3:.1f} ms, ratio to forward {t / t_fwd:.2f}",
+                    flush=True,
+                )
+                table = kernel_table(lambda lrp=lrp, ids=ids: lrp.attribute(ids, target=1), args.rows, args.ops)
+                print(table, flush=True)
             del ids
             torch.cuda.empty_cache()
         del model
