@@ -414,6 +414,40 @@ FUSED_SCRIPT = textwrap.dedent(
     x64 = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
     act64 = activation_in(IdentityActivationRule(), x64, F.silu, torch.float64)
     assert "IdentitySiluUpcast" not in type(act64.grad_fn).__name__
+    # the same pass also writing the copy in the model's dtype (what a bf16 Mamba1's x_proj reads):
+    # the float32 result rounded (to nearest on the GPU, as torch's cast; Triton's interpreter
+    # truncates: one bf16 step apart at most), and both outputs pass their gradients to the input
+    from captum_mambalrp.rules.activation import activation_in_and_rounded
+    act, low = activation_in_and_rounded(IdentityActivationRule(), xb, F.silu, torch.float32, torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and low.grad_fn is act.grad_fn
+    assert ((low.float() - act).abs() <= 2 ** -7 * act.abs()).all()
+    ref, ref_low = unfused(lambda: activation_in_and_rounded(IdentityActivationRule(), xb, F.silu, torch.float32,
+                                                             torch.bfloat16))  # fmt: skip
+    assert "IdentitySiluUpcast" not in type(ref.grad_fn).__name__ and torch.equal(ref_low, ref.to(torch.bfloat16))
+    assert (act - ref).abs().max() <= 1e-6 * ref.abs().max()
+    g_low = torch.randn(2, 70, 37).bfloat16()
+    for grads in ((g, None), (None, g_low), (g, g_low)):
+        outs = [t for t, gr in zip((act, low), grads) if gr is not None]
+        refs = [t for t, gr in zip((ref, ref_low), grads) if gr is not None]
+        used = [gr for gr in grads if gr is not None]
+        (got,) = torch.autograd.grad(outs, conv_out, used, retain_graph=True)
+        (want,) = torch.autograd.grad(refs, conv_out, used, retain_graph=True)
+        assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-30).all()
+    same = activation_in_and_rounded(IdentityActivationRule(), conv32[..., :37], F.silu, torch.float32, torch.float32)
+    assert same[0] is same[1]  # a float32 model: one tensor, no copy
+
+    # the gate rounding its float32 result once to the model's dtype (a bf16 model's out_proj input):
+    # the float32 gate's value rounded, and its gradients
+    out = gate_with_activation(HalfGateRule(), IdentityActivationRule(), y, zb, F.silu, True, torch.bfloat16)
+    out32 = gate_with_activation(HalfGateRule(), IdentityActivationRule(), y, zb, F.silu, True)
+    assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    assert ((out.float() - out32).abs() <= 2 ** -7 * out32.abs()).all()  # rounded once (interpreter: truncated)
+    plain = unfused(lambda: gate_with_activation(HalfGateRule(), IdentityActivationRule(), y, zb, F.silu, True,
+                                                 torch.bfloat16))  # fmt: skip
+    assert plain.dtype == torch.bfloat16 and (plain.float() - out.float()).abs().max() <= 2 ** -7 * out.float().abs().max()
+    gb16 = gy.bfloat16()
+    for a, b in zip(torch.autograd.grad(out, (y, zb), gb16), torch.autograd.grad(out32, (y, zb), gb16.float())):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
     # the steps around the reversed scan, both layouts, D per channel / head / (head, p), none
     cases = [("mamba1", torch.randn(2, 6, 23), torch.rand(2, 6, 23), torch.randn(6)),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rules.activation import activation_in
+from ..rules.activation import activation_in_and_rounded
 from ..rules.gate import gate_with_activation
 from ..rules.ssm import takes_raw_step
 from ..scan import compute_dtype, rounded_inputs, selective_scan, selective_scan_state
@@ -97,9 +97,11 @@ def mamba1_piece(
         x_seen = torch.cat([state.conv, x], dim=-1)
         pad = int(parts.conv1d.padding[0])
         conv = parts.conv1d(x_seen)[..., pad : pad + length]
-    x = activation_in(rules.conv_act, conv, parts.act, cd)
+    # x in the compute dtype and in the model's: what x_proj reads, also the scan's input where it
+    # reads the model's dtype (one pass writes both on CUDA)
+    x, low = activation_in_and_rounded(rules.conv_act, conv, parts.act, cd, dtype)
     x = mask_padding(x.transpose(1, 2), attention_mask)  # [b, l, d]
-    x_model = x.to(dtype)  # what x_proj reads; also the scan's input where it reads the model's dtype
+    x_model = x if low.dtype == x.dtype else mask_padding(low.transpose(1, 2), attention_mask)
     dt, B, C = torch.split(parts.x_proj(x_model), [parts.dt_rank, parts.d_state, parts.d_state], dim=-1)
     if parts.dt_norm is not None and parts.B_norm is not None and parts.C_norm is not None:
         dt, B, C = parts.dt_norm(dt), parts.B_norm(B), parts.C_norm(C)
@@ -128,8 +130,8 @@ def mamba1_piece(
             if x_seen.shape[-1] < k - 1:  # a piece shorter than the window: zeros before the start
                 x_seen = F.pad(x_seen, (k - 1 - x_seen.shape[-1], 0))
             new_state = Mamba1State(x_seen[..., x_seen.shape[-1] - (k - 1) :], h)
-    y = gate_with_activation(rules.gate, rules.gate_act, y, z, parts.gate_fn or parts.act, transposed_out=True)
-    return parts.out_proj(y.transpose(1, 2).to(dtype)), new_state
+    y = gate_with_activation(rules.gate, rules.gate_act, y, z, parts.gate_fn or parts.act, transposed_out=True, out_dtype=dtype)
+    return parts.out_proj(y.transpose(1, 2)), new_state
 
 
 def hf_mamba1_parts(mixer: Any) -> Mamba1Parts:

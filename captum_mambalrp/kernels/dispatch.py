@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import fused_kernels_enabled
 
 #: ``applies(act_rule, y, z, act_is_silu)`` and ``kernel(y, z, transposed_out)``
-GateEntry = Tuple[Callable[[object, Tensor, Tensor, bool], bool], Callable[[Tensor, Tensor, bool], Tensor]]
+GateEntry = Tuple[Callable[[object, Tensor, Tensor, bool], bool], Callable[[Tensor, Tensor, bool, Optional[torch.dtype]], Tensor]]
 
 
 def rule_key(rule: object) -> str:
@@ -43,10 +43,10 @@ def _half_silu_applies(act_rule: object, y: Tensor, z: Tensor, act_is_silu: bool
     )
 
 
-def _half_silu_kernel(y: Tensor, z: Tensor, transposed_out: bool) -> Tensor:
+def _half_silu_kernel(y: Tensor, z: Tensor, transposed_out: bool, out_dtype: Optional[torch.dtype]) -> Tensor:
     from . import elementwise
 
-    return elementwise.half_silu_gate(y, z, transposed_out)
+    return elementwise.half_silu_gate(y, z, transposed_out, out_dtype)
 
 
 #: ``(gate rule type, activation rule type) -> (applies, kernel)``
@@ -64,8 +64,12 @@ SplitActivationEntry = Tuple[
     Callable[[object, Tensor, bool, torch.dtype], bool],
     Callable[[Tensor, int, int, int, torch.dtype, Optional[Tensor]], Tuple[Tensor, Tensor]],
 ]
-#: ``applies(act_rule, x, act_is_silu, dtype)`` and ``kernel(x, dtype)``
-ActivationEntry = Tuple[Callable[[object, Tensor, bool, torch.dtype], bool], Callable[[Tensor, torch.dtype], Tensor]]
+#: ``applies(act_rule, x, act_is_silu, dtype)`` and ``kernel(x, dtype, low)``: the result in ``dtype``
+#: and, for a ``low`` dtype, the same values rounded to it (else None), written by one pass
+ActivationEntry = Tuple[
+    Callable[[object, Tensor, bool, torch.dtype], bool],
+    Callable[[Tensor, torch.dtype, Optional[torch.dtype]], Tuple[Tensor, Optional[Tensor]]],
+]
 
 
 def _identity_silu_upcast_applies(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torch.dtype) -> bool:
@@ -79,10 +83,12 @@ def _identity_silu_upcast_applies(act_rule: object, x: Tensor, act_is_silu: bool
     )
 
 
-def _identity_silu_upcast_kernel(x: Tensor, dtype: torch.dtype) -> Tensor:
+def _identity_silu_upcast_kernel(x: Tensor, dtype: torch.dtype, low: Optional[torch.dtype]) -> Tuple[Tensor, Optional[Tensor]]:
     from . import elementwise
 
-    return elementwise.identity_silu_upcast(x, dtype)
+    if low is None:
+        return elementwise.identity_silu_upcast(x, dtype), None
+    return elementwise.identity_silu_upcast_pair(x, dtype, low)
 
 
 #: ``activation rule type -> (applies, kernel)``: the rule on ``act(x.to(dtype))`` from ``x`` as
@@ -92,9 +98,12 @@ ACTIVATION_KERNELS: Dict[str, ActivationEntry] = {
 }
 
 
-def fused_activation(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torch.dtype) -> Optional[Tensor]:
-    """``act_rule.activation(x.to(dtype), act)`` by a fused kernel, or ``None`` when no kernel
-    is listed for this rule type or its conditions do not hold here.
+def fused_activation(
+    act_rule: object, x: Tensor, act_is_silu: bool, dtype: torch.dtype, low: Optional[torch.dtype] = None
+) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """``act_rule.activation(x.to(dtype), act)`` by a fused kernel, and with ``low`` its copy
+    rounded to ``low`` from the same pass (else None in its place); ``None`` when no kernel is
+    listed for this rule type or its conditions do not hold here.
 
     >>> from captum_mambalrp.rules import GradientRule
     >>> fused_activation(GradientRule(), torch.ones(1, 2, 2).bfloat16(), True, torch.float32) is None
@@ -103,7 +112,7 @@ def fused_activation(act_rule: object, x: Tensor, act_is_silu: bool, dtype: torc
     entry = ACTIVATION_KERNELS.get(rule_key(act_rule))
     if entry is None or not entry[0](act_rule, x, act_is_silu, dtype):
         return None
-    return entry[1](x, dtype)
+    return entry[1](x, dtype, low)
 
 
 #: the environment variable that turns off (``"0"``) :func:`fused_split_activation`'s kernel alone
@@ -164,15 +173,21 @@ def fused_split_activation(
 
 
 def fused_gate(
-    gate_rule: object, act_rule: object, y: Tensor, z: Tensor, act_is_silu: bool, transposed_out: bool = False
+    gate_rule: object,
+    act_rule: object,
+    y: Tensor,
+    z: Tensor,
+    act_is_silu: bool,
+    transposed_out: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Optional[Tensor]:
     """``gate_rule.gate(y, act_rule.activation(z, act))`` by a fused kernel, or ``None`` when
     no kernel is listed for these exact rule types or its conditions do not hold here
     (``act_is_silu``: the activation is SiLU, as the caller's rules tell).
 
     Returns:
-        the gated tensor (``[b, r, c]``; ``transposed_out``: stored ``[b, c, r]``-contiguous),
-        or ``None`` (the caller runs the rules' torch definitions).
+        the gated tensor (``[b, r, c]``; ``transposed_out``: stored ``[b, c, r]``-contiguous; in
+        ``out_dtype``, default ``y``'s), or ``None`` (the caller runs the rules' torch definitions).
 
     >>> import torch
     >>> from captum_mambalrp.rules import GradientRule
@@ -182,7 +197,7 @@ def fused_gate(
     entry = GATE_KERNELS.get((rule_key(gate_rule), rule_key(act_rule)))
     if entry is None or not entry[0](act_rule, y, z, act_is_silu):
         return None
-    return entry[1](y, z, transposed_out)
+    return entry[1](y, z, transposed_out, out_dtype)
 
 
 #: ``applies(x, weight, bias, group_size)`` and ``kernel(x, weight, eps, group_size, out_dtype)``

@@ -119,17 +119,18 @@ def _gate_grid(shape: torch.Size) -> Tuple[int, int, int]:
 
 
 class _HalfSiluGate(torch.autograd.Function):
-    """Forward ``y * z * sigmoid(z)``; backward ``dy = g/2 * z * sigmoid(z)``,
-    ``dz = g/2 * y * sigmoid(z)`` (half rule on the product, identity rule on the SiLU)."""
+    """Forward ``y * z * sigmoid(z)`` (computed in float32, stored in ``out_dtype``); backward
+    ``dy = g/2 * z * sigmoid(z)``, ``dz = g/2 * y * sigmoid(z)`` (half rule on the product,
+    identity rule on the SiLU; ``g`` read in its dtype and computed in float32)."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, z: Tensor, transposed_out: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, y: Tensor, z: Tensor, transposed_out: bool, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(y, z)
         b, r, c = y.shape
         out = (
-            torch.empty(b, c, r, device=y.device, dtype=y.dtype).transpose(1, 2)
+            torch.empty(b, c, r, device=y.device, dtype=out_dtype).transpose(1, 2)
             if transposed_out
-            else torch.empty(b, r, c, device=y.device, dtype=y.dtype)
+            else torch.empty(b, r, c, device=y.device, dtype=out_dtype)
         )
         jit(_gate_forward_kernel)[_gate_grid(y.shape)](
             y, z, out, r, c, *y.stride(), *z.stride(), *out.stride(), BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4
@@ -158,28 +159,34 @@ class _HalfSiluGate(torch.autograd.Function):
             BLOCK_C=_GATE_BLOCK[1],
             num_warps=4,
         )
-        return dy, dz, None
+        return dy, dz, None, None
 
 
-def half_silu_gate(y: Tensor, z: Tensor, transposed_out: bool = False) -> Tensor:
+def half_silu_gate(y: Tensor, z: Tensor, transposed_out: bool = False, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The default gate on ``[b, r, c]`` tensors of one dtype, any strides; ``transposed_out``
-    stores the result ``[b, c, r]``-contiguous (the layout the next linear layer reads)."""
-    return _HalfSiluGate.apply(y, z, transposed_out)
+    stores the result ``[b, c, r]``-contiguous (the layout the next linear layer reads);
+    ``out_dtype`` (default ``y``'s): the result rounded once to it, as a cast after it would (a
+    bf16 model's ``out_proj`` input, without the float32 result and its cast each way)."""
+    return _HalfSiluGate.apply(y, z, transposed_out, out_dtype or y.dtype)
 
 
 # ---------------------------------------------------------------- SiLU of a low-precision input
 
 
 def _silu_up_forward_kernel(
-    x_ptr, out_ptr, rows, cols, sx0, sx1, sx2, so0, so1, so2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
-):
+    x_ptr, out_ptr, low_ptr, rows, cols, sx0, sx1, sx2, so0, so1, so2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_LOW: tl.constexpr,
+):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     r, c = r.to(tl.int64)[:, None], c.to(tl.int64)[None, :]
     x = tl.load(x_ptr + b * sx0 + r * sx1 + c * sx2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * so0 + r * so1 + c * so2, (x * tl.sigmoid(x)).to(out_ptr.dtype.element_ty), mask=mask)
+    out = (x * tl.sigmoid(x)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * so0 + r * so1 + c * so2, out, mask=mask)
+    if HAS_LOW:  # the same value rounded on to the model's dtype (out's strides)
+        tl.store(low_ptr + b * so0 + r * so1 + c * so2, out.to(low_ptr.dtype.element_ty), mask=mask)
 
 
 def _silu_up_backward_kernel(
@@ -196,37 +203,54 @@ def _silu_up_backward_kernel(
 
 
 class _IdentitySiluUpcast(torch.autograd.Function):
-    """Forward ``x * sigmoid(x)`` computed and returned in ``dtype`` from ``x`` as it is; backward
-    ``g * sigmoid(x)`` rounded to ``x``'s dtype (the identity rule on SiLU after an upcast of x).
-    Keeps ``x`` itself for the backward pass, not a factor in ``dtype``."""
+    """Forward ``x * sigmoid(x)`` computed and returned in ``dtype`` from ``x`` as it is (and, with
+    ``low``, the same values rounded on to ``low``: a second output, the copy a bf16 model's next
+    layer reads); backward ``g * sigmoid(x)`` rounded to ``x``'s dtype (the identity rule on SiLU
+    after an upcast of x; ``g`` the sum of both outputs' gradients). Keeps ``x`` itself for the
+    backward pass, not a factor in ``dtype``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, dtype: torch.dtype, low: Optional[torch.dtype]):  # type: ignore[override]
         ctx.save_for_backward(x)
+        ctx.set_materialize_grads(False)
+        ctx.dtype = dtype
         b, r, c = x.shape
         out = torch.empty(b, r, c, device=x.device, dtype=dtype)
+        out_low = None if low is None else torch.empty(b, r, c, device=x.device, dtype=low)
         jit(_silu_up_forward_kernel)[_gate_grid(x.shape)](
-            x, out, r, c, *x.stride(), *out.stride(), BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4
-        )
-        return out
+            x, out, out if out_low is None else out_low, r, c, *x.stride(), *out.stride(),
+            BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], HAS_LOW=out_low is not None, num_warps=4,
+        )  # fmt: skip
+        return out if out_low is None else (out, out_low)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Optional[Tensor], grad_low: Optional[Tensor] = None):  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        if grad_low is not None:  # the model-dtype copy was read by a layer that passes gradient (rare)
+            grad = grad_low.to(ctx.dtype) if grad is None else grad + grad_low
+        if grad is None:
+            return None, None, None
         b, r, c = x.shape
         dx = torch.empty(b, r, c, device=x.device, dtype=x.dtype)
         jit(_silu_up_backward_kernel)[_gate_grid(x.shape)](
             grad, x, dx, r, c, *grad.stride(), *x.stride(), *dx.stride(),
             BLOCK_R=_GATE_BLOCK[0], BLOCK_C=_GATE_BLOCK[1], num_warps=4,
         )  # fmt: skip
-        return dx, None
+        return dx, None, None
 
 
 def identity_silu_upcast(x: Tensor, dtype: torch.dtype) -> Tensor:
     """The identity rule on ``silu(x.to(dtype))`` for a ``[b, r, c]`` tensor of ``dtype`` or a lower
     precision (any strides), in one pass each way; the result is ``[b, r, c]``-contiguous in
     ``dtype``."""
-    return _IdentitySiluUpcast.apply(x, dtype)
+    return _IdentitySiluUpcast.apply(x, dtype, None)
+
+
+def identity_silu_upcast_pair(x: Tensor, dtype: torch.dtype, low: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """:func:`identity_silu_upcast` and its result rounded to ``low``, written by the same pass
+    (no read of the ``dtype`` result for a cast); both ``[b, r, c]``-contiguous, both differentiable."""
+    out, out_low = _IdentitySiluUpcast.apply(x, dtype, low)
+    return out, out_low
 
 
 # ---------------------------------------------------------------- SiLU of a conv output, transposed and split

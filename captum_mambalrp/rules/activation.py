@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,5 +69,22 @@ def activation_in(rule: MambaRule, x: Tensor, fn: Callable[[Tensor], Tensor], dt
     conv output is by the conv's LRP-epsilon rule)."""
     fused = fused_activation(rule, x, is_silu(fn), dtype)
     if fused is not None:
-        return fused
+        return fused[0]
     return rule.activation(x.to(dtype), fn)
+
+
+def activation_in_and_rounded(
+    rule: MambaRule, x: Tensor, fn: Callable[[Tensor], Tensor], dtype: torch.dtype, low: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """:func:`activation_in` and its result cast to ``low`` (both differentiable): the compute
+    dtype's activation a scan reads and the copy a bf16 model's next layer reads. A fused kernel
+    writes both in one pass (no read of the float32 result for the cast); ``low == dtype``: the
+    result itself, twice, as ``.to`` returns it."""
+    if low == dtype:
+        out = activation_in(rule, x, fn, dtype)
+        return out, out
+    fused = fused_activation(rule, x, is_silu(fn), dtype, low)
+    if fused is not None and fused[1] is not None:
+        return fused[0], fused[1]
+    out = rule.activation(x.to(dtype), fn) if fused is None else fused[0]
+    return out, out.to(low)

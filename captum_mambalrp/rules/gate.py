@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from ..kernels.dispatch import fused_gate
@@ -36,13 +37,19 @@ def gate_with_activation(
     z: Tensor,
     act: Callable[[Tensor], Tensor],
     transposed_out: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """``gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act))``: ``z`` may come in a lower
-    precision than ``y`` (a bf16 model's gate input beside the float32 scan output; the upcast is
-    exact). Where a fused kernel computes the same math for this pair of rule types
+    """``gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act)).to(out_dtype)``: ``z`` may come
+    in a lower precision than ``y`` (a bf16 model's gate input beside the float32 scan output; the
+    upcast is exact), and ``out_dtype`` (default: ``y``'s) is what the layer after it reads (a bf16
+    model's ``out_proj``). Where a fused kernel computes the same math for this pair of rule types
     (``kernels.dispatch.GATE_KERNELS``; on CUDA, MambaLRP's default pair), it runs instead, reads
-    ``z`` as it is and keeps it (not a float32 copy) for the backward pass; ``transposed_out``
+    ``z`` as it is and keeps it (not a float32 copy) for the backward pass, and rounds its
+    float32 result once to ``out_dtype`` (no float32 result and no cast each way); ``transposed_out``
     then stores its ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear
     layer reads."""
-    fused = fused_gate(gate_rule, act_rule, y, z, is_silu(act), transposed_out)
-    return fused if fused is not None else gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act))
+    fused = fused_gate(gate_rule, act_rule, y, z, is_silu(act), transposed_out, out_dtype)
+    if fused is not None:
+        return fused
+    out = gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act))
+    return out if out_dtype is None else out.to(out_dtype)
