@@ -329,11 +329,14 @@ def main() -> None:
     p.add_argument(
         "--conv-compare",
         action="store_true",
-        help="bf16 / fp16: MambaLRP's columns also with CAPTUM_MAMBALRP_CONV_OUTPUT=compute, same model (conv_compute)",
+        help="bf16 / fp16: the rows with CAPTUM_MAMBALRP_CONV_OUTPUT=model (unless set), MambaLRP's columns also "
+        "with compute (the default), same model (conv_compute)",
     )
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.conv_compare:  # the baseline rounds the conv output to the model's dtype, unless set otherwise
+        os.environ.setdefault(CONV_OUTPUT_ENV, "model")
     rows = []
     for seed in a.seeds:
         model = build(a.arch, a.layers, a.d_model, seed, a.head_dim, a.state).to(a.device)

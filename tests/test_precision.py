@@ -176,14 +176,13 @@ def test_precision_benchmark_reports_the_score_the_pass_explains(monkeypatch):
 
     model = build("mamba1", 4, 64, 0, head_dim=16, state=16)
     ids = torch.randint(0, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
-    monkeypatch.delenv(CONV_OUTPUT_ENV, raising=False)
+    monkeypatch.setenv(CONV_OUTPUT_ENV, "model")  # the baseline rounds the conv output
     res = measure(model, ids, ["bfloat16", "float32"], 10, conv_compare=True)
-    assert CONV_OUTPUT_ENV not in os.environ and "conv_compute" not in res["float32"]
+    assert os.environ[CONV_OUTPUT_ENV] == "model" and "conv_compute" not in res["float32"]
     row = res["bfloat16"]
-    wide = row["conv_compute"]
-    monkeypatch.setenv(CONV_OUTPUT_ENV, "compute")
+    wide = row["conv_compute"]  # measured with CAPTUM_MAMBALRP_CONV_OUTPUT=compute
+    monkeypatch.delenv(CONV_OUTPUT_ENV)  # the default: compute
     r, delta = MambaLRP(copy.deepcopy(model).to(torch.bfloat16)).attribute(ids, target=1, return_convergence_delta=True)
-    monkeypatch.delenv(CONV_OUTPUT_ENV)
     assert wide["mambalrp_score"] == float((r.double().sum() + delta.double().sum()).item())
     assert wide["mambalrp_score"] != row["mambalrp_score"]  # the float32 conv output changes the pass
     assert set(wide) >= {"goal3_score", "goal3_logits", "goal3_relevance_gxi"}
@@ -192,6 +191,7 @@ def test_precision_benchmark_reports_the_score_the_pass_explains(monkeypatch):
     assert pooled["mambalrp_relevance"] == wide["mambalrp_relevance_relL2"]
     low = copy.deepcopy(model).to(torch.bfloat16)
     logits = []
+    monkeypatch.setenv(CONV_OUTPUT_ENV, "model")  # as the row's pass ran
     handle = low.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1, 1].double().item()))
     try:
         MambaLRP(low).attribute(ids, target=1)

@@ -503,8 +503,8 @@ FUSED_SCRIPT = textwrap.dedent(
     x = torch.randn(1, 6, 11).bfloat16()
     want = m.float()(x.float())
     assert ((conv.depthwise_causal_conv(m.bfloat16(), x).float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
-    # CAPTUM_MAMBALRP_CONV_OUTPUT=compute: a bf16 mixer conv's output in float32, not rounded to bf16
-    # (the kernel and torch's path alike)
+    # a bf16 mixer conv's output in float32, not rounded to bf16 (the default,
+    # CAPTUM_MAMBALRP_CONV_OUTPUT=compute; the kernel and torch's path alike)
     xg = x.clone().requires_grad_(True)
     wide = conv.depthwise_causal_conv(m, xg, torch.float32)
     assert wide.dtype == torch.float32 and (wide - want).abs().max() <= 1e-6 * want.abs().max()
@@ -513,14 +513,15 @@ FUSED_SCRIPT = textwrap.dedent(
     (ref,) = torch.autograd.grad(m.float()(xg.float()), xg, g)
     m.bfloat16()
     assert got.dtype == torch.bfloat16 and ((got.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-6).all()
-    os.environ[dispatch.CONV_OUTPUT_ENV] = "compute"
+    os.environ.pop(dispatch.CONV_OUTPUT_ENV, None)  # the default: compute
     mixer_conv = dispatch.conv_forward(m, m.forward, in_mixer=True)
     for path in (lambda: mixer_conv(x), lambda: unfused(lambda: mixer_conv(x))):
         out = path()
         assert out.dtype == torch.float32 and (out - want).abs().max() <= 1e-6 * want.abs().max()
     assert dispatch.conv_forward(m, m.forward)(x).dtype == torch.bfloat16  # not a mixer's conv: its own dtype
+    os.environ[dispatch.CONV_OUTPUT_ENV] = "model"
+    assert mixer_conv(x).dtype == torch.bfloat16  # model: the input's dtype
     del os.environ[dispatch.CONV_OUTPUT_ENV]
-    assert mixer_conv(x).dtype == torch.bfloat16  # the default: the input's dtype
     for other in (torch.nn.Conv1d(6, 6, 4, groups=6, padding=0), torch.nn.Conv1d(6, 6, 4, groups=3, padding=3),
                   torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)):  # not causal / not depthwise / weights trained
         assert not dispatch.conv_applies(other.requires_grad_(other.padding == (3,) and other.groups == 6), torch.ones(1, 6, 5))
@@ -551,12 +552,13 @@ FUSED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_mixer_conv_output_in_float32_on_request(monkeypatch):
+def test_mixer_conv_output_in_float32_by_default(monkeypatch):
     """A mixer's depthwise conv, as installed (``kernels.dispatch.conv_forward``; torch's path on the
-    CPU): by default the module's value in its dtype; with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` a
-    bf16 input gives the float32 sum of the bf16 values, not rounded back to bf16 (the models' fused
-    conv-and-SiLU kernels keep it so), float32 and float64 inputs keep their dtype, and a whole bf16
-    pass then reads the float32 conv output and conserves; another value is one clear error."""
+    CPU): by default (``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``) a bf16 input gives the float32 sum of
+    the bf16 values, not rounded back to bf16 (the models' fused conv-and-SiLU kernels keep it so),
+    float32 and float64 inputs keep their dtype, and a whole bf16 pass reads the float32 conv
+    output and conserves; with ``model`` the module's value in its dtype; another value is one
+    clear error."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
     from captum_mambalrp import MambaLRP
@@ -566,9 +568,10 @@ def test_mixer_conv_output_in_float32_on_request(monkeypatch):
     m = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).requires_grad_(False).bfloat16()
     x = torch.randn(2, 6, 9).bfloat16()
     exact = torch.nn.functional.conv1d(x.double(), m.weight.double(), m.bias.double(), padding=3, groups=6)
-    assert torch.equal(dispatch.conv_forward(m, m.forward)(x), m(x))  # the default: the module's own
+    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "model")
+    assert torch.equal(dispatch.conv_forward(m, m.forward, in_mixer=True)(x), m(x))  # model: the module's own
     assert (m(x).double() - exact).abs().max() > 1e-4 * exact.abs().max()  # rounded to bf16
-    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "compute")
+    monkeypatch.delenv(dispatch.CONV_OUTPUT_ENV)  # the default
     assert torch.equal(dispatch.conv_forward(m, m.forward)(x), m(x))  # not a mixer's conv: its own dtype
     xg = x.clone().requires_grad_(True)
     out = dispatch.conv_forward(m, m.forward, in_mixer=True)(xg)
@@ -593,20 +596,20 @@ def test_mixer_conv_output_in_float32_on_request(monkeypatch):
     r, delta = MambaLRP(model).attribute(ids, target=3, return_convergence_delta=True)
     assert seen == [torch.float32, torch.float32]
     assert delta.abs().max() <= 1e-2 * r.float().abs().sum()  # conserved to bf16 rounding
-    monkeypatch.delenv(dispatch.CONV_OUTPUT_ENV)
+    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "model")
     seen.clear()
-    default = MambaLRP(model).attribute(ids, target=3)
-    assert seen == [torch.bfloat16, torch.bfloat16] and not torch.equal(default, r)
+    rounded = MambaLRP(model).attribute(ids, target=3)
+    assert seen == [torch.bfloat16, torch.bfloat16] and not torch.equal(rounded, r)
     for h in handles:
         h.remove()
     monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "fp32")
-    with pytest.raises(ValueError, match=r"CAPTUM_MAMBALRP_CONV_OUTPUT='fp32': set it to 'model' \(the default\) or 'compute'"):
+    with pytest.raises(ValueError, match=r"CAPTUM_MAMBALRP_CONV_OUTPUT='fp32': set it to 'compute' \(the default\) or 'model'"):
         MambaLRP(model).attribute(ids, target=3)
     assert all("forward" not in mod.__dict__ for mod in model.modules())  # the model as it was
 
 
 def test_conv_output_compute_in_models(monkeypatch):
-    """``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` reaches the mixers' convs only: a depthwise conv of the
+    """``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` (the default) reaches the mixers' convs only: a depthwise conv of the
     user's own after the backbone keeps its dtype (the layer after it reads bf16); a bf16 Mamba2
     pass and a sequence-chunked Falcon-Mamba pass conserve with it; ``recompute="auto"``'s estimate counts
     the wider conv output; recorded CUDA graphs are keyed by the package's settings."""
@@ -645,11 +648,13 @@ def test_conv_output_compute_in_models(monkeypatch):
         assert delta.abs().max() <= 1e-2 * r.float().abs().sum()  # conserved to bf16 rounding
     mixer = model.backbone.layers[0].mixer
     wide = mixer_bytes_per_token(mixer, torch.bfloat16)["kept"]
-    monkeypatch.delenv(dispatch.CONV_OUTPUT_ENV)
+    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "model")
     assert wide - mixer_bytes_per_token(mixer, torch.bfloat16)["kept"] == 2 * mixer.conv1d.out_channels
+    monkeypatch.delenv(dispatch.CONV_OUTPUT_ENV)
+    assert mixer_bytes_per_token(mixer, torch.bfloat16)["kept"] == wide  # the default: compute
     explainer = MambaLRP(model)
     state = explainer._graph_state()
-    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "compute")
+    monkeypatch.setenv(dispatch.CONV_OUTPUT_ENV, "model")
     assert explainer._graph_state() != state
 
 
@@ -689,7 +694,8 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     """On CUDA the depthwise causal conv kernel gives nn.Conv1d's value and input gradient (the
     mixers' transposed-view input, lengths over several tiles; for bf16 also its float32 output),
     and a whole MambaLRP pass with it and the other fused kernels (for bf16: the bf16-input gate and
-    SiLU) equals the pass with every fused kernel off, also with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``."""
+    SiLU) equals the pass with every fused kernel off, with the conv output in float32 (the default) and
+    with ``CAPTUM_MAMBALRP_CONV_OUTPUT=model``."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
     from captum_mambalrp import MambaLRP
@@ -712,13 +718,14 @@ def test_cuda_conv_kernel_equals_the_module(dtype, monkeypatch):
     cfg = FalconMambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
     model = FalconMambaForCausalLM(cfg).cuda().to(dtype).eval()
     ids = torch.randint(0, 64, (2, 200), device="cuda")
+    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_OUTPUT", "model")  # the conv output in the model's dtype
     fused = MambaLRP(model).attribute(ids, target=3)
-    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_OUTPUT", "compute")  # float32 conv output (bf16): kernels vs torch too
+    monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_OUTPUT")  # the default: float32 conv output (bf16), kernels vs torch too
     wide = MambaLRP(model).attribute(ids, target=3)
     monkeypatch.setenv("CAPTUM_MAMBALRP_FUSED", "0")
     monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_KERNEL", "0")
     wide_plain = MambaLRP(model).attribute(ids, target=3)
-    monkeypatch.delenv("CAPTUM_MAMBALRP_CONV_OUTPUT")
+    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_OUTPUT", "model")
     plain = MambaLRP(model).attribute(ids, target=3)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert (fused - plain).abs().max() <= tol * plain.abs().max()

@@ -258,7 +258,8 @@ def mixer_bytes_per_token(
     mixer without an ``in_proj`` linear layer, whose ``out_proj`` output alone is ``"output"``),
     ``"output"`` with it keeping only ``out_proj``'s output (its input and that output; infinite
     for a mixer without an ``out_proj`` linear layer); see the module docstring for the constants
-    (and ``"kept"`` grows by the conv output's wider bytes with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``).
+    (and for a bf16 / fp16 model ``"kept"`` grows by the conv output's float32 bytes, unless
+    ``CAPTUM_MAMBALRP_CONV_OUTPUT=model``).
 
     Returns:
         ``{"kept": ..., "input": ..., "projection": ..., "output": ...}`` (bytes per token).
@@ -285,7 +286,7 @@ def mixer_bytes_per_token(
     else:
         a, b = KEPT_UNFUSED
     conv = getattr(mixer, "conv1d", None)
-    wide_conv = 0.0  # CAPTUM_MAMBALRP_CONV_OUTPUT=compute: the conv output the rules keep is float32
+    wide_conv = 0.0  # bf16 / fp16 by default (CAPTUM_MAMBALRP_CONV_OUTPUT=compute): the conv output the rules keep is float32
     if isinstance(conv, nn.Conv1d) and conv_output_dtype(dtype) != dtype:
         wide_conv = float(conv.out_channels * (s_compute - s_model))
     return {

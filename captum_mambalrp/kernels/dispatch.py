@@ -296,31 +296,34 @@ def conv_applies(module: nn.Module, x: Tensor) -> bool:
     )
 
 
-#: the environment variable that sets the dtype of a bf16 / fp16 mixer conv's output: ``model``
-#: (the default: the input's dtype, as the module computes it) or ``compute`` (float32)
+#: the environment variable that sets the dtype of a bf16 / fp16 mixer conv's output: ``compute``
+#: (the default: float32) or ``model`` (the input's dtype, as the module computes it)
 CONV_OUTPUT_ENV = "CAPTUM_MAMBALRP_CONV_OUTPUT"
+CONV_OUTPUT_DEFAULT = "compute"
 
 
 def conv_output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a mixer conv's output for an input of ``dtype``: ``dtype`` itself, or float32
-    for bf16 / fp16 with ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``. The models' fused kernels
-    (causal-conv1d's conv with its SiLU, mamba-ssm's conv-and-scan) keep the conv's value in
-    float32 for the activation that follows; rounding it to bf16 there is one rounding per layer
-    more than that forward makes. ``compute`` removes it (on the CPU, bf16, pooled over seeds: the
-    pass's logits 3-6 % and its relevance 7-24 % closer to the float64 truth, docs/benchmarks.md)
-    at the price of the conv's output kept in float32 for the backward pass (2 more bytes per conv
-    channel and token, as ``benchmarks/memory_estimate.py --pure`` measures on the kernels' path;
-    Falcon-Mamba-7B: 1 MiB per token); its speed is not yet measured on the GPU.
+    """The dtype of a mixer conv's output for an input of ``dtype``: float32 for bf16 / fp16 (the
+    default, ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute``), ``dtype`` itself otherwise and with
+    ``CAPTUM_MAMBALRP_CONV_OUTPUT=model``. The models' fused kernels (causal-conv1d's conv with its
+    SiLU, mamba-ssm's conv-and-scan) keep the conv's value in float32 for the activation that
+    follows; rounding it to bf16 there is one rounding per layer more than that forward makes, and
+    rounds the gradient the conv's rule receives. Measured (docs/benchmarks.md, "conv output in
+    float32"): on the H200, bf16, three random models per shape, Falcon-Mamba-7B's explained score
+    5x and its relevance 1.6x closer to the float64 truth (both now closer than transformers' own
+    bf16 forward), Mamba2's logits and score closer too, for 2-5 % more time and the conv output
+    kept in float32 (2 more bytes per conv channel and token: Falcon-Mamba-7B, 1 MiB per token
+    where the whole pass is kept); ``model`` is the faster, less precise choice.
 
     Raises:
         ValueError: the variable holds another value.
 
-    >>> conv_output_dtype(torch.bfloat16), conv_output_dtype(torch.float32)
-    (torch.bfloat16, torch.float32)
+    >>> conv_output_dtype(torch.bfloat16), conv_output_dtype(torch.float64)
+    (torch.float32, torch.float64)
     """
-    value = os.environ.get(CONV_OUTPUT_ENV, "model")
+    value = os.environ.get(CONV_OUTPUT_ENV, CONV_OUTPUT_DEFAULT)
     if value not in ("model", "compute"):
-        raise ValueError(f"{CONV_OUTPUT_ENV}={value!r}: set it to 'model' (the default) or 'compute'")
+        raise ValueError(f"{CONV_OUTPUT_ENV}={value!r}: set it to 'compute' (the default) or 'model'")
     return torch.float32 if value == "compute" and dtype in LOW_PRECISION else dtype
 
 
@@ -331,8 +334,8 @@ def conv_forward(module: nn.Conv1d, own_forward: Callable[..., Tensor], in_mixer
     still run.
 
     The output's dtype is the input's, but in a sequence mixer (``in_mixer``, whose callers take the
-    activation in float32) :func:`conv_output_dtype`'s: float32 for a bf16 / fp16 input with
-    ``CAPTUM_MAMBALRP_CONV_OUTPUT=compute`` (summed in float32, not rounded).
+    activation in float32) :func:`conv_output_dtype`'s: float32 for a bf16 / fp16 input (summed in
+    float32, not rounded; the input's dtype with ``CAPTUM_MAMBALRP_CONV_OUTPUT=model``).
 
     >>> conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3).bfloat16().requires_grad_(False)
     >>> conv_forward(conv, conv.forward)(torch.randn(1, 4, 5).bfloat16()).dtype
