@@ -157,13 +157,16 @@ def test_estimate_counts_dtype():
         "projection": (d_model + width + out) * 4,
         "output": (d_model + out) * 4,
     }
-    assert bf16 == {
-        "kept": width * (3 * 2 + 2.75 * 4),
+    assert bf16 == {  # the conv output kept in float32 (CAPTUM_MAMBALRP_CONV_OUTPUT=compute, the default)
+        "kept": width * (3 * 2 + 2.75 * 4) + 2 * mixer.conv1d.out_channels,
         "input": d_model * 2,
         "projection": (d_model + width + out) * 2,
         "output": (d_model + out) * 2,
     }
     assert f64["kept"] == 2 * f32["kept"]
+    with pytest.MonkeyPatch.context() as mp:  # the conv output rounded to bf16: the fitted constants alone
+        mp.setenv("CAPTUM_MAMBALRP_CONV_OUTPUT", "model")
+        assert rc.mixer_bytes_per_token(mixer, torch.bfloat16)["kept"] == width * (3 * 2 + 2.75 * 4)
 
 
 def test_estimate_with_the_fused_kernels(monkeypatch):
@@ -177,6 +180,7 @@ def test_estimate_with_the_fused_kernels(monkeypatch):
     Mamba3 = type("Mamba3", (torch.nn.Module,), {"__module__": "mamba_ssm.modules.mamba3"})
     other = Mamba3()
     other.in_proj, other.dt_bias = torch.nn.Linear(8, 40), torch.nn.Parameter(torch.zeros(2))
+    monkeypatch.setenv("CAPTUM_MAMBALRP_CONV_OUTPUT", "model")  # the constants' fit (the float32 conv output: above)
     for mixer, (a, b) in ((mamba1, rc.KEPT_FUSED), (mamba2, rc.KEPT_FUSED), (other, rc.KEPT_FUSED_OTHER)):
         width = mixer.in_proj.out_features
         on, off = rc.mixer_bytes_per_token(mixer, torch.bfloat16, "cuda"), rc.mixer_bytes_per_token(mixer, torch.bfloat16)
