@@ -303,16 +303,22 @@ def part_time(a: argparse.Namespace) -> None:
             del lrp
             torch.cuda.empty_cache()
             lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=True, backend=a.backend)
-            lrp.attribute(ids[:, :4096] if long else ids, target=1)
-        else:  # the warm-up (compiles the kernels), outside the peak below
-            lrp.attribute(ids[:, :4096] if long else ids, target=1)
+        lrp.attribute(ids[:, :4096] if long else ids, target=1)  # the warm-up (or recording), outside the peak
+        spy.reset()
         base = memory.start()
         sync()
         t = time.perf_counter()
-        other = lrp.attribute(ids, target=1)
+        try:
+            other = lrp.attribute(ids, target=1)
+        except torch.cuda.OutOfMemoryError:  # the baseline's figures stand; this side's peak so far
+            row[f"{label}_error"] = "out of memory"
+            row[f"peak_before_error_{label}_gib"] = memory.peak(base) / 2**30
+            continue
         sync()
         first = time.perf_counter() - t
         row[f"peak_over_weights_{label}_gib"] = memory.peak(base) / 2**30
+        row[f"{label}_auto_mode"] = spy.summary()["mode"]  # the estimate may choose otherwise on this side
+        row[f"{label}_relevance_finite"] = bool(torch.isfinite(other).all())
         row[f"{label}_rel_l2"] = float((other.float() - relevance.float()).norm() / relevance.float().norm())
         del other
         seconds = [first] if reps == 1 else [first, best(lambda m=lrp: m.attribute(ids, target=1), reps - 1, warmup=0)]

@@ -6,7 +6,8 @@ A later file's row replaces an earlier one's for the same shape, batch, length, 
 failed) are left out. Goal lines: 2.5x for the 7B-class shapes in bf16, 2.0x for the 130M shapes in
 fp32, 40 % of the forward's tokens per second for a batch of 16 x 4096. A ``--decay-kernel
 compare`` row (eager) and an ``--ssd-kernel compare`` or ``--split-kernel compare`` row (eager or
-graph) count with the kernel, on by default.
+graph) count with the kernel, on by default; a ``--conv-output compare`` row with the float32 conv
+output, the default since run 12.
 
     R=docs/results/2026-12-02
     python3 benchmarks/plot_goals.py $R/h200_run7/gpu_scale_call{1,2,3,4,6}.jsonl \\
@@ -14,7 +15,8 @@ graph) count with the kernel, on by default.
         $R/h200_run8/nemotron_1x32768_call4.json $R/h200_run8/nemotron_16x4096_call4.json \\
         $R/h200_run9/gpu_scale_call2.jsonl $R/h200_run9/nemotron_16x4096_call2.json \\
         $R/h200_run9/nemotron_131072_call3.json docs/results/2026-12-03/h200_run10/gpu_scale_call3.jsonl \\
-        docs/results/2026-12-03/h200_run11/gpu_scale_call2.jsonl --out docs/img/issue14_goals.png
+        docs/results/2026-12-03/h200_run11/gpu_scale_call2.jsonl \\
+        docs/results/2026-12-03/h200_run12/gpu_scale_call{2,7}.jsonl --out docs/img/issue14_goals.png
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ def latest(paths: List[str]) -> Dict[Key, Dict[str, Any]]:
                 str(row.get("dtype")),
                 bool(row.get("cuda_graph")),
             )
-            compared = [k for k in ("ratio_ssd_kernel", "ratio_split_kernel") if row.get(k) is not None]
+            shipped = ("ratio_ssd_kernel", "ratio_split_kernel", "ratio_conv_compute")
+            compared = [k for k in shipped if row.get(k) is not None]
             if compared:
-                # ``--ssd-kernel compare`` (run 10 on) or ``--split-kernel compare`` (run 11 on): the
-                # kernel is on by default; a fresh graph is recorded for each half
+                # ``--ssd-kernel compare`` (run 10 on), ``--split-kernel compare`` (run 11 on) or
+                # ``--conv-output compare`` (run 12 on): the compared side is the default; a fresh
+                # graph is recorded for each half
                 row = {**row, "ratio": row[compared[0]]}
             elif row.get("ratio_decay_kernel") is not None and not row.get("cuda_graph"):
                 # ``--decay-kernel compare``: the kernel is the default since run 9 (run 9's graph

@@ -219,7 +219,7 @@ def test_half_precision_model():
     assert relevance.dtype == torch.float32 and torch.isfinite(relevance).all()
     explained = relevance.sum(1) + delta
     assert (delta.abs() <= 5e-2 * explained.abs().clamp_min(1e-2)).all()
-    assert float((relevance - full).norm() / full.norm()) <= 0.05  # 0.017 here (0.014-0.020 over seeds 8-10)
+    assert float((relevance - full).norm() / full.norm()) <= 0.05  # 0.018-0.021 over seeds 8-10
     assert torch.equal(relevance.abs().argmax(1), full.abs().argmax(1))  # the same most relevant token
 
 

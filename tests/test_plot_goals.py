@@ -70,6 +70,11 @@ def test_latest_rows_from_both_formats_and_the_figure(tmp_path):
     with_split = latest([str(ssd), str(split)])
     assert round(with_split[("mamba2_130m", 1, 16384, "float32", True)]["ratio"], 3) == 1.71
     assert round(with_split[("mamba2_130m", 1, 16384, "float32", False)]["ratio"], 3) == 2.10
+    # --conv-output compare (run 12 on): the float32 conv output is the default, its ratio counts
+    conv = tmp_path / "gpu_scale_conv.jsonl"
+    falcon = {"shape": "falcon7b", "dtype": "bfloat16", "length": 32768, "cuda_graph": False}
+    conv.write_text(json.dumps({**falcon, "ratio": 2.36, "ratio_conv_compute": 2.42}) + "\n")
+    assert round(latest([str(scale), str(conv)])[("falcon7b", 1, 32768, "bfloat16", False)]["ratio"], 3) == 2.42
     out = tmp_path / "goals.png"
     plot(got, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import fused_kernels_enabled
 
-#: ``applies(act_rule, y, z, act_is_silu)`` and ``kernel(y, z, transposed_out)``
+#: ``applies(act_rule, y, z, act_is_silu)`` and ``kernel(y, z, transposed_out, out_dtype)``
 GateEntry = Tuple[Callable[[object, Tensor, Tensor, bool], bool], Callable[[Tensor, Tensor, bool, Optional[torch.dtype]], Tensor]]
 
 
@@ -311,7 +311,7 @@ def conv_output_dtype(dtype: torch.dtype) -> torch.dtype:
     rounds the gradient the conv's rule receives. Measured (docs/benchmarks.md, "conv output in
     float32"): on the H200, bf16, three random models per shape, Falcon-Mamba-7B's explained score
     5x and its relevance 1.6x closer to the float64 truth (both now closer than transformers' own
-    bf16 forward), Mamba2's logits and score closer too, for 2-5 % more time and the conv output
+    bf16 forward); Mamba2's logits closer, its relevance not (0.187 -> 0.192); 2-5 % more time, the conv output
     kept in float32 (2 more bytes per conv channel and token: Falcon-Mamba-7B, 1 MiB per token
     where the whole pass is kept); ``model`` is the faster, less precise choice.
 

@@ -3,9 +3,11 @@ interpreter). Each computes in float32 what its torch definition computes:
 
 - :func:`epsilon_scaled`: ``grad * |z| / (|z| + eps)`` (``rules/linear.py``);
 - :func:`half_silu_gate`: ``y * silu(z)`` with the half and identity rules, forward and
-  backward (``rules/gate.py``; ``z`` may be bf16 / fp16 beside a float32 ``y``);
+  backward (``rules/gate.py``; ``z`` may be bf16 / fp16 beside a float32 ``y``; the result
+  rounded once to ``out_dtype``, the next layer's);
 - :func:`identity_silu_upcast`: the identity rule on ``silu(x.to(float32))`` of a float32, bf16
   or fp16 ``x``, keeping ``x`` rather than a float32 factor (``rules/activation.py``);
+  :func:`identity_silu_upcast_pair` also writes the result's copy in the model's dtype;
 - :func:`identity_silu_split`: the same rule on a Mamba2 mixer's conv output, with the slice,
   transpose and split into x and the SSM rule's constants B, C that follow it (``adapters/mamba2.py``);
 - :func:`reversed_prepare`, :func:`reversed_finish`: the steps around the reversed adjoint

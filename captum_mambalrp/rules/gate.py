@@ -49,7 +49,7 @@ def gate_with_activation(
     then stores its ``[b, r, c]`` result ``[b, c, r]``-contiguous, the layout the next linear
     layer reads."""
     fused = fused_gate(gate_rule, act_rule, y, z, is_silu(act), transposed_out, out_dtype)
-    if fused is not None:
-        return fused
+    if fused is not None:  # (a kernel that does not round to out_dtype itself is cast here)
+        return fused if out_dtype is None or fused.dtype == out_dtype else fused.to(out_dtype)
     out = gate_rule.gate(y, act_rule.activation(z.to(y.dtype), act))
     return out if out_dtype is None else out.to(out_dtype)
