@@ -3,6 +3,8 @@ against an independent step-by-step MambaLRP (the paper's PyTorch recipe)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,6 +158,28 @@ def test_gamma_rule_matches_explicit_formula():
     got = relevance_through(lambda t: rule.linear(lin, t, lin(t)), x, r_out)
     expected = lrp_gamma_loop(x, lin.weight.detach(), lin.bias.detach(), r_out, 0.25)
     assert torch.allclose(got, expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("rule", [GammaRule(gamma=0.25), EpsilonRule()], ids=["gamma", "epsilon"])
+def test_rules_on_zero_outputs_of_a_half_precision_layer(rule):
+    """An fp16 layer whose outputs are exactly zero (a padded token's, a bias-free layer on zeros):
+    the rule's factor is computed in float32, where its default stabiliser (1e-9, zero in fp16)
+    exists, so the relevance is zero there, not ``0 / 0``; elsewhere it equals the float32 rule's
+    to fp16 rounding."""
+    lin = nn.Linear(5, 4, bias=False)
+    x = torch.randn(3, 5)
+    x[1] = 0.0
+    r_out = torch.randn(3, 4)
+    half = copy.deepcopy(lin).half()
+
+    def gxi(layer, t, g):  # modified gradient x input, the gradient seeded with g (finite at zero outputs)
+        t = t.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(rule.linear(layer, t, layer(t)), t, g)
+        return (t * grad).detach().float()
+
+    got, want = gxi(half, x.half(), r_out.half()), gxi(lin, x, r_out)
+    assert torch.isfinite(got).all() and (got[1] == 0).all()
+    assert ((got - want).abs() <= 2e-2 * want.abs().max()).all()
 
 
 def depthwise_conv_matrices(weight, length, padding):

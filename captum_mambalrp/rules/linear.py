@@ -77,12 +77,21 @@ class EpsilonRule(MambaRule, CaptumEpsilonRule):
 
 def epsilon_scaled(grad: Tensor, z: Tensor, epsilon: float) -> Tensor:
     """``grad * |z| / (|z| + epsilon)``: ``grad`` times LRP-epsilon's factor
-    ``z / (z + epsilon * sign(z))`` (``sign(0) := 1``), written without the sign. On CUDA one
-    fused kernel (``kernels.elementwise``, computed in float32), elsewhere these operations."""
+    ``z / (z + epsilon * sign(z))`` (``sign(0) := 1``), written without the sign, returned in
+    ``grad``'s dtype. On CUDA one fused kernel (``kernels.elementwise``), elsewhere these
+    operations; both compute a bf16 / fp16 factor in float32, where the default ``epsilon`` (1e-9)
+    exists (fp16 rounds it to zero: ``0 / 0`` at an output that is exactly zero, a padded token's).
+
+    >>> epsilon_scaled(torch.ones(2).half(), torch.tensor([0.0, 2.0]).half(), 1e-9).tolist()
+    [0.0, 1.0]
+    """
     if grad.shape == z.shape and grad.dtype == z.dtype and fused_kernels_enabled(grad, z):
         from ..kernels import elementwise
 
         return elementwise.epsilon_scaled(grad, z, epsilon)
+    if z.dtype in (torch.bfloat16, torch.float16):
+        magnitude = z.abs().float()
+        return (grad.float() * (magnitude / (magnitude + epsilon))).to(grad.dtype)
     magnitude = z.abs()
     return grad * (magnitude / (magnitude + epsilon))
 
@@ -136,5 +145,7 @@ class GammaRule(MambaRule, CaptumGammaRule):
         z_up = affine(module, x_pos, w_pos, b_pos) + affine(module, x_neg, w_neg, None)
         z_down = affine(module, x_pos, w_neg, b_neg) + affine(module, x_neg, w_pos, None)
         zp = torch.where(z > 0, z_up, z_down)
-        ratio = (z / stabilize(zp, self.epsilon)).detach()
+        # the ratio of a bf16 / fp16 layer in float32, where epsilon exists (fp16 rounds 1e-9 to zero)
+        cd = torch.float32 if z.dtype in (torch.bfloat16, torch.float16) else z.dtype
+        ratio = (z.detach().to(cd) / stabilize(zp.detach().to(cd), self.epsilon)).to(z.dtype)
         return with_gradient_of(z, zp * ratio)
