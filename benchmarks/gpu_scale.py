@@ -34,10 +34,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -235,6 +236,22 @@ def record_decision(row: Dict[str, Any], spy: Any) -> None:
     row["auto_estimate_gib"] = decision.get("estimate_gib")
 
 
+def measured_call(lrp: Any, ids: torch.Tensor, memory: Memory, spy: Any) -> Tuple[Optional[torch.Tensor], float, float]:
+    """One attribution, timed and with its peak memory (GiB over what was allocated before it),
+    ``auto``'s decision recorded by ``spy``: ``(relevance, seconds, peak)``, relevance None when it
+    ran out of memory (the peak then up to the error)."""
+    spy.reset()
+    base = memory.start()
+    sync()
+    t = time.perf_counter()
+    try:
+        relevance = lrp.attribute(ids, target=1)
+    except torch.cuda.OutOfMemoryError:
+        return None, math.nan, memory.peak(base) / 2**30
+    sync()
+    return relevance, time.perf_counter() - t, memory.peak(base) / 2**30
+
+
 def part_time(a: argparse.Namespace) -> None:
     from captum_mambalrp import MambaLRP
 
@@ -273,21 +290,15 @@ def part_time(a: argparse.Namespace) -> None:
     row["backend"] = a.backend
     # warm-up (long: a short call compiles the kernels; with --cuda-graph this call records the graph)
     lrp.attribute(ids[:, :4096] if long else ids, target=1)
-    spy.reset()
-    base = memory.start()
-    sync()
-    t = time.perf_counter()
-    try:
-        relevance = lrp.attribute(ids, target=1)
-    except torch.cuda.OutOfMemoryError:
+    relevance, first, peak = measured_call(lrp, ids, memory, spy)
+    if relevance is None:
         row["error"] = "out of memory"
-        row["peak_before_error_gib"] = memory.peak(base) / 2**30
+        row["peak_before_error_gib"] = peak
         record_decision(row, spy)
         emit(row, a.out)
         return
-    sync()
-    times = [time.perf_counter() - t]
-    row["peak_over_weights_gib"] = memory.peak(base) / 2**30
+    times = [first]
+    row["peak_over_weights_gib"] = peak
     row["mib_per_token"] = row["peak_over_weights_gib"] * 1024 / tokens
     row["goal2_share"] = row["mib_per_token"] / GOAL2_MIB_PER_TOKEN
     row["relevance_finite"] = bool(torch.isfinite(relevance).all())
@@ -304,19 +315,12 @@ def part_time(a: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
             lrp = MambaLRP(model, recompute=recompute_option(a), cuda_graph=True, backend=a.backend)
         lrp.attribute(ids[:, :4096] if long else ids, target=1)  # the warm-up (or recording), outside the peak
-        spy.reset()
-        base = memory.start()
-        sync()
-        t = time.perf_counter()
-        try:
-            other = lrp.attribute(ids, target=1)
-        except torch.cuda.OutOfMemoryError:  # the baseline's figures stand; this side's peak so far
+        other, first, peak = measured_call(lrp, ids, memory, spy)
+        if other is None:  # the baseline's figures stand; this side's peak so far
             row[f"{label}_error"] = "out of memory"
-            row[f"peak_before_error_{label}_gib"] = memory.peak(base) / 2**30
+            row[f"peak_before_error_{label}_gib"] = peak
             continue
-        sync()
-        first = time.perf_counter() - t
-        row[f"peak_over_weights_{label}_gib"] = memory.peak(base) / 2**30
+        row[f"peak_over_weights_{label}_gib"] = peak
         row[f"{label}_auto_mode"] = spy.summary()["mode"]  # the estimate may choose otherwise on this side
         row[f"{label}_relevance_finite"] = bool(torch.isfinite(other).all())
         row[f"{label}_rel_l2"] = float((other.float() - relevance.float()).norm() / relevance.float().norm())
