@@ -89,11 +89,9 @@ def epsilon_scaled(grad: Tensor, z: Tensor, epsilon: float) -> Tensor:
         from ..kernels import elementwise
 
         return elementwise.epsilon_scaled(grad, z, epsilon)
-    if z.dtype in (torch.bfloat16, torch.float16):
-        magnitude = z.abs().float()
-        return (grad.float() * (magnitude / (magnitude + epsilon))).to(grad.dtype)
-    magnitude = z.abs()
-    return grad * (magnitude / (magnitude + epsilon))
+    cd = compute_dtype(z.dtype)  # float32 for bf16 / fp16 (the casts are no-ops otherwise)
+    magnitude = z.abs().to(cd)
+    return (grad.to(cd) * (magnitude / (magnitude + epsilon))).to(grad.dtype)
 
 
 class _EpsilonScale(torch.autograd.Function):
@@ -146,6 +144,6 @@ class GammaRule(MambaRule, CaptumGammaRule):
         z_down = affine(module, x_pos, w_neg, b_neg) + affine(module, x_neg, w_pos, None)
         zp = torch.where(z > 0, z_up, z_down)
         # the ratio of a bf16 / fp16 layer in float32, where epsilon exists (fp16 rounds 1e-9 to zero)
-        cd = torch.float32 if z.dtype in (torch.bfloat16, torch.float16) else z.dtype
+        cd = compute_dtype(z.dtype)
         ratio = (z.detach().to(cd) / stabilize(zp.detach().to(cd), self.epsilon)).to(z.dtype)
         return with_gradient_of(z, zp * ratio)
