@@ -10,6 +10,7 @@ Runnable in parts, one shape / length per invocation (each well under 10 minutes
     python benchmarks/gpu_scale.py throughput --shape falcon7b --batch 16 --length 4096          # goal 4
     python benchmarks/gpu_scale.py precision --shape mamba2_2p7b --layers 16 --hidden 1024 --length 4096  # goal 3
     python benchmarks/gpu_scale.py check --shape falcon7b --length 10000     # "sequence" == keep, on a reduced shape
+    python benchmarks/gpu_scale.py pool --shape falcon7b --dtypes bfloat16 --inputs run12.jsonl run13.jsonl  # goal 3 over runs
 
 Models: random weights made directly on the GPU in the dtype (transformers' initialisation),
 a 2-class head at the last token, batch 1 (throughput: the batch given), ids random.
@@ -385,9 +386,24 @@ def part_precision(a: argparse.Namespace) -> None:
         emit({"part": "precision_pooled", "shape": a.shape_for_precision, "seeds": a.seeds, **pooled}, a.out)
 
 
+def part_pool(a: argparse.Namespace) -> None:
+    """Goal 3 pooled over the models of several runs: the ``precision`` rows of ``--shape`` in the
+    files ``--inputs``, each as the pass ships now (``precision.rows_as_shipped``), one
+    ``precision_pooled`` row per dtype of ``--dtypes``. No GPU, no model."""
+    from precision import pooled_errors, rows_as_shipped
+
+    for name in a.dtypes.split(","):
+        rows = rows_as_shipped(a.inputs, a.shape, name)
+        emit(
+            {"part": "precision_pooled", "shape": a.shape, "seeds": [r["seed"] for r in rows], "sources": a.inputs}
+            | {name: pooled_errors(rows, name)},
+            a.out,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["time", "throughput", "precision", "check"])
+    p.add_argument("part", choices=["time", "throughput", "precision", "check", "pool"])
     p.add_argument("--shape", default="falcon7b", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--length", type=int, default=4096)
@@ -445,7 +461,10 @@ def main() -> None:
         )
     p.add_argument("--backend", default="auto", help="MambaLRP's scan backend (auto, torch, triton, mamba_ssm)")
     p.add_argument("--out", default="")
+    p.add_argument("--inputs", nargs="+", default=[], help="pool part: JSONL files of earlier precision parts")
     a = p.parse_args()
+    if a.part == "pool":
+        return part_pool(a)
     compares = [option for option, *_ in COMPARES.values() if getattr(a, option) == "compare"]
     if len(compares) > 1:
         p.error(f"one compare per run (the baseline is the pass without that switch), got {compares}")

@@ -13,8 +13,8 @@ most multiply-adds per byte, fractionally (a best case for this design), then pr
   ``in_proj``'s outputs of every mixer); ``kept``: the share of them that fits;
 - ``f``: the multiply-adds recomputed, as a share of the forward's;
 - ``floor = 2 + f``: the pass's cost in forwards if its linear layers were all of the work (the
-  scans, convolutions and element-wise work left out: the measured ratios lie above it, by 0.02
-  to 0.44 on the H200, docs/benchmarks.md).
+  scans, convolutions and element-wise work left out: an estimate, not a strict bound; the
+  measured ratios on the H200 lie from 0.05 below it to 0.44 above it, docs/benchmarks.md).
 
 Two best cases of modes the package does not have: ``--inputs-on-host`` moves the layer inputs
 that recomputation starts from off the device (as ``"offload"`` parks them, which keeps no

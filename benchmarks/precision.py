@@ -293,6 +293,32 @@ def pooled_errors(rows: List[Dict[str, Any]], name: str, variant: str = "") -> D
     return out
 
 
+def rows_as_shipped(paths: List[str], shape: str, name: str) -> List[Dict[str, Any]]:
+    """The ``precision`` rows of ``shape`` that carry dtype ``name`` in the JSONL files ``paths``
+    (``gpu_scale.py precision --out``), each as the pass ships now: a ``--conv-output compare`` row's
+    MambaLRP columns are its ``conv_compute`` sub-row's. A row written before run 12 without that
+    option ran the conv output rounded (the default then): pass only files of runs 12 and later, or
+    compare rows. Raises ``ValueError`` when the rows differ in shape (layers, d_model, length) or
+    repeat a seed, which would weigh one model twice."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("part") == "precision" and r.get("shape") == shape and name in r:
+                    sub = r[name].get("conv_compute", {})
+                    rows.append({**r, name: {**r[name], **sub}})
+    if not rows:
+        raise ValueError(f"no precision rows of shape {shape!r} with dtype {name!r} in {paths}")
+    sizes = {(r["layers"], r["hidden"], r["length"]) for r in rows}
+    if len(sizes) > 1:
+        raise ValueError(f"rows of different sizes (layers, d_model, length) {sorted(sizes)}: pool one size at a time")
+    seeds = [r["seed"] for r in rows]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"seed repeated in {seeds}: each model once (pass each run's file once)")
+    return rows
+
+
 def pooled(rows: List[Dict[str, Any]], name: str, variant: str = "") -> str:
     """:func:`pooled_errors` as one line."""
     e = pooled_errors(rows, name, variant)

@@ -6,6 +6,7 @@ that forward."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 
@@ -200,3 +201,41 @@ def test_precision_benchmark_reports_the_score_the_pass_explains(monkeypatch):
     delta = row["mambalrp_delta"]
     assert abs(delta) > 1e-4 * abs(logits[-1])  # a bf16 pass: sum R and the explained score differ
     assert abs(row["mambalrp_score"] - logits[-1]) <= 1e-6 * max(abs(logits[-1]), 1.0)
+
+
+def test_pooling_saved_rows_takes_the_shipped_pass_and_refuses_double_counting(tmp_path):
+    """``gpu_scale.py pool`` (``precision.rows_as_shipped``): a ``--conv-output compare`` row counts
+    with its ``conv_compute`` columns (the default since run 12), a plain row as it is; the pooled
+    score is ``|scores - truths| / |truths|`` over the models of every file; a seed given twice or
+    rows of two sizes are refused, as is a shape with no rows."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from precision import pooled_errors, rows_as_shipped
+
+    def row(seed, truth, theirs, ours, compute=None, length=4096):
+        cols = {"transformers_logit": theirs, "mambalrp_score": ours, "transformers_logits_relL2": 0.2}
+        cols.update(mambalrp_logits_relL2=0.3, transformers_hidden_relL2=0.1, transformers_gxi_relL2=0.4)
+        cols.update(mambalrp_relevance_relL2=0.25)
+        if compute is not None:
+            cols["conv_compute"] = {"mambalrp_score": compute, "mambalrp_relevance_relL2": 0.05}
+        meta = {"part": "precision", "shape": "falcon7b", "layers": 16, "hidden": 1024, "length": length}
+        return json.dumps({"truth_score": truth, "bfloat16": cols, "seed": seed, **meta})
+
+    old = tmp_path / "run12.jsonl"
+    old.write_text(row(0, 1.0, 1.1, 1.5, compute=1.0) + "\n" + json.dumps({"part": "precision_pooled"}) + "\n")
+    new = tmp_path / "run13.jsonl"
+    new.write_text(row(1, -2.0, -2.2, -2.1) + "\n")
+    rows = rows_as_shipped([str(old), str(new)], "falcon7b", "bfloat16")
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["bfloat16"]["mambalrp_score"] == 1.0 and rows[0]["bfloat16"]["mambalrp_relevance_relL2"] == 0.05
+    pooled = pooled_errors(rows, "bfloat16")
+    assert abs(pooled["mambalrp_score"] - 0.1 / 5**0.5) < 1e-12  # errors (0, 0.1) over truths (1, -2)
+    assert abs(pooled["transformers_score"] - (0.1**2 + 0.2**2) ** 0.5 / 5**0.5) < 1e-12
+    assert abs(pooled["mambalrp_relevance"] - 0.15) < 1e-12
+    with pytest.raises(ValueError, match="seed repeated"):
+        rows_as_shipped([str(old), str(old)], "falcon7b", "bfloat16")
+    other = tmp_path / "long.jsonl"
+    other.write_text(row(2, 1.0, 1.0, 1.0, length=8192) + "\n")
+    with pytest.raises(ValueError, match="different sizes"):
+        rows_as_shipped([str(new), str(other)], "falcon7b", "bfloat16")
+    with pytest.raises(ValueError, match="no precision rows of shape 'mamba2_2p7b'"):
+        rows_as_shipped([str(new)], "mamba2_2p7b", "bfloat16")
