@@ -18,7 +18,8 @@ output, the default since run 12.
         docs/results/2026-12-03/h200_run11/gpu_scale_call2.jsonl \\
         docs/results/2026-12-03/h200_run12/gpu_scale_call{2,7}.jsonl \\
         docs/results/2026-12-03/h200_run13/gpu_scale_call{3,4,6,7}.jsonl \\
-        docs/results/2026-12-03/h200_run13/nemotron_{16x4096_call6,1x32768_call6,1x4096_call7}.json --out docs/img/issue14_goals.png
+        docs/results/2026-12-03/h200_run13/nemotron_{16x4096_call6,1x32768_call6,1x4096_call7}.json \\
+        --out docs/img/issue14_goals.png
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from test_mamba2 import ids_for, make_mamba2
 from torch import nn
 
 from captum_mambalrp import LayerMambaLRP, MambaLRP
@@ -141,3 +142,76 @@ def test_the_embedded_model_loads_without_a_progress_bar(capfd):
     finally:
         if not was_on:
             logging.disable_progress_bar()
+
+
+def test_labels_are_refused_in_one_line():
+    """``labels=`` made the model compute its loss on the last position's logits alone (the
+    ``logits_to_keep`` shortcut) and fail on a shape inside torch; it is refused, ``None`` passes."""
+    model = make_mamba2().eval()
+    ids = ids_for(2, 7)
+    with pytest.raises(
+        ValueError, match=r"^attribute\(labels=\.\.\.\): labels make the model compute its loss, .*; leave labels out$"
+    ):
+        MambaLRP(model).attribute(ids, target=1, labels=ids)
+    assert untouched(model)
+    assert torch.isfinite(MambaLRP(model).attribute(ids, target=1, labels=None)).all()
+
+
+def test_a_hook_the_rules_skip_is_refused_and_a_hook_they_call_is_honoured():
+    """A user's hook on a Mamba2 mixer's gated norm, which the rules compute from its weight without
+    calling it, would change ``model(...)`` but not the explained output: refused after the forward
+    pass, the model and the hook left as they were. A hook on ``in_proj`` runs: the explained score is
+    the hooked model's logit."""
+    model = make_mamba2().double().eval()
+    ids = ids_for(1, 9)
+    with torch.no_grad():
+        plain = model(ids).logits
+    norm = model.backbone.layers[0].mixer.norm
+    handle = norm.register_forward_hook(lambda m, args, out: out * 0.5)
+    try:
+        with torch.no_grad():
+            hooked = model(ids).logits
+        assert not torch.allclose(hooked, plain)
+        with pytest.raises(
+            ValueError,
+            match=r"^backbone\.layers\.0\.mixer\.norm \(\w+\) has a hook, but MambaLRP's rules compute it inside "
+            r"backbone\.layers\.0\.mixer without",
+        ):
+            MambaLRP(model).attribute(ids, target=1)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, hooked)
+        assert list(norm._forward_hooks) == [handle.id]
+    finally:
+        handle.remove()
+    assert untouched(model)
+    proj = model.backbone.layers[1].mixer.in_proj
+    handle = proj.register_forward_hook(lambda m, args, out: out * 0.5)
+    try:
+        with torch.no_grad():
+            hooked = model(ids).logits[0, -1, 1].item()
+        relevance, delta = MambaLRP(model).attribute(ids, target=1, return_convergence_delta=True)
+        explained = (relevance.sum() + delta.sum()).item()
+        assert abs(hooked - plain[0, -1, 1].item()) > 1e-3 * abs(hooked)
+        assert abs(explained - hooked) <= 1e-6 * abs(hooked)
+    finally:
+        handle.remove()
+    assert untouched(model)
+
+
+def test_layer_reads_that_cannot_be_made_say_where_to_read():
+    """An embedding's input (token ids) and a module the rules compute without calling it (a
+    mixer's ``act``) used to fail as "did not run in the forward pass"; each now names why and where
+    to read instead, and the model is left as it was."""
+    model = make_mamba2().eval()
+    ids = ids_for(1, 6)
+    with pytest.raises(
+        ValueError, match=r"the input of Embedding holds no floating-point tensor .*\(attribute_to_layer_input=False\)$"
+    ):
+        LayerMambaLRP(model, "backbone.embeddings").attribute(ids, target=1, attribute_to_layer_input=True)
+    with pytest.raises(
+        ValueError, match=r"^backbone\.layers\.0\.mixer\.act \(\w+\) is computed inside backbone\.layers\.0\.mixer by"
+    ):
+        LayerMambaLRP(model, "backbone.layers.0.mixer.act").attribute(ids, target=1)
+    assert untouched(model)
+    relevance = LayerMambaLRP(model, "backbone.embeddings").attribute(ids, target=1)
+    assert relevance.shape == (1, 6, 16) and torch.isfinite(relevance).all()

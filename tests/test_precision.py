@@ -51,6 +51,27 @@ def test_float64_mamba2_conserves_to_1e10():
     _check_float64(model, ids_for(2, 21), target=2)
 
 
+def test_float64_lm_head_rounds_only_the_score_to_float32():
+    """transformers' Mamba2 LM head casts its logits to float32 (``.float()``) in a float64 model
+    (docs/usage.md): the relevance stays float64 and sums to the head's float64 logit, the
+    explained score is that logit rounded to float32, and the two lie one float32 rounding apart."""
+    model = make_mamba2(num_hidden_layers=3, residual_in_fp32=False).double().eval()
+    ids = ids_for(2, 21)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    try:
+        relevance, delta = MambaLRP(model).attribute(ids, target=2, return_convergence_delta=True)
+    finally:
+        handle.remove()
+    head = seen[0][:, -1, 2]
+    assert head.dtype == torch.float64 and relevance.dtype == torch.float64
+    total = relevance.sum(dim=tuple(range(1, relevance.dim())))
+    assert (total - head).abs().max() <= 1e-10 * max(head.abs().max().item(), 1.0)
+    explained = total + delta
+    assert torch.equal(explained.float().double(), explained)  # a float32 value
+    assert ((explained - head).abs() <= 2**-24 * head.abs()).all() and (explained != head).any()
+
+
 def test_float64_mamba_ssm_conserves_to_1e10():
     from test_mamba_ssm import make_ssm_lm
 

@@ -54,6 +54,15 @@ class Installation:
     recomputed_layers: List[str] = field(default_factory=list)
     #: the composite's override keys that chose a rule (for ``Composite.check_overrides_used``)
     matched_keys: Set[str] = field(default_factory=set)
+    #: the modules whose computation the rules took over (mixers, norms, MLPs, ...): modules
+    #: inside them may be computed from their weights without being called (:meth:`owner`)
+    taken_over: Set[str] = field(default_factory=set)
+
+    def owner(self, name: str) -> Optional[str]:
+        """The taken-over module that module ``name`` lies strictly inside (``None``: none)."""
+        parts = name.split(".")
+        inside = (".".join(parts[:k]) for k in range(1, len(parts)) if ".".join(parts[:k]) in self.taken_over)
+        return next(inside, "" if name and "" in self.taken_over else None)
 
     def table(self) -> str:
         width = max((len(c.name) for c in self.components), default=10)
@@ -199,7 +208,7 @@ def install_rules(
     tracked = composite.tracking()
     inst.matched_keys = tracked.matched
     composite = tracked
-    done: Set[str] = set()  # subtrees already handled
+    done: Set[str] = inst.taken_over  # subtrees already handled
 
     for name, module in model.named_modules():
         if name and ("" in done or _inside(name, done)):

@@ -9,7 +9,7 @@ always restores the model, also when an error is raised.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,9 @@ class Capture:
     leaf: Optional[Tensor] = None
     tensors: List[Tensor] = field(default_factory=list)
 
+    #: the module ran in the forward pass (its output or input seen, tensors or not)
+    ran: bool = False
+
     def _grab(self, value: Any) -> Any:
         """Make ``value`` (a tensor or a tuple holding tensors) part of the graph and keep it.
         A module inside a recomputed mixer runs again in the backward pass: that call makes the
@@ -51,10 +54,77 @@ class Capture:
         if self.module is None:
             return
         if self.where == "output":
-            hook = self.module.register_forward_hook(lambda m, args, out: self._grab(out))
+            hook = self.module.register_forward_hook(lambda m, args, out: self._seen(out))
         else:
-            hook = self.module.register_forward_pre_hook(lambda m, args: self._grab(tuple(args))[:1] + tuple(args[1:]))
+            hook = self.module.register_forward_pre_hook(lambda m, args: self._seen(tuple(args))[:1] + tuple(args[1:]))
         patcher.add_handle(hook)
+
+    def _seen(self, value: Any) -> Any:
+        self.ran = True
+        return self._grab(value)
+
+    def check_read(self, model: nn.Module, inst: Installation) -> None:
+        """After the forward pass: relevance was read here, else say why not.
+
+        Raises:
+            ValueError: the module ran but its input (output) holds no floating-point tensor
+                (an embedding's token ids), or the rules compute it inside a taken-over module
+                without calling it.
+            RuntimeError: it did not run.
+        """
+        if self.tensors or self.module is None:
+            return
+        kind = type(self.module).__name__
+        if self.ran:
+            other = "output (attribute_to_layer_input=False)" if self.where == "input" else "input"
+            raise ValueError(
+                f"the {self.where} of {kind} holds no floating-point tensor (token ids carry no relevance); "
+                f"read it at the {other}"
+            )
+        name = next((n for n, m in model.named_modules() if m is self.module), "")
+        owner = inst.owner(name)
+        if owner is not None:
+            raise ValueError(
+                f"{name} ({kind}) is computed inside {owner or 'the model'} by MambaLRP's rules without calling the module, "
+                f"so relevance cannot be read there; read it at {owner or 'the model'} or at a linear layer inside it"
+            )
+        raise RuntimeError(f"{kind} did not run in the forward pass; cannot read relevance there")
+
+
+#: the hooks a module holds: forward, forward-pre, backward and backward-pre
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooked_modules(model: nn.Module) -> Dict[int, str]:
+    """``id -> name`` of the modules of ``model`` that hold a hook (before MambaLRP adds its own)."""
+    return {id(m): n for n, m in model.named_modules() if any(getattr(m, d, None) for d in _HOOK_DICTS)}
+
+
+def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installation, patcher: Patcher) -> Callable[[], None]:
+    """Watch the hooked modules (:func:`hooked_modules`) inside taken-over ones; the returned check,
+    run after the forward pass, refuses a hook whose module the rules computed without calling it:
+    the model's own forward would apply the hook, the explained output would not.
+
+    Raises (the check):
+        ValueError: the first such module, where its computation is, and what to do.
+    """
+    watched = {name: inst.owner(name) for name in hooked.values()}
+    watched = {name: owner for name, owner in watched.items() if owner is not None}
+    ran: Set[str] = set()
+    modules = dict(model.named_modules())
+    for name in watched:
+        patcher.add_handle(modules[name].register_forward_pre_hook(lambda m, args, n=name: ran.add(n)))
+
+    def check() -> None:
+        for name, owner in watched.items():
+            if name not in ran:
+                raise ValueError(
+                    f"{name} ({type(modules[name]).__name__}) has a hook, but MambaLRP's rules compute it inside "
+                    f"{owner or 'the model'} without calling the module, so the hook would not act on the explained "
+                    f"output; remove the hook, or hook {owner or 'the model'} or a linear layer inside it, which run"
+                )
+
+    return check
 
 
 def relevance_pass(
@@ -69,14 +139,17 @@ def relevance_pass(
     explained score per example (``select(scores)``, e.g. a
     :class:`~captum_mambalrp.attribution.targets.TargetSelector`)."""
     patcher = Patcher()
+    hooked = hooked_modules(model)  # the user's hooks, before the rules and captures add theirs
     try:
         patcher.freeze_parameters(model)
         patcher.load_offloaded(model)  # accelerate's offloaded weights, for the pass (see Patcher)
         inst = install(patcher)
         if verbose:
             print(inst.table())
+        check_hooks = watch_skipped_hooks(model, hooked, inst, patcher)
         for c in captures:
             c.tensors.clear()
+            c.ran = False
             if c.leaf is not None:
                 c.tensors.append(c.leaf)
             c.install(patcher)
@@ -91,10 +164,10 @@ def relevance_pass(
         )
         with torch.enable_grad(), planned(plan):
             scores = output_scores(call.run(model))
+            check_hooks()
             explained = select(scores)
             for c in captures:
-                if not c.tensors:
-                    raise RuntimeError(f"{type(c.module).__name__} did not run in the forward pass; cannot read relevance there")
+                c.check_read(model, inst)
             flat = [t for c in captures for t in c.tensors]
             grads = torch.autograd.grad(explained.sum(), flat, allow_unused=True)
     finally:

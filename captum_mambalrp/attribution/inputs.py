@@ -7,7 +7,7 @@ import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +83,27 @@ def _accepts(params: Dict[str, inspect.Parameter], name: str) -> bool:
 
 #: ``attribute``'s own keywords: a keyword close to one of them is a typo, not a model argument
 ATTRIBUTE_KEYWORDS = ("target", "additional_forward_args", "return_convergence_delta", "verbose", "attention_mask")
+
+
+#: the model's keywords that make it compute its training loss, which is not what is explained
+LOSS_KEYWORDS = ("labels",)
+
+
+def check_no_loss(kwargs: Dict[str, Any], positional: List[str], extra: Tuple[Any, ...]) -> None:
+    """Refuse ``labels`` (a keyword or Captum's ``additional_forward_args``), unless ``None``: the
+    model would compute its loss, which is not the explained output, and with the last position's
+    logits alone (:func:`last_logits_only`) fail on a shape deep inside torch.
+
+    Raises:
+        ValueError: the keyword, and to leave it out.
+    """
+    for key in LOSS_KEYWORDS:
+        value = kwargs.get(key, extra[positional.index(key)] if key in positional else None)
+        if value is not None:
+            raise ValueError(
+                f"attribute({key}=...): {key} make the model compute its loss, which MambaLRP does not explain "
+                f"(target= chooses the explained output); leave {key} out"
+            )
 
 
 def check_keywords(model: nn.Module, params: Dict[str, inspect.Parameter], kwargs: Dict[str, Any]) -> None:
@@ -263,6 +284,7 @@ def build_call(
     names = list(params)
     # find the attention mask among the positional extras (Captum passes them positionally)
     positional = names[1 : 1 + len(extra)]
+    check_no_loss(kwargs, positional, extra)
     if attention_mask is None and "attention_mask" in positional:
         attention_mask = extra[positional.index("attention_mask")]
     if attention_mask is None and "attention_mask" in kwargs:
