@@ -8,6 +8,7 @@ always restores the model, also when an error is raised.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from ..adapters import Installation, Patcher
 from ..adapters.recompute import plan_for, planned
 from ..scan.precision import compute_dtype
-from .inputs import ForwardCall
+from .inputs import ForwardCall, caller_level
 from .targets import output_scores
 
 Selector = Callable[[Tensor], Tensor]  # scores -> the explained score per example [B]
@@ -102,27 +103,31 @@ def hooked_modules(model: nn.Module) -> Dict[int, str]:
 
 def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installation, patcher: Patcher) -> Callable[[], None]:
     """Watch the hooked modules (:func:`hooked_modules`) inside taken-over ones; the returned check,
-    run after the forward pass, refuses a hook whose module the rules computed without calling it:
-    the model's own forward would apply the hook, the explained output would not.
+    run after the forward pass, warns of hooks whose modules the rules computed without calling
+    them: the model's own forward applies such a hook, the explained output does not (a hook that
+    only records sees nothing; one that changes the output is not explained).
 
-    Raises (the check):
-        ValueError: the first such module, where its computation is, and what to do.
+    Warns (the check):
+        UserWarning: the first such module, where its computation is, and how many there are.
     """
-    watched = {name: inst.owner(name) for name in hooked.values()}
-    watched = {name: owner for name, owner in watched.items() if owner is not None}
+    owners = {name: inst.owner(name) for name in hooked.values()}
+    watched = {name: owner for name, owner in owners.items() if owner is not None}
     ran: Set[str] = set()
     modules = dict(model.named_modules())
     for name in watched:
         patcher.add_handle(modules[name].register_forward_pre_hook(lambda m, args, n=name: ran.add(n)))
 
     def check() -> None:
-        for name, owner in watched.items():
-            if name not in ran:
-                raise ValueError(
-                    f"{name} ({type(modules[name]).__name__}) has a hook, but MambaLRP's rules compute it inside "
-                    f"{owner or 'the model'} without calling the module, so the hook would not act on the explained "
-                    f"output; remove the hook, or hook {owner or 'the model'} or a linear layer inside it, which run"
-                )
+        skipped = [name for name in watched if name not in ran]
+        if skipped:
+            name, owner = skipped[0], watched[skipped[0]] or "the model"
+            more = f" (and {len(skipped) - 1} more hooked modules)" if len(skipped) > 1 else ""
+            warnings.warn(
+                f"{name} ({type(modules[name]).__name__}) has a hook{more}, but MambaLRP's rules compute it inside "
+                f"{owner} without calling the module: the hook does not run, and the explained output is the model's "
+                f"without it; to explain a changed output, hook {owner} or a linear layer inside it, which run",
+                stacklevel=caller_level(),
+            )
 
     return check
 

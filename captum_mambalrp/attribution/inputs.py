@@ -149,12 +149,12 @@ def warn_unmasked_padding(model: nn.Module, ids: Tensor) -> None:
             warnings.warn(
                 f"rows {shown} of the inputs {side} with the pad token ({pad}) but no attention_mask was given: "
                 "their padding is read as text and, at the end, explained; pass attention_mask=enc['attention_mask']",
-                stacklevel=_caller_level(),
+                stacklevel=caller_level(),
             )
             return
 
 
-def _caller_level() -> int:
+def caller_level() -> int:
     """``warnings.warn``'s ``stacklevel`` of the first frame outside this package and Captum (the
     user's ``attribute`` call, through Captum's and our wrappers)."""
     frame: Optional[Any] = sys._getframe(1)
