@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_lm, zero_biases
 from test_mamba2 import ids_for, make_mamba2
 from torch import nn
 
@@ -220,3 +221,49 @@ def test_layer_reads_that_cannot_be_made_say_where_to_read():
     assert untouched(model)
     relevance = LayerMambaLRP(model, "backbone.embeddings").attribute(ids, target=1)
     assert relevance.shape == (1, 6, 16) and torch.isfinite(relevance).all()
+
+
+def test_a_mask_captum_passes_by_position_onto_inputs_embeds_is_refused():
+    """Captum passes ``additional_forward_args`` by position: ``MambaForCausalLM`` takes
+    ``attention_mask`` second and uses the mask; ``Mamba2ForCausalLM`` takes ``inputs_embeds`` there,
+    where transformers' own error ("exactly one of input_ids or inputs_embeds") named no cause."""
+    ids = ids_for(2, 7)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    model = make_mamba2().eval()
+    with pytest.raises(
+        ValueError,
+        match=r"^additional_forward_args\[0\] would reach Mamba2ForCausalLM\.forward as inputs_embeds .*attention_mask=\.\.\.$",
+    ):
+        MambaLRP(model).attribute(ids, target=1, additional_forward_args=(mask,))
+    assert untouched(model)
+    keyword = MambaLRP(model).attribute(ids, target=1, attention_mask=mask)
+    assert (keyword[0, :2] == 0).all() and torch.isfinite(keyword).all()
+    mamba = zero_biases(make_lm("mamba", num_hidden_layers=2)).eval()
+    by_position = MambaLRP(mamba).attribute(ids, target=1, additional_forward_args=(mask,))
+    assert torch.equal(by_position, MambaLRP(mamba).attribute(ids, target=1, attention_mask=mask))
+    assert (by_position[0, :2] == 0).all()
+
+
+def test_a_tokenizers_output_works_spread_and_gets_a_hint_whole(embedded):
+    """``attribute(**enc, target=...)`` takes ``input_ids`` (and the mask) from the tokenizer's
+    output, as transformers models do; ``enc`` itself, a list and ``[L]`` ids get a line with the fix."""
+    model, enc = embedded
+    lrp = MambaLRP(model)
+    spread = lrp.attribute(**enc, target="joy")
+    assert torch.equal(spread, lrp.attribute(enc["input_ids"], target="joy", attention_mask=enc["attention_mask"]))
+    layer = LayerMambaLRP(model, "backbone.layers.0")
+    assert torch.equal(
+        layer.attribute(**enc, target="joy"), layer.attribute(enc["input_ids"], target="joy", attention_mask=enc["attention_mask"])
+    )
+    with pytest.raises(TypeError, match=r"^inputs is a BatchEncoding .*: pass enc\['input_ids'\] and attention_mask="):
+        lrp.attribute(enc, target="joy")
+    with pytest.raises(TypeError, match=r"got list: make one with tokenizer\(texts, return_tensors='pt'\)"):
+        lrp.attribute(enc["input_ids"][0].tolist(), target="joy")
+    with pytest.raises(TypeError, match=r"one sequence without a batch dimension: pass ids\.unsqueeze\(0\)"):
+        lrp.attribute(enc["input_ids"][0], target="joy")
+    with pytest.raises(TypeError, match=r"^attribute\(\) needs inputs: token ids"):
+        lrp.attribute(target="joy")
+    with pytest.raises(TypeError, match=r"^inputs given twice, positionally and as input_ids="):
+        lrp.attribute(enc["input_ids"], target="joy", input_ids=enc["input_ids"])
+    assert untouched(model)

@@ -6,6 +6,7 @@ import difflib
 import inspect
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -83,6 +84,28 @@ def _accepts(params: Dict[str, inspect.Parameter], name: str) -> bool:
 
 #: ``attribute``'s own keywords: a keyword close to one of them is a typo, not a model argument
 ATTRIBUTE_KEYWORDS = ("target", "additional_forward_args", "return_convergence_delta", "verbose", "attention_mask")
+
+
+def inputs_from_keywords(inputs: Any, forward_kwargs: Dict[str, Any]) -> Any:
+    """``attribute(**enc, target=...)``: the ``input_ids`` (or ``inputs_embeds``) keyword, taken out
+    of ``forward_kwargs``, as the inputs when none are given positionally.
+
+    Raises:
+        TypeError: no inputs at all, both keywords, or inputs given twice.
+    """
+    given = [k for k in ("input_ids", "inputs_embeds") if forward_kwargs.get(k) is not None]
+    if inputs is None:
+        if len(given) != 1:
+            raise TypeError(
+                "give input_ids or inputs_embeds, not both"
+                if given
+                else "attribute() needs inputs: token ids [B, L] (or input_ids=...) or embeddings [B, L, H] "
+                "(or inputs_embeds=...)"
+            )
+        return forward_kwargs.pop(given[0])
+    if given:
+        raise TypeError(f"inputs given twice, positionally and as {given[0]}=...: pass them once")
+    return inputs
 
 
 #: the model's keywords that make it compute its training loss, which is not what is explained
@@ -184,8 +207,21 @@ def _takes_use_cache(model: nn.Module, params: Dict[str, inspect.Parameter]) -> 
 def check_inputs(inputs: Tensor, embedding: Optional[nn.Embedding]) -> bool:
     """Validate ``inputs``; True for token ids ``[B, L]``, False for embeddings ``[B, L, H]`` (or images
     ``[B, C, H, W]`` for a model without token embedding)."""
+    if isinstance(inputs, Mapping):  # a tokenizer's BatchEncoding, a dict
+        raise TypeError(
+            f"inputs is a {type(inputs).__name__} (a tokenizer's output?): pass enc['input_ids'] and "
+            "attention_mask=enc['attention_mask'], or attribute(**enc, target=...)"
+        )
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor of token ids [B, L] or embeddings [B, L, H]; got {type(inputs).__name__}")
+        raise TypeError(
+            f"inputs must be a torch.Tensor of token ids [B, L] or embeddings [B, L, H]; got {type(inputs).__name__}: "
+            "make one with tokenizer(texts, return_tensors='pt') or torch.tensor(...)"
+        )
+    if inputs.dim() == 1 and not inputs.is_floating_point():
+        raise TypeError(
+            f"inputs of shape {tuple(inputs.shape)} are one sequence without a batch dimension: pass ids.unsqueeze(0) "
+            "(token ids are [B, L])"
+        )
     if inputs.dim() == 2 and inputs.is_floating_point():
         raise TypeError(
             f"inputs is a floating-point tensor of shape {tuple(inputs.shape)}, where token ids are expected: "
@@ -285,6 +321,12 @@ def build_call(
     # find the attention mask among the positional extras (Captum passes them positionally)
     positional = names[1 : 1 + len(extra)]
     check_no_loss(kwargs, positional, extra)
+    if token_ids and "inputs_embeds" in positional and extra[positional.index("inputs_embeds")] is not None:
+        k = positional.index("inputs_embeds")
+        raise ValueError(
+            f"additional_forward_args[{k}] would reach {type(model).__name__}.forward as inputs_embeds (its parameter "
+            f"{k + 2}; Captum passes them by position) beside the token ids; pass an attention mask as attention_mask=..."
+        )
     if attention_mask is None and "attention_mask" in positional:
         attention_mask = extra[positional.index("attention_mask")]
     if attention_mask is None and "attention_mask" in kwargs:

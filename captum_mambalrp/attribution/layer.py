@@ -125,7 +125,7 @@ class LayerMambaLRP(MambaLRPOptions, LayerGradientXActivation):
 
     def attribute(  # type: ignore[override]
         self,
-        inputs: Union[Tensor, tuple],
+        inputs: Union[Tensor, tuple, None] = None,
         target: TargetLike = None,
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,

@@ -19,7 +19,7 @@ from ..scan import BACKENDS
 from .batching import bounds, call_part, joined, target_part
 from .cuda_graphs import GraphCache
 from .engine import Capture, Selector, relevance_pass
-from .inputs import ForwardCall, build_call, check_inputs, last_logits_only
+from .inputs import ForwardCall, build_call, check_inputs, inputs_from_keywords, last_logits_only
 from .targets import TargetLike, TargetSelector, resolve_class_names
 
 R = TypeVar("R")  # what a pass returns as relevance: one tensor, or one per layer
@@ -116,7 +116,7 @@ class MambaLRPOptions:
 
     def _forward_call(
         self,
-        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        inputs: Union[Tensor, Tuple[Tensor, ...], None],
         additional_forward_args: Any,
         attention_mask: Optional[Tensor],
         forward_kwargs: Dict[str, Any],
@@ -124,6 +124,7 @@ class MambaLRPOptions:
     ) -> Tuple[ForwardCall, Tensor, bool]:
         """``(forward call, the input tensor, whether it came as a 1-tuple)``, after checking the
         inputs (token ids or embeddings) and the mask against the model."""
+        inputs = inputs_from_keywords(inputs, forward_kwargs)
         is_tuple = isinstance(inputs, tuple)
         if is_tuple:
             if len(inputs) != 1:
@@ -290,7 +291,7 @@ class MambaLRP(MambaLRPOptions, LRP):
     @log_usage()
     def attribute(  # type: ignore[override]
         self,
-        inputs: Union[Tensor, Tuple[Tensor]],
+        inputs: Union[Tensor, Tuple[Tensor], None] = None,
         target: TargetLike = None,
         additional_forward_args: Any = None,
         return_convergence_delta: bool = False,
@@ -303,7 +304,8 @@ class MambaLRP(MambaLRPOptions, LRP):
         Args:
             inputs: token ids ``[B, L]`` (relevance ``[B, L]``, summed over the hidden
                 size) or embeddings ``[B, L, H]`` (relevance ``[B, L, H]``). A 1-tuple of
-                a tensor is accepted and gives a 1-tuple back, as in Captum.
+                a tensor is accepted and gives a 1-tuple back, as in Captum. Or as the keyword
+                ``input_ids=`` / ``inputs_embeds=``: ``attribute(**tokenizer(texts, return_tensors="pt"), target=...)``.
             target: which score to explain; see :mod:`captum_mambalrp.attribution.targets`.
                 For ``[B, L, C]`` logits an int is that class at the last real token.
             additional_forward_args: passed to the model after ``inputs``, as in Captum.
