@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=$(bash scripts/python_env.sh)  # $PYTHON or python3; a system-managed Python gets a .venv
 export PYTHON
-# a first run installs (about a minute, its output hidden): say so, unless all is there already
+# a first run installs (about a minute, its output hidden) and says so; once all is there, later
+# runs go straight to the explanation (bash scripts/setup.sh viz updates an installation)
 if ! "$PYTHON" - 2>/dev/null <<'PY'; then
 import sys
 from importlib.metadata import version
@@ -14,7 +15,7 @@ for name in ("captum-mambalrp", "captum", "transformers", "matplotlib", "ipython
 sys.exit(tuple(int(x) for x in version("torch").split("+")[0].split(".")[:2]) < (2, 13))
 PY
   echo "explain.sh: installing captum-mambalrp and its dependencies (first run: about a minute)..." >&2
+  bash scripts/setup.sh viz >/dev/null
 fi
-bash scripts/setup.sh viz >/dev/null
 if [ $# -eq 0 ]; then set -- "i feel so happy and loved today"; fi
 exec "$PYTHON" -m captum_mambalrp explain --color "$@"
