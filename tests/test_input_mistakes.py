@@ -253,9 +253,8 @@ def test_a_tokenizers_output_works_spread_and_gets_a_hint_whole(embedded):
     spread = lrp.attribute(**enc, target="joy")
     assert torch.equal(spread, lrp.attribute(enc["input_ids"], target="joy", attention_mask=enc["attention_mask"]))
     layer = LayerMambaLRP(model, "backbone.layers.0")
-    assert torch.equal(
-        layer.attribute(**enc, target="joy"), layer.attribute(enc["input_ids"], target="joy", attention_mask=enc["attention_mask"])
-    )
+    by_name = layer.attribute(enc["input_ids"], target="joy", attention_mask=enc["attention_mask"])
+    assert torch.equal(layer.attribute(**enc, target="joy"), by_name)
     with pytest.raises(TypeError, match=r"^inputs is a BatchEncoding .*: pass enc\['input_ids'\] and attention_mask="):
         lrp.attribute(enc, target="joy")
     with pytest.raises(TypeError, match=r"got list: make one with tokenizer\(texts, return_tensors='pt'\)"):
