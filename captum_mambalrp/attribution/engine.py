@@ -112,6 +112,8 @@ def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installa
     """
     owners = {name: inst.owner(name) for name in hooked.values()}
     watched = {name: owner for name, owner in owners.items() if owner is not None}
+    if not watched:  # the usual case: no hook, or none inside a taken-over module
+        return lambda: None
     ran: Set[str] = set()
     modules = dict(model.named_modules())
     for name in watched:
