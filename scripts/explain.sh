@@ -7,11 +7,24 @@ PYTHON=$(bash scripts/python_env.sh)  # $PYTHON or python3; a system-managed Pyt
 export PYTHON
 # a first run installs (about a minute, its output hidden) and says so; once all is there, later
 # runs go straight to the explanation (bash scripts/setup.sh viz updates an installation)
-if ! "$PYTHON" - 2>/dev/null <<'PY'; then
+# (-P: not this folder's captum_mambalrp.egg-info; the installed version must be this checkout's and
+# every requirement of the package with its viz extra met, as setup.cfg bounds them)
+if ! "$PYTHON" -P - 2>/dev/null <<'PY'; then
+import configparser
 import sys
-from importlib.metadata import version
-for name in ("captum-mambalrp", "captum", "transformers", "matplotlib", "ipython"):
-    version(name)
+from importlib.metadata import requires, version
+
+from packaging.requirements import Requirement
+
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+if version("captum-mambalrp") != cfg["metadata"]["version"]:
+    sys.exit(1)
+for line in requires("captum-mambalrp") or []:
+    req = Requirement(line)
+    if req.marker is None or req.marker.evaluate({"extra": "viz"}):
+        if not req.specifier.contains(version(req.name), prereleases=True):
+            sys.exit(1)
 sys.exit(tuple(int(x) for x in version("torch").split("+")[0].split(".")[:2]) < (2, 13))
 PY
   echo "explain.sh: installing captum-mambalrp and its dependencies (first run: about a minute)..." >&2

@@ -160,9 +160,10 @@ def test_labels_are_refused_in_one_line():
 
 def test_a_hook_the_rules_skip_is_named_and_a_hook_they_call_is_honoured():
     """A user's hook on a Mamba2 mixer's gated norm, which the rules compute from its weight without
-    calling it, changes ``model(...)`` but not the explained output: one warning names it and where
-    it is computed, the explained score is the model's without the hook, and the model and the hook
-    are left as they were. A hook on ``in_proj`` runs: the explained score is the hooked model's."""
+    calling it, changes ``model(...)`` (transformers' torch path calls the norm) but not the explained
+    output: one warning names it and where it is computed, the explained score is the model's without
+    the hook, and the model and the hook are left as they were. A hook on ``in_proj`` runs: the
+    explained score is the hooked model's, and no warning."""
     model = make_mamba2().double().eval()
     ids = ids_for(1, 9)
     with torch.no_grad():
@@ -177,8 +178,8 @@ def test_a_hook_the_rules_skip_is_named_and_a_hook_they_call_is_honoured():
             relevance, delta = MambaLRP(model).attribute(ids, target=1, return_convergence_delta=True)
         (message,) = [str(w.message) for w in caught if "has a hook" in str(w.message)]
         assert message.startswith(
-            "backbone.layers.0.mixer.norm (MambaRMSNormGated) has a hook, but MambaLRP's rules compute it inside "
-            "backbone.layers.0.mixer without calling the module"
+            "backbone.layers.0.mixer.norm (MambaRMSNormGated) has a hook that did not run during attribution: inside "
+            "backbone.layers.0.mixer MambaLRP's rules compute from weights without calling every module"
         )
         explained = (relevance.sum() + delta.sum()).item()
         assert abs(explained - plain[0, -1, 1].item()) <= 1e-6 * abs(plain[0, -1, 1].item())
@@ -215,7 +216,9 @@ def test_layer_reads_that_cannot_be_made_say_where_to_read():
     ):
         LayerMambaLRP(model, "backbone.embeddings").attribute(ids, target=1, attribute_to_layer_input=True)
     with pytest.raises(
-        ValueError, match=r"^backbone\.layers\.0\.mixer\.act \(\w+\) is computed inside backbone\.layers\.0\.mixer by"
+        ValueError,
+        match=r"^backbone\.layers\.0\.mixer\.act \(\w+\) did not run in MambaLRP's forward pass: "
+        r"inside backbone\.layers\.0\.mixer ",
     ):
         LayerMambaLRP(model, "backbone.layers.0.mixer.act").attribute(ids, target=1)
     assert untouched(model)
@@ -265,4 +268,35 @@ def test_a_tokenizers_output_works_spread_and_gets_a_hint_whole(embedded):
         lrp.attribute(target="joy")
     with pytest.raises(TypeError, match=r"^inputs given twice, positionally and as input_ids="):
         lrp.attribute(enc["input_ids"], target="joy", input_ids=enc["input_ids"])
+    assert untouched(model)
+
+
+def test_embeddings_with_an_extra_on_inputs_embeds_and_an_explicit_none_input_ids():
+    """Embeddings as the inputs and an extra that lands on ``inputs_embeds`` would have replaced the
+    user's embeddings without a word: refused too; ``input_ids=None`` beside positional ids is no
+    second input (it clashed with them as "multiple values")."""
+    model = make_mamba2().eval()
+    ids = ids_for(2, 7)
+    embeds = model.get_input_embeddings()(ids).detach()
+    with pytest.raises(
+        ValueError, match=r"^additional_forward_args\[0\] would reach Mamba2ForCausalLM\.forward as inputs_embeds"
+    ):
+        MambaLRP(model).attribute(embeds, target=1, additional_forward_args=(embeds * 2,))
+    assert untouched(model)
+    assert torch.equal(MambaLRP(model).attribute(ids, target=1, input_ids=None), MambaLRP(model).attribute(ids, target=1))
+
+
+def test_layer_input_given_as_a_keyword_is_read():
+    """Hybrid blocks call their mixer as ``mamba(hidden_states=...)``: relevance at the mixer's input
+    (``attribute_to_layer_input=True``) is read from that keyword, and equals the relevance at the
+    norm's output that feeds it (the same tensor, used by the mixer alone)."""
+    from test_hybrids import build
+    from test_hybrids import ids_for as hybrid_ids
+
+    model = build("bamba")
+    ids = hybrid_ids(2, 9)
+    at_input = LayerMambaLRP(model, "model.layers.0.mamba").attribute(ids, target=3, attribute_to_layer_input=True)
+    at_norm = LayerMambaLRP(model, "model.layers.0.input_layernorm").attribute(ids, target=3)
+    assert at_input.shape == at_norm.shape and at_input.abs().sum() > 0
+    torch.testing.assert_close(at_input, at_norm, rtol=1e-5, atol=1e-7)
     assert untouched(model)

@@ -57,12 +57,25 @@ class Capture:
         if self.where == "output":
             hook = self.module.register_forward_hook(lambda m, args, out: self._seen(out))
         else:
-            hook = self.module.register_forward_pre_hook(lambda m, args: self._seen(tuple(args))[:1] + tuple(args[1:]))
+            hook = self.module.register_forward_pre_hook(self._seen_input, with_kwargs=True)
         patcher.add_handle(hook)
 
     def _seen(self, value: Any) -> Any:
         self.ran = True
         return self._grab(value)
+
+    def _seen_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+        """The module's input: its first positional argument, else (a call such as
+        ``mixer(hidden_states=...)``) its ``hidden_states`` keyword or first tensor keyword."""
+        if args:
+            return self._seen(tuple(args))[:1] + tuple(args[1:]), kwargs
+        key = (
+            "hidden_states" if "hidden_states" in kwargs else next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+        )
+        if key is None:
+            self.ran = True
+            return args, kwargs
+        return args, {**kwargs, key: self._seen((kwargs[key],))[0]}
 
     def check_read(self, model: nn.Module, inst: Installation) -> None:
         """After the forward pass: relevance was read here, else say why not.
@@ -86,8 +99,10 @@ class Capture:
         owner = inst.owner(name)
         if owner is not None:
             raise ValueError(
-                f"{name} ({kind}) is computed inside {owner or 'the model'} by MambaLRP's rules without calling the module, "
-                f"so relevance cannot be read there; read it at {owner or 'the model'} or at a linear layer inside it"
+                f"{name} ({kind}) did not run in MambaLRP's forward pass: inside {owner or 'the model'} the rules compute "
+                "from weights without calling every module (nor may the model's own forward call this one), so "
+                f"relevance cannot be read there; read it at {owner or 'the model'} or at a module that runs there "
+                "(a mixer's in_proj, conv1d or out_proj)"
             )
         raise RuntimeError(f"{kind} did not run in the forward pass; cannot read relevance there")
 
@@ -103,9 +118,11 @@ def hooked_modules(model: nn.Module) -> Dict[int, str]:
 
 def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installation, patcher: Patcher) -> Callable[[], None]:
     """Watch the hooked modules (:func:`hooked_modules`) inside taken-over ones; the returned check,
-    run after the forward pass, warns of hooks whose modules the rules computed without calling
-    them: the model's own forward applies such a hook, the explained output does not (a hook that
-    only records sees nothing; one that changes the output is not explained).
+    run after the forward pass, warns of hooks whose modules did not run: the rules compute from
+    weights without calling every module. Where the model's own forward calls such a module (a
+    Mamba2 mixer's gated norm on the CPU), its hook acts on ``model(...)`` but not on the explained
+    output; where the model does not call it either (a Mamba1 mixer's ``dt_proj``, which its
+    kernels read as a weight), the warning is only a notice.
 
     Warns (the check):
         UserWarning: the first such module, where its computation is, and how many there are.
@@ -125,9 +142,10 @@ def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installa
             name, owner = skipped[0], watched[skipped[0]] or "the model"
             more = f" (and {len(skipped) - 1} more hooked modules)" if len(skipped) > 1 else ""
             warnings.warn(
-                f"{name} ({type(modules[name]).__name__}) has a hook{more}, but MambaLRP's rules compute it inside "
-                f"{owner} without calling the module: the hook does not run, and the explained output is the model's "
-                f"without it; to explain a changed output, hook {owner} or a linear layer inside it, which run",
+                f"{name} ({type(modules[name]).__name__}) has a hook{more} that did not run during attribution: inside "
+                f"{owner} MambaLRP's rules compute from weights without calling every module, so the explained output "
+                "leaves out whatever such a hook changes; to explain a changed output, hook "
+                f"{owner} or a module that runs there (a mixer's in_proj, conv1d or out_proj)",
                 stacklevel=caller_level(),
             )
 

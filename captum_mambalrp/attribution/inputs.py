@@ -93,7 +93,10 @@ def inputs_from_keywords(inputs: Any, forward_kwargs: Dict[str, Any]) -> Any:
     Raises:
         TypeError: no inputs at all, both keywords, or inputs given twice.
     """
-    given = [k for k in ("input_ids", "inputs_embeds") if forward_kwargs.get(k) is not None]
+    for key in ("input_ids", "inputs_embeds"):  # an explicit None is no input (and would clash with the inputs)
+        if key in forward_kwargs and forward_kwargs[key] is None:
+            del forward_kwargs[key]
+    given = [k for k in ("input_ids", "inputs_embeds") if k in forward_kwargs]
     if inputs is None:
         if len(given) != 1:
             raise TypeError(
@@ -321,11 +324,11 @@ def build_call(
     # find the attention mask among the positional extras (Captum passes them positionally)
     positional = names[1 : 1 + len(extra)]
     check_no_loss(kwargs, positional, extra)
-    if token_ids and "inputs_embeds" in positional and extra[positional.index("inputs_embeds")] is not None:
+    if "inputs_embeds" in positional and extra[positional.index("inputs_embeds")] is not None:
         k = positional.index("inputs_embeds")
         raise ValueError(
             f"additional_forward_args[{k}] would reach {type(model).__name__}.forward as inputs_embeds (its parameter "
-            f"{k + 2}; Captum passes them by position) beside the token ids; pass an attention mask as attention_mask=..."
+            f"{k + 2}; Captum passes them by position) beside the inputs; pass an attention mask as attention_mask=..."
         )
     if attention_mask is None and "attention_mask" in positional:
         attention_mask = extra[positional.index("attention_mask")]
