@@ -300,3 +300,27 @@ def test_layer_input_given_as_a_keyword_is_read():
     assert at_input.shape == at_norm.shape and at_input.abs().sum() > 0
     torch.testing.assert_close(at_input, at_norm, rtol=1e-5, atol=1e-7)
     assert untouched(model)
+
+
+def test_no_warning_for_a_hook_the_models_own_code_skips_too():
+    """transformers' Mamba mixer reads ``dt_proj`` as a weight and never calls ``act``: hooks there
+    (a user recording every linear layer) run in neither ``model(...)`` nor the pass, so no warning;
+    the relevance is the one without hooks."""
+    model = zero_biases(make_lm("mamba", num_hidden_layers=2)).eval()
+    ids = ids_for(1, 8)
+    plain = MambaLRP(model).attribute(ids, target=1)
+    seen = []
+    mixer = model.backbone.layers[0].mixer
+    handles = [m.register_forward_hook(lambda m, args, out: seen.append(m)) for m in (mixer.dt_proj, mixer.act)]
+    try:
+        with torch.no_grad():
+            model(ids)
+        assert seen == []  # the model's own forward calls neither
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hooked = MambaLRP(model).attribute(ids, target=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(hooked, plain) and seen == []
+    assert untouched(model)

@@ -8,6 +8,8 @@ always restores the model, also when an error is raised.
 
 from __future__ import annotations
 
+import inspect
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -116,13 +118,36 @@ def hooked_modules(model: nn.Module) -> Dict[int, str]:
     return {id(m): n for n, m in model.named_modules() if any(getattr(m, d, None) for d in _HOOK_DICTS)}
 
 
+def _model_code_calls(modules: Dict[str, nn.Module], name: str) -> bool:
+    """Does the model's own code call module ``name``? Read from the source of the classes of its
+    parent (``self.<attr>(``, ``self.<attr>[``, ``self.<attr>.forward(``, ``in self.<attr>``; an
+    entry of a ``ModuleList`` counts when its list does). True where no source can be read."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None:
+        return True
+    if attr.isdigit():  # an entry of a ModuleList / Sequential: called when its list is
+        return _model_code_calls(modules, parent_name) if parent_name else True
+    pattern = re.compile(rf"self\.{re.escape(attr)}\s*(\(|\[|\.forward\s*\()|\bin\s+self\.{re.escape(attr)}\b")
+    sources = []
+    for cls in type(parent).__mro__:
+        if cls in (nn.Module, object):
+            continue
+        try:
+            sources.append(inspect.getsource(cls))
+        except (OSError, TypeError):
+            return True
+    return any(pattern.search(src) for src in sources)
+
+
 def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installation, patcher: Patcher) -> Callable[[], None]:
     """Watch the hooked modules (:func:`hooked_modules`) inside taken-over ones; the returned check,
     run after the forward pass, warns of hooks whose modules did not run: the rules compute from
-    weights without calling every module. Where the model's own forward calls such a module (a
-    Mamba2 mixer's gated norm on the CPU), its hook acts on ``model(...)`` but not on the explained
-    output; where the model does not call it either (a Mamba1 mixer's ``dt_proj``, which its
-    kernels read as a weight), the warning is only a notice.
+    weights without calling every module. Where the model's own code calls such a module (a Mamba2
+    mixer's gated norm in transformers' torch path), its hook acts on ``model(...)`` but not on the
+    explained output; modules the model's code never calls (a Mamba1 mixer's ``dt_proj``, read as
+    a weight; :func:`_model_code_calls`) are left out. A path of the model's that reads the weight
+    instead (transformers' Mamba2 on CUDA reads its norm's) still gets the warning, as a notice.
 
     Warns (the check):
         UserWarning: the first such module, where its computation is, and how many there are.
@@ -131,8 +156,11 @@ def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installa
     watched = {name: owner for name, owner in owners.items() if owner is not None}
     if not watched:  # the usual case: no hook, or none inside a taken-over module
         return lambda: None
-    ran: Set[str] = set()
     modules = dict(model.named_modules())
+    # a module the model's own code never calls either (a Mamba1 mixer's dt_proj, read as a weight):
+    # its hook would not run in model(...) either, nothing to say
+    watched = {name: owner for name, owner in watched.items() if _model_code_calls(modules, name)}
+    ran: Set[str] = set()
     for name in watched:
         patcher.add_handle(modules[name].register_forward_pre_hook(lambda m, args, n=name: ran.add(n)))
 
