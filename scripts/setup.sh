@@ -20,11 +20,11 @@ if ! "$PY" -m pip --version >/dev/null 2>&1; then
 fi
 # torch first: `pip install -e .` alone would resolve `torch` to a multi-GB CUDA build, as PyPI's
 # Linux torch is; PyTorch's CPU index beside the configured ones offers 2.13.0+cpu, which pip prefers
-# (an unreachable index is skipped after one retry; a machine whose own index has the CPU wheel
-# gets it from there)
+# (an unreachable index is skipped after pip's retries, under your pip configuration's timeout;
+# a machine whose own index has the CPU wheel gets it from there)
 cpu_index=${MAMBALRP_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 if ! "$PY" -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 13))" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0" --extra-index-url "$cpu_index" --retries 1 --timeout 20 >"$log" 2>&1 ||
+  "$PY" -m pip install -q "torch==2.13.0" --extra-index-url "$cpu_index" >"$log" 2>&1 ||
     fail "pip install torch==2.13.0 failed (output above)"
 fi
 if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi

@@ -324,3 +324,33 @@ def test_no_warning_for_a_hook_the_models_own_code_skips_too():
             h.remove()
     assert torch.equal(hooked, plain) and seen == []
     assert untouched(model)
+
+
+def test_a_layer_input_among_several_keywords_is_not_guessed():
+    """A module called with several floating-point keywords, none ``hidden_states``: which is its
+    input is unclear, so relevance at its input is refused with the names (it used to read the first
+    tensor keyword); with one floating-point keyword, that one is read."""
+    from captum_mambalrp.rules import GradientRule
+
+    class Gate(nn.Module):
+        def forward(self, x, scale=None):
+            return x if scale is None else x * scale
+
+    class Outer(nn.Module):
+        def __init__(self, two):
+            super().__init__()
+            self.lm, self.gate, self.two = make_mamba2().eval(), Gate(), two
+            self.gate.rule = GradientRule()  # a module of the user's own: plain gradient through it
+
+        def forward(self, input_ids):
+            logits = self.lm(input_ids).logits
+            return self.gate(x=logits, scale=torch.full_like(logits, 2.0)) if self.two else self.gate(x=logits)
+
+    ids = ids_for(1, 6)
+    two = Outer(two=True)
+    with pytest.raises(ValueError, match=r"^the input of Gate came as keywords \['x', 'scale'\], none named hidden_states"):
+        LayerMambaLRP(two, "gate").attribute(ids, target=1, attribute_to_layer_input=True)
+    assert untouched(two)
+    one = Outer(two=False)
+    read = LayerMambaLRP(one, "gate").attribute(ids, target=1, attribute_to_layer_input=True)
+    assert torch.equal(read, LayerMambaLRP(one, "lm.lm_head").attribute(ids, target=1))  # the same tensor

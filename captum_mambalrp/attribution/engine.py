@@ -8,6 +8,7 @@ always restores the model, also when an error is raised.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import warnings
@@ -37,6 +38,8 @@ class Capture:
 
     #: the module ran in the forward pass (its output or input seen, tensors or not)
     ran: bool = False
+    #: an input that came as several floating-point keywords, none ``hidden_states``: their names
+    keywords: List[str] = field(default_factory=list)
 
     def _grab(self, value: Any) -> Any:
         """Make ``value`` (a tensor or a tuple holding tensors) part of the graph and keep it.
@@ -68,14 +71,15 @@ class Capture:
 
     def _seen_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
         """The module's input: its first positional argument, else (a call such as
-        ``mixer(hidden_states=...)``) its ``hidden_states`` keyword or first tensor keyword."""
+        ``mixer(hidden_states=...)``) its ``hidden_states`` keyword, or its one floating-point
+        tensor keyword (with several and none named ``hidden_states``, nothing is read)."""
         if args:
             return self._seen(tuple(args))[:1] + tuple(args[1:]), kwargs
-        key = (
-            "hidden_states" if "hidden_states" in kwargs else next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
-        )
+        floats = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.is_floating_point()]
+        key = "hidden_states" if "hidden_states" in kwargs else (floats[0] if len(floats) == 1 else None)
         if key is None:
             self.ran = True
+            self.keywords = floats
             return args, kwargs
         return args, {**kwargs, key: self._seen((kwargs[key],))[0]}
 
@@ -91,6 +95,11 @@ class Capture:
         if self.tensors or self.module is None:
             return
         kind = type(self.module).__name__
+        if self.ran and self.keywords:
+            raise ValueError(
+                f"the input of {kind} came as keywords {self.keywords}, none named hidden_states: which one is the input "
+                "is unclear; read relevance at the module's output (attribute_to_layer_input=False)"
+            )
         if self.ran:
             other = "output (attribute_to_layer_input=False)" if self.where == "input" else "input"
             raise ValueError(
@@ -118,26 +127,35 @@ def hooked_modules(model: nn.Module) -> Dict[int, str]:
     return {id(m): n for n, m in model.named_modules() if any(getattr(m, d, None) for d in _HOOK_DICTS)}
 
 
+@functools.cache
+def _class_calls(cls: type, attr: str) -> bool:
+    """Does the source of ``cls`` or a base class (not ``nn.Module``) call its child ``attr``?
+    (``self.<attr>(``, ``self.<attr>[``, ``self.<attr>.forward(``, ``in self.<attr>``; read once per
+    class and name.) True where a source cannot be read."""
+    pattern = re.compile(rf"self\.{re.escape(attr)}\s*(\(|\[|\.forward\s*\()|\bin\s+self\.{re.escape(attr)}\b")
+    found = False
+    for base in cls.__mro__:
+        if base in (nn.Module, object):
+            continue
+        try:
+            source = inspect.getsource(base)
+        except Exception:  # no file (a class made at run time), a file changed since: assume it calls
+            return True
+        found = found or pattern.search(source) is not None
+    return found
+
+
 def _model_code_calls(modules: Dict[str, nn.Module], name: str) -> bool:
-    """Does the model's own code call module ``name``? Read from the source of the classes of its
-    parent (``self.<attr>(``, ``self.<attr>[``, ``self.<attr>.forward(``, ``in self.<attr>``; an
-    entry of a ``ModuleList`` counts when its list does). True where no source can be read."""
+    """Does the model's own code call module ``name``? Read from the source of its parent's class
+    (:func:`_class_calls`; an entry of a ``ModuleList`` counts when its list is called). A call the
+    source hides (``getattr``, a helper function, an alias) reads as none."""
     parent_name, _, attr = name.rpartition(".")
     parent = modules.get(parent_name)
     if parent is None:
         return True
     if attr.isdigit():  # an entry of a ModuleList / Sequential: called when its list is
         return _model_code_calls(modules, parent_name) if parent_name else True
-    pattern = re.compile(rf"self\.{re.escape(attr)}\s*(\(|\[|\.forward\s*\()|\bin\s+self\.{re.escape(attr)}\b")
-    sources = []
-    for cls in type(parent).__mro__:
-        if cls in (nn.Module, object):
-            continue
-        try:
-            sources.append(inspect.getsource(cls))
-        except (OSError, TypeError):
-            return True
-    return any(pattern.search(src) for src in sources)
+    return _class_calls(type(parent), attr)  # type: ignore[arg-type]  # classes hash (mypy: type[Module] not Hashable)
 
 
 def watch_skipped_hooks(model: nn.Module, hooked: Dict[int, str], inst: Installation, patcher: Patcher) -> Callable[[], None]:
@@ -202,7 +220,7 @@ def relevance_pass(
         check_hooks = watch_skipped_hooks(model, hooked, inst, patcher)
         for c in captures:
             c.tensors.clear()
-            c.ran = False
+            c.ran, c.keywords = False, []
             if c.leaf is not None:
                 c.tensors.append(c.leaf)
             c.install(patcher)
