@@ -354,3 +354,29 @@ def test_a_layer_input_among_several_keywords_is_not_guessed():
     one = Outer(two=False)
     read = LayerMambaLRP(one, "gate").attribute(ids, target=1, attribute_to_layer_input=True)
     assert torch.equal(read, LayerMambaLRP(one, "lm.lm_head").attribute(ids, target=1))  # the same tensor
+
+
+def test_a_layer_input_is_the_first_positional_argument_alone():
+    """``gate(x, scale)`` with a ``[3]`` scale: the input is ``x``; the scale used to be read too and
+    its zeros added to ``x``'s relevance, which raised on the shapes."""
+    from captum_mambalrp.rules import GradientRule
+
+    class Gate(nn.Module):
+        def forward(self, x, scale):
+            return x * scale.mean()
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm, self.gate = make_mamba2().eval(), Gate()
+            self.gate.rule = GradientRule()
+
+        def forward(self, input_ids):
+            logits = self.lm(input_ids).logits
+            return self.gate(logits, torch.full((3,), 2.0))
+
+    model = Outer()
+    ids = ids_for(1, 6)
+    read = LayerMambaLRP(model, "gate").attribute(ids, target=1, attribute_to_layer_input=True)
+    assert torch.equal(read, LayerMambaLRP(model, "lm.lm_head").attribute(ids, target=1))
+    assert untouched(model)

@@ -70,11 +70,11 @@ class Capture:
         return self._grab(value)
 
     def _seen_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
-        """The module's input: its first positional argument, else (a call such as
+        """The module's input: its first positional argument (alone), else (a call such as
         ``mixer(hidden_states=...)``) its ``hidden_states`` keyword, or its one floating-point
         tensor keyword (with several and none named ``hidden_states``, nothing is read)."""
-        if args:
-            return self._seen(tuple(args))[:1] + tuple(args[1:]), kwargs
+        if args:  # the first positional argument alone (others, such as a bias, are not the input)
+            return self._seen(tuple(args[:1])) + tuple(args[1:]), kwargs
         floats = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.is_floating_point()]
         key = "hidden_states" if "hidden_states" in kwargs else (floats[0] if len(floats) == 1 else None)
         if key is None:
