@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=$(bash scripts/python_env.sh)
 export PYTHON
 echo "test.sh: setting up (the package and its test extras; Chromium, Playwright and the Captum 0.8 Insights venv" \
-  "for the browser tests), then pytest; a first run takes about 8 minutes on 2 idle cores" >&2
+  "for the browser tests), then pytest; a first run takes about 9 minutes on 2 idle cores" >&2
 bash scripts/setup.sh test
 bash scripts/setup_browser.sh   # Chromium (Debian), Playwright, the Captum-0.8 Insights venv
 exec "$PYTHON" -m pytest -q "$@"
